@@ -1,0 +1,64 @@
+"""Command lines generated from a flow's pydantic parameters, so `--help` can never drift from them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap(annotation: Any) -> Any:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def build_parser(model: type[BaseModel], prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, field in model.model_fields.items():
+        kind = _unwrap(field.annotation)
+        default = field.get_default(call_default_factory=True)
+        help_text = field.description or ""
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is Literal:
+            kwargs["choices"] = [str(c) for c in typing.get_args(kind)]
+        elif typing.get_origin(kind) in (list, tuple):
+            kwargs["nargs"] = "*"
+            kwargs["metavar"] = "VALUE"
+        elif typing.get_origin(kind) is dict or (isinstance(kind, type) and issubclass(kind, BaseModel)):
+            kwargs["type"] = json.loads
+            kwargs["metavar"] = "JSON"
+            default = json.dumps(default.model_dump(mode="json") if isinstance(default, BaseModel) else
+                                 {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+                                  for k, v in (default or {}).items()})
+        help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
+        parser.add_argument(_flag(name), help=help_text.replace("%", "%%"), **kwargs)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    return parser
+
+
+def parse_params(model: type[M], argv: Sequence[str] | None, prog: str, description: str) -> M:
+    """Parse `argv` into `model`; bad values end the program with the field and the reason."""
+    parser = build_parser(model, prog, description)
+    values = vars(parser.parse_args(argv))
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{_flag(str(e['loc'][0]))}: {e['msg']}" for e in exc.errors())
+        parser.error(problems)
+        raise  # unreachable: parser.error exits

@@ -1,0 +1,72 @@
+"""The input table: where it is, which columns matter, and the checks that stop bad data early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from tasks.errors import DataValidationError
+from tasks.refs import DatasetRef, content_digest, data_files
+
+
+class TableSpec(BaseModel):
+    """A user's table: the data location, the target and the time column are all it takes."""
+
+    path: str = Field(description="CSV or Parquet file, or a folder of Parquet files (path or fsspec URL).")
+    target: str = Field(description="Column to predict.")
+    time_column: str = Field(description="Column that orders the rows in time; splits are made along it.")
+    drop_columns: list[str] = Field(
+        default_factory=list, description="Columns never used as features (ids, leaks of the target)."
+    )
+    task: Literal["auto", "regression", "classification"] = Field(
+        default="auto",
+        description="auto: text, boolean or two-valued targets are classified, numbers are regressed.",
+    )
+
+
+def table_format(path: str) -> Literal["csv", "parquet"]:
+    files = data_files(path)
+    suffixes = {Path(f).suffix.lower() for f in files}
+    if suffixes <= {".csv", ".txt"} and suffixes:
+        return "csv"
+    if suffixes <= {".parquet", ".pq"} and suffixes:
+        return "parquet"
+    raise DataValidationError(path, f"unsupported file type {sorted(suffixes)}: expected .csv or .parquet")
+
+
+def read_header(path: str, fmt: Literal["csv", "parquet"]) -> list[str]:
+    """The column names, read cheaply (CSV: first lines; Parquet: the schema)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    first = data_files(path)[0]
+    try:
+        if fmt == "csv":
+            return list(pd.read_csv(first, nrows=5).columns)
+        return list(pq.read_schema(first).names)
+    except pd.errors.EmptyDataError as exc:
+        raise DataValidationError(first, "file is empty (no header, no rows)") from exc
+    except Exception as exc:
+        raise DataValidationError(first, f"cannot be read as {fmt}: {type(exc).__name__}: {exc}") from exc
+
+
+def check_table(table: TableSpec) -> DatasetRef:
+    """Fail fast before any heavy work: the file exists, reads, and has the columns it must."""
+    if not data_files(table.path):
+        raise DataValidationError(table.path, "file does not exist (or the folder holds no data files)")
+    fmt = table_format(table.path)
+    columns = read_header(table.path, fmt)
+    for role, column in (("target", table.target), ("time", table.time_column)):
+        if column not in columns:
+            raise DataValidationError(
+                table.path, f"required {role} column is missing (columns found: {columns})", column
+            )
+    unknown = [c for c in table.drop_columns if c not in columns]
+    if unknown:
+        raise DataValidationError(table.path, f"drop_columns names columns that do not exist: {unknown}", unknown[0])
+    if table.target in table.drop_columns or table.time_column in table.drop_columns:
+        raise DataValidationError(table.path, "drop_columns must not name the target or the time column")
+    return DatasetRef(name="raw", uri=table.path, digest=content_digest(table.path), format=fmt,
+                      columns=tuple(columns))

@@ -1,0 +1,21 @@
+"""Errors that end a pipeline on purpose, with messages a user can act on."""
+
+from __future__ import annotations
+
+
+class DataValidationError(ValueError):
+    """Input data broke a rule. Never retried: running again cannot fix the data."""
+
+    def __init__(self, file: str, rule: str, column: str | None = None) -> None:
+        self.file = file
+        self.column = column
+        self.rule = rule
+        where = f"column {column!r} of {file}" if column else file
+        super().__init__(f"{where}: {rule}")
+
+    def __reduce__(self):  # survives the trip back from a Dask worker
+        return (type(self), (self.file, self.rule, self.column))
+
+
+class StepFailed(RuntimeError):
+    """Raised by a FailStep: the pipeline execution ends as Failed with this message."""

@@ -1,0 +1,197 @@
+"""Lineage in MLflow: one parent run per pipeline execution, one child run per step.
+
+Runs are created with an explicit `MlflowClient` and explicit run ids (not the thread-local fluent
+"active run"), so a step's run can be created once in the flow and resumed by every retry of its
+Prefect task: a retried step leaves one run behind, with its attempts counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.refs import DatasetRef
+from tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+STEP_TAG = "keel.step"
+STEP_KIND_TAG = "keel.step_kind"
+PIPELINE_TAG = "keel.pipeline"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """The MLflow parent run of one pipeline execution."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    name: str
+
+
+_current_pipeline: ContextVar[PipelineRun | None] = ContextVar("keel_pipeline_run", default=None)
+
+
+def mlflow_client(settings: Settings) -> MlflowClient:
+    """A client for the configured store; also points MLflow's fluent API at it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    if settings.embedded_mlflow:
+        mlflow.set_registry_uri(settings.tracking_uri)
+    return mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+
+
+def ensure_experiment(client: MlflowClient, settings: Settings) -> str:
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(settings.experiment_name, artifact_location=settings.artifact_location)
+    except Exception:  # created concurrently by another execution
+        experiment = client.get_experiment_by_name(settings.experiment_name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def git_commit() -> dict[str, str]:
+    """The commit of the code that ran, and whether the work tree had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        return {"mlflow.source.git.commit": git("rev-parse", "HEAD"), "keel.git_dirty": str(bool(git("status", "--porcelain")))}
+    except (OSError, subprocess.SubprocessError):
+        return {"mlflow.source.git.commit": "unknown", "keel.git_dirty": "unknown"}
+
+
+def prefect_flow_run_tags() -> dict[str, str]:
+    from prefect.runtime import flow_run
+
+    tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")}
+    if flow_run.ui_url:
+        tags["prefect.flow_run_url"] = str(flow_run.ui_url)
+    return tags
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested parameters as MLflow params: dotted keys, JSON for lists, 6000 chars at most."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            flat[name] = text[:6000]
+    return flat
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in flatten(params).items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+@contextmanager
+def pipeline_run(pipeline: str, params: Mapping[str, Any], settings: Settings) -> Iterator[PipelineRun]:
+    """Open the parent run of a pipeline execution; it ends FINISHED or FAILED with the flow."""
+    client = mlflow_client(settings)
+    experiment_id = ensure_experiment(client, settings)
+    prefect_tags = prefect_flow_run_tags()
+    run = client.create_run(
+        experiment_id,
+        run_name=f"{pipeline}/{prefect_tags['prefect.flow_run_name'] or 'local'}",
+        tags={PIPELINE_TAG: pipeline, "mlflow.source.name": pipeline, **prefect_tags, **git_commit()},
+    )
+    log_params(client, run.info.run_id, params)
+    current = PipelineRun(run.info.run_id, experiment_id, settings.tracking_uri, pipeline)
+    token = _current_pipeline.set(current)
+    try:
+        yield current
+    except BaseException as exc:
+        set_tags(client, run.info.run_id, {"keel.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    else:
+        client.set_terminated(run.info.run_id, "FINISHED")
+    finally:
+        _current_pipeline.reset(token)
+
+
+def current_pipeline() -> PipelineRun:
+    current = _current_pipeline.get()
+    if current is None:
+        raise RuntimeError("steps run inside a pipeline execution: open `pipeline_run(...)` in the flow first")
+    return current
+
+
+def create_child_run(
+    client: MlflowClient, experiment_id: str, parent_run_id: str, name: str, tags: Mapping[str, str]
+) -> str:
+    """Create a run nested under `parent_run_id` (a step under its execution, a trial under its step)."""
+    run = client.create_run(experiment_id, run_name=name, tags={PARENT_TAG: parent_run_id, **tags})
+    return run.info.run_id
+
+
+def dataset_entity(ref: DatasetRef):
+    """An MLflow dataset that records where the data is and its content digest, without loading it."""
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if "://" in ref.uri and not ref.uri.startswith("file://"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(ref.uri)
+    else:
+        source = LocalArtifactDatasetSource(ref.uri)
+    return MetaDataset(source=source, name=ref.name, digest=ref.digest[:36])._to_mlflow_entity()
+
+
+def log_datasets(client: MlflowClient, run_id: str, refs: Mapping[str, DatasetRef], context: str) -> None:
+    """Tag each dataset's URI, full digest and rows (context: 'input' or 'output'); inputs are also
+    logged with `log_input`, so MLflow's UI lists them under the run's datasets."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    if not refs:
+        return
+    if context == "input":
+        inputs = [
+            DatasetInput(dataset_entity(ref), tags=[InputTag("mlflow.data.context", key)])
+            for key, ref in refs.items()
+        ]
+        client.log_inputs(run_id, datasets=inputs)
+    tags: dict[str, str] = {}
+    for key, ref in refs.items():
+        tags[f"keel.{context}.{key}.uri"] = ref.uri
+        tags[f"keel.{context}.{key}.digest"] = ref.digest
+        if ref.rows is not None:
+            tags[f"keel.{context}.{key}.rows"] = str(ref.rows)
+    set_tags(client, run_id, tags)

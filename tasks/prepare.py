@@ -1,0 +1,211 @@
+"""The processing steps of the tabular pipeline: check the input, then clean, featurize and split it.
+
+The heavy part runs on the Dask cluster with dask.dataframe: the flow process only sees counts,
+time bounds and category lists, never the rows. Splits are by time (train < validation < test), and
+everything learned from data (categories, classes) is learned from the training split alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import date, datetime
+from pathlib import Path
+
+from pydantic import BaseModel, Field, model_validator
+
+from tasks.data import TableSpec, check_table
+from tasks.errors import DataValidationError
+from tasks.featurize import TIME_PARTS, FeatureSpec, as_labels, model_matrix, parse_time
+from tasks.refs import DatasetRef, content_digest
+from tasks.steps import current_step, processing_step
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "valid", "test")
+
+
+class SplitSpec(BaseModel):
+    """The data window and the time-ordered split (fractions of the window's time span)."""
+
+    start: date | None = Field(default=None, description="First day of the data window (inclusive).")
+    end: date | None = Field(default=None, description="Last day of the data window (inclusive).")
+    valid_fraction: float = Field(default=0.15, gt=0, lt=0.5, description="Share of the time span for validation.")
+    test_fraction: float = Field(default=0.15, gt=0, lt=0.5, description="Share of the time span held out for test.")
+
+    @model_validator(mode="after")
+    def _window(self) -> SplitSpec:
+        if self.start and self.end and self.start > self.end:
+            raise ValueError(f"start {self.start} is after end {self.end}")
+        return self
+
+
+class Splits(BaseModel):
+    """The processing step's outputs: three Parquet datasets and the feature spec learned from train."""
+
+    train: DatasetRef
+    valid: DatasetRef
+    test: DatasetRef
+    features: FeatureSpec
+    boundaries: dict[str, str] = Field(description="Time bounds of each split, ISO formatted.")
+
+
+@processing_step(name="validate-input")
+def validate_input(table: TableSpec) -> DatasetRef:
+    """Stop before any heavy work if the file is missing, unreadable or lacks a required column."""
+    ref = check_table(table)
+    current_step().log_params({"format": ref.format, "columns": list(ref.columns)})
+    return ref
+
+
+def _read(ref: DatasetRef):
+    import dask.dataframe as dd
+
+    if ref.format == "csv":
+        return dd.read_csv(ref.uri, blocksize="64MB", assume_missing=True)
+    return dd.read_parquet(ref.uri)
+
+
+def _infer_task(table: TableSpec, target_dtype, n_distinct: int) -> str:
+    import pandas as pd
+
+    if table.task == "regression":
+        return "regression"
+    numeric = pd.api.types.is_numeric_dtype(target_dtype) and not pd.api.types.is_bool_dtype(target_dtype)
+    if table.task == "auto" and numeric and n_distinct > 2:
+        return "regression"
+    return "binary" if n_distinct <= 2 else "multiclass"
+
+
+@processing_step(name="prepare")
+def prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: str) -> Splits:
+    """Clean, featurize and split the raw table on Dask; write the splits as Parquet."""
+    import dask
+    import dask.dataframe as dd
+    import pandas as pd
+    from prefect import get_run_logger
+
+    logger = get_run_logger()
+    step = current_step()
+    frame = _read(raw)
+    frame = frame.drop(columns=table.drop_columns)
+    time_column, target = table.time_column, table.target
+    times = frame[time_column].map_partitions(parse_time, meta=(time_column, "datetime64[ns]"))
+    frame = frame.assign(**{time_column: times})
+    total, bad_times, null_targets = dask.compute(
+        frame.shape[0], times.isna().sum(),
+        frame[target].isna().sum(),
+    )
+    if total == 0:
+        raise DataValidationError(raw.uri, "the table has a header but no rows")
+    if bad_times:
+        raise DataValidationError(raw.uri, f"{bad_times} of {total} values are missing or not dates/times", time_column)
+    if null_targets == total:
+        raise DataValidationError(raw.uri, "every value of the target is missing", target)
+
+    if split.start:
+        frame = frame[frame[time_column] >= pd.Timestamp(split.start)]
+    if split.end:
+        frame = frame[frame[time_column] < pd.Timestamp(split.end) + pd.Timedelta(days=1)]
+    frame = frame[~frame[target].isna()]
+    window_rows, t_min, t_max, target_dtype, n_distinct = _window_stats(frame, time_column, target)
+    if window_rows == 0:
+        raise DataValidationError(raw.uri, f"no rows with a target inside the data window {split.start}..{split.end}",
+                                  time_column)
+    task = _infer_task(table, target_dtype, n_distinct)
+    if task == "regression":
+        as_number = frame[target].map_partitions(pd.to_numeric, errors="coerce", meta=(target, "float64"))
+        not_numbers = int(as_number.isna().sum().compute())
+        if not_numbers:
+            raise DataValidationError(raw.uri, f"{not_numbers} target values are not numbers (regression target)",
+                                      target)
+        frame = frame.assign(**{target: as_number})
+
+    span = t_max - t_min
+    valid_start = t_min + span * (1 - split.valid_fraction - split.test_fraction)
+    test_start = t_min + span * (1 - split.test_fraction)
+    parts = {
+        "train": frame[frame[time_column] < valid_start],
+        "valid": frame[(frame[time_column] >= valid_start) & (frame[time_column] < test_start)],
+        "test": frame[frame[time_column] >= test_start],
+    }
+    features = _learn_features(parts["train"], table, task, frame.columns, raw.uri)
+    meta = model_matrix(frame._meta, features)  # fail here, not on a worker, if the spec is unusable
+    del meta
+    counts = dict(zip(SPLITS, dask.compute(*(parts[s].shape[0] for s in SPLITS)), strict=True))
+    empty = [s for s in SPLITS if counts[s] == 0]
+    if empty:
+        raise DataValidationError(
+            raw.uri,
+            f"the time split leaves {empty} empty (window {t_min} .. {t_max}, validation from {valid_start}, "
+            f"test from {test_start}; rows per split {counts}): widen the window or change the fractions",
+            time_column,
+        )
+
+    writes = [
+        parts[s].to_parquet(f"{output_uri}/{s}", write_index=False, compute=False, overwrite=True) for s in SPLITS
+    ]
+    dask.compute(*writes)
+    refs = {
+        s: DatasetRef(name=s, uri=f"{output_uri}/{s}", digest=content_digest(f"{output_uri}/{s}"), format="parquet",
+                      rows=int(counts[s]), columns=tuple(frame.columns))
+        for s in SPLITS
+    }
+    boundaries = {"start": t_min.isoformat(), "valid_start": valid_start.isoformat(),
+                  "test_start": test_start.isoformat(), "end": t_max.isoformat()}
+    step.log_params({"task": task, "boundaries": boundaries, "features": features.feature_names})
+    step.log_metrics({"rows_input": total, "rows_window": window_rows, "rows_dropped_null_target": null_targets,
+                      **{f"rows_{s}": counts[s] for s in SPLITS}})
+    logger.info("prepared %s rows -> train %d / valid %d / test %d (%s task, %d features)", f"{window_rows:,}",
+                counts["train"], counts["valid"], counts["test"], task, len(features.feature_names))
+    return Splits(**refs, features=features, boundaries=boundaries)
+
+
+def _window_stats(frame, time_column: str, target: str):
+    import dask
+
+    rows, t_min, t_max, distinct = dask.compute(
+        frame.shape[0], frame[time_column].min(), frame[time_column].max(), frame[target].nunique_approx()
+    )
+    target_dtype = frame[target].dtype
+    if distinct <= 3:  # nunique_approx is a sketch; make small counts exact
+        distinct = int(frame[target].nunique().compute())
+    return int(rows), _as_datetime(t_min), _as_datetime(t_max), target_dtype, int(distinct)
+
+
+def _as_datetime(value) -> datetime:
+    import pandas as pd
+
+    return pd.Timestamp(value).to_pydatetime()
+
+
+def _learn_features(train, table: TableSpec, task: str, columns, uri: str) -> FeatureSpec:
+    """Feature roles from dtypes, categories and classes from the training split only."""
+    import dask
+    import pandas as pd
+
+    candidates = [c for c in columns if c not in (table.target, table.time_column)]
+    numeric = [c for c in candidates if pd.api.types.is_numeric_dtype(train[c].dtype)
+               and not pd.api.types.is_bool_dtype(train[c].dtype)]
+    text = [c for c in candidates if c not in numeric]
+    lookups = [train[c].dropna().astype(str).unique() for c in text]
+    if task != "regression":
+        target = train[table.target].dropna()
+        lookups.append(target.map_partitions(as_labels, meta=(table.target, "string")).unique())
+    found = dask.compute(*lookups)
+    categorical = {c: sorted(map(str, values)) for c, values in zip(text, found, strict=False)}
+    too_many = {c: len(v) for c, v in categorical.items() if len(v) > 1000}
+    if too_many:
+        raise DataValidationError(uri, f"text column has {too_many} distinct values (more than 1000): "
+                                       "drop it or encode it", next(iter(too_many)))
+    classes = sorted(map(str, found[-1])) if task != "regression" else None
+    times = train[table.time_column]
+    hour_varies = bool((times.dt.hour != 0).any().compute())
+    parts = [p for p in TIME_PARTS if p != "hour" or hour_varies]
+    return FeatureSpec(target=table.target, time_column=table.time_column, task=task, numeric=numeric,
+                       categorical=categorical, time_parts=parts, classes=classes)
+
+
+def output_location(root: str, execution_id: str) -> str:
+    """Where one execution's processing outputs go."""
+    if "://" in root:
+        return f"{root.rstrip('/')}/{execution_id}/prepare"
+    return str(Path(root).resolve() / execution_id / "prepare")

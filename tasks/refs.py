@@ -1,0 +1,66 @@
+"""Small typed references that steps pass to each other instead of data.
+
+A reference names where the data is (a path or fsspec URL the Dask workers can reach) and what it
+is (a content digest), so lineage can record it and a later step can check it is unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+import fsspec
+from pydantic import BaseModel, ConfigDict, Field
+
+_CHUNK = 1 << 20
+
+
+class DatasetRef(BaseModel):
+    """A table on storage: one file, or a folder of Parquet parts."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="What the data is, e.g. 'train' or 'raw'.")
+    uri: str = Field(description="Path or fsspec URL of the file or folder.")
+    digest: str = Field(description="sha256 over the bytes of every file, in name order.")
+    format: Literal["csv", "parquet"]
+    rows: int | None = Field(default=None, ge=0)
+    columns: tuple[str, ...] = ()
+
+    def short(self) -> str:
+        return f"{self.name} ({self.rows if self.rows is not None else '?'} rows, {self.digest[:12]})"
+
+
+class ModelRef(BaseModel):
+    """A model logged to MLflow, and the run that logged it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uri: str = Field(description="MLflow model URI, e.g. models:/m-... or models:/name/3.")
+    run_id: str
+    model_id: str | None = None
+    task: Literal["regression", "binary", "multiclass"]
+
+
+def data_files(uri: str) -> list[str]:
+    """The data files behind a URI, in a stable order (a folder: every non-hidden file below it)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.isdir(path):
+        files = [p for p in fs.find(path) if not any(part.startswith((".", "_")) for part in p.split("/"))]
+        return sorted(files)
+    return [path] if fs.exists(path) else []
+
+
+def content_digest(uri: str) -> str:
+    """sha256 of the content (file names relative to the root, then bytes), streamed in 1 MiB chunks."""
+    fs, root = fsspec.core.url_to_fs(uri)
+    files = data_files(uri)
+    if not files:
+        raise FileNotFoundError(uri)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path[len(root) :].encode())
+        with fs.open(path, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,81 @@
+"""The model registry side: find the champion, register a version with its approval status (ModelStep)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel
+
+from tasks import lineage
+from tasks.refs import DatasetRef, ModelRef
+from tasks.steps import current_step, model_step
+from tasks.steps.model import APPROVAL_TAG, CHAMPION_ALIAS, ApprovalStatus
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+
+class RegisteredVersion(BaseModel):
+    name: str
+    version: str
+    status: ApprovalStatus
+    champion: bool
+    previous_champion: str | None = None
+    uri: str
+
+
+def find_champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    """The version the `champion` alias points at, or None if there is no such model or alias."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+@model_step(name="register")
+def register(
+    model: ModelRef,
+    model_name: str,
+    status: ApprovalStatus,
+    reason: str,
+    metrics: dict[str, float],
+    datasets: dict[str, DatasetRef],
+) -> RegisteredVersion:
+    """Register a new version with lineage tags; move `champion` to it only when it is Approved."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    step = current_step()
+    client = step.client
+    pipeline = lineage.current_pipeline()
+    try:
+        client.create_registered_model(model_name, description="Registered by keel training pipelines.")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    prefect = lineage.prefect_flow_run_tags()
+    tags = {
+        APPROVAL_TAG: status,
+        "approval_reason": reason[:5000],
+        "pipeline_run_id": pipeline.run_id,
+        **prefect,
+        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
+        **{f"dataset.{k}.digest": ref.digest for k, ref in datasets.items()},
+        **{f"dataset.{k}.uri": ref.uri for k, ref in datasets.items()},
+    }
+    version = mlflow.register_model(model.uri, model_name, tags=tags)
+    previous = find_champion(client, model_name)
+    promoted = status == "Approved"
+    if promoted:
+        client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
+    step.set_tags({"keel.registered_version": version.version, APPROVAL_TAG: status})
+    return RegisteredVersion(
+        name=model_name, version=str(version.version), status=status, champion=promoted,
+        previous_champion=previous.version if previous else None,
+        uri=f"models:/{model_name}/{version.version}",
+    )

@@ -1,0 +1,230 @@
+"""The machinery shared by every step kind.
+
+A step is a typed plain function marked with its kind. Called inside a pipeline execution, it runs
+as a Prefect task run named after the step (so the Prefect UI draws the pipeline's graph) and owns
+one MLflow child run under the execution's parent run. `DatasetRef` arguments are logged as the
+run's inputs (`log_input`, with digest and URI); references in the return value are tagged as its
+outputs. Retries of the task resume the same MLflow run (found by the Prefect task-run id), so a
+retried step leaves one run behind with its attempt count.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from pydantic import BaseModel
+
+from tasks import lineage
+from tasks.errors import DataValidationError, StepFailed
+from tasks.refs import DatasetRef, ModelRef
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+NEVER_RETRIED: tuple[type[BaseException], ...] = (DataValidationError, StepFailed)
+
+
+@dataclass
+class StepRun:
+    """The MLflow run of the step that is running now; step code logs through it."""
+
+    client: MlflowClient
+    run_id: str
+    step: str
+    kind: str
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        lineage.log_params(self.client, self.run_id, params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        lineage.set_tags(self.client, self.run_id, tags)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+
+_current_step: ContextVar[StepRun | None] = ContextVar("keel_step_run", default=None)
+
+
+def current_step() -> StepRun:
+    """The running step's MLflow run (only inside a step)."""
+    step = _current_step.get()
+    if step is None:
+        raise RuntimeError("not inside a pipeline step")
+    return step
+
+
+def find_refs(value: Any, prefix: str) -> dict[str, DatasetRef | ModelRef]:
+    """Every reference inside a value (plain, in a pydantic model, a list or a dict), by dotted name."""
+    found: dict[str, DatasetRef | ModelRef] = {}
+    if isinstance(value, DatasetRef | ModelRef):
+        found[prefix] = value
+    elif isinstance(value, BaseModel):
+        for field in type(value).model_fields:
+            found.update(find_refs(getattr(value, field), f"{prefix}.{field}"))
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            found.update(find_refs(item, f"{prefix}.{key}"))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found.update(find_refs(item, f"{prefix}.{index}"))
+    return found
+
+
+def plain_params(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The step's arguments that are parameters, not data references."""
+    params: dict[str, Any] = {}
+    for name, value in arguments.items():
+        if find_refs(value, name):
+            continue
+        if isinstance(value, BaseModel):
+            params[name] = value.model_dump(mode="json")
+        elif isinstance(value, str | int | float | bool | type(None) | list | tuple | dict):
+            params[name] = value
+    return params
+
+
+def _retryable(task, task_run, state) -> bool:
+    """Bad input and deliberate failures are final; anything else may be retried."""
+    try:
+        state.result()
+    except NEVER_RETRIED:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@contextmanager
+def _step_run(step: str, kind: str) -> Iterator[StepRun]:
+    """Create (first attempt) or resume (retry) the step's MLflow child run."""
+    import mlflow
+    from prefect.runtime import task_run
+
+    pipeline = lineage.current_pipeline()
+    client = mlflow.MlflowClient(tracking_uri=pipeline.tracking_uri, registry_uri=pipeline.tracking_uri)
+    task_run_id = str(task_run.id)
+    attempt = int(task_run.run_count or 1)
+    run_id = None
+    if attempt > 1:
+        existing = client.search_runs(
+            [pipeline.experiment_id],
+            filter_string=f"tags.`prefect.task_run_id` = '{task_run_id}'",
+            max_results=1,
+        )
+        run_id = existing[0].info.run_id if existing else None
+    if run_id is None:
+        run_id = lineage.create_child_run(
+            client,
+            pipeline.experiment_id,
+            pipeline.run_id,
+            step,
+            {
+                lineage.STEP_TAG: step,
+                lineage.STEP_KIND_TAG: kind,
+                lineage.PIPELINE_TAG: pipeline.name,
+                "prefect.task_run_id": task_run_id,
+            },
+        )
+    else:
+        client.update_run(run_id, status="RUNNING")
+    run = StepRun(client, run_id, step, kind)
+    run.set_tags({"keel.attempts": attempt})
+    token = _current_step.set(run)
+    started = time.perf_counter()
+    try:
+        yield run
+    except BaseException as exc:
+        run.set_tags({"keel.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        client.set_terminated(run_id, "FAILED")
+        raise
+    else:
+        run.log_metrics({"step_seconds": time.perf_counter() - started})
+        client.set_terminated(run_id, "FINISHED")
+    finally:
+        _current_step.reset(token)
+
+
+class Step(Generic[P, R]):
+    """A typed function that runs as a named pipeline step of one kind."""
+
+    def __init__(self, fn: Callable[P, R], kind: str, name: str, retries: int, retry_delay_seconds: float):
+        from prefect import task
+        from prefect.cache_policies import NO_CACHE
+
+        self.fn = fn
+        self.kind = kind
+        self.name = name
+        self._signature = inspect.signature(fn)
+        self._task = task(
+            self._body,
+            name=name,
+            task_run_name=name,
+            retries=retries,
+            retry_delay_seconds=retry_delay_seconds,
+            retry_condition_fn=_retryable,
+            cache_policy=NO_CACHE,
+            tags=[kind],
+        )
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._task(*args, **kwargs)
+
+    def _body(self, *args: Any, **kwargs: Any) -> R:
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with _step_run(self.name, self.kind) as run:
+            run.log_params(plain_params(bound.arguments))
+            inputs = {k: v for name, value in bound.arguments.items() for k, v in find_refs(value, name).items()}
+            lineage.log_datasets(run.client, run.run_id, _datasets(inputs), "input")
+            _tag_models(run, inputs, "input")
+            result = self.fn(*bound.args, **bound.kwargs)
+            outputs = find_refs(result, "output")
+            lineage.log_datasets(run.client, run.run_id, _datasets(outputs), "output")
+            _tag_models(run, outputs, "output")
+            logging.getLogger(self.fn.__module__).debug("step %s finished", self.name)
+            return result
+
+
+def _datasets(refs: Mapping[str, Any]) -> dict[str, DatasetRef]:
+    return {k: v for k, v in refs.items() if isinstance(v, DatasetRef)}
+
+
+def _tag_models(run: StepRun, refs: Mapping[str, Any], context: str) -> None:
+    models = {f"keel.{context}.{k}.model_uri": v.uri for k, v in refs.items() if isinstance(v, ModelRef)}
+    if models:
+        run.set_tags(models)
+
+
+def step_kind(kind: str) -> Callable[..., Callable[[Callable[P, R]], Step[P, R]]]:
+    """Make a decorator for one step kind, e.g. `processing_step = step_kind("ProcessingStep")`."""
+
+    def decorator_factory(
+        name: str | None = None, *, retries: int = 0, retry_delay_seconds: float = 2.0
+    ) -> Callable[[Callable[P, R]], Step[P, R]]:
+        def decorate(fn: Callable[P, R]) -> Step[P, R]:
+            return Step(fn, kind, name or fn.__name__.replace("_", "-"), retries, retry_delay_seconds)
+
+        return decorate
+
+    decorator_factory.__doc__ = f"Mark a typed function as a {kind}: a named Prefect task with its own MLflow run."
+    return decorator_factory

@@ -1,0 +1,16 @@
+"""FailStep: ends the pipeline execution as Failed with a message, recorded like any other step."""
+
+from __future__ import annotations
+
+from tasks.errors import StepFailed
+from tasks.steps.base import Step, current_step
+
+
+def _fail(message: str) -> None:
+    current_step().set_tags({"keel.fail_message": message[:5000]})
+    raise StepFailed(message)
+
+
+def fail(name: str, message: str) -> None:
+    """Run a FailStep named `name`: its MLflow run records the message, then the flow run fails."""
+    Step(_fail, "FailStep", name, retries=0, retry_delay_seconds=0)(message)

@@ -1,0 +1,197 @@
+"""TuningStep: hyperparameter trials in parallel on the Dask workers (Optuna ask/tell).
+
+Trials are asked in batches of `parallel`, run as Dask tasks, and told back in the order they
+were asked, so a seeded tuning job gives the same best parameters however the workers interleave.
+Each trial is an MLflow run nested under the step's run; progress shows as a Prefect progress
+artifact and log lines with counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from tasks import lineage
+from tasks.compute import dask_client
+from tasks.steps.base import current_step, step_kind
+
+tuning_step = step_kind("TuningStep")
+
+
+class ParamRange(BaseModel):
+    """A numeric hyperparameter range."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ParamRange:
+        if not self.low <= self.high:
+            raise ValueError(f"low {self.low} must not exceed high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class TuningSpec(BaseModel):
+    """What to search and how hard (SageMaker's HyperparameterTuner, in short)."""
+
+    space: dict[str, ParamRange]
+    n_trials: int = Field(default=16, ge=1, le=10_000, description="Trials in all.")
+    parallel: int = Field(default=2, ge=1, le=256, description="Trials running at once on the workers.")
+    objective: str = Field(description="Metric the trials report and the tuner optimises, e.g. 'rmse'.")
+    direction: Literal["minimize", "maximize"] = "minimize"
+    seed: int = 42
+
+
+class TrialRecord(BaseModel):
+    number: int
+    params: dict[str, float | int]
+    metrics: dict[str, float] = Field(default_factory=dict)
+    state: Literal["complete", "failed"]
+    run_id: str
+    error: str | None = None
+
+
+class TuningResult(BaseModel):
+    best_params: dict[str, float | int]
+    best_value: float
+    best_trial: int
+    best_metrics: dict[str, float]
+    objective: str
+    trials: list[TrialRecord]
+
+
+def _distributions(space: Mapping[str, ParamRange]) -> dict[str, Any]:
+    import optuna
+
+    return {
+        name: optuna.distributions.IntDistribution(int(r.low), int(r.high), log=r.log)
+        if r.integer
+        else optuna.distributions.FloatDistribution(r.low, r.high, log=r.log)
+        for name, r in space.items()
+    }
+
+
+def run_trials(
+    tuning: TuningSpec, trial_fn: Callable[..., dict[str, Any]], **trial_kwargs: Any
+) -> TuningResult:
+    """Run `trial_fn(params, **trial_kwargs)` on the workers for each trial; return the best.
+
+    `trial_fn` runs on a Dask worker and returns a dict of metrics that includes `spec.objective`
+    (other str values, such as the worker's address, are recorded as tags of the trial's run).
+    """
+    import optuna
+    from distributed import as_completed
+    from prefect import get_run_logger
+    from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+
+    spec = tuning
+    logger = get_run_logger()
+    step = current_step()
+    pipeline = lineage.current_pipeline()
+    client = dask_client()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=spec.direction, sampler=optuna.samplers.TPESampler(seed=spec.seed))
+    distributions = _distributions(spec.space)
+    progress = create_progress_artifact(progress=0.0, description=f"{step.step}: {spec.n_trials} trials")
+    records: list[TrialRecord] = []
+    started = time.perf_counter()
+    step.log_params({"n_trials": spec.n_trials, "parallel": spec.parallel, "objective": spec.objective})
+
+    while len(records) < spec.n_trials:
+        batch = [study.ask(distributions) for _ in range(min(spec.parallel, spec.n_trials - len(records)))]
+        run_ids = {}
+        futures = {}
+        for trial in batch:
+            run_id = lineage.create_child_run(
+                step.client, pipeline.experiment_id, step.run_id, f"trial-{trial.number}",
+                {lineage.STEP_TAG: f"{step.step}/trial-{trial.number}", lineage.STEP_KIND_TAG: "TuningTrial"},
+            )
+            lineage.log_params(step.client, run_id, trial.params)
+            run_ids[trial.number] = run_id
+            future = client.submit(trial_fn, trial.params, **trial_kwargs, pure=False, key=f"trial-{trial.number}-{run_id}")
+            futures[future] = trial
+        outcomes: dict[int, dict[str, Any] | BaseException] = {}
+        for future in as_completed(futures):
+            trial = futures[future]
+            try:
+                outcomes[trial.number] = future.result()
+            except Exception as exc:  # one bad trial does not end the tuning job
+                outcomes[trial.number] = exc
+            done = len(records) + len(outcomes)
+            update_progress_artifact(progress, progress=100.0 * done / spec.n_trials)
+        for trial in batch:  # tell in ask order: reproducible whatever the completion order
+            records.append(_finish_trial(study, trial, outcomes[trial.number], run_ids[trial.number], spec, step))
+            last = records[-1]
+            value = last.metrics.get(spec.objective)
+            logger.info(
+                "trial %d/%d %s: %s=%s (best so far %s=%.5g)",
+                len(records), spec.n_trials, last.state, spec.objective,
+                f"{value:.5g}" if value is not None else "-", spec.objective,
+                _best_value(study),
+            )
+
+    complete = [r for r in records if r.state == "complete"]
+    if not complete:
+        raise RuntimeError(f"all {len(records)} tuning trials failed; first error: {records[0].error}")
+    best = study.best_trial
+    best_record = next(r for r in records if r.number == best.number)
+    elapsed = time.perf_counter() - started
+    step.log_metrics({f"best_{spec.objective}": float(best.value), "trials_failed": len(records) - len(complete),
+                      "tuning_seconds": elapsed})
+    step.set_tags({"keel.best_trial_run_id": best_record.run_id})
+    create_table_artifact(
+        key=f"{step.step}-trials",
+        table=[{"trial": r.number, "state": r.state, spec.objective: r.metrics.get(spec.objective), **r.params}
+               for r in sorted(records, key=lambda r: r.number)],
+        description=f"{len(complete)}/{len(records)} trials complete in {elapsed:.1f}s; best trial {best.number}",
+    )
+    return TuningResult(
+        best_params=dict(best.params), best_value=float(best.value), best_trial=best.number,
+        best_metrics=best_record.metrics, objective=spec.objective, trials=records,
+    )
+
+
+def _best_value(study) -> float:
+    try:
+        return float(study.best_value)
+    except ValueError:
+        return math.nan
+
+
+def _finish_trial(study, trial, outcome, run_id: str, spec: TuningSpec, step) -> TrialRecord:
+    import optuna
+
+    if isinstance(outcome, BaseException):
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        error = f"{type(outcome).__name__}: {outcome}"
+        lineage.set_tags(step.client, run_id, {"keel.error": error[:5000]})
+        step.client.set_terminated(run_id, "FAILED")
+        return TrialRecord(number=trial.number, params=trial.params, state="failed", run_id=run_id, error=error)
+    metrics = {k: float(v) for k, v in outcome.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    tags = {k: v for k, v in outcome.items() if isinstance(v, str)}
+    value = metrics.get(spec.objective)
+    if value is None or not math.isfinite(value):
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        error = f"objective {spec.objective!r} missing or not finite in {sorted(metrics)}"
+        step.client.set_terminated(run_id, "FAILED")
+        return TrialRecord(number=trial.number, params=trial.params, metrics=metrics, state="failed",
+                           run_id=run_id, error=error)
+    study.tell(trial, value)
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    step.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                          tags=[])
+    if tags:
+        lineage.set_tags(step.client, run_id, tags)
+    step.client.set_terminated(run_id, "FINISHED")
+    return TrialRecord(number=trial.number, params=trial.params, metrics=metrics, state="complete", run_id=run_id)
