@@ -26,8 +26,9 @@ def _unwrap(annotation: Any) -> Any:
 
 
 def build_parser(model: type[BaseModel], prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     for name, field in model.model_fields.items():
         kind = _unwrap(field.annotation)
         default = field.get_default(call_default_factory=True)
@@ -43,9 +44,14 @@ def build_parser(model: type[BaseModel], prog: str, description: str) -> argpars
         elif typing.get_origin(kind) is dict or (isinstance(kind, type) and issubclass(kind, BaseModel)):
             kwargs["type"] = json.loads
             kwargs["metavar"] = "JSON"
-            default = json.dumps(default.model_dump(mode="json") if isinstance(default, BaseModel) else
-                                 {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
-                                  for k, v in (default or {}).items()})
+            default = json.dumps(
+                default.model_dump(mode="json")
+                if isinstance(default, BaseModel)
+                else {
+                    k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+                    for k, v in (default or {}).items()
+                }
+            )
         help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
         parser.add_argument(_flag(name), help=help_text.replace("%", "%%"), **kwargs)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter

@@ -38,14 +38,18 @@ DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "bike_sharing_hour
 class PipelineParams(BaseModel):
     """Every knob of one execution; shown and editable in the Prefect UI, and as `--flags` here."""
 
-    data: str = Field(default=str(DEMO_DATA), description="CSV or Parquet file, or a folder of Parquet files.")
+    data: str = Field(
+        default=str(DEMO_DATA), description="CSV or Parquet file, or a folder of Parquet files."
+    )
     target: str = Field(default="cnt", description="Column to predict.")
     time_column: str = Field(default="dteday", description="Column that orders rows in time.")
     drop_columns: list[str] = Field(
         default_factory=lambda: ["instant", "casual", "registered"],
         description="Columns never used as features (ids; casual + registered add up to the target).",
     )
-    task: Literal["auto", "regression", "classification"] = Field(default="auto", description="What to learn.")
+    task: Literal["auto", "regression", "classification"] = Field(
+        default="auto", description="What to learn."
+    )
     start: date | None = Field(default=None, description="First day of the data window.")
     end: date | None = Field(default=None, description="Last day of the data window.")
     valid_fraction: float = Field(default=0.15, gt=0, lt=0.5, description="Time share for validation.")
@@ -55,24 +59,33 @@ class PipelineParams(BaseModel):
     objective: str | None = Field(
         default=None, description="Metric the tuner minimises on validation; default rmse / log loss."
     )
-    space: dict[str, ParamRange] = Field(default_factory=default_search_space,
-                                         description="LightGBM search space, as JSON.")
+    space: dict[str, ParamRange] = Field(
+        default_factory=default_search_space, description="LightGBM search space, as JSON."
+    )
     num_boost_round: int = Field(default=400, ge=1, le=100_000, description="Most trees a trial may grow.")
-    early_stopping_rounds: int = Field(default=30, ge=1, description="Rounds without gain before a trial stops.")
+    early_stopping_rounds: int = Field(
+        default=30, ge=1, description="Rounds without gain before a trial stops."
+    )
     training_mode: Literal["auto", "single", "distributed"] = Field(
         default="auto", description="single worker, lightgbm.dask, or chosen by data size."
     )
     seed: int = Field(default=42, description="Seed of the tuner and of LightGBM.")
-    min_r2: float = Field(default=0.6, ge=-1e9, le=1, description="Quality gate for regression: test R² at least.")
-    min_auc: float = Field(default=0.7, ge=0, le=1, description="Quality gate for classification: test AUC at least.")
+    min_r2: float = Field(
+        default=0.6, ge=-1e9, le=1, description="Quality gate for regression: test R² at least."
+    )
+    min_auc: float = Field(
+        default=0.7, ge=0, le=1, description="Quality gate for classification: test AUC at least."
+    )
     champion_margin: float = Field(
         default=0.001, ge=0, description="A challenger must beat the champion's gate metric by at least this."
     )
-    model_name: str = Field(default="bike-demand", min_length=1, max_length=200,
-                            description="Registered model name in MLflow.")
+    model_name: str = Field(
+        default="bike-demand", min_length=1, max_length=200, description="Registered model name in MLflow."
+    )
     approval: Literal["auto", "manual"] = Field(
-        default="auto", description="auto: a passing model is Approved and becomes champion; "
-        "manual: it waits as PendingManualApproval."
+        default="auto",
+        description="auto: a passing model is Approved and becomes champion; "
+        "manual: it waits as PendingManualApproval.",
     )
     on_gate_failure: Literal["fail", "reject"] = Field(
         default="fail", description="fail: FailStep, nothing registered; reject: register as Rejected."
@@ -80,8 +93,13 @@ class PipelineParams(BaseModel):
 
     def table(self) -> TableSpec:
         path = self.data if "://" in self.data else str(Path(self.data).expanduser().resolve())
-        return TableSpec(path=path, target=self.target, time_column=self.time_column,
-                         drop_columns=self.drop_columns, task=self.task)
+        return TableSpec(
+            path=path,
+            target=self.target,
+            time_column=self.time_column,
+            drop_columns=self.drop_columns,
+            task=self.task,
+        )
 
 
 class PipelineResult(BaseModel):
@@ -95,14 +113,25 @@ class PipelineResult(BaseModel):
 def quality_checks(evaluation: Evaluation, params: PipelineParams) -> list[Check]:
     metric = evaluation.gate_metric
     threshold_name, threshold = ("min_r2", params.min_r2) if metric == "r2" else ("min_auc", params.min_auc)
-    checks = [Check(left_name=f"test_{metric}", left=evaluation.metrics[metric], op=">=",
-                    right_name=threshold_name, right=threshold)]
+    checks = [
+        Check(
+            left_name=f"test_{metric}",
+            left=evaluation.metrics[metric],
+            op=">=",
+            right_name=threshold_name,
+            right=threshold,
+        )
+    ]
     if evaluation.champion_metrics is not None:
-        checks.append(Check(
-            left_name=f"test_{metric}", left=evaluation.metrics[metric], op=">=",
-            right_name=f"champion v{evaluation.champion_version} {metric} + margin {params.champion_margin:g}",
-            right=evaluation.champion_metrics[metric] + params.champion_margin,
-        ))
+        checks.append(
+            Check(
+                left_name=f"test_{metric}",
+                left=evaluation.metrics[metric],
+                op=">=",
+                right_name=f"champion v{evaluation.champion_version} {metric} + margin {params.champion_margin:g}",
+                right=evaluation.champion_metrics[metric] + params.champion_margin,
+            )
+        )
     return checks
 
 
@@ -111,33 +140,57 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
     """Process, tune, train, evaluate, gate and register one model version."""
     settings = get_settings()
     table = params.table()
-    split = SplitSpec(start=params.start, end=params.end, valid_fraction=params.valid_fraction,
-                      test_fraction=params.test_fraction)
-    training = TrainingSpec(num_boost_round=params.num_boost_round, early_stopping_rounds=params.early_stopping_rounds,
-                            seed=params.seed, mode=params.training_mode)
-    with lineage.pipeline_run("training-pipeline", params.model_dump(mode="json"), settings) as run, \
-            dask_cluster(settings):
+    split = SplitSpec(
+        start=params.start,
+        end=params.end,
+        valid_fraction=params.valid_fraction,
+        test_fraction=params.test_fraction,
+    )
+    training = TrainingSpec(
+        num_boost_round=params.num_boost_round,
+        early_stopping_rounds=params.early_stopping_rounds,
+        seed=params.seed,
+        mode=params.training_mode,
+    )
+    with (
+        lineage.pipeline_run("training-pipeline", params.model_dump(mode="json"), settings) as run,
+        dask_cluster(settings),
+    ):
         raw = validate_input(table)
         splits = prepare(raw, table, split, output_location(settings.datasets_root, run.run_id))
         objective = params.objective or {"regression": "rmse"}.get(splits.features.task, "log_loss")
-        tuning = TuningSpec(space=params.space, n_trials=params.n_trials, parallel=params.parallel_trials,
-                            objective=objective, direction="maximize" if objective in {"r2", "auc", "accuracy"}
-                            else "minimize", seed=params.seed)
+        tuning = TuningSpec(
+            space=params.space,
+            n_trials=params.n_trials,
+            parallel=params.parallel_trials,
+            objective=objective,
+            direction="maximize" if objective in {"r2", "auc", "accuracy"} else "minimize",
+            seed=params.seed,
+        )
         best = tune(splits, tuning, training)
-        model = train(splits, best, training)
+        model = train(raw, splits, best, training)
         evaluation = evaluate(model, splits, params.model_name)
         gate = condition("quality-gate", quality_checks(evaluation, params))
         datasets = {"raw": raw, "train": splits.train, "valid": splits.valid, "test": splits.test}
         registered = None
         if gate.passed:
             status = "Approved" if params.approval == "auto" else "PendingManualApproval"
-            registered = register(model, params.model_name, status, gate.message, evaluation.metrics, datasets)
+            registered = register(
+                model, params.model_name, status, gate.message, evaluation.metrics, datasets
+            )
         elif params.on_gate_failure == "reject":
-            registered = register(model, params.model_name, "Rejected", gate.message, evaluation.metrics, datasets)
+            registered = register(
+                model, params.model_name, "Rejected", gate.message, evaluation.metrics, datasets
+            )
         else:
             fail("quality-gate-failed", gate.message)
-        return PipelineResult(mlflow_run_id=run.run_id, tracking_uri=run.tracking_uri, gate=gate,
-                              evaluation=evaluation, registered=registered)
+        return PipelineResult(
+            mlflow_run_id=run.run_id,
+            tracking_uri=run.tracking_uri,
+            gate=gate,
+            evaluation=evaluation,
+            registered=registered,
+        )
 
 
 def where_to_look(result: PipelineResult) -> str:
@@ -145,16 +198,25 @@ def where_to_look(result: PipelineResult) -> str:
     lines = [f"MLflow run:      {result.mlflow_run_id} (tracking URI {result.tracking_uri})"]
     if result.registered:
         r = result.registered
-        lines.append(f"Model version:   {r.uri} status={r.status}" + (" -> alias @champion" if r.champion else ""))
-        lines.append(f"Load it:         mlflow.pyfunc.load_model('models:/{r.name}@champion')" if r.champion else
-                     f"Load it:         mlflow.pyfunc.load_model('{r.uri}')")
+        lines.append(
+            f"Model version:   {r.uri} status={r.status}" + (" -> alias @champion" if r.champion else "")
+        )
+        lines.append(
+            f"Load it:         mlflow.pyfunc.load_model('models:/{r.name}@champion')"
+            if r.champion
+            else f"Load it:         mlflow.pyfunc.load_model('{r.uri}')"
+        )
     lines.append(f"Quality gate:    {result.gate.message}")
     if settings.embedded_mlflow:
-        lines.append(f"MLflow UI:       .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri}  (or: make mlflow-ui)")
+        lines.append(
+            f"MLflow UI:       .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri}  (or: make mlflow-ui)"
+        )
     if settings.prefect_api_url:
         lines.append(f"Prefect UI:      {settings.prefect_api_url.removesuffix('/api')}")
     else:
-        lines.append("Prefect UI:      .venv/bin/prefect server start  (the flow run is in Prefect's local database)")
+        lines.append(
+            "Prefect UI:      .venv/bin/prefect server start  (the flow run is in Prefect's local database)"
+        )
     return "\n".join(lines)
 
 

@@ -65,8 +65,11 @@ def check_table(table: TableSpec) -> DatasetRef:
             )
     unknown = [c for c in table.drop_columns if c not in columns]
     if unknown:
-        raise DataValidationError(table.path, f"drop_columns names columns that do not exist: {unknown}", unknown[0])
+        raise DataValidationError(
+            table.path, f"drop_columns names columns that do not exist: {unknown}", unknown[0]
+        )
     if table.target in table.drop_columns or table.time_column in table.drop_columns:
         raise DataValidationError(table.path, "drop_columns must not name the target or the time column")
-    return DatasetRef(name="raw", uri=table.path, digest=content_digest(table.path), format=fmt,
-                      columns=tuple(columns))
+    return DatasetRef(
+        name="raw", uri=table.path, digest=content_digest(table.path), format=fmt, columns=tuple(columns)
+    )

@@ -37,11 +37,21 @@ def evaluate(model: ModelRef, splits: Splits, model_name: str) -> Evaluation:
     if champion is not None:
         jobs["champion"] = f"models:/{model_name}/{champion.version}"
     futures = {
-        role: client.submit(modeling.evaluate_model, uri, pipeline.tracking_uri, splits.test, splits.features,
-                            pure=False)
+        role: client.submit(
+            modeling.evaluate_model, uri, pipeline.tracking_uri, splits.test, splits.features, pure=False
+        )
         for role, uri in jobs.items()
     }
-    scores = {role: future.result() for role, future in futures.items()}
+    scores = {"challenger": futures["challenger"].result()}
+    if champion is not None:
+        try:
+            scores["champion"] = futures["champion"].result()
+        except Exception as exc:
+            raise RuntimeError(
+                f"the champion {model_name} v{champion.version} cannot score this test data, so the challenger "
+                f"cannot be compared with it ({type(exc).__name__}: {str(exc)[-400:]}). Was it trained on another "
+                "table? Use another --model-name, or move the alias yourself."
+            ) from exc
     names = [k for k, v in scores["challenger"].items() if isinstance(v, float)]
     metrics = {k: scores["challenger"][k] for k in names}
     champion_metrics = {k: scores["champion"][k] for k in names} if champion is not None else None
@@ -51,8 +61,10 @@ def evaluate(model: ModelRef, splits: Splits, model_name: str) -> Evaluation:
         step.set_tags({"keel.champion_version": champion.version})
     header = "| metric | challenger |" + (f" champion v{champion.version} |" if champion else "")
     rule = "|---|---|" + ("---|" if champion else "")
-    rows = [f"| {k} | {metrics[k]:.4f} |" + (f" {champion_metrics[k]:.4f} |" if champion_metrics else "")
-            for k in names]
+    rows = [
+        f"| {k} | {metrics[k]:.4f} |" + (f" {champion_metrics[k]:.4f} |" if champion_metrics else "")
+        for k in names
+    ]
     table = "\n".join([header, rule, *rows])
     step.log_text(table + "\n", "evaluation.md")
     create_markdown_artifact(
@@ -62,9 +74,12 @@ def evaluate(model: ModelRef, splits: Splits, model_name: str) -> Evaluation:
         description="challenger vs champion on the same held-out test data",
     )
     _log_plot(step, scores, splits)
-    return Evaluation(metrics=metrics, champion_metrics=champion_metrics,
-                      champion_version=champion.version if champion else None,
-                      gate_metric=GATE_METRIC[splits.features.task])
+    return Evaluation(
+        metrics=metrics,
+        champion_metrics=champion_metrics,
+        champion_version=champion.version if champion else None,
+        gate_metric=GATE_METRIC[splits.features.task],
+    )
 
 
 def _log_plot(step, scores: dict[str, dict], splits: Splits) -> None:

@@ -61,7 +61,9 @@ def ensure_experiment(client: MlflowClient, settings: Settings) -> str:
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(settings.experiment_name, artifact_location=settings.artifact_location)
+        return client.create_experiment(
+            settings.experiment_name, artifact_location=settings.artifact_location
+        )
     except Exception:  # created concurrently by another execution
         experiment = client.get_experiment_by_name(settings.experiment_name)
         if experiment is None:
@@ -78,7 +80,10 @@ def git_commit() -> dict[str, str]:
         ).stdout.strip()
 
     try:
-        return {"mlflow.source.git.commit": git("rev-parse", "HEAD"), "keel.git_dirty": str(bool(git("status", "--porcelain")))}
+        return {
+            "mlflow.source.git.commit": git("rev-parse", "HEAD"),
+            "keel.git_dirty": str(bool(git("status", "--porcelain"))),
+        }
     except (OSError, subprocess.SubprocessError):
         return {"mlflow.source.git.commit": "unknown", "keel.git_dirty": "unknown"}
 
@@ -148,7 +153,9 @@ def pipeline_run(pipeline: str, params: Mapping[str, Any], settings: Settings) -
 def current_pipeline() -> PipelineRun:
     current = _current_pipeline.get()
     if current is None:
-        raise RuntimeError("steps run inside a pipeline execution: open `pipeline_run(...)` in the flow first")
+        raise RuntimeError(
+            "steps run inside a pipeline execution: open `pipeline_run(...)` in the flow first"
+        )
     return current
 
 
@@ -162,9 +169,9 @@ def create_child_run(
 
 def dataset_entity(ref: DatasetRef):
     """An MLflow dataset that records where the data is and its content digest, without loading it."""
-    from mlflow.data.sources import LocalArtifactDatasetSource
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
 
     if "://" in ref.uri and not ref.uri.startswith("file://"):
         with warnings.catch_warnings():

@@ -47,7 +47,7 @@ def booster_params(spec: FeatureSpec, params: dict[str, Any], seed: int, threads
     tuned = dict(params)
     for name in ("num_leaves", "min_data_in_leaf", "max_depth", "bagging_freq", "max_bin"):
         if name in tuned:
-            tuned[name] = int(round(tuned[name]))
+            tuned[name] = round(tuned[name])
     if "bagging_fraction" in tuned and "bagging_freq" not in tuned:
         tuned["bagging_freq"] = 1
     return {**base, **tuned}
@@ -89,8 +89,13 @@ def _worker() -> dict[str, str]:
 
 
 def run_trial(
-    params: dict[str, Any], train: DatasetRef, valid: DatasetRef, spec: FeatureSpec,
-    num_boost_round: int, early_stopping_rounds: int, seed: int,
+    params: dict[str, Any],
+    train: DatasetRef,
+    valid: DatasetRef,
+    spec: FeatureSpec,
+    num_boost_round: int,
+    early_stopping_rounds: int,
+    seed: int,
 ) -> dict[str, Any]:
     """One tuning trial: fit on train, stop early on valid, report validation metrics."""
     import lightgbm as lgb
@@ -105,12 +110,19 @@ def run_trial(
         callbacks=[lgb.early_stopping(early_stopping_rounds, verbose=False)],
     )
     raw = booster.predict(x_valid, num_iteration=booster.best_iteration)
-    return {**score(spec.task, y_valid, raw), "best_iteration": int(booster.best_iteration or num_boost_round),
-            **_worker()}
+    return {
+        **score(spec.task, y_valid, raw),
+        "best_iteration": int(booster.best_iteration or num_boost_round),
+        **_worker(),
+    }
 
 
 def fit_single(
-    params: dict[str, Any], refs: list[DatasetRef], spec: FeatureSpec, num_boost_round: int, seed: int,
+    params: dict[str, Any],
+    refs: list[DatasetRef],
+    spec: FeatureSpec,
+    num_boost_round: int,
+    seed: int,
     threads: int,
 ) -> dict[str, Any]:
     """Final fit on one worker, on the concatenation of `refs`; returns LightGBM's model text."""
@@ -120,8 +132,11 @@ def fit_single(
     pairs = [load_xy(ref, spec) for ref in refs]
     x = pd.concat([p[0] for p in pairs], ignore_index=True)
     y = np.concatenate([p[1] for p in pairs])
-    booster = lgb.train(booster_params(spec, params, seed, threads or os.cpu_count() or 1), lgb.Dataset(x, y),
-                        num_boost_round=num_boost_round)
+    booster = lgb.train(
+        booster_params(spec, params, seed, threads or os.cpu_count() or 1),
+        lgb.Dataset(x, y),
+        num_boost_round=num_boost_round,
+    )
     return {"model": booster.model_to_string(), "rows": len(y), **_worker()}
 
 
@@ -141,7 +156,11 @@ def fit_distributed(
     estimator = estimator_cls(client=client, n_estimators=num_boost_round, **params)
     estimator.fit(x, y)
     booster = estimator.to_local().booster_
-    return {"model": booster.model_to_string(), "rows": int(y.shape[0].compute()), "dask.worker": "distributed"}
+    return {
+        "model": booster.model_to_string(),
+        "rows": int(y.shape[0].compute()),
+        "dask.worker": "distributed",
+    }
 
 
 def evaluate_model(model_uri: str, tracking_uri: str, test: DatasetRef, spec: FeatureSpec) -> dict[str, Any]:

@@ -28,8 +28,12 @@ class SplitSpec(BaseModel):
 
     start: date | None = Field(default=None, description="First day of the data window (inclusive).")
     end: date | None = Field(default=None, description="Last day of the data window (inclusive).")
-    valid_fraction: float = Field(default=0.15, gt=0, lt=0.5, description="Share of the time span for validation.")
-    test_fraction: float = Field(default=0.15, gt=0, lt=0.5, description="Share of the time span held out for test.")
+    valid_fraction: float = Field(
+        default=0.15, gt=0, lt=0.5, description="Share of the time span for validation."
+    )
+    test_fraction: float = Field(
+        default=0.15, gt=0, lt=0.5, description="Share of the time span held out for test."
+    )
 
     @model_validator(mode="after")
     def _window(self) -> SplitSpec:
@@ -60,7 +64,9 @@ def _read(ref: DatasetRef):
     import dask.dataframe as dd
 
     if ref.format == "csv":
-        return dd.read_csv(ref.uri, blocksize="64MB", assume_missing=True)
+        # Column types come from the file (the served model's signature keeps them); a larger sample
+        # than Dask's default makes a late missing value in an integer column less likely to surprise.
+        return dd.read_csv(ref.uri, blocksize="64MB", sample=16_000_000)
     return dd.read_parquet(ref.uri)
 
 
@@ -78,8 +84,20 @@ def _infer_task(table: TableSpec, target_dtype, n_distinct: int) -> str:
 @processing_step(name="prepare")
 def prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: str) -> Splits:
     """Clean, featurize and split the raw table on Dask; write the splits as Parquet."""
+    try:
+        return _prepare(raw, table, split, output_uri)
+    except ValueError as exc:
+        if "Mismatched dtypes" not in str(exc):
+            raise
+        raise DataValidationError(
+            raw.uri,
+            "column types change partway through the file (see below); give the column one type, "
+            f"or convert the table to Parquet:\n{exc}",
+        ) from exc
+
+
+def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: str) -> Splits:
     import dask
-    import dask.dataframe as dd
     import pandas as pd
     from prefect import get_run_logger
 
@@ -91,13 +109,16 @@ def prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: str
     times = frame[time_column].map_partitions(parse_time, meta=(time_column, "datetime64[ns]"))
     frame = frame.assign(**{time_column: times})
     total, bad_times, null_targets = dask.compute(
-        frame.shape[0], times.isna().sum(),
+        frame.shape[0],
+        times.isna().sum(),
         frame[target].isna().sum(),
     )
     if total == 0:
         raise DataValidationError(raw.uri, "the table has a header but no rows")
     if bad_times:
-        raise DataValidationError(raw.uri, f"{bad_times} of {total} values are missing or not dates/times", time_column)
+        raise DataValidationError(
+            raw.uri, f"{bad_times} of {total} values are missing or not dates/times", time_column
+        )
     if null_targets == total:
         raise DataValidationError(raw.uri, "every value of the target is missing", target)
 
@@ -108,15 +129,17 @@ def prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: str
     frame = frame[~frame[target].isna()]
     window_rows, t_min, t_max, target_dtype, n_distinct = _window_stats(frame, time_column, target)
     if window_rows == 0:
-        raise DataValidationError(raw.uri, f"no rows with a target inside the data window {split.start}..{split.end}",
-                                  time_column)
+        raise DataValidationError(
+            raw.uri, f"no rows with a target inside the data window {split.start}..{split.end}", time_column
+        )
     task = _infer_task(table, target_dtype, n_distinct)
     if task == "regression":
         as_number = frame[target].map_partitions(pd.to_numeric, errors="coerce", meta=(target, "float64"))
         not_numbers = int(as_number.isna().sum().compute())
         if not_numbers:
-            raise DataValidationError(raw.uri, f"{not_numbers} target values are not numbers (regression target)",
-                                      target)
+            raise DataValidationError(
+                raw.uri, f"{not_numbers} target values are not numbers (regression target)", target
+            )
         frame = frame.assign(**{target: as_number})
 
     span = t_max - t_min
@@ -141,21 +164,45 @@ def prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: str
         )
 
     writes = [
-        parts[s].to_parquet(f"{output_uri}/{s}", write_index=False, compute=False, overwrite=True) for s in SPLITS
+        parts[s].to_parquet(f"{output_uri}/{s}", write_index=False, compute=False, overwrite=True)
+        for s in SPLITS
     ]
     dask.compute(*writes)
     refs = {
-        s: DatasetRef(name=s, uri=f"{output_uri}/{s}", digest=content_digest(f"{output_uri}/{s}"), format="parquet",
-                      rows=int(counts[s]), columns=tuple(frame.columns))
+        s: DatasetRef(
+            name=s,
+            uri=f"{output_uri}/{s}",
+            digest=content_digest(f"{output_uri}/{s}"),
+            format="parquet",
+            rows=int(counts[s]),
+            columns=tuple(frame.columns),
+        )
         for s in SPLITS
     }
-    boundaries = {"start": t_min.isoformat(), "valid_start": valid_start.isoformat(),
-                  "test_start": test_start.isoformat(), "end": t_max.isoformat()}
+    boundaries = {
+        "start": t_min.isoformat(),
+        "valid_start": valid_start.isoformat(),
+        "test_start": test_start.isoformat(),
+        "end": t_max.isoformat(),
+    }
     step.log_params({"task": task, "boundaries": boundaries, "features": features.feature_names})
-    step.log_metrics({"rows_input": total, "rows_window": window_rows, "rows_dropped_null_target": null_targets,
-                      **{f"rows_{s}": counts[s] for s in SPLITS}})
-    logger.info("prepared %s rows -> train %d / valid %d / test %d (%s task, %d features)", f"{window_rows:,}",
-                counts["train"], counts["valid"], counts["test"], task, len(features.feature_names))
+    step.log_metrics(
+        {
+            "rows_input": total,
+            "rows_window": window_rows,
+            "rows_dropped_null_target": null_targets,
+            **{f"rows_{s}": counts[s] for s in SPLITS},
+        }
+    )
+    logger.info(
+        "prepared %s rows -> train %d / valid %d / test %d (%s task, %d features)",
+        f"{window_rows:,}",
+        counts["train"],
+        counts["valid"],
+        counts["test"],
+        task,
+        len(features.feature_names),
+    )
     return Splits(**refs, features=features, boundaries=boundaries)
 
 
@@ -183,8 +230,11 @@ def _learn_features(train, table: TableSpec, task: str, columns, uri: str) -> Fe
     import pandas as pd
 
     candidates = [c for c in columns if c not in (table.target, table.time_column)]
-    numeric = [c for c in candidates if pd.api.types.is_numeric_dtype(train[c].dtype)
-               and not pd.api.types.is_bool_dtype(train[c].dtype)]
+    numeric = [
+        c
+        for c in candidates
+        if pd.api.types.is_numeric_dtype(train[c].dtype) and not pd.api.types.is_bool_dtype(train[c].dtype)
+    ]
     text = [c for c in candidates if c not in numeric]
     lookups = [train[c].dropna().astype(str).unique() for c in text]
     if task != "regression":
@@ -194,14 +244,24 @@ def _learn_features(train, table: TableSpec, task: str, columns, uri: str) -> Fe
     categorical = {c: sorted(map(str, values)) for c, values in zip(text, found, strict=False)}
     too_many = {c: len(v) for c, v in categorical.items() if len(v) > 1000}
     if too_many:
-        raise DataValidationError(uri, f"text column has {too_many} distinct values (more than 1000): "
-                                       "drop it or encode it", next(iter(too_many)))
+        raise DataValidationError(
+            uri,
+            f"text column has {too_many} distinct values (more than 1000): drop it or encode it",
+            next(iter(too_many)),
+        )
     classes = sorted(map(str, found[-1])) if task != "regression" else None
     times = train[table.time_column]
     hour_varies = bool((times.dt.hour != 0).any().compute())
     parts = [p for p in TIME_PARTS if p != "hour" or hour_varies]
-    return FeatureSpec(target=table.target, time_column=table.time_column, task=task, numeric=numeric,
-                       categorical=categorical, time_parts=parts, classes=classes)
+    return FeatureSpec(
+        target=table.target,
+        time_column=table.time_column,
+        task=task,
+        numeric=numeric,
+        categorical=categorical,
+        time_parts=parts,
+        classes=classes,
+    )
 
 
 def output_location(root: str, execution_id: str) -> str:

@@ -75,7 +75,10 @@ def register(
         client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
     step.set_tags({"keel.registered_version": version.version, APPROVAL_TAG: status})
     return RegisteredVersion(
-        name=model_name, version=str(version.version), status=status, champion=promoted,
+        name=model_name,
+        version=str(version.version),
+        status=status,
+        champion=promoted,
         previous_champion=previous.version if previous else None,
         uri=f"models:/{model_name}/{version.version}",
     )

@@ -10,9 +10,18 @@ from pydantic import BaseModel, Field
 
 from tasks import modeling
 from tasks.compute import dask_client
+from tasks.featurize import FeatureSpec, model_matrix, parse_time, predictions_frame
 from tasks.prepare import Splits
-from tasks.refs import ModelRef
-from tasks.steps import ParamRange, TuningResult, TuningSpec, current_step, run_trials, training_step, tuning_step
+from tasks.refs import DatasetRef, ModelRef, data_files
+from tasks.steps import (
+    ParamRange,
+    TuningResult,
+    TuningSpec,
+    current_step,
+    run_trials,
+    training_step,
+    tuning_step,
+)
 
 SERVING_CODE = Path(__file__).with_name("serving_model.py")
 FEATURIZE_CODE = Path(__file__).with_name("featurize.py")
@@ -33,7 +42,9 @@ class TrainingSpec(BaseModel):
     """How the final model is fit (SageMaker's Estimator settings, in short)."""
 
     num_boost_round: int = Field(default=400, ge=1, le=100_000, description="Most trees a trial may grow.")
-    early_stopping_rounds: int = Field(default=30, ge=1, description="Trials stop after this many rounds without gain.")
+    early_stopping_rounds: int = Field(
+        default=30, ge=1, description="Trials stop after this many rounds without gain."
+    )
     seed: int = 42
     mode: Literal["auto", "single", "distributed"] = Field(
         default="auto",
@@ -42,7 +53,9 @@ class TrainingSpec(BaseModel):
         "memory limit.",
     )
     distributed_share: float = Field(default=0.25, gt=0, le=1)
-    threads: int = Field(default=0, ge=0, description="LightGBM threads for the single-worker fit; 0 = all cores.")
+    threads: int = Field(
+        default=0, ge=0, description="LightGBM threads for the single-worker fit; 0 = all cores."
+    )
 
 
 def training_bytes(rows: int, n_features: int) -> int:
@@ -56,22 +69,33 @@ def choose_mode(spec: TrainingSpec, rows: int, n_features: int, worker_memory: i
     if spec.mode != "auto":
         return spec.mode, f"mode set to {spec.mode}"
     if worker_memory and need > limit:
-        return "distributed", f"training matrix ~{need / 2**20:.0f} MiB > {spec.distributed_share:.0%} of a worker's {worker_memory / 2**20:.0f} MiB"
-    return "single", f"training matrix ~{need / 2**20:.1f} MiB fits one worker (limit {limit / 2**20:.0f} MiB)"
+        return (
+            "distributed",
+            f"training matrix ~{need / 2**20:.0f} MiB > {spec.distributed_share:.0%} of a worker's {worker_memory / 2**20:.0f} MiB",
+        )
+    return (
+        "single",
+        f"training matrix ~{need / 2**20:.1f} MiB fits one worker (limit {limit / 2**20:.0f} MiB)",
+    )
 
 
 @tuning_step(name="tune")
 def tune(splits: Splits, tuning: TuningSpec, training: TrainingSpec) -> TuningResult:
     """Search the space with trials on the workers, early-stopped on the validation split."""
     return run_trials(
-        tuning, modeling.run_trial, train=splits.train, valid=splits.valid, spec=splits.features,
-        num_boost_round=training.num_boost_round, early_stopping_rounds=training.early_stopping_rounds,
+        tuning,
+        modeling.run_trial,
+        train=splits.train,
+        valid=splits.valid,
+        spec=splits.features,
+        num_boost_round=training.num_boost_round,
+        early_stopping_rounds=training.early_stopping_rounds,
         seed=training.seed,
     )
 
 
 @training_step(name="train")
-def train(splits: Splits, tuning: TuningResult, training: TrainingSpec) -> ModelRef:
+def train(raw: DatasetRef, splits: Splits, tuning: TuningResult, training: TrainingSpec) -> ModelRef:
     """Fit on train + validation with the best parameters and the trees the best trial needed; log the model."""
     from prefect import get_run_logger
 
@@ -86,27 +110,40 @@ def train(splits: Splits, tuning: TuningResult, training: TrainingSpec) -> Model
     get_run_logger().info("training on %s rows, %d trees, %s (%s)", f"{rows:,}", rounds, mode, why)
     step.log_params({"mode": mode, "mode_reason": why, "num_boost_round": rounds, **tuning.best_params})
     if mode == "single":
-        fitted = client.submit(modeling.fit_single, tuning.best_params, refs, splits.features, rounds,
-                               training.seed, training.threads, pure=False).result()
+        fitted = client.submit(
+            modeling.fit_single,
+            tuning.best_params,
+            refs,
+            splits.features,
+            rounds,
+            training.seed,
+            training.threads,
+            pure=False,
+        ).result()
     else:
-        fitted = modeling.fit_distributed(client, tuning.best_params, refs, splits.features, rounds, training.seed)
+        fitted = modeling.fit_distributed(
+            client, tuning.best_params, refs, splits.features, rounds, training.seed
+        )
     step.set_tags({k: v for k, v in fitted.items() if k.startswith("dask.")})
     step.log_metrics({"rows_trained": fitted["rows"]})
-    return log_lightgbm_model(fitted["model"], splits)
+    return log_lightgbm_model(fitted["model"], splits, raw)
 
 
-def _input_example(splits: Splits):
-    """Five raw rows of the training split, read without loading the split."""
+def input_example(raw: DatasetRef, spec: FeatureSpec):
+    """Five rows of the user's own file, with its own column types (the model signature's source)."""
+    import pandas as pd
     import pyarrow.parquet as pq
 
-    from tasks.refs import data_files
+    first = data_files(raw.uri)[0]
+    if raw.format == "csv":
+        rows = pd.read_csv(first, nrows=5, usecols=spec.input_columns)
+    else:
+        rows = next(pq.ParquetFile(first).iter_batches(batch_size=5, columns=spec.input_columns)).to_pandas()
+    rows[spec.time_column] = parse_time(rows[spec.time_column])
+    return rows[spec.input_columns]
 
-    first = data_files(splits.train.uri)[0]
-    batch = next(pq.ParquetFile(first).iter_batches(batch_size=5, columns=splits.features.input_columns))
-    return batch.to_pandas()
 
-
-def log_lightgbm_model(model_text: str, splits: Splits) -> ModelRef:
+def log_lightgbm_model(model_text: str, splits: Splits, raw: DatasetRef) -> ModelRef:
     """Log LightGBM's text model + feature spec as a pyfunc model (models from code, no pickle)."""
     import importlib.metadata as md
 
@@ -114,24 +151,28 @@ def log_lightgbm_model(model_text: str, splits: Splits) -> ModelRef:
     import mlflow
     from mlflow.models import infer_signature
 
-    from tasks.featurize import model_matrix, predictions_frame
-
     step = current_step()
-    example = _input_example(splits)
+    example = input_example(raw, splits.features)
     booster = lgb.Booster(model_str=model_text)
     output = predictions_frame(booster.predict(model_matrix(example, splits.features)), splits.features)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "model.txt").write_text(model_text, encoding="utf-8")
-        (Path(tmp) / "feature_spec.json").write_text(splits.features.model_dump_json(indent=2), encoding="utf-8")
+        (Path(tmp) / "feature_spec.json").write_text(
+            splits.features.model_dump_json(indent=2), encoding="utf-8"
+        )
         with mlflow.start_run(run_id=step.run_id, nested=True):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(SERVING_CODE),
-                artifacts={"booster": str(Path(tmp) / "model.txt"),
-                           "feature_spec": str(Path(tmp) / "feature_spec.json")},
+                artifacts={
+                    "booster": str(Path(tmp) / "model.txt"),
+                    "feature_spec": str(Path(tmp) / "feature_spec.json"),
+                },
                 code_paths=[str(FEATURIZE_CODE)],
                 signature=infer_signature(example, output),
                 input_example=example,
-                pip_requirements=[f"{p}=={md.version(p)}" for p in ("mlflow", "lightgbm", "pandas", "pydantic", "numpy")],
+                pip_requirements=[
+                    f"{p}=={md.version(p)}" for p in ("mlflow", "lightgbm", "pandas", "pydantic", "numpy")
+                ],
             )
     return ModelRef(uri=info.model_uri, run_id=step.run_id, model_id=info.model_id, task=splits.features.task)

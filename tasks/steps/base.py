@@ -194,7 +194,9 @@ class Step(Generic[P, R]):
         bound.apply_defaults()
         with _step_run(self.name, self.kind) as run:
             run.log_params(plain_params(bound.arguments))
-            inputs = {k: v for name, value in bound.arguments.items() for k, v in find_refs(value, name).items()}
+            inputs = {
+                k: v for name, value in bound.arguments.items() for k, v in find_refs(value, name).items()
+            }
             lineage.log_datasets(run.client, run.run_id, _datasets(inputs), "input")
             _tag_models(run, inputs, "input")
             result = self.fn(*bound.args, **bound.kwargs)
@@ -226,5 +228,7 @@ def step_kind(kind: str) -> Callable[..., Callable[[Callable[P, R]], Step[P, R]]
 
         return decorate
 
-    decorator_factory.__doc__ = f"Mark a typed function as a {kind}: a named Prefect task with its own MLflow run."
+    decorator_factory.__doc__ = (
+        f"Mark a typed function as a {kind}: a named Prefect task with its own MLflow run."
+    )
     return decorator_factory

@@ -62,7 +62,9 @@ def _evaluate(checks: list[Check]) -> ConditionOutcome:
     for index, check in enumerate(checks):
         run.log_params({f"check.{index}": f"{check.left_name} {check.op} {check.right_name}"})
         run.log_metrics({f"check.{index}.left": check.left, f"check.{index}.right": check.right})
-    run.set_tags({"keel.outcome": "passed" if outcome.passed else "failed", "keel.outcome_message": outcome.message})
+    run.set_tags(
+        {"keel.outcome": "passed" if outcome.passed else "failed", "keel.outcome_message": outcome.message}
+    )
     rows = "\n".join(
         f"| {c.left_name} | {c.left:.4f} | `{c.op}` | {c.right_name} | {c.right:.4f} | "
         f"{'passed' if c.passed else '**missed**'} |"

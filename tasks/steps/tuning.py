@@ -8,7 +8,6 @@ artifact and log lines with counts.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -112,12 +111,17 @@ def run_trials(
         futures = {}
         for trial in batch:
             run_id = lineage.create_child_run(
-                step.client, pipeline.experiment_id, step.run_id, f"trial-{trial.number}",
+                step.client,
+                pipeline.experiment_id,
+                step.run_id,
+                f"trial-{trial.number}",
                 {lineage.STEP_TAG: f"{step.step}/trial-{trial.number}", lineage.STEP_KIND_TAG: "TuningTrial"},
             )
             lineage.log_params(step.client, run_id, trial.params)
             run_ids[trial.number] = run_id
-            future = client.submit(trial_fn, trial.params, **trial_kwargs, pure=False, key=f"trial-{trial.number}-{run_id}")
+            future = client.submit(
+                trial_fn, trial.params, **trial_kwargs, pure=False, key=f"trial-{trial.number}-{run_id}"
+            )
             futures[future] = trial
         outcomes: dict[int, dict[str, Any] | BaseException] = {}
         for future in as_completed(futures):
@@ -129,13 +133,19 @@ def run_trials(
             done = len(records) + len(outcomes)
             update_progress_artifact(progress, progress=100.0 * done / spec.n_trials)
         for trial in batch:  # tell in ask order: reproducible whatever the completion order
-            records.append(_finish_trial(study, trial, outcomes[trial.number], run_ids[trial.number], spec, step))
+            records.append(
+                _finish_trial(study, trial, outcomes[trial.number], run_ids[trial.number], spec, step)
+            )
             last = records[-1]
             value = last.metrics.get(spec.objective)
             logger.info(
                 "trial %d/%d %s: %s=%s (best so far %s=%.5g)",
-                len(records), spec.n_trials, last.state, spec.objective,
-                f"{value:.5g}" if value is not None else "-", spec.objective,
+                len(records),
+                spec.n_trials,
+                last.state,
+                spec.objective,
+                f"{value:.5g}" if value is not None else "-",
+                spec.objective,
                 _best_value(study),
             )
 
@@ -145,18 +155,29 @@ def run_trials(
     best = study.best_trial
     best_record = next(r for r in records if r.number == best.number)
     elapsed = time.perf_counter() - started
-    step.log_metrics({f"best_{spec.objective}": float(best.value), "trials_failed": len(records) - len(complete),
-                      "tuning_seconds": elapsed})
+    step.log_metrics(
+        {
+            f"best_{spec.objective}": float(best.value),
+            "trials_failed": len(records) - len(complete),
+            "tuning_seconds": elapsed,
+        }
+    )
     step.set_tags({"keel.best_trial_run_id": best_record.run_id})
     create_table_artifact(
         key=f"{step.step}-trials",
-        table=[{"trial": r.number, "state": r.state, spec.objective: r.metrics.get(spec.objective), **r.params}
-               for r in sorted(records, key=lambda r: r.number)],
+        table=[
+            {"trial": r.number, "state": r.state, spec.objective: r.metrics.get(spec.objective), **r.params}
+            for r in sorted(records, key=lambda r: r.number)
+        ],
         description=f"{len(complete)}/{len(records)} trials complete in {elapsed:.1f}s; best trial {best.number}",
     )
     return TuningResult(
-        best_params=dict(best.params), best_value=float(best.value), best_trial=best.number,
-        best_metrics=best_record.metrics, objective=spec.objective, trials=records,
+        best_params=dict(best.params),
+        best_value=float(best.value),
+        best_trial=best.number,
+        best_metrics=best_record.metrics,
+        objective=spec.objective,
+        trials=records,
     )
 
 
@@ -175,23 +196,34 @@ def _finish_trial(study, trial, outcome, run_id: str, spec: TuningSpec, step) ->
         error = f"{type(outcome).__name__}: {outcome}"
         lineage.set_tags(step.client, run_id, {"keel.error": error[:5000]})
         step.client.set_terminated(run_id, "FAILED")
-        return TrialRecord(number=trial.number, params=trial.params, state="failed", run_id=run_id, error=error)
-    metrics = {k: float(v) for k, v in outcome.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        return TrialRecord(
+            number=trial.number, params=trial.params, state="failed", run_id=run_id, error=error
+        )
+    metrics = {
+        k: float(v) for k, v in outcome.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
     tags = {k: v for k, v in outcome.items() if isinstance(v, str)}
     value = metrics.get(spec.objective)
     if value is None or not math.isfinite(value):
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         error = f"objective {spec.objective!r} missing or not finite in {sorted(metrics)}"
         step.client.set_terminated(run_id, "FAILED")
-        return TrialRecord(number=trial.number, params=trial.params, metrics=metrics, state="failed",
-                           run_id=run_id, error=error)
+        return TrialRecord(
+            number=trial.number,
+            params=trial.params,
+            metrics=metrics,
+            state="failed",
+            run_id=run_id,
+            error=error,
+        )
     study.tell(trial, value)
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    step.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-                          tags=[])
+    step.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], tags=[])
     if tags:
         lineage.set_tags(step.client, run_id, tags)
     step.client.set_terminated(run_id, "FINISHED")
-    return TrialRecord(number=trial.number, params=trial.params, metrics=metrics, state="complete", run_id=run_id)
+    return TrialRecord(
+        number=trial.number, params=trial.params, metrics=metrics, state="complete", run_id=run_id
+    )
