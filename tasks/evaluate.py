@@ -58,7 +58,7 @@ def evaluate(model: ModelRef, splits: Splits, model_name: str) -> Evaluation:
     step.log_metrics({f"test_{k}": v for k, v in metrics.items()})
     if champion_metrics:
         step.log_metrics({f"champion_test_{k}": v for k, v in champion_metrics.items()})
-        step.set_tags({"keel.champion_version": champion.version})
+        step.set_tags({"keel.champion_version": str(champion.version)})
     header = "| metric | challenger |" + (f" champion v{champion.version} |" if champion else "")
     rule = "|---|---|" + ("---|" if champion else "")
     rows = [
@@ -77,7 +77,7 @@ def evaluate(model: ModelRef, splits: Splits, model_name: str) -> Evaluation:
     return Evaluation(
         metrics=metrics,
         champion_metrics=champion_metrics,
-        champion_version=champion.version if champion else None,
+        champion_version=str(champion.version) if champion else None,
         gate_metric=GATE_METRIC[splits.features.task],
     )
 

@@ -79,6 +79,6 @@ def register(
         version=str(version.version),
         status=status,
         champion=promoted,
-        previous_champion=previous.version if previous else None,
+        previous_champion=str(previous.version) if previous else None,
         uri=f"models:/{model_name}/{version.version}",
     )

@@ -120,7 +120,11 @@ def run_trials(
             lineage.log_params(step.client, run_id, trial.params)
             run_ids[trial.number] = run_id
             future = client.submit(
-                trial_fn, trial.params, **trial_kwargs, pure=False, key=f"trial-{trial.number}-{run_id}"
+                trial_fn,
+                trial.params,
+                **trial_kwargs,
+                pure=False,
+                key=f"{trial_fn.__name__}-{trial.number}-{run_id}",
             )
             futures[future] = trial
         outcomes: dict[int, dict[str, Any] | BaseException] = {}

@@ -1,0 +1,1 @@
+"""Prefect deployments: schedules and event triggers (arrive with the drift-monitoring work)."""

@@ -1,0 +1,133 @@
+"""The real pipeline on a slice of the real data, a real Dask cluster (separate processes) and a
+real MLflow store: registration, the quality gate, lineage, and proof the work ran on the workers."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import mlflow
+import pandas as pd
+import pytest
+
+from flows.pipeline import PipelineParams, training_pipeline
+from tasks.errors import StepFailed
+from tasks.refs import content_digest
+from tests.conftest import BIKE_CSV, mlflow_client
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+FAST = {
+    "start": "2011-01-01",
+    "end": "2011-10-31",
+    "n_trials": 4,
+    "parallel_trials": 2,
+    "num_boost_round": 150,
+    "early_stopping_rounds": 20,
+}
+STEPS = {"validate-input", "prepare", "tune", "train", "evaluate", "quality-gate", "register"}
+
+
+def children(client, run_id: str) -> list:
+    experiment = client.get_run(run_id).info.experiment_id
+    return client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{run_id}'")
+
+
+def test_registers_a_champion_then_an_impossible_gate_fails_and_registers_nothing(on_cluster):
+    params = PipelineParams(**FAST, model_name="bike-it", min_r2=0.3)
+    result = training_pipeline(params)
+
+    assert result.gate.passed
+    assert result.registered is not None and result.registered.version == "1"
+    assert result.registered.status == "Approved" and result.registered.champion
+    client = mlflow_client()
+    champion = client.get_model_version_by_alias("bike-it", "champion")
+    assert str(champion.version) == "1"
+    assert champion.tags["approval_status"] == "Approved"
+    assert float(champion.tags["metric.r2"]) == pytest.approx(result.evaluation.metrics["r2"], rel=1e-5)
+
+    # lineage: model version -> training step run -> parent run -> every step run and dataset digest
+    train_run = client.get_run(champion.run_id)
+    assert train_run.data.tags["keel.step"] == "train"
+    parent_id = train_run.data.tags["mlflow.parentRunId"]
+    assert parent_id == champion.tags["pipeline_run_id"] == result.mlflow_run_id
+    parent = client.get_run(parent_id)
+    assert parent.data.tags["prefect.flow_run_id"] == champion.tags["prefect.flow_run_id"]
+    assert parent.data.params["model_name"] == "bike-it"
+    steps = {r.data.tags["keel.step"]: r for r in children(client, parent_id)}
+    assert set(steps) == STEPS
+    assert steps["validate-input"].data.tags["keel.output.output.digest"] == content_digest(str(BIKE_CSV))
+    assert champion.tags["dataset.raw.digest"] == content_digest(str(BIKE_CSV))
+    for split in ("train", "valid", "test"):
+        uri = champion.tags[f"dataset.{split}.uri"]
+        assert champion.tags[f"dataset.{split}.digest"] == content_digest(uri)
+        assert steps["prepare"].data.tags[f"keel.output.output.{split}.digest"] == content_digest(uri)
+    logged = {d.dataset.name: d.dataset.digest for d in steps["train"].inputs.dataset_inputs}
+    assert logged["train"] == champion.tags["dataset.train.digest"][:36]
+    assert steps["quality-gate"].data.tags["keel.outcome"] == "passed"
+
+    # tuning: one MLflow run per trial under the tuning step, each run on a Dask worker process
+    trials = children(client, steps["tune"].info.run_id)
+    assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
+    worker_pids = {str(p) for p in on_cluster.worker_pids}
+    assert {t.data.tags["dask.worker_pid"] for t in trials} <= worker_pids
+    assert steps["train"].data.tags["dask.worker_pid"] in worker_pids
+    assert str(os.getpid()) not in worker_pids
+
+    # the scheduler's own records: processing, trials, training and evaluation ran there
+    from distributed import Client
+
+    with Client(on_cluster.address) as dask:
+        prefixes = set(dask.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
+    assert {
+        "read-csv",
+        "parse_time",
+        "toparquetdata",
+        "run_trial",
+        "fit_single",
+        "evaluate_model",
+    } <= prefixes
+
+    # a plain MLflow client predicts on new raw rows
+    model = mlflow.pyfunc.load_model("models:/bike-it@champion")
+    rows = pd.read_csv(BIKE_CSV).tail(24)
+    rows["dteday"] = pd.to_datetime(rows["dteday"])
+    predicted = model.predict(rows)
+    assert len(predicted) == 24 and all(math.isfinite(v) for v in predicted["prediction"])
+
+    # second execution: an impossible threshold fails at the gate, registers nothing
+    with pytest.raises(StepFailed, match=r"test_r2 = [0-9.]+ >= min_r2 = 0\.9999: missed"):
+        training_pipeline(params.model_copy(update={"min_r2": 0.9999}))
+    assert [str(v.version) for v in client.search_model_versions("name='bike-it'")] == ["1"]
+    assert str(client.get_model_version_by_alias("bike-it", "champion").version) == "1"
+
+
+def test_a_binary_target_trains_a_classifier(on_cluster, tmp_path):
+    frame = pd.read_csv(BIKE_CSV)
+    frame["busy"] = frame["cnt"] > frame["cnt"].median()
+    frame["weather"] = frame["weathersit"].map({1: "clear", 2: "mist", 3: "rain", 4: "storm"})
+    path = tmp_path / "busy.parquet"
+    frame.drop(columns=["cnt", "casual", "registered", "weathersit"]).to_parquet(path)
+    params = PipelineParams(
+        **FAST, data=str(path), target="busy", drop_columns=["instant"], model_name="busy", min_auc=0.6
+    )
+    result = training_pipeline(params)
+    assert set(result.evaluation.metrics) == {"auc", "log_loss", "accuracy"}
+    assert result.evaluation.metrics["auc"] > 0.8
+    model = mlflow.pyfunc.load_model("models:/busy@champion")
+    sample = pd.read_parquet(path).tail(5)
+    out = model.predict(sample)
+    assert list(out.columns) == ["prediction", "probability_False", "probability_True"]
+    assert set(out["prediction"]) <= {"True", "False"}
+
+
+def test_distributed_training_with_lightgbm_dask(on_cluster):
+    params = PipelineParams(
+        **{**FAST, "n_trials": 2}, model_name="bike-dist", min_r2=0.3, training_mode="distributed"
+    )
+    result = training_pipeline(params)
+    client = mlflow_client()
+    version = client.get_model_version("bike-dist", result.registered.version)
+    train_run = client.get_run(version.run_id)
+    assert train_run.data.params["mode"] == "distributed"
+    assert result.evaluation.metrics["r2"] > 0.3

@@ -1,0 +1,130 @@
+"""Pure functions: references, features, the CLI, the training-mode choice."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from flows.cli import parse_params
+from flows.pipeline import PipelineParams, quality_checks
+from tasks.evaluate import Evaluation
+from tasks.featurize import FeatureSpec, encode_target, model_matrix, predictions_frame
+from tasks.refs import content_digest
+from tasks.train import TrainingSpec, choose_mode
+
+
+def test_digest_follows_content_not_path(tmp_path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("x\n1\n")
+    b.write_text("x\n1\n")
+    assert content_digest(str(a)) == content_digest(str(b))
+    before = content_digest(str(a))
+    a.write_text("x\n2\n")
+    assert content_digest(str(a)) != before
+
+
+def test_folder_digest_covers_every_part_and_ignores_hidden_files(tmp_path):
+    (tmp_path / "part.0.parquet").write_bytes(b"one")
+    (tmp_path / "part.1.parquet").write_bytes(b"two")
+    first = content_digest(str(tmp_path))
+    (tmp_path / "_SUCCESS").write_bytes(b"")
+    (tmp_path / ".crc").write_bytes(b"x")
+    assert content_digest(str(tmp_path)) == first
+    (tmp_path / "part.1.parquet").write_bytes(b"TWO")
+    assert content_digest(str(tmp_path)) != first
+
+
+SPEC = FeatureSpec(
+    target="y",
+    time_column="t",
+    task="regression",
+    numeric=["n"],
+    categorical={"c": ["a", "b"]},
+    time_parts=["hour", "dayofweek"],
+)
+
+
+def test_features_are_row_local_and_categories_fixed():
+    frame = pd.DataFrame(
+        {
+            "t": pd.to_datetime(["2024-01-01 05:00", "2024-01-02 07:00"]),
+            "n": [1, 2],
+            "c": ["b", "unseen"],
+            "y": [1.0, 2.0],
+        }
+    )
+    matrix = model_matrix(frame, SPEC)
+    assert list(matrix.columns) == ["n", "c", "t_hour", "t_dayofweek"]
+    assert list(matrix["c"].cat.categories) == ["a", "b"]
+    assert matrix["c"].isna().tolist() == [False, True]
+    # each row's features depend on that row alone
+    pd.testing.assert_frame_equal(model_matrix(frame.iloc[[1]], SPEC), matrix.iloc[[1]])
+
+
+def test_missing_input_column_is_named():
+    with pytest.raises(KeyError, match=r"missing columns \['c'\]"):
+        model_matrix(pd.DataFrame({"t": ["2024-01-01"], "n": [1]}), SPEC)
+
+
+def test_classifier_labels_and_probabilities():
+    spec = SPEC.model_copy(update={"task": "binary", "classes": ["0", "1"]})
+    assert encode_target(pd.Series([1.0, 0.0, 1.0]), spec).tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="not seen in training"):
+        encode_target(pd.Series([2.0]), spec)
+    out = predictions_frame(pd.Series([0.8, 0.1]).to_numpy(), spec)
+    assert out["prediction"].tolist() == ["1", "0"]
+    assert out["probability_1"].tolist() == [0.8, 0.1]
+
+
+def test_training_mode_follows_data_size():
+    spec = TrainingSpec()
+    assert choose_mode(spec, rows=10_000, n_features=20, worker_memory=4 * 2**30)[0] == "single"
+    assert choose_mode(spec, rows=10_000_000, n_features=20, worker_memory=4 * 2**30)[0] == "distributed"
+    assert choose_mode(TrainingSpec(mode="distributed"), 10, 2, 4 * 2**30)[0] == "distributed"
+
+
+def test_cli_lists_and_parses_every_parameter(capsys):
+    with pytest.raises(SystemExit):
+        parse_params(PipelineParams, ["--help"], "prog", "")
+    help_text = capsys.readouterr().out
+    for name in PipelineParams.model_fields:
+        assert "--" + name.replace("_", "-") in help_text
+    params = parse_params(
+        PipelineParams,
+        [
+            "--n-trials",
+            "3",
+            "--drop-columns",
+            "a",
+            "b",
+            "--start",
+            "2011-02-01",
+            "--space",
+            '{"num_leaves": {"low": 4, "high": 8, "integer": true}}',
+        ],
+        "prog",
+        "",
+    )
+    assert params.n_trials == 3 and params.drop_columns == ["a", "b"] and str(params.start) == "2011-02-01"
+    assert params.space["num_leaves"].high == 8
+
+
+def test_cli_rejects_bad_values_with_the_flag_name(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_params(PipelineParams, ["--valid-fraction", "0.9"], "prog", "")
+    assert exit_info.value.code == 2
+    assert "--valid-fraction" in capsys.readouterr().err
+
+
+def test_gate_checks_threshold_and_champion_margin():
+    params = PipelineParams(min_r2=0.5, champion_margin=0.01)
+    alone = quality_checks(Evaluation(metrics={"r2": 0.8}, gate_metric="r2"), params)
+    assert [c.passed for c in alone] == [True]
+    versus = quality_checks(
+        Evaluation(
+            metrics={"r2": 0.8}, champion_metrics={"r2": 0.795}, champion_version="3", gate_metric="r2"
+        ),
+        params,
+    )
+    assert [c.passed for c in versus] == [True, False]
+    assert "champion v3" in versus[1].right_name

@@ -1,0 +1,180 @@
+"""The step kinds against a real Prefect server (test harness) and a real MLflow store."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from tasks import lineage
+from tasks.errors import DataValidationError, StepFailed
+from tasks.refs import DatasetRef, content_digest
+from tasks.settings import get_settings
+from tasks.steps import Check, condition, current_step, fail, processing_step, training_step
+from tests.conftest import mlflow_client
+
+pytestmark = pytest.mark.usefixtures("prefect_harness", "state")
+
+CALLS: dict[str, int] = {}
+
+
+def file_ref(path: Path, name: str) -> DatasetRef:
+    return DatasetRef(name=name, uri=str(path), digest=content_digest(str(path)), format="csv")
+
+
+@processing_step(name="copy-upper")
+def copy_upper(source: DatasetRef, suffix: str) -> DatasetRef:
+    out = Path(source.uri).with_name(f"upper{suffix}.csv")
+    out.write_text(Path(source.uri).read_text().upper())
+    current_step().log_metrics({"bytes": out.stat().st_size})
+    return file_ref(out, "upper")
+
+
+@training_step(name="flaky", retries=2, retry_delay_seconds=0)
+def flaky(key: str) -> int:
+    CALLS[key] = CALLS.get(key, 0) + 1
+    if CALLS[key] < 2:
+        raise ConnectionError("worker lost")
+    return CALLS[key]
+
+
+@training_step(name="bad-data", retries=3, retry_delay_seconds=0)
+def bad_data(key: str) -> None:
+    CALLS[key] = CALLS.get(key, 0) + 1
+    raise DataValidationError("input.csv", "values must be positive", "amount")
+
+
+@flow(name="unit-pipeline")
+def unit_pipeline(source: str, key: str, threshold: float, fail_on_miss: bool = True) -> str:
+    with lineage.pipeline_run("unit-pipeline", {"threshold": threshold}, get_settings()) as run:
+        upper = copy_upper(file_ref(Path(source), "raw"), "-1")
+        attempts = flaky(key)
+        outcome = condition(
+            "gate",
+            [Check(left_name="attempts", left=attempts, op=">=", right_name="threshold", right=threshold)],
+        )
+        if not outcome.passed and fail_on_miss:
+            fail("gate-failed", outcome.message)
+        assert Path(upper.uri).exists()
+        return run.run_id
+
+
+def step_runs(parent_run_id: str) -> dict[str, object]:
+    client = mlflow_client()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return {run.data.tags[lineage.STEP_TAG]: run for run in runs}
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    path = tmp_path / "raw.csv"
+    path.write_text("a,b\n1,x\n2,y\n")
+    return path
+
+
+def test_steps_are_named_task_runs_with_one_mlflow_child_run_each(source):
+    key = uuid.uuid4().hex
+    state = unit_pipeline(str(source), key, 1.0, return_state=True)
+    parent_id = state.result()
+    with get_client(sync_client=True) as client:
+        flow_run_id = state.state_details.flow_run_id
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    assert sorted(t.name for t in task_runs) == ["copy-upper", "flaky", "gate"]
+
+    runs = step_runs(parent_id)
+    assert set(runs) == {"copy-upper", "flaky", "gate"}
+    assert runs["copy-upper"].data.tags[lineage.STEP_KIND_TAG] == "ProcessingStep"
+    assert runs["gate"].data.tags[lineage.STEP_KIND_TAG] == "ConditionStep"
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    parent = mlflow_client().get_run(parent_id)
+    assert parent.data.tags["prefect.flow_run_id"] == str(flow_run_id)
+    assert len(parent.data.tags["mlflow.source.git.commit"]) in (40, len("unknown"))
+    assert parent.data.params["threshold"] == "1.0"
+
+
+def test_inputs_are_logged_with_digest_and_outputs_tagged(source):
+    parent_id = unit_pipeline(str(source), uuid.uuid4().hex, 1.0)
+    run = step_runs(parent_id)["copy-upper"]
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "raw"
+    assert dataset_input.dataset.digest == content_digest(str(source))[:36]
+    assert str(source) in dataset_input.dataset.source
+    assert run.data.tags["keel.input.source.digest"] == content_digest(str(source))
+    out = run.data.tags["keel.output.output.uri"]
+    assert run.data.tags["keel.output.output.digest"] == content_digest(out)
+    assert run.data.params["suffix"] == "-1"
+    assert run.data.metrics["bytes"] > 0
+
+
+def test_a_retried_step_leaves_one_run_with_its_attempts(source):
+    parent_id = unit_pipeline(str(source), uuid.uuid4().hex, 1.0)
+    flaky_runs = [r for r in step_runs(parent_id).values() if r.data.tags[lineage.STEP_TAG] == "flaky"]
+    client = mlflow_client()
+    all_flaky = client.search_runs(
+        [flaky_runs[0].info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`keel.step` = 'flaky'",
+    )
+    assert len(all_flaky) == 1
+    assert all_flaky[0].data.tags["keel.attempts"] == "2"
+    assert all_flaky[0].info.status == "FINISHED"
+
+
+def test_bad_input_is_never_retried(source):
+    key = uuid.uuid4().hex
+
+    @flow
+    def run_bad() -> None:
+        with lineage.pipeline_run("unit-bad", {}, get_settings()):
+            bad_data(key)
+
+    with pytest.raises(DataValidationError, match="column 'amount' of input.csv: values must be positive"):
+        run_bad()
+    assert CALLS[key] == 1
+
+
+def test_condition_records_values_operator_and_outcome(source):
+    parent_id = unit_pipeline(str(source), uuid.uuid4().hex, 2.0)
+    gate = step_runs(parent_id)["gate"]
+    assert gate.data.tags["keel.outcome"] == "passed"
+    assert gate.data.params["check.0"] == "attempts >= threshold"
+    assert gate.data.metrics["check.0.left"] == 2.0
+    assert gate.data.metrics["check.0.right"] == 2.0
+
+
+def test_fail_step_fails_the_flow_with_its_message_and_only_the_chosen_branch_runs(source):
+    key = uuid.uuid4().hex
+    state = unit_pipeline(str(source), key, 5.0, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StepFailed, match=r"gate failed: attempts = 2 >= threshold = 5: missed"):
+        state.result()
+    client = mlflow_client()
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name(get_settings().experiment_name).experiment_id],
+        f"tags.`prefect.flow_run_id` = '{state.state_details.flow_run_id}'",
+    )
+    assert parent.info.status == "FAILED"
+    runs = step_runs(parent.info.run_id)
+    assert runs["gate"].data.tags["keel.outcome"] == "failed"
+    assert runs["gate-failed"].info.status == "FAILED"
+    assert "threshold = 5" in runs["gate-failed"].data.tags["keel.fail_message"]
+
+
+def test_no_fail_branch_when_the_condition_passes(source):
+    parent_id = unit_pipeline(str(source), uuid.uuid4().hex, 1.0)
+    assert "gate-failed" not in step_runs(parent_id)
+
+
+def test_a_step_outside_a_pipeline_execution_says_so(source):
+    @flow
+    def no_pipeline() -> None:
+        copy_upper(file_ref(source, "raw"), "-x")
+
+    with pytest.raises(RuntimeError, match="inside a pipeline execution"):
+        no_pipeline()
