@@ -134,7 +134,7 @@ def test_bad_input_is_never_retried(source):
         with lineage.pipeline_run("unit-bad", {}, get_settings()):
             bad_data(key)
 
-    with pytest.raises(DataValidationError, match="column 'amount' of input.csv: values must be positive"):
+    with pytest.raises(DataValidationError, match=r"column 'amount' of input\.csv: values must be positive"):
         run_bad()
     assert CALLS[key] == 1
 
