@@ -87,6 +87,11 @@ class PipelineParams(BaseModel):
         description="auto: a passing model is Approved and becomes champion; "
         "manual: it waits as PendingManualApproval.",
     )
+    reason: str = Field(
+        default="manual",
+        max_length=500,
+        description="Why this execution runs; recorded on the MLflow run and the model version.",
+    )
     on_gate_failure: Literal["fail", "reject"] = Field(
         default="fail", description="fail: FailStep, nothing registered; reject: register as Rejected."
     )
@@ -153,7 +158,9 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
         mode=params.training_mode,
     )
     with (
-        lineage.pipeline_run("training-pipeline", params.model_dump(mode="json"), settings) as run,
+        lineage.pipeline_run(
+            "training-pipeline", params.model_dump(mode="json"), settings, tags={"keel.reason": params.reason}
+        ) as run,
         dask_cluster(settings),
     ):
         raw = validate_input(table)

@@ -125,7 +125,9 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None
 
 
 @contextmanager
-def pipeline_run(pipeline: str, params: Mapping[str, Any], settings: Settings) -> Iterator[PipelineRun]:
+def pipeline_run(
+    pipeline: str, params: Mapping[str, Any], settings: Settings, tags: Mapping[str, str] | None = None
+) -> Iterator[PipelineRun]:
     """Open the parent run of a pipeline execution; it ends FINISHED or FAILED with the flow."""
     client = mlflow_client(settings)
     experiment_id = ensure_experiment(client, settings)
@@ -133,7 +135,13 @@ def pipeline_run(pipeline: str, params: Mapping[str, Any], settings: Settings) -
     run = client.create_run(
         experiment_id,
         run_name=f"{pipeline}/{prefect_tags['prefect.flow_run_name'] or 'local'}",
-        tags={PIPELINE_TAG: pipeline, "mlflow.source.name": pipeline, **prefect_tags, **git_commit()},
+        tags={
+            PIPELINE_TAG: pipeline,
+            "mlflow.source.name": pipeline,
+            **prefect_tags,
+            **git_commit(),
+            **(tags or {}),
+        },
     )
     log_params(client, run.info.run_id, params)
     current = PipelineRun(run.info.run_id, experiment_id, settings.tracking_uri, pipeline)

@@ -63,6 +63,7 @@ def register(
         APPROVAL_TAG: status,
         "approval_reason": reason[:5000],
         "pipeline_run_id": pipeline.run_id,
+        "reason": client.get_run(pipeline.run_id).data.tags.get("keel.reason", ""),
         **prefect,
         **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
         **{f"dataset.{k}.digest": ref.digest for k, ref in datasets.items()},

@@ -182,7 +182,8 @@ class Step(Generic[P, R]):
             retry_delay_seconds=retry_delay_seconds,
             retry_condition_fn=_retryable,
             cache_policy=NO_CACHE,
-            tags=[kind],
+            # No Prefect tags: a tagged task asks the server for tag concurrency slots before it
+            # starts (measured ~0.9 s a step here). The step kind is recorded in MLflow instead.
         )
         functools.update_wrapper(self, fn)
 

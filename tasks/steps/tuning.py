@@ -68,7 +68,7 @@ class TuningResult(BaseModel):
     trials: list[TrialRecord]
 
 
-def _distributions(space: Mapping[str, ParamRange]) -> dict[str, Any]:
+def optuna_distributions(space: Mapping[str, ParamRange]) -> dict[str, Any]:
     import optuna
 
     return {
@@ -99,7 +99,7 @@ def run_trials(
     client = dask_client()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction=spec.direction, sampler=optuna.samplers.TPESampler(seed=spec.seed))
-    distributions = _distributions(spec.space)
+    distributions = optuna_distributions(spec.space)
     progress = create_progress_artifact(progress=0.0, description=f"{step.step}: {spec.n_trials} trials")
     records: list[TrialRecord] = []
     started = time.perf_counter()

@@ -131,3 +131,20 @@ def test_distributed_training_with_lightgbm_dask(on_cluster):
     train_run = client.get_run(version.run_id)
     assert train_run.data.params["mode"] == "distributed"
     assert result.evaluation.metrics["r2"] > 0.3
+
+
+def test_retrain_keeps_the_champion_when_the_challenger_is_not_better(on_cluster):
+    from flows.retrain import RetrainParams, retrain
+
+    first = training_pipeline(PipelineParams(**FAST, model_name="bike-re", min_r2=0.3))
+    assert first.registered.champion
+    # same data and seed: the challenger equals the champion, so it cannot beat it by the margin
+    again = retrain(RetrainParams(**FAST, model_name="bike-re", min_r2=0.3, reason="unit test"))
+    assert not again.gate.passed
+    assert again.registered.status == "Rejected" and not again.registered.champion
+    client = mlflow_client()
+    rejected = client.get_model_version("bike-re", again.registered.version)
+    assert rejected.tags["approval_status"] == "Rejected"
+    assert rejected.tags["reason"] == "unit test"
+    assert "champion v1" in rejected.tags["approval_reason"]
+    assert str(client.get_model_version_by_alias("bike-re", "champion").version) == "1"
