@@ -38,7 +38,13 @@ def evaluate(model: ModelRef, splits: Splits, model_name: str) -> Evaluation:
         jobs["champion"] = f"models:/{model_name}/{champion.version}"
     futures = {
         role: client.submit(
-            modeling.evaluate_model, uri, pipeline.tracking_uri, splits.test, splits.features, pure=False
+            modeling.evaluate_model,
+            uri,
+            pipeline.tracking_uri,
+            pipeline.registry_uri,
+            splits.test,
+            splits.features,
+            pure=False,
         )
         for role, uri in jobs.items()
     }

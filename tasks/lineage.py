@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import warnings
 from collections.abc import Iterator, Mapping
@@ -40,20 +41,37 @@ class PipelineRun:
     run_id: str
     experiment_id: str
     tracking_uri: str
+    registry_uri: str
     name: str
+
+    def client(self) -> MlflowClient:
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
 
 
 _current_pipeline: ContextVar[PipelineRun | None] = ContextVar("keel_pipeline_run", default=None)
 
 
 def mlflow_client(settings: Settings) -> MlflowClient:
-    """A client for the configured store; also points MLflow's fluent API at it."""
+    """A client for the configured store; also points MLflow's fluent API at it.
+
+    MLflow's setters also write `MLFLOW_TRACKING_URI` / `MLFLOW_REGISTRY_URI` into `os.environ`;
+    left there, they would read as the user's own settings in the next run of this process (and in
+    every child process), sending runs and registrations to another store. The fluent API keeps the
+    URIs in module state, so the environment is put back as the user had it.
+    """
     import mlflow
 
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(settings.tracking_uri)
-    if settings.embedded_mlflow:
-        mlflow.set_registry_uri(settings.tracking_uri)
-    return mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    mlflow.set_registry_uri(settings.registry_uri)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    return mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
 
 
 def ensure_experiment(client: MlflowClient, settings: Settings) -> str:
@@ -144,7 +162,9 @@ def pipeline_run(
         },
     )
     log_params(client, run.info.run_id, params)
-    current = PipelineRun(run.info.run_id, experiment_id, settings.tracking_uri, pipeline)
+    current = PipelineRun(
+        run.info.run_id, experiment_id, settings.tracking_uri, settings.registry_uri, pipeline
+    )
     token = _current_pipeline.set(current)
     try:
         yield current

@@ -163,13 +163,15 @@ def fit_distributed(
     }
 
 
-def evaluate_model(model_uri: str, tracking_uri: str, test: DatasetRef, spec: FeatureSpec) -> dict[str, Any]:
+def evaluate_model(
+    model_uri: str, tracking_uri: str, registry_uri: str, test: DatasetRef, spec: FeatureSpec
+) -> dict[str, Any]:
     """Score a logged model exactly as a user would load it (`mlflow.pyfunc`), on the test split."""
     import mlflow
     import pandas as pd
 
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
+    mlflow.set_registry_uri(registry_uri)
     frame = _read_parquet(test.uri, test.digest)
     model = mlflow.pyfunc.load_model(model_uri)
     predicted = model.predict(frame.drop(columns=[spec.target]))

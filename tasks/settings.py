@@ -30,6 +30,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "KEEL_MLFLOW_TRACKING_URI"),
         description="MLflow tracking server or store; unset: SQLite under the state directory.",
     )
+    mlflow_registry_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_REGISTRY_URI", "KEEL_MLFLOW_REGISTRY_URI"),
+        description="MLflow model registry; unset: the tracking URI.",
+    )
     experiment_name: str = Field(
         default="keel",
         validation_alias=AliasChoices("MLFLOW_EXPERIMENT_NAME", "KEEL_EXPERIMENT_NAME"),
@@ -56,6 +61,10 @@ class Settings(BaseSettings):
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         return f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def registry_uri(self) -> str:
+        return self.mlflow_registry_uri or self.tracking_uri
 
     @property
     def embedded_mlflow(self) -> bool:

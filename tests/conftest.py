@@ -15,7 +15,14 @@ from tests.processes import BIN, free_port, start, stop, wait_until
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 ROOT = Path(__file__).resolve().parent.parent
 BIKE_CSV = ROOT / "data" / "bike_sharing_hourly.csv"
-for name in ("MLFLOW_TRACKING_URI", "DASK_SCHEDULER_ADDRESS", "PREFECT_API_URL", "MLFLOW_EXPERIMENT_NAME"):
+SERVER_VARIABLES = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "DASK_SCHEDULER_ADDRESS",
+    "PREFECT_API_URL",
+    "MLFLOW_EXPERIMENT_NAME",
+)
+for name in SERVER_VARIABLES:
     os.environ.pop(name, None)  # the suite decides where everything goes
 
 
@@ -104,6 +111,13 @@ def state(tmp_path, monkeypatch) -> Path:
 def on_cluster(state, dask_cluster, monkeypatch) -> DaskCluster:
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", dask_cluster.address)
     return dask_cluster
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """The environment for a child process: none of the server variables that MLflow's own setters
+    leave in `os.environ` after in-process runs, plus `overrides`."""
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_VARIABLES}
+    return {**env, **overrides}
 
 
 def mlflow_client():

@@ -116,11 +116,10 @@ def _retryable(task, task_run, state) -> bool:
 @contextmanager
 def _step_run(step: str, kind: str) -> Iterator[StepRun]:
     """Create (first attempt) or resume (retry) the step's MLflow child run."""
-    import mlflow
     from prefect.runtime import task_run
 
     pipeline = lineage.current_pipeline()
-    client = mlflow.MlflowClient(tracking_uri=pipeline.tracking_uri, registry_uri=pipeline.tracking_uri)
+    client = pipeline.client()
     task_run_id = str(task_run.id)
     attempt = int(task_run.run_count or 1)
     run_id = None

@@ -3,7 +3,6 @@ the rule, a non-zero exit code, nothing registered and the champion untouched.""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import pandas as pd
 import pytest
 
 from flows.pipeline import main
-from tests.conftest import BIKE_CSV, ROOT, mlflow_client
+from tests.conftest import BIKE_CSV, ROOT, clean_env, mlflow_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -106,12 +105,7 @@ def test_split_that_leaves_a_set_empty(bad_run, tmp_path):
 
 
 def test_exit_code_from_the_command_line(champion_state, dask_cluster, tmp_path):
-    env = {
-        **os.environ,
-        "KEEL_STATE_DIR": str(champion_state),
-        "DASK_SCHEDULER_ADDRESS": dask_cluster.address,
-    }
-    env.pop("PREFECT_API_URL", None)
+    env = clean_env(KEEL_STATE_DIR=str(champion_state), DASK_SCHEDULER_ADDRESS=dask_cluster.address)
     proc = subprocess.run(
         [sys.executable, "-m", "flows.pipeline", *FAST, "--data", str(tmp_path / "missing.csv")],
         cwd=ROOT,

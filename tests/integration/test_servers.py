@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, clean_env
 from tests.processes import BIN, free_port, http_ok, start, stop, wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
@@ -73,13 +73,12 @@ def servers(tmp_path_factory) -> Iterator[dict[str, str]]:
 
 
 def test_pipeline_records_to_real_mlflow_and_prefect_servers(servers, dask_cluster):
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": servers["MLFLOW_TRACKING_URI"],
-        "PREFECT_API_URL": servers["PREFECT_API_URL"],
-        "DASK_SCHEDULER_ADDRESS": dask_cluster.address,
-        "KEEL_STATE_DIR": str(servers["home"]) + "/state",
-    }
+    env = clean_env(
+        MLFLOW_TRACKING_URI=servers["MLFLOW_TRACKING_URI"],
+        PREFECT_API_URL=servers["PREFECT_API_URL"],
+        DASK_SCHEDULER_ADDRESS=dask_cluster.address,
+        KEEL_STATE_DIR=str(servers["home"]) + "/state",
+    )
     proc = subprocess.run(
         [
             sys.executable,
@@ -109,12 +108,14 @@ def test_pipeline_records_to_real_mlflow_and_prefect_servers(servers, dask_clust
 
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=servers["MLFLOW_TRACKING_URI"])
+    server = servers["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(tracking_uri=server, registry_uri=server)  # not this process's defaults
     version = client.get_model_version_by_alias("bike-served", "champion")
     flow_run_id = version.tags["prefect.flow_run_id"]
     assert version.tags["approval_status"] == "Approved"
     # the artifacts went through the server: a client that knows only its URL can load the model
-    mlflow.set_tracking_uri(servers["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(server)
+    mlflow.set_registry_uri(server)
     model = mlflow.pyfunc.load_model("models:/bike-served@champion")
     assert model.metadata.signature is not None
 
