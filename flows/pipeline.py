@@ -110,6 +110,7 @@ class PipelineParams(BaseModel):
 class PipelineResult(BaseModel):
     mlflow_run_id: str
     tracking_uri: str
+    prefect_flow_run: dict[str, str]
     gate: ConditionOutcome
     evaluation: Evaluation
     registered: RegisteredVersion | None = None
@@ -194,6 +195,7 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
         return PipelineResult(
             mlflow_run_id=run.run_id,
             tracking_uri=run.tracking_uri,
+            prefect_flow_run=lineage.prefect_flow_run_tags(),
             gate=gate,
             evaluation=evaluation,
             registered=registered,
@@ -202,7 +204,11 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
 
 def where_to_look(result: PipelineResult) -> str:
     settings = get_settings()
-    lines = [f"MLflow run:      {result.mlflow_run_id} (tracking URI {result.tracking_uri})"]
+    flow_run = result.prefect_flow_run
+    lines = [
+        f"Prefect run:     {flow_run.get('prefect.flow_run_name')} ({flow_run.get('prefect.flow_run_id')})",
+        f"MLflow run:      {result.mlflow_run_id} (tracking URI {result.tracking_uri})",
+    ]
     if result.registered:
         r = result.registered
         lines.append(
@@ -219,7 +225,7 @@ def where_to_look(result: PipelineResult) -> str:
             f"MLflow UI:       .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri}  (or: make mlflow-ui)"
         )
     if settings.prefect_api_url:
-        lines.append(f"Prefect UI:      {settings.prefect_api_url.removesuffix('/api')}")
+        lines.append(f"Prefect UI:      {flow_run.get('prefect.flow_run_url') or settings.prefect_api_url}")
     else:
         lines.append(
             "Prefect UI:      .venv/bin/prefect server start  (the flow run is in Prefect's local database)"
