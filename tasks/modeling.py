@@ -140,6 +140,16 @@ def fit_single(
     return {"model": booster.model_to_string(), "rows": len(y), **_worker()}
 
 
+LABEL = "__label__"
+
+
+def _matrix_with_label(frame, spec: FeatureSpec):
+    """Features and encoded label of one partition, side by side."""
+    matrix = model_matrix(frame, spec)
+    matrix[LABEL] = encode_target(frame[spec.target], spec).astype("float64")
+    return matrix
+
+
 def fit_distributed(
     client, params: dict[str, Any], refs: list[DatasetRef], spec: FeatureSpec, num_boost_round: int, seed: int
 ) -> dict[str, Any]:
@@ -148,8 +158,11 @@ def fit_distributed(
     import lightgbm as lgb
 
     frame = dd.concat([dd.read_parquet(ref.uri) for ref in refs])
-    x = frame.map_partitions(model_matrix, spec, meta=model_matrix(frame._meta, spec))
-    y = frame[spec.target].map_partitions(encode_target, spec, meta=(spec.target, "float64"))
+    meta = model_matrix(frame._meta, spec).assign(**{LABEL: np.float64()})
+    # One frame, persisted on the workers: features and label must keep identical partitions, and
+    # dask-expr would otherwise fuse the Parquet parts differently for a wide and a one-column read.
+    matrix = frame.map_partitions(_matrix_with_label, spec, meta=meta).persist()
+    x, y = matrix.drop(columns=[LABEL]), matrix[LABEL]
     estimator_cls = lgb.DaskLGBMRegressor if spec.task == "regression" else lgb.DaskLGBMClassifier
     params = booster_params(spec, params, seed, threads=1)
     params.pop("num_class", None)

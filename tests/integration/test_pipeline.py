@@ -148,3 +148,32 @@ def test_retrain_keeps_the_champion_when_the_challenger_is_not_better(on_cluster
     assert rejected.tags["reason"] == "unit test"
     assert "champion v1" in rejected.tags["approval_reason"]
     assert str(client.get_model_version_by_alias("bike-re", "champion").version) == "1"
+
+
+def test_distributed_fit_pairs_features_and_labels_across_many_partitions(on_cluster, tmp_path):
+    from distributed import Client
+
+    from tasks import modeling
+    from tasks.featurize import FeatureSpec
+    from tasks.refs import DatasetRef
+
+    frame = pd.read_csv(BIKE_CSV).drop(columns=["instant", "casual", "registered"])
+    frame["dteday"] = pd.to_datetime(frame["dteday"])
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for i in range(6):
+        frame.iloc[i::6].to_parquet(folder / f"part.{i}.parquet", index=False)
+    ref = DatasetRef(name="train", uri=str(folder), digest=content_digest(str(folder)), format="parquet")
+    numeric = [c for c in frame.columns if c not in ("cnt", "dteday")]
+    spec = FeatureSpec(
+        target="cnt",
+        time_column="dteday",
+        task="regression",
+        numeric=numeric,
+        categorical={},
+        time_parts=["dayofweek"],
+    )
+    with Client(on_cluster.address) as client:
+        fitted = modeling.fit_distributed(client, {"num_leaves": 31}, [ref], spec, 20, 42)
+    assert fitted["rows"] == len(frame)
+    assert fitted["model"].startswith("tree")
