@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -105,53 +106,57 @@ def run_trials(
     started = time.perf_counter()
     step.log_params({"n_trials": spec.n_trials, "parallel": spec.parallel, "objective": spec.objective})
 
+    unlogged: list[tuple[TrialRecord, dict[str, str]]] = []  # told, waiting to be written to MLflow
     while len(records) < spec.n_trials:
         batch = [study.ask(distributions) for _ in range(min(spec.parallel, spec.n_trials - len(records)))]
-        run_ids = {}
-        futures = {}
-        for trial in batch:
-            run_id = lineage.create_child_run(
+        # Submit first: the MLflow bookkeeping below runs while the workers compute.
+        futures = {
+            client.submit(
+                trial_fn,
+                trial.params,
+                **trial_kwargs,
+                pure=False,
+                key=f"{trial_fn.__name__}-{trial.number}-{uuid.uuid4().hex[:12]}",
+            ): trial
+            for trial in batch
+        }
+        run_ids = {
+            trial.number: lineage.create_child_run(
                 step.client,
                 pipeline.experiment_id,
                 step.run_id,
                 f"trial-{trial.number}",
                 {lineage.STEP_TAG: f"{step.step}/trial-{trial.number}", lineage.STEP_KIND_TAG: "TuningTrial"},
             )
-            lineage.log_params(step.client, run_id, trial.params)
-            run_ids[trial.number] = run_id
-            future = client.submit(
-                trial_fn,
-                trial.params,
-                **trial_kwargs,
-                pure=False,
-                key=f"{trial_fn.__name__}-{trial.number}-{run_id}",
-            )
-            futures[future] = trial
+            for trial in batch
+        }
+        for record, tags in unlogged:
+            _log_trial(step.client, record, tags)
+        unlogged = []
         outcomes: dict[int, dict[str, Any] | BaseException] = {}
         for future in as_completed(futures):
-            trial = futures[future]
             try:
-                outcomes[trial.number] = future.result()
+                outcomes[futures[future].number] = future.result()
             except Exception as exc:  # one bad trial does not end the tuning job
-                outcomes[trial.number] = exc
-            done = len(records) + len(outcomes)
-            update_progress_artifact(progress, progress=100.0 * done / spec.n_trials)
+                outcomes[futures[future].number] = exc
         for trial in batch:  # tell in ask order: reproducible whatever the completion order
-            records.append(
-                _finish_trial(study, trial, outcomes[trial.number], run_ids[trial.number], spec, step)
-            )
-            last = records[-1]
-            value = last.metrics.get(spec.objective)
+            record, tags = _tell(study, trial, outcomes[trial.number], run_ids[trial.number], spec)
+            records.append(record)
+            unlogged.append((record, tags))
+            value = record.metrics.get(spec.objective)
             logger.info(
                 "trial %d/%d %s: %s=%s (best so far %s=%.5g)",
                 len(records),
                 spec.n_trials,
-                last.state,
+                record.state,
                 spec.objective,
                 f"{value:.5g}" if value is not None else "-",
                 spec.objective,
                 _best_value(study),
             )
+        update_progress_artifact(progress, progress=100.0 * len(records) / spec.n_trials)
+    for record, tags in unlogged:
+        _log_trial(step.client, record, tags)
 
     complete = [r for r in records if r.state == "complete"]
     if not complete:
@@ -192,17 +197,14 @@ def _best_value(study) -> float:
         return math.nan
 
 
-def _finish_trial(study, trial, outcome, run_id: str, spec: TuningSpec, step) -> TrialRecord:
+def _tell(study, trial, outcome, run_id: str, spec: TuningSpec) -> tuple[TrialRecord, dict[str, str]]:
+    """Tell Optuna how a trial went; no I/O, so the next batch can be asked at once."""
     import optuna
 
+    base = {"number": trial.number, "params": trial.params, "run_id": run_id}
     if isinstance(outcome, BaseException):
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        error = f"{type(outcome).__name__}: {outcome}"
-        lineage.set_tags(step.client, run_id, {"keel.error": error[:5000]})
-        step.client.set_terminated(run_id, "FAILED")
-        return TrialRecord(
-            number=trial.number, params=trial.params, state="failed", run_id=run_id, error=error
-        )
+        return TrialRecord(**base, state="failed", error=f"{type(outcome).__name__}: {outcome}"), {}
     metrics = {
         k: float(v) for k, v in outcome.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
@@ -211,23 +213,22 @@ def _finish_trial(study, trial, outcome, run_id: str, spec: TuningSpec, step) ->
     if value is None or not math.isfinite(value):
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         error = f"objective {spec.objective!r} missing or not finite in {sorted(metrics)}"
-        step.client.set_terminated(run_id, "FAILED")
-        return TrialRecord(
-            number=trial.number,
-            params=trial.params,
-            metrics=metrics,
-            state="failed",
-            run_id=run_id,
-            error=error,
-        )
+        return TrialRecord(**base, metrics=metrics, state="failed", error=error), tags
     study.tell(trial, value)
-    from mlflow.entities import Metric
+    return TrialRecord(**base, metrics=metrics, state="complete"), tags
+
+
+def _log_trial(client, record: TrialRecord, tags: dict[str, str]) -> None:
+    """One batch write (params, metrics, tags) and the end state of a trial's MLflow run."""
+    from mlflow.entities import Metric, Param, RunTag
 
     now = int(time.time() * 1000)
-    step.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], tags=[])
-    if tags:
-        lineage.set_tags(step.client, run_id, tags)
-    step.client.set_terminated(run_id, "FINISHED")
-    return TrialRecord(
-        number=trial.number, params=trial.params, metrics=metrics, state="complete", run_id=run_id
+    if record.error:
+        tags = {**tags, "keel.error": record.error[:5000]}
+    client.log_batch(
+        record.run_id,
+        metrics=[Metric(k, v, now, 0) for k, v in record.metrics.items()],
+        params=[Param(k, str(v)) for k, v in record.params.items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
     )
+    client.set_terminated(record.run_id, "FINISHED" if record.state == "complete" else "FAILED")
