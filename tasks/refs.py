@@ -43,11 +43,17 @@ class ModelRef(BaseModel):
 
 
 def data_files(uri: str) -> list[str]:
-    """The data files behind a URI, in a stable order (a folder: every non-hidden file below it)."""
+    """The data files behind a URI, in a stable order (a folder: every file below it, except hidden
+    and marker files such as `.crc` or `_SUCCESS` — judged below the folder, which may itself sit
+    in a hidden directory such as the default state directory `.keel`)."""
     fs, path = fsspec.core.url_to_fs(uri)
     if fs.isdir(path):
-        files = [p for p in fs.find(path) if not any(part.startswith((".", "_")) for part in p.split("/"))]
-        return sorted(files)
+        root = path.rstrip("/") + "/"
+        return sorted(
+            p
+            for p in fs.find(path)
+            if not any(part.startswith((".", "_")) for part in p[len(root) :].split("/"))
+        )
     return [path] if fs.exists(path) else []
 
 

@@ -102,9 +102,9 @@ def dask_cluster(tmp_path_factory) -> Iterator[DaskCluster]:
 @pytest.fixture
 def state(tmp_path, monkeypatch) -> Path:
     """A fresh embedded MLflow store and state directory for one test."""
-    monkeypatch.setenv("KEEL_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("KEEL_STATE_DIR", str(tmp_path / ".keel"))  # hidden, like the default
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path / "state"
+    return tmp_path / ".keel"
 
 
 @pytest.fixture

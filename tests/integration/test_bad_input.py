@@ -21,7 +21,7 @@ FAST = ["--n-trials", "2", "--num-boost-round", "60", "--model-name", MODEL, "--
 @pytest.fixture(scope="module")
 def champion_state(tmp_path_factory, dask_cluster, prefect_harness):
     """One good execution registers v1 as champion; every bad input must leave it so."""
-    state = tmp_path_factory.mktemp("bad-input-state")
+    state = tmp_path_factory.mktemp("bad-input") / ".keel"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KEEL_STATE_DIR", str(state))
         patch.setenv("DASK_SCHEDULER_ADDRESS", dask_cluster.address)

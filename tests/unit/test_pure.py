@@ -9,7 +9,7 @@ from flows.cli import parse_params
 from flows.pipeline import PipelineParams, quality_checks
 from tasks.evaluate import Evaluation
 from tasks.featurize import FeatureSpec, encode_target, model_matrix, predictions_frame
-from tasks.refs import content_digest
+from tasks.refs import content_digest, data_files
 from tasks.train import TrainingSpec, choose_mode
 
 
@@ -24,12 +24,15 @@ def test_digest_follows_content_not_path(tmp_path):
 
 
 def test_folder_digest_covers_every_part_and_ignores_hidden_files(tmp_path):
+    tmp_path = tmp_path / ".state" / "split"  # a hidden folder above the data (the default `.keel`) is fine
+    tmp_path.mkdir(parents=True)
     (tmp_path / "part.0.parquet").write_bytes(b"one")
     (tmp_path / "part.1.parquet").write_bytes(b"two")
     first = content_digest(str(tmp_path))
     (tmp_path / "_SUCCESS").write_bytes(b"")
     (tmp_path / ".crc").write_bytes(b"x")
     assert content_digest(str(tmp_path)) == first
+    assert [p.rsplit("/", 1)[-1] for p in data_files(str(tmp_path))] == ["part.0.parquet", "part.1.parquet"]
     (tmp_path / "part.1.parquet").write_bytes(b"TWO")
     assert content_digest(str(tmp_path)) != first
 
