@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R")
 
 
 def _flag(name: str) -> str:
@@ -56,6 +59,38 @@ def build_parser(model: type[BaseModel], prog: str, description: str) -> argpars
         parser.add_argument(_flag(name), help=help_text.replace("%", "%%"), **kwargs)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
+
+
+def run_flow_cli(
+    flow_fn: Callable[[M], R],
+    model: type[M],
+    argv: Sequence[str] | None,
+    prog: str,
+    description: str,
+    summary: Callable[[R], str],
+) -> int:
+    """Parse, run the flow, print `summary(result)`. Exit codes: 0 done, 1 failed on purpose (a
+    FailStep), 2 bad input; anything else propagates with its traceback."""
+    from tasks.errors import DataValidationError, StepFailed
+
+    params = parse_params(model, argv, prog, description)
+    configure_logging()
+    try:
+        result = flow_fn(params)
+    except DataValidationError as exc:
+        print(f"\nbad input, nothing trained or registered: {exc}", file=sys.stderr)
+        return 2
+    except StepFailed as exc:
+        print(f"\n{getattr(flow_fn, 'name', prog)} failed, nothing registered: {exc}", file=sys.stderr)
+        return 1
+    print("\n" + summary(result))
+    return 0
+
+
+def configure_logging() -> None:
+    """Our INFO lines (cluster, steps) and Prefect's run logs; Dask's start-up chatter only if it warns."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 def parse_params(model: type[M], argv: Sequence[str] | None, prog: str, description: str) -> M:

@@ -10,7 +10,6 @@ text, boolean or two-valued targets are classified (AUC, log loss, accuracy).
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 from datetime import date
@@ -20,11 +19,10 @@ from typing import Literal
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from flows.cli import parse_params
+from flows.cli import run_flow_cli
 from tasks import lineage
 from tasks.compute import dask_cluster
 from tasks.data import TableSpec
-from tasks.errors import DataValidationError, StepFailed
 from tasks.evaluate import Evaluation, evaluate
 from tasks.prepare import SplitSpec, output_location, prepare, validate_input
 from tasks.registry import RegisteredVersion, register
@@ -234,18 +232,9 @@ def where_to_look(result: PipelineResult) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    params = parse_params(PipelineParams, argv, "python -m flows.pipeline", __doc__ or "")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = training_pipeline(params)
-    except DataValidationError as exc:
-        print(f"\nbad input, nothing trained or registered: {exc}", file=sys.stderr)
-        return 2
-    except StepFailed as exc:
-        print(f"\npipeline failed, nothing registered: {exc}", file=sys.stderr)
-        return 1
-    print("\n" + where_to_look(result))
-    return 0
+    return run_flow_cli(
+        training_pipeline, PipelineParams, argv, "python -m flows.pipeline", __doc__ or "", where_to_look
+    )
 
 
 if __name__ == "__main__":

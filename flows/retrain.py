@@ -10,7 +10,6 @@ and the model version.
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Literal
@@ -18,9 +17,8 @@ from typing import Literal
 from prefect import flow
 from pydantic import Field
 
-from flows.cli import parse_params
+from flows.cli import run_flow_cli
 from flows.pipeline import PipelineParams, PipelineResult, training_pipeline, where_to_look
-from tasks.errors import DataValidationError, StepFailed
 
 
 class RetrainParams(PipelineParams):
@@ -42,18 +40,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> PipelineResult:  # noqa:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    params = parse_params(RetrainParams, argv, "python -m flows.retrain", __doc__ or "")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = retrain(params)
-    except DataValidationError as exc:
-        print(f"\nbad input, nothing trained or registered: {exc}", file=sys.stderr)
-        return 2
-    except StepFailed as exc:
-        print(f"\nretrain failed, nothing registered: {exc}", file=sys.stderr)
-        return 1
-    print("\n" + where_to_look(result))
-    return 0
+    return run_flow_cli(retrain, RetrainParams, argv, "python -m flows.retrain", __doc__ or "", where_to_look)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from tasks.settings import Settings
+
+if TYPE_CHECKING:
+    import distributed
 
 log = logging.getLogger(__name__)
 
 
 @contextmanager
-def dask_cluster(settings: Settings) -> Iterator[distributed.Client]:  # noqa: F821
+def dask_cluster(settings: Settings) -> Iterator[distributed.Client]:
     """Yield a Dask client for the run, set as the process default."""
     import distributed
 
@@ -52,7 +56,7 @@ def dask_cluster(settings: Settings) -> Iterator[distributed.Client]:  # noqa: F
         cluster.close()
 
 
-def dask_client() -> distributed.Client:  # noqa: F821
+def dask_client() -> distributed.Client:
     """The client opened by `dask_cluster` for this run."""
     import distributed
 

@@ -8,7 +8,6 @@ Prefect task: a retried step leaves one run behind, with its attempts counted.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import warnings
@@ -25,7 +24,6 @@ from tasks.settings import Settings
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 STEP_TAG = "keel.step"

@@ -7,7 +7,6 @@ everything learned from data (categories, classes) is learned from the training 
 
 from __future__ import annotations
 
-import logging
 from datetime import date, datetime
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from tasks.featurize import TIME_PARTS, FeatureSpec, as_labels, model_matrix, pa
 from tasks.refs import DatasetRef, content_digest
 from tasks.steps import current_step, processing_step
 
-log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
 
 
@@ -151,8 +149,7 @@ def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: st
         "test": frame[frame[time_column] >= test_start],
     }
     features = _learn_features(parts["train"], table, task, frame.columns, raw.uri)
-    meta = model_matrix(frame._meta, features)  # fail here, not on a worker, if the spec is unusable
-    del meta
+    model_matrix(frame._meta, features)  # fail here, not on a worker, if the spec is unusable
     counts = dict(zip(SPLITS, dask.compute(*(parts[s].shape[0] for s in SPLITS)), strict=True))
     empty = [s for s in SPLITS if counts[s] == 0]
     if empty:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -203,7 +202,6 @@ class Step(Generic[P, R]):
             outputs = find_refs(result, "output")
             lineage.log_datasets(run.client, run.run_id, _datasets(outputs), "output")
             _tag_models(run, outputs, "output")
-            logging.getLogger(self.fn.__module__).debug("step %s finished", self.name)
             return result
 
 
