@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -89,7 +90,13 @@ def run_flow_cli(
 
 def configure_logging() -> None:
     """Our INFO lines (cluster, steps) and Prefect's run logs; Dask's start-up chatter only if it warns."""
+    import dask
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # `distributed` sets its loggers from Dask's config when first imported; spawned LocalCluster
+    # workers read it from the environment. A user's own DASK_LOGGING__DISTRIBUTED wins.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    dask.config.set({"logging.distributed": os.environ["DASK_LOGGING__DISTRIBUTED"]})
     logging.getLogger("distributed").setLevel(logging.WARNING)
 
 

@@ -47,8 +47,8 @@ def register(
     datasets: dict[str, DatasetRef],
 ) -> RegisteredVersion:
     """Register a new version with lineage tags; move `champion` to it only when it is Approved."""
-    import mlflow
     from mlflow.exceptions import MlflowException
+    from prefect import get_run_logger
 
     step = current_step()
     client = step.client
@@ -69,11 +69,20 @@ def register(
         **{f"dataset.{k}.digest": ref.digest for k, ref in datasets.items()},
         **{f"dataset.{k}.uri": ref.uri for k, ref in datasets.items()},
     }
-    version = mlflow.register_model(model.uri, model_name, tags=tags)
+    version = client.create_model_version(
+        model_name, source=model.uri, run_id=model.run_id, tags=tags, model_id=model.model_id
+    )
     previous = find_champion(client, model_name)
     promoted = status == "Approved"
     if promoted:
         client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
+    get_run_logger().info(
+        "registered %s v%s as %s%s",
+        model_name,
+        version.version,
+        status,
+        f"; {CHAMPION_ALIAS} -> v{version.version}" if promoted else f"; {CHAMPION_ALIAS} unchanged",
+    )
     step.set_tags({"keel.registered_version": version.version, APPROVAL_TAG: status})
     return RegisteredVersion(
         name=model_name,

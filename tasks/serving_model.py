@@ -9,6 +9,7 @@ for classifiers).
 from __future__ import annotations
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 try:
@@ -27,7 +28,7 @@ class LightGBMTableModel(PythonModel):
         with open(context.artifacts["feature_spec"], encoding="utf-8") as handle:
             self.spec = FeatureSpec.model_validate_json(handle.read())
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return predictions_frame(self.booster.predict(model_matrix(model_input, self.spec)), self.spec)
 
 
