@@ -106,11 +106,23 @@ def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: st
     time_column, target = table.time_column, table.target
     times = frame[time_column].map_partitions(parse_time, meta=(time_column, "datetime64[ns]"))
     frame = frame.assign(**{time_column: times})
-    total, bad_times, null_targets = dask.compute(
+    window = frame
+    if split.start:
+        window = window[window[time_column] >= pd.Timestamp(split.start)]
+    if split.end:
+        window = window[window[time_column] < pd.Timestamp(split.end) + pd.Timedelta(days=1)]
+    window = window[~window[target].isna()]
+    # One pass over the input for every count and bound the checks below need.
+    total, bad_times, null_targets, window_rows, t_min, t_max, n_distinct = dask.compute(
         frame.shape[0],
         times.isna().sum(),
         frame[target].isna().sum(),
+        window.shape[0],
+        window[time_column].min(),
+        window[time_column].max(),
+        window[target].nunique_approx(),
     )
+    frame = window
     if total == 0:
         raise DataValidationError(raw.uri, "the table has a header but no rows")
     if bad_times:
@@ -120,17 +132,14 @@ def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: st
     if null_targets == total:
         raise DataValidationError(raw.uri, "every value of the target is missing", target)
 
-    if split.start:
-        frame = frame[frame[time_column] >= pd.Timestamp(split.start)]
-    if split.end:
-        frame = frame[frame[time_column] < pd.Timestamp(split.end) + pd.Timedelta(days=1)]
-    frame = frame[~frame[target].isna()]
-    window_rows, t_min, t_max, target_dtype, n_distinct = _window_stats(frame, time_column, target)
     if window_rows == 0:
         raise DataValidationError(
             raw.uri, f"no rows with a target inside the data window {split.start}..{split.end}", time_column
         )
-    task = _infer_task(table, target_dtype, n_distinct)
+    if n_distinct <= 3:  # nunique_approx is a sketch; make small counts exact
+        n_distinct = int(frame[target].nunique().compute())
+    t_min, t_max = _as_datetime(t_min), _as_datetime(t_max)
+    task = _infer_task(table, frame[target].dtype, n_distinct)
     if task == "regression":
         as_number = frame[target].map_partitions(pd.to_numeric, errors="coerce", meta=(target, "float64"))
         not_numbers = int(as_number.isna().sum().compute())
@@ -148,9 +157,11 @@ def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: st
         "valid": frame[(frame[time_column] >= valid_start) & (frame[time_column] < test_start)],
         "test": frame[frame[time_column] >= test_start],
     }
-    features = _learn_features(parts["train"], table, task, frame.columns, raw.uri)
+    features, sizes = _learn_features(
+        parts["train"], table, task, frame.columns, raw.uri, also=[parts[s].shape[0] for s in SPLITS]
+    )
     model_matrix(frame._meta, features)  # fail here, not on a worker, if the spec is unusable
-    counts = dict(zip(SPLITS, dask.compute(*(parts[s].shape[0] for s in SPLITS)), strict=True))
+    counts = dict(zip(SPLITS, (int(n) for n in sizes), strict=True))
     empty = [s for s in SPLITS if counts[s] == 0]
     if empty:
         raise DataValidationError(
@@ -203,26 +214,18 @@ def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: st
     return Splits(**refs, features=features, boundaries=boundaries)
 
 
-def _window_stats(frame, time_column: str, target: str):
-    import dask
-
-    rows, t_min, t_max, distinct = dask.compute(
-        frame.shape[0], frame[time_column].min(), frame[time_column].max(), frame[target].nunique_approx()
-    )
-    target_dtype = frame[target].dtype
-    if distinct <= 3:  # nunique_approx is a sketch; make small counts exact
-        distinct = int(frame[target].nunique().compute())
-    return int(rows), _as_datetime(t_min), _as_datetime(t_max), target_dtype, int(distinct)
-
-
 def _as_datetime(value) -> datetime:
     import pandas as pd
 
     return pd.Timestamp(value).to_pydatetime()
 
 
-def _learn_features(train, table: TableSpec, task: str, columns, uri: str) -> FeatureSpec:
-    """Feature roles from dtypes, categories and classes from the training split only."""
+def _learn_features(
+    train, table: TableSpec, task: str, columns, uri: str, also: list
+) -> tuple[FeatureSpec, list]:
+    """Feature roles from dtypes, categories and classes from the training split only.
+
+    `also`: further lazy values to compute in the same pass over the data; returned computed."""
     import dask
     import pandas as pd
 
@@ -234,11 +237,12 @@ def _learn_features(train, table: TableSpec, task: str, columns, uri: str) -> Fe
     ]
     text = [c for c in candidates if c not in numeric]
     lookups = [train[c].dropna().astype(str).unique() for c in text]
-    if task != "regression":
-        target = train[table.target].dropna()
-        lookups.append(target.map_partitions(as_labels, meta=(table.target, "string")).unique())
-    found = dask.compute(*lookups)
-    categorical = {c: sorted(map(str, values)) for c, values in zip(text, found, strict=False)}
+    labels = train[table.target].dropna().map_partitions(as_labels, meta=(table.target, "string")).unique()
+    hour_varies = (train[table.time_column].dt.hour != 0).any()
+    *found, label_values, hour_varies, computed_also = dask.compute(
+        *lookups, labels if task != "regression" else None, hour_varies, also
+    )
+    categorical = {c: sorted(map(str, values)) for c, values in zip(text, found, strict=True)}
     too_many = {c: len(v) for c, v in categorical.items() if len(v) > 1000}
     if too_many:
         raise DataValidationError(
@@ -246,11 +250,9 @@ def _learn_features(train, table: TableSpec, task: str, columns, uri: str) -> Fe
             f"text column has {too_many} distinct values (more than 1000): drop it or encode it",
             next(iter(too_many)),
         )
-    classes = sorted(map(str, found[-1])) if task != "regression" else None
-    times = train[table.time_column]
-    hour_varies = bool((times.dt.hour != 0).any().compute())
-    parts = [p for p in TIME_PARTS if p != "hour" or hour_varies]
-    return FeatureSpec(
+    classes = sorted(map(str, label_values)) if task != "regression" else None
+    parts = [p for p in TIME_PARTS if p != "hour" or bool(hour_varies)]
+    spec = FeatureSpec(
         target=table.target,
         time_column=table.time_column,
         task=task,
@@ -259,6 +261,7 @@ def _learn_features(train, table: TableSpec, task: str, columns, uri: str) -> Fe
         time_parts=parts,
         classes=classes,
     )
+    return spec, list(computed_also)
 
 
 def output_location(root: str, execution_id: str) -> str:
