@@ -177,3 +177,18 @@ def test_distributed_fit_pairs_features_and_labels_across_many_partitions(on_clu
         fitted = modeling.fit_distributed(client, {"num_leaves": 31}, [ref], spec, 20, 42)
     assert fitted["rows"] == len(frame)
     assert fitted["model"].startswith("tree")
+
+
+def test_manual_approval_registers_a_pending_version_and_leaves_champion_alone(on_cluster):
+    result = training_pipeline(
+        PipelineParams(**{**FAST, "n_trials": 2}, model_name="bike-manual", min_r2=0.3, approval="manual")
+    )
+    assert result.gate.passed
+    assert result.registered.status == "PendingManualApproval" and not result.registered.champion
+    client = mlflow_client()
+    version = client.get_model_version("bike-manual", result.registered.version)
+    assert version.tags["approval_status"] == "PendingManualApproval"
+    assert "champion" not in version.aliases
+    from tasks.registry import find_champion
+
+    assert find_champion(client, "bike-manual") is None

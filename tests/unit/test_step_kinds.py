@@ -140,7 +140,15 @@ def test_bad_input_is_never_retried(source):
 
 
 def test_condition_records_values_operator_and_outcome(source):
-    parent_id = unit_pipeline(str(source), uuid.uuid4().hex, 2.0)
+    state = unit_pipeline(str(source), uuid.uuid4().hex, 2.0, return_state=True)
+    parent_id = state.result()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    (artifact,) = [a for a in artifacts if a.key == "gate"]
+    assert artifact.type == "markdown"
+    assert "| attempts | 2.0000 | `>=` | threshold | 2.0000 | passed |" in artifact.data
     gate = step_runs(parent_id)["gate"]
     assert gate.data.tags["keel.outcome"] == "passed"
     assert gate.data.params["check.0"] == "attempts >= threshold"
