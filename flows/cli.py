@@ -96,8 +96,9 @@ def configure_logging() -> None:
     # `distributed` sets its loggers from Dask's config when first imported; spawned LocalCluster
     # workers read it from the environment. A user's own DASK_LOGGING__DISTRIBUTED wins.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    dask.config.set({"logging.distributed": os.environ["DASK_LOGGING__DISTRIBUTED"]})
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    level = os.environ["DASK_LOGGING__DISTRIBUTED"]
+    dask.config.set({"logging.distributed": level})
+    logging.getLogger("distributed").setLevel(level.upper())
 
 
 def parse_params(model: type[M], argv: Sequence[str] | None, prog: str, description: str) -> M:

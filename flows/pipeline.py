@@ -24,6 +24,7 @@ from tasks import lineage
 from tasks.compute import dask_cluster
 from tasks.data import TableSpec
 from tasks.evaluate import Evaluation, evaluate
+from tasks.modeling import DEFAULT_OBJECTIVE, MAXIMIZE
 from tasks.prepare import SplitSpec, output_location, prepare, validate_input
 from tasks.registry import RegisteredVersion, register
 from tasks.settings import get_settings
@@ -164,13 +165,13 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
     ):
         raw = validate_input(table)
         splits = prepare(raw, table, split, output_location(settings.datasets_root, run.run_id))
-        objective = params.objective or {"regression": "rmse"}.get(splits.features.task, "log_loss")
+        objective = params.objective or DEFAULT_OBJECTIVE[splits.features.task]
         tuning = TuningSpec(
             space=params.space,
             n_trials=params.n_trials,
             parallel=params.parallel_trials,
             objective=objective,
-            direction="maximize" if objective in {"r2", "auc", "accuracy"} else "minimize",
+            direction="maximize" if objective in MAXIMIZE else "minimize",
             seed=params.seed,
         )
         best = tune(splits, tuning, training)

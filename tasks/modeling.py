@@ -17,7 +17,8 @@ from tasks.featurize import FeatureSpec, encode_target, model_matrix
 from tasks.refs import DatasetRef
 
 OBJECTIVES = {"regression": "regression", "binary": "binary", "multiclass": "multiclass"}
-DEFAULT_METRIC = {"regression": "rmse", "binary": "binary_logloss", "multiclass": "multi_logloss"}
+# The metric names `score` reports: the tuner's default objective per task, and those to maximise.
+DEFAULT_OBJECTIVE = {"regression": "rmse", "binary": "log_loss", "multiclass": "log_loss"}
 MAXIMIZE = {"r2", "auc", "accuracy"}
 
 

@@ -58,13 +58,13 @@ def register(
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    prefect = lineage.prefect_flow_run_tags()
+    execution = client.get_run(pipeline.run_id).data.tags  # the parent run: Prefect flow run and reason
     tags = {
         APPROVAL_TAG: status,
         "approval_reason": reason[:5000],
         "pipeline_run_id": pipeline.run_id,
-        "reason": client.get_run(pipeline.run_id).data.tags.get("keel.reason", ""),
-        **prefect,
+        "reason": execution.get("keel.reason", ""),
+        **{k: v for k, v in execution.items() if k.startswith("prefect.")},
         **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
         **{f"dataset.{k}.digest": ref.digest for k, ref in datasets.items()},
         **{f"dataset.{k}.uri": ref.uri for k, ref in datasets.items()},

@@ -85,7 +85,7 @@ def run_trials(
 ) -> TuningResult:
     """Run `trial_fn(params, **trial_kwargs)` on the workers for each trial; return the best.
 
-    `trial_fn` runs on a Dask worker and returns a dict of metrics that includes `spec.objective`
+    `trial_fn` runs on a Dask worker and returns a dict of metrics that includes `tuning.objective`
     (other str values, such as the worker's address, are recorded as tags of the trial's run).
     """
     import optuna
@@ -93,22 +93,25 @@ def run_trials(
     from prefect import get_run_logger
     from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
-    spec = tuning
     logger = get_run_logger()
     step = current_step()
     pipeline = lineage.current_pipeline()
     client = dask_client()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction=spec.direction, sampler=optuna.samplers.TPESampler(seed=spec.seed))
-    distributions = optuna_distributions(spec.space)
-    progress = create_progress_artifact(progress=0.0, description=f"{step.step}: {spec.n_trials} trials")
+    study = optuna.create_study(
+        direction=tuning.direction, sampler=optuna.samplers.TPESampler(seed=tuning.seed)
+    )
+    distributions = optuna_distributions(tuning.space)
+    progress = create_progress_artifact(progress=0.0, description=f"{step.step}: {tuning.n_trials} trials")
     records: list[TrialRecord] = []
     started = time.perf_counter()
-    step.log_params({"n_trials": spec.n_trials, "parallel": spec.parallel, "objective": spec.objective})
+    step.log_params({"n_trials": tuning.n_trials, "parallel": tuning.parallel, "objective": tuning.objective})
 
     unlogged: list[tuple[TrialRecord, dict[str, str]]] = []  # told, waiting to be written to MLflow
-    while len(records) < spec.n_trials:
-        batch = [study.ask(distributions) for _ in range(min(spec.parallel, spec.n_trials - len(records)))]
+    while len(records) < tuning.n_trials:
+        batch = [
+            study.ask(distributions) for _ in range(min(tuning.parallel, tuning.n_trials - len(records)))
+        ]
         # Submit first: the MLflow bookkeeping below runs while the workers compute.
         futures = {
             client.submit(
@@ -140,21 +143,21 @@ def run_trials(
             except Exception as exc:  # one bad trial does not end the tuning job
                 outcomes[futures[future].number] = exc
         for trial in batch:  # tell in ask order: reproducible whatever the completion order
-            record, tags = _tell(study, trial, outcomes[trial.number], run_ids[trial.number], spec)
+            record, tags = _tell(study, trial, outcomes[trial.number], run_ids[trial.number], tuning)
             records.append(record)
             unlogged.append((record, tags))
-            value = record.metrics.get(spec.objective)
+            value = record.metrics.get(tuning.objective)
             logger.info(
                 "trial %d/%d %s: %s=%s (best so far %s=%.5g)",
                 len(records),
-                spec.n_trials,
+                tuning.n_trials,
                 record.state,
-                spec.objective,
+                tuning.objective,
                 f"{value:.5g}" if value is not None else "-",
-                spec.objective,
+                tuning.objective,
                 _best_value(study),
             )
-        update_progress_artifact(progress, progress=100.0 * len(records) / spec.n_trials)
+        update_progress_artifact(progress, progress=100.0 * len(records) / tuning.n_trials)
     for record, tags in unlogged:
         _log_trial(step.client, record, tags)
 
@@ -166,7 +169,7 @@ def run_trials(
     elapsed = time.perf_counter() - started
     step.log_metrics(
         {
-            f"best_{spec.objective}": float(best.value),
+            f"best_{tuning.objective}": float(best.value),
             "trials_failed": len(records) - len(complete),
             "tuning_seconds": elapsed,
         }
@@ -175,7 +178,12 @@ def run_trials(
     create_table_artifact(
         key=f"{step.step}-trials",
         table=[
-            {"trial": r.number, "state": r.state, spec.objective: r.metrics.get(spec.objective), **r.params}
+            {
+                "trial": r.number,
+                "state": r.state,
+                tuning.objective: r.metrics.get(tuning.objective),
+                **r.params,
+            }
             for r in sorted(records, key=lambda r: r.number)
         ],
         description=f"{len(complete)}/{len(records)} trials complete in {elapsed:.1f}s; best trial {best.number}",
@@ -185,7 +193,7 @@ def run_trials(
         best_value=float(best.value),
         best_trial=best.number,
         best_metrics=best_record.metrics,
-        objective=spec.objective,
+        objective=tuning.objective,
         trials=records,
     )
 
