@@ -69,18 +69,22 @@ def run_flow_cli(
     prog: str,
     description: str,
     summary: Callable[[R], str],
+    after_bad_input: str = "nothing trained or registered",
 ) -> int:
     """Parse, run the flow, print `summary(result)`. Exit codes: 0 done, 1 failed on purpose (a
     FailStep), 2 bad input; anything else propagates with its traceback."""
-    from tasks.errors import DataValidationError, StepFailed
+    from tasks.errors import DataValidationError, NotInRegistry, StepFailed
 
     params = parse_params(model, argv, prog, description)
     configure_logging()
     try:
         result = flow_fn(params)
     except DataValidationError as exc:
-        print(f"\nbad input, nothing trained or registered: {exc}", file=sys.stderr)
+        print(f"\nbad input, {after_bad_input}: {exc}", file=sys.stderr)
         return 2
+    except NotInRegistry as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 1
     except StepFailed as exc:
         print(f"\n{getattr(flow_fn, 'name', prog)} failed, nothing registered: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""The training pipeline: process -> tune -> train -> evaluate -> quality gate -> register or fail.
+"""The training pipeline: process -> tune -> train -> baseline -> evaluate -> quality gate -> register or fail.
 
     python -m flows.pipeline --help
 
@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from flows.cli import run_flow_cli
 from tasks import lineage
+from tasks.baseline import baseline
 from tasks.compute import dask_cluster
 from tasks.data import TableSpec
 from tasks.evaluate import Evaluation, evaluate
@@ -176,6 +177,7 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
         )
         best = tune(splits, tuning, training)
         model = train(raw, splits, best, training)
+        reference = baseline(model, splits)
         evaluation = evaluate(model, splits, params.model_name)
         gate = condition("quality-gate", quality_checks(evaluation, params))
         datasets = {"raw": raw, "train": splits.train, "valid": splits.valid, "test": splits.test}
@@ -183,11 +185,11 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
         if gate.passed:
             status = "Approved" if params.approval == "auto" else "PendingManualApproval"
             registered = register(
-                model, params.model_name, status, gate.message, evaluation.metrics, datasets
+                model, params.model_name, status, gate.message, evaluation.metrics, datasets, reference
             )
         elif params.on_gate_failure == "reject":
             registered = register(
-                model, params.model_name, "Rejected", gate.message, evaluation.metrics, datasets
+                model, params.model_name, "Rejected", gate.message, evaluation.metrics, datasets, reference
             )
         else:
             fail("quality-gate-failed", gate.message)

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from tasks.errors import DataValidationError
-from tasks.refs import DatasetRef, content_digest, data_files
+from tasks.refs import DatasetRef, content_digest, data_files, file_urls
 
 
 class TableSpec(BaseModel):
@@ -73,3 +73,14 @@ def check_table(table: TableSpec) -> DatasetRef:
     return DatasetRef(
         name="raw", uri=table.path, digest=content_digest(table.path), format=fmt, columns=tuple(columns)
     )
+
+
+def read_table(ref: DatasetRef):
+    """The table as a lazy dask.dataframe (a CSV file or folder of CSV files, or Parquet)."""
+    import dask.dataframe as dd
+
+    if ref.format == "csv":
+        # Column types come from the file (the served model's signature keeps them); a larger sample
+        # than Dask's default makes a late missing value in an integer column less likely to surprise.
+        return dd.read_csv(file_urls(ref.uri), blocksize="64MB", sample=16_000_000)
+    return dd.read_parquet(ref.uri)

@@ -19,3 +19,7 @@ class DataValidationError(ValueError):
 
 class StepFailed(RuntimeError):
     """Raised by a FailStep: the pipeline execution ends as Failed with this message."""
+
+
+class NotInRegistry(LookupError):
+    """The model, version or lineage a flow needs is not in the MLflow registry."""

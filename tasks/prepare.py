@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
 
-from tasks.data import TableSpec, check_table
+from tasks.data import TableSpec, check_table, read_table
 from tasks.errors import DataValidationError
 from tasks.featurize import TIME_PARTS, FeatureSpec, as_labels, model_matrix, parse_time
 from tasks.refs import DatasetRef, content_digest
@@ -58,16 +58,6 @@ def validate_input(table: TableSpec) -> DatasetRef:
     return ref
 
 
-def _read(ref: DatasetRef):
-    import dask.dataframe as dd
-
-    if ref.format == "csv":
-        # Column types come from the file (the served model's signature keeps them); a larger sample
-        # than Dask's default makes a late missing value in an integer column less likely to surprise.
-        return dd.read_csv(ref.uri, blocksize="64MB", sample=16_000_000)
-    return dd.read_parquet(ref.uri)
-
-
 def _infer_task(table: TableSpec, target_dtype, n_distinct: int) -> str:
     import pandas as pd
 
@@ -101,7 +91,7 @@ def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: st
 
     logger = get_run_logger()
     step = current_step()
-    frame = _read(raw)
+    frame = read_table(raw)
     frame = frame.drop(columns=table.drop_columns)
     time_column, target = table.time_column, table.target
     times = frame[time_column].map_partitions(parse_time, meta=(time_column, "datetime64[ns]"))
@@ -264,8 +254,8 @@ def _learn_features(
     return spec, list(computed_also)
 
 
-def output_location(root: str, execution_id: str) -> str:
-    """Where one execution's processing outputs go."""
+def output_location(root: str, execution_id: str, step: str = "prepare") -> str:
+    """Where one execution's outputs of one step go."""
     if "://" in root:
-        return f"{root.rstrip('/')}/{execution_id}/prepare"
-    return str(Path(root).resolve() / execution_id / "prepare")
+        return f"{root.rstrip('/')}/{execution_id}/{step}"
+    return str(Path(root).resolve() / execution_id / step)

@@ -57,6 +57,15 @@ def data_files(uri: str) -> list[str]:
     return [path] if fs.exists(path) else []
 
 
+def file_urls(uri: str) -> list[str]:
+    """`data_files`, as URLs the readers accept (the protocol put back for remote storage)."""
+    files = data_files(uri)
+    if "://" in uri and not uri.startswith("file://"):
+        protocol = uri.split("://", 1)[0]
+        return [f"{protocol}://{f}" for f in files]
+    return files
+
+
 def content_digest(uri: str) -> str:
     """sha256 of the content (file names relative to the root, then bytes), streamed in 1 MiB chunks."""
     fs, root = fsspec.core.url_to_fs(uri)

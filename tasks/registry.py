@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
+    from tasks.baseline import Baseline
+
 
 class RegisteredVersion(BaseModel):
     name: str
@@ -45,6 +47,7 @@ def register(
     reason: str,
     metrics: dict[str, float],
     datasets: dict[str, DatasetRef],
+    baseline: Baseline | None = None,
 ) -> RegisteredVersion:
     """Register a new version with lineage tags; move `champion` to it only when it is Approved."""
     from mlflow.exceptions import MlflowException
@@ -64,11 +67,13 @@ def register(
         "approval_reason": reason[:5000],
         "pipeline_run_id": pipeline.run_id,
         "reason": execution.get("keel.reason", ""),
-        **{k: v for k, v in execution.items() if k.startswith("prefect.")},
+        **{k: v for k, v in execution.items() if k.startswith(("prefect.", "keel.trigger."))},
         **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
         **{f"dataset.{k}.digest": ref.digest for k, ref in datasets.items()},
         **{f"dataset.{k}.uri": ref.uri for k, ref in datasets.items()},
     }
+    if baseline is not None:
+        tags.update({"baseline.uri": baseline.uri, "baseline.run_id": baseline.run_id})
     version = client.create_model_version(
         model_name, source=model.uri, run_id=model.run_id, tags=tags, model_id=model.model_id
     )

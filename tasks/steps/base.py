@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 from pydantic import BaseModel
 
 from tasks import lineage
-from tasks.errors import DataValidationError, StepFailed
+from tasks.errors import DataValidationError, NotInRegistry, StepFailed
 from tasks.refs import DatasetRef, ModelRef
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
-NEVER_RETRIED: tuple[type[BaseException], ...] = (DataValidationError, StepFailed)
+NEVER_RETRIED: tuple[type[BaseException], ...] = (DataValidationError, StepFailed, NotInRegistry)
 
 
 @dataclass

@@ -1,0 +1,137 @@
+"""The drift monitor (SageMaker Model Monitor): a batch of new data against the champion's baseline.
+
+    python -m flows.monitor --batch data/new.csv
+    python -m flows.monitor --batch landing/ --latest      # the folder's last file by name
+
+The batch (a CSV or Parquet file, or a folder of them; with or without the target column) is
+checked on the Dask workers against the statistics stored with the champion's version at training
+time. The Evidently report (HTML + JSON) goes to MLflow next to that version and is linked from
+Prefect, and the verdict is emitted as a Prefect event (`keel.drift.detected` or
+`keel.drift.not-detected`) about the model version, which the retrain deployment's trigger listens
+for. Bad input fails the run (exit 2) before anything is emitted.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from flows.cli import run_flow_cli
+from tasks import lineage
+from tasks.compute import dask_cluster
+from tasks.drift import (
+    DRIFT_DETECTED,
+    DRIFT_NOT_DETECTED,
+    DriftCheck,
+    DriftReportRef,
+    DriftThresholds,
+    batch_files,
+    check_drift,
+    emit_verdict,
+    report_drift,
+)
+from tasks.prepare import output_location
+from tasks.settings import get_settings
+
+
+class MonitorParams(DriftThresholds):
+    """What to check, against which model, and when it counts as drift."""
+
+    batch: str = Field(min_length=1, description="CSV or Parquet file, or a folder of them, to check.")
+    latest: bool = Field(default=False, description="Check only the last file of the folder, by name.")
+    model_name: str = Field(default="bike-demand", min_length=1, description="Registered model to monitor.")
+    version: str | None = Field(default=None, description="Version to check against; default: @champion.")
+
+
+class MonitorResult(BaseModel):
+    check: DriftCheck
+    report: DriftReportRef
+    event: str
+    event_id: str | None
+    mlflow_run_id: str
+    prefect_flow_run: dict[str, str]
+
+
+@flow(name="drift-monitor", log_prints=True)
+def monitor(params: MonitorParams) -> MonitorResult:
+    """Check one batch for drift against the champion, report it, and emit the verdict as an event."""
+    settings = get_settings()
+    thresholds = DriftThresholds.model_validate(params.model_dump(include=set(DriftThresholds.model_fields)))
+    checked_at = datetime.now(UTC).isoformat(timespec="seconds")
+    batch = batch_files(params.batch, params.latest)
+    with (
+        lineage.pipeline_run(
+            "drift-monitor",
+            params.model_dump(mode="json"),
+            settings,
+            tags={"keel.model.name": params.model_name},
+        ) as run,
+        dask_cluster(settings),
+    ):
+        check = check_drift(
+            batch,
+            params.model_name,
+            params.version,
+            thresholds,
+            output_location(settings.datasets_root, run.run_id, "monitor"),
+        )
+        report = report_drift(check, thresholds, checked_at)
+        event_id = emit_verdict(check, report, checked_at)
+        event = DRIFT_DETECTED if check.drift_detected else DRIFT_NOT_DETECTED
+        lineage.set_tags(
+            run.client(),
+            run.run_id,
+            {
+                "keel.model.version": check.version,
+                "keel.event": event,
+                "keel.event_id": event_id or "not emitted",
+            },
+        )
+        print(f"{event} for {check.model_name} v{check.version} (event {event_id}); report: {report.link}")
+        return MonitorResult(
+            check=check,
+            report=report,
+            event=event,
+            event_id=event_id,
+            mlflow_run_id=run.run_id,
+            prefect_flow_run=lineage.prefect_flow_run_tags(),
+        )
+
+
+def summarise(result: MonitorResult) -> str:
+    check = result.check
+    top = sorted(check.features, key=lambda c: -c.score)[:5]
+    lines = [
+        f"Verdict:         {'DRIFT' if check.drift_detected else 'no drift'} — {check.model_name} v{check.version}, "
+        f"{check.rows:,} rows of {check.batch.uri}",
+        *(f"                 {reason}" for reason in check.reasons),
+        f"Drifted columns: {len(check.drifted_columns)} of {len(check.features)}"
+        + (f" ({', '.join(check.drifted_columns)})" if check.drifted_columns else ""),
+        "Top scores:      " + ", ".join(f"{c.column} {c.score:.3f} ({c.method})" for c in top),
+        f"Predictions:     {check.prediction.method} {check.prediction.score:.3f} "
+        f"({'drift' if check.prediction.drifted else 'no drift'})",
+        f"Report:          {result.report.link}",
+        f"Event:           {result.event} ({result.event_id})",
+        f"MLflow run:      {result.mlflow_run_id}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_flow_cli(
+        monitor,
+        MonitorParams,
+        argv,
+        "python -m flows.monitor",
+        __doc__ or "",
+        summarise,
+        "nothing checked, no event emitted",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The monitoring baseline, made at training time (Model Monitor's baselining job) and found through lineage.
+
+Each registered version carries a `baseline.uri` tag: an MLflow artifact folder with `profile.json`
+(the training data's URI and digest, the feature spec, and per-column statistics of the training
+split and of the model's predictions on it) and `reference.parquet` (a row sample for the Evidently
+report). A drift check therefore never re-reads or re-profiles the training set, and never needs
+a path that is written down anywhere but the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, Field
+
+from tasks import lineage, monitoring
+from tasks.compute import dask_client
+from tasks.drift_stats import ColumnProfile
+from tasks.errors import NotInRegistry
+from tasks.featurize import FeatureSpec
+from tasks.prepare import Splits
+from tasks.refs import DatasetRef, ModelRef
+from tasks.registry import find_champion
+from tasks.steps import current_step, processing_step
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow import MlflowClient
+
+BASELINE_TAG = "baseline.uri"
+BASELINE_RUN_TAG = "baseline.run_id"
+ARTIFACT_DIR = "baseline"
+
+
+class Profile(BaseModel):
+    """profile.json: everything a drift check needs to know about what the model was trained on."""
+
+    model_uri: str
+    train: DatasetRef
+    features: FeatureSpec
+    columns: dict[str, ColumnProfile]
+    sample_rows: int
+
+
+class Baseline(BaseModel):
+    """Where a version's baseline is (artifact URI), as the baseline step returns it."""
+
+    uri: str
+    run_id: str
+    train: DatasetRef
+    columns: list[str] = Field(description="Monitored columns: features, target, prediction.")
+
+
+@processing_step(name="baseline")
+def baseline(model: ModelRef, splits: Splits) -> Baseline:
+    """Profile the training split and the model's predictions on it, on a worker; store it in MLflow."""
+    from prefect import get_run_logger
+
+    step = current_step()
+    pipeline = lineage.current_pipeline()
+    profiles, sample = (
+        dask_client()
+        .submit(
+            monitoring.profile_reference,
+            splits.train,
+            splits.features,
+            model.uri,
+            pipeline.tracking_uri,
+            pipeline.registry_uri,
+            0,
+            pure=False,
+        )
+        .result()
+    )
+    profile = Profile(
+        model_uri=model.uri,
+        train=splits.train,
+        features=splits.features,
+        columns=profiles,
+        sample_rows=len(sample),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / ARTIFACT_DIR
+        folder.mkdir()
+        (folder / "profile.json").write_text(profile.model_dump_json(indent=1))
+        sample.to_parquet(folder / "reference.parquet", index=False)
+        step.client.log_artifacts(step.run_id, str(folder), ARTIFACT_DIR)
+    uri = f"{step.client.get_run(step.run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_DIR}"
+    step.log_metrics({"reference_rows": splits.train.rows or 0, "reference_sample_rows": len(sample)})
+    get_run_logger().info(
+        "baseline: %d columns profiled over %s training rows, %d-row reference sample -> %s",
+        len(profiles),
+        f"{splits.train.rows:,}",
+        len(sample),
+        uri,
+    )
+    return Baseline(uri=uri, run_id=step.run_id, train=splits.train, columns=list(profiles))
+
+
+class ChampionBaseline(BaseModel):
+    """A registered version and its baseline, loaded for a drift check."""
+
+    model_config = {"arbitrary_types_allowed": True}
+
+    model_name: str
+    version: str
+    model_uri: str
+    metrics: dict[str, float]
+    profile: Profile
+    reference: pd.DataFrame
+    baseline_uri: str
+
+
+def load_baseline(client: MlflowClient, model_name: str, version: str | None = None) -> ChampionBaseline:
+    """The champion's (or a given version's) baseline, found through the registry's lineage tags."""
+    import pandas as pd
+
+    if version is None:
+        found = find_champion(client, model_name)
+        if found is None:
+            raise NotInRegistry(
+                f"model {model_name!r} has no @champion version in the registry: "
+                "train one first (python -m flows.pipeline)"
+            )
+    else:
+        found = client.get_model_version(model_name, version)
+    uri, run_id = found.tags.get(BASELINE_TAG), found.tags.get(BASELINE_RUN_TAG)
+    if not uri or not run_id:
+        raise NotInRegistry(
+            f"{model_name} v{found.version} has no {BASELINE_TAG!r} tag: it was registered before baselines "
+            "were stored; retrain it to monitor it"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(run_id, ARTIFACT_DIR, tmp))
+        profile = Profile.model_validate(json.loads((local / "profile.json").read_text()))
+        reference = pd.read_parquet(local / "reference.parquet")
+    metrics = {k.removeprefix("metric."): float(v) for k, v in found.tags.items() if k.startswith("metric.")}
+    return ChampionBaseline(
+        model_name=model_name,
+        version=str(found.version),
+        model_uri=f"models:/{model_name}/{found.version}",
+        metrics=metrics,
+        profile=profile,
+        reference=reference,
+        baseline_uri=uri,
+    )
