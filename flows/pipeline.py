@@ -52,6 +52,12 @@ class PipelineParams(BaseModel):
     )
     start: date | None = Field(default=None, description="First day of the data window.")
     end: date | None = Field(default=None, description="Last day of the data window.")
+    window_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="Train on the last N days only (ending at --end or the newest row).",
+    )
     valid_fraction: float = Field(default=0.15, gt=0, lt=0.5, description="Time share for validation.")
     test_fraction: float = Field(default=0.15, gt=0, lt=0.5, description="Time share held out for test.")
     n_trials: int = Field(default=16, ge=1, le=10_000, description="Tuning trials in all.")
@@ -94,6 +100,10 @@ class PipelineParams(BaseModel):
     )
     on_gate_failure: Literal["fail", "reject"] = Field(
         default="fail", description="fail: FailStep, nothing registered; reject: register as Rejected."
+    )
+    trigger: dict[str, str] = Field(
+        default_factory=dict,
+        description="What started this execution (e.g. event id, drift report URI); recorded on the run and version.",
     )
 
     def table(self) -> TableSpec:
@@ -149,6 +159,7 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
     split = SplitSpec(
         start=params.start,
         end=params.end,
+        window_days=params.window_days,
         valid_fraction=params.valid_fraction,
         test_fraction=params.test_fraction,
     )
@@ -160,7 +171,13 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
     )
     with (
         lineage.pipeline_run(
-            "training-pipeline", params.model_dump(mode="json"), settings, tags={"keel.reason": params.reason}
+            "training-pipeline",
+            params.model_dump(mode="json"),
+            settings,
+            tags={
+                "keel.reason": params.reason,
+                **{f"keel.trigger.{k}": v for k, v in params.trigger.items()},
+            },
         ) as run,
         dask_cluster(settings),
     ):

@@ -1,46 +1,144 @@
 """Retraining: the training pipeline on a new data window, judged against the current champion.
 
     python -m flows.retrain --help
+    python -m flows.retrain --data landing/ --window-days 120 --reason "drift detected"
 
-The challenger is promoted only when it beats the champion on the same held-out test period by
-`--champion-margin`; otherwise its version is registered as `Rejected`, with the reason, and the
-champion stays. The run's reason (`--reason`, e.g. "drift detected") is recorded on the MLflow run
-and the model version.
+The challenger trains on the last `--window-days` of `--data` (default: the data the champion was
+trained on, found through its lineage) and is evaluated with the champion on the same, most recent
+held-out period. It is promoted only when it beats the champion by `--champion-margin`; otherwise
+its version is registered as `Rejected`, with the reason, and the champion stays.
+
+At most one retrain per model runs at a time (a Prefect global concurrency limit named
+`retrain-<model>`), and a retrain asked for within `--cooldown-minutes` of the last one is ignored,
+and says so, unless `--force`. The triggering event (id, drift report) is recorded on the MLflow
+run and the model version.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from prefect import flow
-from pydantic import Field
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, Field
 
 from flows.cli import run_flow_cli
 from flows.pipeline import PipelineParams, PipelineResult, training_pipeline, where_to_look
+from tasks import lineage
+from tasks.guards import retrain_lock
+from tasks.registry import last_retrain
+from tasks.settings import get_settings
 
 
 class RetrainParams(PipelineParams):
-    """The pipeline's parameters, with retraining defaults: a losing challenger is kept as Rejected."""
+    """The pipeline's parameters with retraining defaults, plus what triggered it and the guards."""
 
+    data: str | None = Field(  # type: ignore[assignment]
+        default=None,
+        description="New data: a CSV or Parquet file or folder; default: the champion's training data.",
+    )
+    window_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="Train on the last N days only (ending at the newest row).",
+    )
     reason: str = Field(default="scheduled retrain", max_length=500, description="Why this retrain runs.")
     on_gate_failure: Literal["fail", "reject"] = Field(
         default="reject", description="reject: register a losing challenger as Rejected; fail: FailStep."
     )
+    force: bool = Field(default=False, description="Run even inside the cooldown window.")
+    cooldown_minutes: float = Field(
+        default=60, ge=0, description="Ignore requests this soon after the last retrain of the model."
+    )
+    event_id: str | None = Field(default=None, description="The Prefect event that triggered this retrain.")
+    drift_report: str | None = Field(default=None, description="URI of the drift report behind the event.")
+
+
+class RetrainResult(BaseModel):
+    model_name: str
+    ignored: str | None = Field(default=None, description="Why nothing was trained, if so.")
+    pipeline: PipelineResult | None = None
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(params: RetrainParams = RetrainParams()) -> PipelineResult:  # noqa: B008
+def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: B008
     """Train a challenger on the new window; promote it only if it beats the champion."""
-    result = training_pipeline(PipelineParams.model_validate(params.model_dump()))
+    logger = get_run_logger()
+    settings = get_settings()
+    trigger = {
+        k: v for k, v in {"event_id": params.event_id, "drift_report": params.drift_report}.items() if v
+    }
+    with retrain_lock(params.model_name) as holder:
+        if holder is not None:
+            return _ignored(params, f"a retrain of {params.model_name} is already running ({holder})")
+        client = lineage.mlflow_client(settings)
+        last = last_retrain(client, params.model_name)
+        if last is not None and not params.force:
+            since = datetime.now(UTC) - last.created
+            if since < timedelta(minutes=params.cooldown_minutes):
+                until = (last.created + timedelta(minutes=params.cooldown_minutes)).isoformat(
+                    timespec="seconds"
+                )
+                return _ignored(
+                    params,
+                    f"cooldown: {params.model_name} v{last.version} was retrained {since.total_seconds() / 60:.1f} min "
+                    f"ago (cooldown {params.cooldown_minutes:g} min, until {until}); use --force to retrain anyway",
+                )
+        data = params.data or _champion_data(client, params.model_name)
+        pipeline_params = PipelineParams.model_validate(
+            {
+                **params.model_dump(include=set(PipelineParams.model_fields)),
+                "data": data,
+                "trigger": {**trigger, "flow": "retrain"},
+            }
+        )
+        logger.info(
+            "retraining %s on %s%s (%s)",
+            params.model_name,
+            data,
+            f", last {params.window_days} days" if params.window_days else "",
+            params.reason,
+        )
+        result = training_pipeline(pipeline_params)
     verdict = "promoted to champion" if result.registered and result.registered.champion else "champion kept"
     print(f"retrain of {params.model_name} ({params.reason}): {verdict}; {result.gate.message}")
-    return result
+    return RetrainResult(model_name=params.model_name, pipeline=result)
+
+
+def _ignored(params: RetrainParams, why: str) -> RetrainResult:
+    from prefect.artifacts import create_markdown_artifact
+
+    message = f"retrain request ignored: {why}" + (f" (event {params.event_id})" if params.event_id else "")
+    get_run_logger().warning(message)
+    create_markdown_artifact(key="retrain-ignored", markdown=f"**Ignored.** {why}\n", description=message)
+    return RetrainResult(model_name=params.model_name, ignored=why)
+
+
+def _champion_data(client, model_name: str) -> str:
+    from tasks.errors import NotInRegistry
+    from tasks.registry import find_champion
+
+    champion = find_champion(client, model_name)
+    uri = champion.tags.get("dataset.raw.uri") if champion else None
+    if not uri:
+        raise NotInRegistry(
+            f"no --data given and {model_name} has no champion with a recorded training data URI to retrain on"
+        )
+    return uri
+
+
+def summarise(result: RetrainResult) -> str:
+    if result.ignored:
+        return f"Ignored:         {result.ignored}"
+    assert result.pipeline is not None
+    return where_to_look(result.pipeline)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_flow_cli(retrain, RetrainParams, argv, "python -m flows.retrain", __doc__ or "", where_to_look)
+    return run_flow_cli(retrain, RetrainParams, argv, "python -m flows.retrain", __doc__ or "", summarise)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ class SplitSpec(BaseModel):
 
     start: date | None = Field(default=None, description="First day of the data window (inclusive).")
     end: date | None = Field(default=None, description="Last day of the data window (inclusive).")
+    window_days: int | None = Field(
+        default=None, ge=1, description="Keep only the last N days, ending at `end` or the newest row."
+    )
     valid_fraction: float = Field(
         default=0.15, gt=0, lt=0.5, description="Share of the time span for validation."
     )
@@ -102,6 +105,14 @@ def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: st
     if split.end:
         window = window[window[time_column] < pd.Timestamp(split.end) + pd.Timedelta(days=1)]
     window = window[~window[target].isna()]
+    if split.window_days:
+        newest = window[time_column].max().compute()
+        if pd.isna(newest):
+            raise DataValidationError(
+                raw.uri, "no rows with a target and a time to take a window from", time_column
+            )
+        first = pd.Timestamp(newest).normalize() - pd.Timedelta(days=split.window_days - 1)
+        window = window[window[time_column] >= first]
     # One pass over the input for every count and bound the checks below need.
     total, bad_times, null_targets, window_rows, t_min, t_max, n_distinct = dask.compute(
         frame.shape[0],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
@@ -37,6 +38,30 @@ def find_champion(client: MlflowClient, name: str) -> ModelVersion | None:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
+
+
+class VersionCreated(BaseModel):
+    version: str
+    created: datetime
+
+
+def last_retrain(client: MlflowClient, name: str, look_back: int = 50) -> VersionCreated | None:
+    """The newest version a retrain flow registered (any status), for the cooldown."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(
+            f"name = '{name}'", max_results=look_back, order_by=["creation_timestamp DESC"]
+        )
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return None
+        raise
+    for version in versions:
+        if version.tags.get("keel.trigger.flow") == "retrain":
+            created = datetime.fromtimestamp(version.creation_timestamp / 1000, tz=UTC)
+            return VersionCreated(version=str(version.version), created=created)
+    return None
 
 
 @model_step(name="register")

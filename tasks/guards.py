@@ -1,0 +1,52 @@
+"""Guards against retraining storms: one retrain per model at a time, across processes and machines.
+
+The lock is a Prefect global concurrency limit of 1 named `retrain-<model>` (visible in the Prefect
+UI under Concurrency). Its slot is held with a lease that the holder renews, so a retrain whose
+process is killed frees the model again when the lease runs out instead of blocking it forever.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+
+LEASE_SECONDS = 300
+
+
+def lock_name(model_name: str) -> str:
+    return "retrain-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name)
+
+
+def _ensure_limit(name: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with suppress(ObjectAlreadyExists):  # another retrain created it a moment ago
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+
+
+@contextmanager
+def retrain_lock(model_name: str, wait_seconds: float = 1.0) -> Iterator[str | None]:
+    """Hold the model's retrain slot; yields None when held, or why not when another run holds it."""
+    from prefect.concurrency.sync import concurrency
+
+    name = lock_name(model_name)
+    _ensure_limit(name)
+    stack = ExitStack()
+    try:
+        stack.enter_context(
+            concurrency(
+                name, occupy=1, timeout_seconds=wait_seconds, strict=True, lease_duration=LEASE_SECONDS
+            )
+        )
+        busy = None
+    except TimeoutError:
+        busy = f"another flow run holds the Prefect concurrency slot {name!r}"
+    with stack:
+        yield busy
