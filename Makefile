@@ -28,8 +28,8 @@ demo: install
 	$(RUN) -m flows.pipeline $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check flows tasks deployments tests benchmarks
-	$(VENV)/bin/ruff format --check flows tasks deployments tests benchmarks
+	$(VENV)/bin/ruff check flows tasks deployments infra tests benchmarks
+	$(VENV)/bin/ruff format --check flows tasks deployments infra tests benchmarks
 	$(VENV)/bin/lint-imports
 
 test: lint

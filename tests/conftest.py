@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import BIN, free_port, start, stop, wait_until
+from infra.processes import BIN, free_port, start, stop, wait_until
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ FAST = {
     "num_boost_round": 150,
     "early_stopping_rounds": 20,
 }
-STEPS = {"validate-input", "prepare", "tune", "train", "evaluate", "quality-gate", "register"}
+STEPS = {"validate-input", "prepare", "tune", "train", "baseline", "evaluate", "quality-gate", "register"}
 
 
 def children(client, run_id: str) -> list:

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from infra.processes import BIN, free_port, http_ok, start, stop, wait_until
 from tests.conftest import ROOT, clean_env
-from tests.processes import BIN, free_port, http_ok, start, stop, wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 

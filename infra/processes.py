@@ -1,4 +1,4 @@
-"""Start real servers for tests on 127.0.0.1, and stop them by PID."""
+"""Start real servers on 127.0.0.1 and stop them by PID: shared by `infra.stack` and the tests."""
 
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    handle = log.open("wb")
+def start(
+    args: list[str], log: Path, env: dict[str, str] | None = None, append: bool = False
+) -> subprocess.Popen:
+    """Start a process in its own process group (so stopping it stops its children), logging to `log`."""
+    handle = log.open("ab" if append else "wb")
     return subprocess.Popen(
         args,
         stdout=handle,

@@ -1,0 +1,138 @@
+"""Register the three deployments with the Prefect server at PREFECT_API_URL and serve them.
+
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m deployments.serve --landing landing/
+
+- `training-pipeline/scheduled`: the training pipeline on a cron schedule (SageMaker: a scheduled
+  pipeline execution).
+- `drift-monitor/landing-folder`: the monitor on a schedule, over the newest file of the landing
+  folder (Model Monitor's monitoring schedule).
+- `retrain/on-drift`: the retrain flow, started by an automation on every `keel.drift.detected`
+  event about any model (EventBridge rule -> Lambda). The event's model name, id and report URI
+  become the flow's parameters; the flow itself keeps one retrain per model at a time and honours
+  the cooldown, so a burst of events retrains once.
+
+This process runs the flow runs itself (a Prefect runner): stop it with SIGTERM (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from flows.monitor import MonitorParams, monitor
+from flows.pipeline import PipelineParams, training_pipeline
+from flows.retrain import RetrainParams, retrain
+from tasks.drift import DRIFT_DETECTED
+
+TRAINING = "scheduled"
+MONITOR = "landing-folder"
+RETRAIN = "on-drift"
+
+
+class ServeSettings(BaseModel):
+    """What the three deployments run on; every field is a flag of `python -m deployments.serve`."""
+
+    landing: str = Field(description="Folder where new labelled batches land (monitored and retrained on).")
+    model_name: str = Field(default="bike-demand", description="Registered model the deployments look after.")
+    training_cron: str = Field(
+        default="0 3 * * 1", description="When the training pipeline runs (cron, UTC)."
+    )
+    monitor_cron: str = Field(
+        default="0 * * * *", description="When the monitor checks the landing folder (cron)."
+    )
+    window_days: int = Field(
+        default=120, ge=1, description="Retrain on the last N days of the landing folder."
+    )
+    cooldown_minutes: float = Field(
+        default=60, ge=0, description="Ignore drift events this soon after a retrain."
+    )
+    n_trials: int = Field(default=16, ge=1, description="Tuning trials of scheduled trainings and retrains.")
+
+
+def build_deployments(settings: ServeSettings) -> list:
+    """The three RunnerDeployments (nothing is sent to the server until they are served)."""
+    from prefect.events import DeploymentEventTrigger
+
+    landing = str(Path(settings.landing).expanduser().resolve())
+    training_params = PipelineParams(data=landing, model_name=settings.model_name, n_trials=settings.n_trials)
+    monitor_params = MonitorParams(batch=landing, latest=True, model_name=settings.model_name)
+    retrain_params = RetrainParams(
+        data=landing,
+        model_name=settings.model_name,
+        window_days=settings.window_days,
+        cooldown_minutes=settings.cooldown_minutes,
+        n_trials=settings.n_trials,
+    ).model_dump(mode="json")
+    on_drift = DeploymentEventTrigger(
+        name="retrain on drift",
+        description=f"{DRIFT_DETECTED} about any registered model starts retrain/{RETRAIN} for that model",
+        expect={DRIFT_DETECTED},
+        match={"prefect.resource.id": "keel.model.*"},
+        parameters={
+            "params": {
+                **retrain_params,
+                "model_name": "{{ event.resource['keel.model.name'] }}",
+                "reason": "drift detected on v{{ event.resource['keel.model.version'] }}: "
+                "drift share {{ event.payload.drift_share }}",
+                "event_id": "{{ event.id | string }}",
+                "drift_report": "{{ event.payload.report_uri }}",
+            }
+        },
+    )
+    return [
+        training_pipeline.to_deployment(
+            name=TRAINING,
+            cron=settings.training_cron,
+            parameters={"params": training_params.model_dump(mode="json")},
+            description="The training pipeline on the landing folder, on a schedule.",
+        ),
+        monitor.to_deployment(
+            name=MONITOR,
+            cron=settings.monitor_cron,
+            parameters={"params": monitor_params.model_dump(mode="json")},
+            description="Drift check of the newest batch in the landing folder against the champion.",
+        ),
+        retrain.to_deployment(
+            name=RETRAIN,
+            triggers=[on_drift],
+            parameters={"params": retrain_params},
+            description="Retrain when drift is detected; promote only a better challenger.",
+        ),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deployments.serve", description=__doc__)
+    for name, field in ServeSettings.model_fields.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            required=field.is_required(),
+            default=argparse.SUPPRESS,
+            help=f"{field.description} (default: {field.default})"
+            if not field.is_required()
+            else field.description,
+        )
+    settings = ServeSettings.model_validate(vars(parser.parse_args(argv)))
+    if not os.environ.get("PREFECT_API_URL"):
+        parser.error(
+            "PREFECT_API_URL is not set: deployments need a Prefect server "
+            "(start the stack with `python -m infra.stack up`, or `prefect server start`)"
+        )
+    Path(settings.landing).expanduser().mkdir(parents=True, exist_ok=True)
+    from prefect import serve
+
+    from flows.cli import configure_logging
+
+    configure_logging()
+    serve(*build_deployments(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""The whole stack on 127.0.0.1, started and stopped with one command each.
+
+    python -m infra.stack up       # Prefect server, MLflow server, Dask scheduler + workers, deployments
+    python -m infra.stack status   # what runs, where, and whether it answers
+    python -m infra.stack env      # the variables that point flows at it (eval "$(... env)")
+    python -m infra.stack down     # stop everything by PID, newest first; nothing is lost
+
+Everything lives under one folder (`--home`, default `.keel/stack`): the Prefect database
+(`prefect/`), the MLflow store and artifacts (`mlflow/`), the landing folder for new data
+(`landing/`), pipeline outputs (`state/`), every process's log (`logs/`) and `stack.json` (ports and
+PIDs). Each part is started only after the previous one answers its health check. `down` sends
+SIGTERM to each process group (the deployments server first, so no flow run is cut off mid-write by
+a vanishing server, the Prefect server last), waits for it to exit and only then uses SIGKILL; the
+SQLite databases are closed cleanly, so `up` again finds every run, model and deployment.
+
+MLflow uses SQLite by default; `--mlflow-db postgresql` starts a PostgreSQL server from this
+machine's binaries (initdb/pg_ctl) under the stack folder, or `--mlflow-db <SQLAlchemy URI>` uses
+one you run. Lean MLflow settings: one worker, no job runner (2 processes, ~0.5 GB, see STACK.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from infra.processes import BIN, http_ok, start, wait_until
+
+PORTS = {"prefect": 4200, "mlflow": 5000, "dask": 8786, "dask_dashboard": 8787, "postgres": 5433}
+STOP_ORDER = ["deployments", "worker", "scheduler", "mlflow", "postgres", "prefect"]
+
+
+def _tcp_ok(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=2):
+        return True
+
+
+class Stack:
+    def __init__(self, home: Path) -> None:
+        self.home = home.resolve()
+        self.logs = self.home / "logs"
+        self.state_file = self.home / "stack.json"
+
+    # -- what is recorded -------------------------------------------------------------------------
+    def load(self) -> dict:
+        return json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+
+    def save(self, state: dict) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps(state, indent=1))
+
+    def env(self, state: dict) -> dict[str, str]:
+        """The ecosystem's own variables, pointing at this stack."""
+        ports = state["ports"]
+        return {
+            "PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
+            "DASK_SCHEDULER_ADDRESS": f"tcp://127.0.0.1:{ports['dask']}",
+            "KEEL_STATE_DIR": str(self.home / "state"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+
+    # -- up -----------------------------------------------------------------------------------------
+    def up(
+        self, ports: dict[str, int], workers: int, worker_memory: str, mlflow_db: str, serve_args: list[str]
+    ) -> dict:
+        state = self.load()
+        alive = {name: pid for name, pid in _pids(state) if _running(pid)}
+        if alive:
+            raise SystemExit(f"the stack in {self.home} is already running ({alive}); `down` it first")
+        self.logs.mkdir(parents=True, exist_ok=True)
+        state = {"ports": ports, "processes": [], "home": str(self.home)}
+        self.save(state)
+        env = self.env(state)
+        try:
+            backend = self._start_mlflow_db(state, mlflow_db)
+            self._start(
+                state,
+                "prefect",
+                [
+                    str(BIN / "prefect"),
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(ports["prefect"]),
+                ],
+                {"PREFECT_HOME": str(self.home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+                lambda: http_ok(f"http://127.0.0.1:{ports['prefect']}/api/health"),
+                120,
+            )
+            (self.home / "mlflow").mkdir(exist_ok=True)
+            self._start(
+                state,
+                "mlflow",
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(ports["mlflow"]),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    backend,
+                    "--artifacts-destination",
+                    str(self.home / "mlflow" / "artifacts"),
+                ],
+                {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                lambda: http_ok(f"http://127.0.0.1:{ports['mlflow']}/health"),
+                120,
+            )
+            self._start(
+                state,
+                "scheduler",
+                [
+                    str(BIN / "dask"),
+                    "scheduler",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(ports["dask"]),
+                    "--dashboard-address",
+                    f"127.0.0.1:{ports['dask_dashboard']}",
+                ],
+                {},
+                lambda: _tcp_ok(ports["dask"]),
+                60,
+            )
+            for index in range(workers):
+                self._start(
+                    state,
+                    "worker",
+                    [
+                        str(BIN / "dask"),
+                        "worker",
+                        env["DASK_SCHEDULER_ADDRESS"],
+                        "--host",
+                        "127.0.0.1",
+                        "--nthreads",
+                        "1",
+                        "--memory-limit",
+                        worker_memory,
+                        "--dashboard-address",
+                        "127.0.0.1:0",
+                        "--name",
+                        f"worker-{index}",
+                    ],
+                    env,
+                    None,
+                    0,
+                    log_name=f"worker-{index}",
+                )
+            wait_until(
+                lambda: _dask_workers(env["DASK_SCHEDULER_ADDRESS"]) >= workers,
+                f"{workers} Dask workers",
+                120,
+                [],
+                self.logs / "worker-0.log",
+            )
+            self._start(
+                state,
+                "deployments",
+                [
+                    str(BIN / "python"),
+                    "-m",
+                    "deployments.serve",
+                    "--landing",
+                    str(self.home / "landing"),
+                    *serve_args,
+                ],
+                {**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+                lambda: _deployments_ready(env["PREFECT_API_URL"]),
+                180,
+            )
+        except BaseException:
+            self.down()
+            raise
+        return state
+
+    def _start_mlflow_db(self, state: dict, mlflow_db: str) -> str:
+        if mlflow_db == "sqlite":
+            (self.home / "mlflow").mkdir(parents=True, exist_ok=True)
+            return f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}"
+        if mlflow_db != "postgresql":
+            return mlflow_db  # a SQLAlchemy URI of a database the user runs
+        pg_bin = _postgres_bin()
+        data = self.home / "postgres"
+        port = state["ports"]["postgres"]
+        if not (data / "PG_VERSION").exists():
+            subprocess.run(
+                [str(pg_bin / "initdb"), "-D", str(data), "-U", "keel", "--auth=trust"],
+                check=True,
+                stdout=(self.logs / "postgres-initdb.log").open("wb"),
+                stderr=subprocess.STDOUT,
+            )
+        self._start(
+            state,
+            "postgres",
+            [str(pg_bin / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", str(data)],
+            {},
+            lambda: (
+                subprocess.run(
+                    [str(pg_bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True
+                ).returncode
+                == 0
+            ),
+            60,
+        )
+        created = subprocess.run(
+            [str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "keel", "mlflow"],
+            capture_output=True,
+            text=True,
+        )
+        if created.returncode and "already exists" not in created.stderr:
+            raise RuntimeError(f"createdb failed: {created.stderr}")
+        return f"postgresql://keel@127.0.0.1:{port}/mlflow"
+
+    def _start(self, state, name, args, env, ready, timeout, log_name=None) -> None:
+        log = self.logs / f"{log_name or name}.log"
+        with log.open("ab") as handle:
+            handle.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(args)}\n".encode())
+        proc = start(args, log, env, append=True)
+        state["processes"].append({"name": name, "pid": proc.pid, "log": str(log)})
+        self.save(state)
+        print(f"  started {log_name or name:<12} pid {proc.pid:<8} log {log}", flush=True)
+        if ready is not None:
+            wait_until(ready, name, timeout, [proc], log)
+            print(f"  {name} answers", flush=True)
+
+    # -- down -------------------------------------------------------------------------------------
+    def down(self, timeout: float = 60) -> list[str]:
+        """SIGTERM every recorded process group in STOP_ORDER, wait, SIGKILL what is left."""
+        state = self.load()
+        stopped = []
+        by_name = sorted(_pids(state), key=lambda item: STOP_ORDER.index(item[0]))
+        for group in STOP_ORDER:
+            pids = [pid for name, pid in by_name if name == group and _running(pid)]
+            for pid in pids:
+                _signal_group(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for pid in pids:
+                while _running(pid) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if _running(pid):
+                    _signal_group(pid, signal.SIGKILL)
+                    stopped.append(f"{group} {pid} (killed after {timeout:g}s)")
+                else:
+                    stopped.append(f"{group} {pid}")
+        if state:
+            state["processes"] = []
+            self.save(state)
+        return stopped
+
+    def status(self) -> list[str]:
+        state = self.load()
+        if not state:
+            return [f"no stack recorded in {self.home}"]
+        lines = []
+        for entry in state.get("processes", []):
+            lines.append(
+                f"{entry['name']:<12} pid {entry['pid']:<8} {'running' if _running(entry['pid']) else 'stopped'}"
+            )
+        env = self.env(state)
+        checks = {
+            "prefect": lambda: http_ok(env["PREFECT_API_URL"].removesuffix("/api") + "/api/health"),
+            "mlflow": lambda: http_ok(env["MLFLOW_TRACKING_URI"] + "/health"),
+            "dask": lambda: _tcp_ok(state["ports"]["dask"]),
+        }
+        for name, check in checks.items():
+            try:
+                ok = check()
+            except Exception:
+                ok = False
+            lines.append(f"{name:<12} {'answers' if ok else 'does not answer'}")
+        return lines
+
+
+def _pids(state: dict) -> list[tuple[str, int]]:
+    return [(p["name"], int(p["pid"])) for p in state.get("processes", [])]
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped) is not running.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    except OSError:
+        return True
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _dask_workers(address: str) -> int:
+    from distributed import Client
+
+    with Client(address, timeout=5) as client:
+        return len(client.scheduler_info().get("workers", {}))
+
+
+def _deployments_ready(api_url: str) -> bool:
+    """All three deployments exist and the automation is there."""
+    import httpx
+
+    with httpx.Client(base_url=api_url, timeout=5) as http:
+        names = {d["name"] for d in http.post("/deployments/filter", json={}).json()}
+        automations = http.post("/automations/filter", json={}).json()
+    return {"scheduled", "landing-folder", "on-drift"} <= names and len(automations) >= 1
+
+
+def _postgres_bin() -> Path:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    if not candidates:
+        raise SystemExit("--mlflow-db postgresql needs PostgreSQL's server binaries (initdb, postgres)")
+    return candidates[-1]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m infra.stack",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("--home", type=Path, default=Path(".keel/stack"), help="Folder for data, logs, PIDs.")
+    for name, port in PORTS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}-port", type=int, default=port, dest=f"port_{name}")
+    parser.add_argument("--workers", type=int, default=2, help="Dask worker processes.")
+    parser.add_argument("--worker-memory", default="4GiB", help="Memory limit of each Dask worker.")
+    parser.add_argument("--mlflow-db", default="sqlite", help="sqlite, postgresql, or a SQLAlchemy URI.")
+    parser.add_argument(
+        "--cooldown-minutes", default=None, help="Passed to the deployments (retrain cooldown)."
+    )
+    args = parser.parse_args(argv)
+    stack = Stack(args.home)
+    if args.command == "up":
+        ports = {name: getattr(args, f"port_{name}") for name in PORTS}
+        serve_args = ["--cooldown-minutes", args.cooldown_minutes] if args.cooldown_minutes else []
+        print(f"starting the stack in {stack.home}", flush=True)
+        state = stack.up(ports, args.workers, args.worker_memory, args.mlflow_db, serve_args)
+        env = stack.env(state)
+        print("\nThe stack is up. Point flows at it with:\n")
+        print("\n".join(f"export {k}={v}" for k, v in env.items()))
+        print(
+            f"\nPrefect UI: {env['PREFECT_API_URL'].removesuffix('/api')}   MLflow UI: {env['MLFLOW_TRACKING_URI']}"
+        )
+        print(
+            f"Dask dashboard: http://127.0.0.1:{ports['dask_dashboard']}   stop: python -m infra.stack down"
+        )
+    elif args.command == "down":
+        for line in stack.down():
+            print(f"  stopped {line}")
+    elif args.command == "status":
+        print("\n".join(stack.status()))
+    else:
+        state = stack.load()
+        if not state:
+            raise SystemExit(f"no stack recorded in {stack.home}")
+        print("\n".join(f"export {k}={v}" for k, v in stack.env(state).items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
