@@ -4,6 +4,7 @@
     python -m infra.stack status   # what runs, where, and whether it answers
     python -m infra.stack env      # the variables that point flows at it (eval "$(... env)")
     python -m infra.stack down     # stop everything by PID, newest first; nothing is lost
+    python -m infra.stack up -- --cooldown-minutes 5   # flags after `--` go to deployments.serve
 
 Everything lives under one folder (`--home`, default `.keel/stack`): the Prefect database
 (`prefect/`), the MLflow store and artifacts (`mlflow/`), the landing folder for new data
@@ -21,6 +22,7 @@ one you run. Lean MLflow settings: one worker, no job runner (2 processes, ~0.5 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -305,10 +307,8 @@ def _running(pid: int) -> bool:
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _dask_workers(address: str) -> int:
@@ -351,14 +351,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="Dask worker processes.")
     parser.add_argument("--worker-memory", default="4GiB", help="Memory limit of each Dask worker.")
     parser.add_argument("--mlflow-db", default="sqlite", help="sqlite, postgresql, or a SQLAlchemy URI.")
-    parser.add_argument(
-        "--cooldown-minutes", default=None, help="Passed to the deployments (retrain cooldown)."
-    )
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    serve_args = argv[argv.index("--") + 1 :] if "--" in argv else []  # for `python -m deployments.serve`
+    args = parser.parse_args(argv[: len(argv) - len(serve_args) - (1 if serve_args else 0)])
     stack = Stack(args.home)
     if args.command == "up":
         ports = {name: getattr(args, f"port_{name}") for name in PORTS}
-        serve_args = ["--cooldown-minutes", args.cooldown_minutes] if args.cooldown_minutes else []
         print(f"starting the stack in {stack.home}", flush=True)
         state = stack.up(ports, args.workers, args.worker_memory, args.mlflow_db, serve_args)
         env = stack.env(state)

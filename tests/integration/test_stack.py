@@ -1,0 +1,210 @@
+"""The real stack, started by `python -m infra.stack up` as a user would: a Prefect server, an MLflow
+server, a Dask scheduler with two workers, and the deployments server. A drift event starts a
+retrain through the automation; a burst of events retrains once; a clean batch starts nothing; and
+`down` then `up` loses nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from infra.processes import free_port
+from tests.conftest import BIKE_CSV, ROOT, clean_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.servers, pytest.mark.slow]
+
+FAST = ["--n-trials", "2", "--num-boost-round", "80", "--min-r2", "0.3"]
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+class Stack:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        ports = {name: free_port() for name in ("prefect", "mlflow", "dask", "dask-dashboard", "postgres")}
+        self.port_args = [arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]
+        self.env: dict[str, str] = {}
+
+    def command(self, *args: str, timeout: float = 300) -> str:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "infra.stack",
+                args[0],
+                "--home",
+                str(self.home),
+                *self.port_args,
+                *args[1:],
+            ],
+            cwd=ROOT,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def up(self) -> None:
+        self.command(
+            "up", "--workers", "2", "--worker-memory", "3GiB", "--", "--cooldown-minutes", "30", *FAST[:2]
+        )
+        self.env = dict(re.findall(r"^export (\w+)=(.*)$", self.command("env"), re.MULTILINE))
+
+    def run(self, module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=ROOT,
+            env=clean_env(**self.env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def api(self) -> httpx.Client:
+        return httpx.Client(base_url=self.env["PREFECT_API_URL"], timeout=30)
+
+    def retrain_runs(self, model: str) -> list[dict]:
+        with self.api() as http:
+            deployment = http.get("/deployments/name/retrain/on-drift").json()["id"]
+            runs = http.post(
+                "/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment]}}, "limit": 100}
+            ).json()
+        return [r for r in runs if r["parameters"]["params"]["model_name"] == model]
+
+    def wait_for_runs(self, model: str, count: int, timeout: float = 420) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                runs = self.retrain_runs(model)
+            except httpx.TransportError:  # a busy 2-core machine: the server may answer slowly
+                runs = []
+            if len(runs) >= count and all(r["state"]["type"] in TERMINAL for r in runs):
+                return runs
+            assert time.monotonic() < deadline, [(r["name"], r["state"]["type"]) for r in runs]
+            time.sleep(2)
+
+    def mlflow(self):
+        import mlflow
+
+        uri = self.env["MLFLOW_TRACKING_URI"]
+        return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("stack")
+    landing = home / "landing"
+    landing.mkdir()
+    bike = pd.read_csv(BIKE_CSV)
+    bike[bike.dteday < "2011-06-01"].to_parquet(landing / "2011-01-01.parquet", index=False)
+    running = Stack(home)
+    running.up()
+    try:
+        for model in ("stack-a", "stack-b"):
+            trained = running.run(
+                "flows.pipeline", "--data", str(landing), "--end", "2011-03-31", "--model-name", model, *FAST
+            )
+            assert trained.returncode == 0, trained.stdout + trained.stderr
+        yield running
+    finally:
+        running.command("down", timeout=180)
+
+
+def monitor(stack: Stack, batch: Path, model: str) -> tuple[str, str]:
+    done = stack.run("flows.monitor", "--batch", str(batch), "--model-name", model)
+    assert done.returncode == 0, done.stdout + done.stderr
+    event, event_id = re.search(r"^Event:\s+(\S+) \((\S+)\)", done.stdout, re.MULTILINE).groups()
+    return event, event_id
+
+
+def test_clean_batch_starts_nothing_and_a_drift_event_retrains_through_the_automation(stack, tmp_path):
+    bike = pd.read_csv(BIKE_CSV)
+    clean = tmp_path / "clean.parquet"
+    bike[bike.dteday < "2011-03-10"].sample(n=1500, random_state=4).to_parquet(clean, index=False)
+    event, _ = monitor(stack, clean, "stack-a")
+    assert event == "keel.drift.not-detected"
+    time.sleep(10)  # an automation that wrongly fired would have created its run by now
+    assert stack.retrain_runs("stack-a") == []
+
+    drifted = tmp_path / "june-2012.parquet"
+    bike[(bike.dteday >= "2012-06-04") & (bike.dteday < "2012-06-11")].to_parquet(drifted, index=False)
+    event, event_id = monitor(stack, drifted, "stack-a")
+    assert event == "keel.drift.detected"
+
+    [run] = stack.wait_for_runs("stack-a", 1)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    params = run["parameters"]["params"]
+    assert params["event_id"] == event_id and params["drift_report"].endswith("drift/report.html")
+    assert params["reason"].startswith("drift detected on v1")
+    [version] = [v for v in stack.mlflow().search_model_versions("name='stack-a'") if str(v.version) == "2"]
+    assert version.tags["keel.trigger.event_id"] == event_id
+    assert version.tags["keel.trigger.drift_report"] == params["drift_report"]
+    assert version.tags["approval_status"] in {"Approved", "Rejected"}
+    parent = stack.mlflow().get_run(version.tags["pipeline_run_id"])
+    assert parent.data.tags["keel.trigger.event_id"] == event_id
+
+
+def test_a_burst_of_five_drift_events_retrains_once(stack):
+    script = (
+        "import sys\n"
+        "from prefect.events import emit_event\n"
+        "for i in range(5):\n"
+        "    e = emit_event(event='keel.drift.detected',\n"
+        "        resource={'prefect.resource.id': 'keel.model.stack-b.v1', 'keel.model.name': 'stack-b',\n"
+        "                  'keel.model.version': '1'},\n"
+        "        payload={'drift_share': 0.9, 'report_uri': f'file:///burst/{i}.html'})\n"
+        "    print(e.id)\n"
+    )
+    emitted = subprocess.run(
+        [sys.executable, "-c", script], env=clean_env(**stack.env), capture_output=True, text=True, timeout=60
+    )
+    assert emitted.returncode == 0, emitted.stderr
+    ids = emitted.stdout.split()
+    assert len(ids) == 5
+
+    runs = stack.wait_for_runs("stack-b", 5)
+    assert len(runs) == 5 and {r["parameters"]["params"]["event_id"] for r in runs} == set(ids)
+    assert all(r["state"]["type"] == "COMPLETED" for r in runs), [r["state"] for r in runs]
+    retrained = [
+        v
+        for v in stack.mlflow().search_model_versions("name='stack-b'")
+        if v.tags.get("keel.trigger.flow") == "retrain"
+    ]
+    assert len(retrained) == 1 and retrained[0].tags["keel.trigger.event_id"] in ids
+    with stack.api() as http:
+        ignored = http.post(
+            "/artifacts/filter", json={"artifacts": {"key": {"any_": ["retrain-ignored"]}}}
+        ).json()
+    ignored_runs = {a["flow_run_id"] for a in ignored} & {r["id"] for r in runs}
+    assert len(ignored_runs) == 4
+    reasons = " ".join(a["description"] for a in ignored if a["flow_run_id"] in ignored_runs)
+    assert "already running" in reasons or "cooldown" in reasons
+
+
+def test_down_then_up_loses_nothing(stack):
+    client = stack.mlflow()
+    versions = sorted(str(v.version) for v in client.search_model_versions("name='stack-a'"))
+    finished = {"flow_runs": {"state": {"type": {"any_": sorted(TERMINAL)}}}, "limit": 200}
+    with stack.api() as http:  # future scheduled runs are re-planned by the server: count finished ones
+        runs = {r["id"]: r["state"]["type"] for r in http.post("/flow_runs/filter", json=finished).json()}
+    stack.command("down", timeout=180)
+    assert json.loads((stack.home / "stack.json").read_text())["processes"] == []
+    stack.up()
+    assert sorted(str(v.version) for v in stack.mlflow().search_model_versions("name='stack-a'")) == versions
+    assert str(stack.mlflow().get_model_version_by_alias("stack-a", "champion").version) in versions
+    with stack.api() as http:
+        after = {r["id"]: r["state"]["type"] for r in http.post("/flow_runs/filter", json=finished).json()}
+        assert after == runs
+        names = {d["name"] for d in http.post("/deployments/filter", json={}).json()}
+    assert {"scheduled", "landing-folder", "on-drift"} <= names
+    status = stack.command("status")
+    assert "prefect      answers" in status and "mlflow       answers" in status
