@@ -19,7 +19,7 @@ $(UV):
 # --compile-bytecode: machines that set PYTHONDONTWRITEBYTECODE would otherwise recompile
 # mlflow, prefect and dask from source in every process (3-4x slower imports, workers included).
 $(VENV)/.synced: uv.lock pyproject.toml | $(UV)
-	$(UV) sync --locked --all-extras --compile-bytecode --python $(PYTHON)
+	$(UV) sync --locked --extra postgres --compile-bytecode --python $(PYTHON)
 	@touch $@
 
 install: $(VENV)/.synced

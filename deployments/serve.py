@@ -58,7 +58,9 @@ def build_deployments(settings: ServeSettings) -> list:
     """The three RunnerDeployments (nothing is sent to the server until they are served)."""
     from prefect.events import DeploymentEventTrigger
 
-    landing = str(Path(settings.landing).expanduser().resolve())
+    landing = (
+        settings.landing if "://" in settings.landing else str(Path(settings.landing).expanduser().resolve())
+    )
     training_params = PipelineParams(data=landing, model_name=settings.model_name, n_trials=settings.n_trials)
     monitor_params = MonitorParams(batch=landing, latest=True, model_name=settings.model_name)
     retrain_params = RetrainParams(
@@ -124,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "PREFECT_API_URL is not set: deployments need a Prefect server "
             "(start the stack with `python -m infra.stack up`, or `prefect server start`)"
         )
-    Path(settings.landing).expanduser().mkdir(parents=True, exist_ok=True)
+    if "://" not in settings.landing:
+        Path(settings.landing).expanduser().mkdir(parents=True, exist_ok=True)
     from prefect import serve
 
     from flows.cli import configure_logging
