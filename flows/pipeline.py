@@ -198,15 +198,34 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
         evaluation = evaluate(model, splits, params.model_name)
         gate = condition("quality-gate", quality_checks(evaluation, params))
         datasets = {"raw": raw, "train": splits.train, "valid": splits.valid, "test": splits.test}
+        compared = (
+            (evaluation.champion_version, evaluation.champion_metrics)
+            if evaluation.champion_version and evaluation.champion_metrics
+            else None
+        )
         registered = None
         if gate.passed:
             status = "Approved" if params.approval == "auto" else "PendingManualApproval"
             registered = register(
-                model, params.model_name, status, gate.message, evaluation.metrics, datasets, reference
+                model,
+                params.model_name,
+                status,
+                gate.message,
+                evaluation.metrics,
+                datasets,
+                reference,
+                compared,
             )
         elif params.on_gate_failure == "reject":
             registered = register(
-                model, params.model_name, "Rejected", gate.message, evaluation.metrics, datasets, reference
+                model,
+                params.model_name,
+                "Rejected",
+                gate.message,
+                evaluation.metrics,
+                datasets,
+                reference,
+                compared,
             )
         else:
             fail("quality-gate-failed", gate.message)

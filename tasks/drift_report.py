@@ -7,6 +7,7 @@ the tests and the drift benchmark compare with `tasks.drift_stats`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,10 +81,13 @@ def build_report(
         regression=regressions or None,
     )
     keep = list(dict.fromkeys([*columns, *extra_numeric, *categorical]))
-    snapshot = Report(metrics).run(
-        Dataset.from_pandas(current[keep], data_definition=definition),
-        Dataset.from_pandas(reference[keep], data_definition=definition),
-    )
+    with warnings.catch_warnings():  # Evidently's internals warn about constant columns and tiny samples
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        snapshot = Report(metrics).run(
+            Dataset.from_pandas(current[keep], data_definition=definition),
+            Dataset.from_pandas(reference[keep], data_definition=definition),
+        )
     values = snapshot.dict()["metrics"]
     verdicts: dict[str, EvidentlyVerdict] = {}
     share = 0.0

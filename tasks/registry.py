@@ -73,8 +73,10 @@ def register(
     metrics: dict[str, float],
     datasets: dict[str, DatasetRef],
     baseline: Baseline | None = None,
+    champion: tuple[str, dict[str, float]] | None = None,
 ) -> RegisteredVersion:
-    """Register a new version with lineage tags; move `champion` to it only when it is Approved."""
+    """Register a new version with lineage tags; move `champion` to it only when it is Approved.
+    `champion`: the version it was compared with and that version's metrics on the same test data."""
     from mlflow.exceptions import MlflowException
     from prefect import get_run_logger
 
@@ -99,6 +101,9 @@ def register(
     }
     if baseline is not None:
         tags.update({"baseline.uri": baseline.uri, "baseline.run_id": baseline.run_id})
+    if champion is not None:  # the champion it was judged against, on the same test data
+        tags["compared_with"] = champion[0]
+        tags.update({f"champion_metric.{k}": f"{v:.6g}" for k, v in champion[1].items()})
     version = client.create_model_version(
         model_name, source=model.uri, run_id=model.run_id, tags=tags, model_id=model.model_id
     )
