@@ -10,7 +10,7 @@ RUN := $(VENV)/bin/python
 # Prefect: no telemetry from ephemeral mode (it logs "database is locked" otherwise).
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test lint unit bench mlflow-ui prefect-ui clean
+.PHONY: install demo test lint unit bench bench-drift stack-up stack-down drift-demo mlflow-ui prefect-ui clean
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -40,6 +40,19 @@ unit: install
 
 bench: install
 	$(RUN) -m benchmarks.pipeline_overhead $(ARGS)
+
+bench-drift: install
+	$(RUN) -m benchmarks.drift_check
+	$(RUN) -m benchmarks.event_latency
+
+stack-up: install
+	$(RUN) -m infra.stack up $(ARGS)
+
+stack-down:
+	$(RUN) -m infra.stack down $(ARGS)
+
+drift-demo: install
+	$(RUN) -m deployments.drift_demo $(ARGS)
 
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/.keel/mlflow.db

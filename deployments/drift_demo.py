@@ -94,10 +94,17 @@ def wait_for_retrain(api_url: str, event_id: str, timeout: float = 900) -> dict:
     deadline = time.monotonic() + timeout
     with httpx.Client(base_url=api_url, timeout=30) as http:
         deployment = http.get("/deployments/name/retrain/on-drift").json()["id"]
+        newest = {
+            "deployments": {"id": {"any_": [deployment]}},
+            "sort": "EXPECTED_START_TIME_DESC",
+            "limit": 20,
+        }
         while time.monotonic() < deadline:
-            runs = http.post(
-                "/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment]}}, "limit": 200}
-            ).json()
+            time.sleep(1)
+            try:
+                runs = http.post("/flow_runs/filter", json=newest).json()
+            except httpx.TransportError:  # a busy server (SQLite, 2 cores): ask again
+                continue
             mine = [r for r in runs if r["parameters"]["params"].get("event_id") == event_id]
             if mine and mine[0]["state"]["type"] in TERMINAL:
                 run = mine[0]
@@ -112,7 +119,6 @@ def wait_for_retrain(api_url: str, event_id: str, timeout: float = 900) -> dict:
                 ).json()
                 run["ignored"] = ignored[0]["description"] if ignored else None
                 return run
-            time.sleep(1)
     raise TimeoutError(f"no finished retrain for event {event_id} after {timeout:g}s")
 
 

@@ -199,9 +199,10 @@ class Stack:
         pg_bin = _postgres_bin()
         data = self.home / "postgres"
         port = state["ports"]["postgres"]
+        as_owner = _postgres_user(data)
         if not (data / "PG_VERSION").exists():
             subprocess.run(
-                [str(pg_bin / "initdb"), "-D", str(data), "-U", "keel", "--auth=trust"],
+                [*as_owner, str(pg_bin / "initdb"), "-D", str(data), "-U", "keel", "--auth=trust"],
                 check=True,
                 stdout=(self.logs / "postgres-initdb.log").open("wb"),
                 stderr=subprocess.STDOUT,
@@ -209,7 +210,18 @@ class Stack:
         self._start(
             state,
             "postgres",
-            [str(pg_bin / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", str(data)],
+            [
+                *as_owner,
+                str(pg_bin / "postgres"),
+                "-D",
+                str(data),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-k",
+                str(data),
+            ],
             {},
             lambda: (
                 subprocess.run(
@@ -326,6 +338,31 @@ def _deployments_ready(api_url: str) -> bool:
         names = {d["name"] for d in http.post("/deployments/filter", json={}).json()}
         automations = http.post("/automations/filter", json={}).json()
     return {"scheduled", "landing-folder", "on-drift"} <= names and len(automations) >= 1
+
+
+def _postgres_user(data: Path) -> list[str]:
+    """PostgreSQL refuses to run as root: then run it as the `postgres` system user, which must own
+    the data folder and be able to reach it (the stack folder's parents must be world-searchable)."""
+    if os.geteuid() != 0:
+        return []
+    import pwd
+
+    try:
+        owner = pwd.getpwnam("postgres")
+    except KeyError as exc:
+        raise SystemExit(
+            "PostgreSQL cannot run as root and there is no `postgres` user to run it as"
+        ) from exc
+    data.mkdir(parents=True, exist_ok=True)
+    os.chown(data, owner.pw_uid, owner.pw_gid)
+    data.chmod(0o700)
+    blocked = [p for p in data.parents if p.exists() and not p.stat().st_mode & 0o001]
+    if blocked:
+        raise SystemExit(
+            f"the postgres user cannot reach {data}: {blocked[0]} is not searchable by others; "
+            "use a stack folder it can reach (--home), or run as another user than root"
+        )
+    return ["runuser", "-u", "postgres", "--"]
 
 
 def _postgres_bin() -> Path:

@@ -97,7 +97,6 @@ def check_drift(
     batch_uri: str, model_name: str, version: str | None, thresholds: DriftThresholds, output_uri: str
 ) -> DriftCheck:
     """Summarise the batch on the workers and judge every column against the champion's baseline."""
-    import dask
     from prefect import get_run_logger
 
     logger = get_run_logger()
@@ -111,25 +110,11 @@ def check_drift(
     if unknown:
         raise ValueError(f"must_not_drift names columns the model does not monitor: {unknown}")
 
-    frame = read_table(batch)
-    profiles = dask.delayed(champion.profile.columns, pure=True)
-    parts = [
-        dask.delayed(monitoring.summarise_partition)(
-            part,
-            profiles,
-            spec,
-            champion.model_uri,
-            pipeline.tracking_uri,
-            pipeline.registry_uri,
-            monitoring.SAMPLE_ROWS,
-            index,
-        )
-        for index, part in enumerate(frame.to_delayed())
-    ]
-    summary = (
-        dask_client()
-        .compute(dask.delayed(monitoring.merge_summaries)(parts, monitoring.SAMPLE_ROWS))
-        .result()
+    model = monitoring.ModelLocation(
+        uri=champion.model_uri, tracking_uri=pipeline.tracking_uri, registry_uri=pipeline.registry_uri
+    )
+    summary = monitoring.summarise_batch(
+        dask_client(), read_table(batch), champion.profile.columns, spec, model
     )
     _reject_bad_values(batch, summary, spec.time_column)
     logger.info(

@@ -31,9 +31,18 @@ def _ensure_limit(name: str) -> None:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
 
 
+def _slots_taken(name: str) -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name(name).active_slots
+
+
 @contextmanager
-def retrain_lock(model_name: str, wait_seconds: float = 1.0) -> Iterator[str | None]:
-    """Hold the model's retrain slot; yields None when held, or why not when another run holds it."""
+def retrain_lock(model_name: str, wait_seconds: float = 5.0) -> Iterator[str | None]:
+    """Hold the model's retrain slot; yields None when held, or why not when another run holds it.
+    A slot that cannot be taken although none is in use (a server too slow to answer) is an error,
+    not a reason to skip the retrain."""
     from prefect.concurrency.sync import concurrency
 
     name = lock_name(model_name)
@@ -46,7 +55,12 @@ def retrain_lock(model_name: str, wait_seconds: float = 1.0) -> Iterator[str | N
             )
         )
         busy = None
-    except TimeoutError:
+    except TimeoutError as exc:
+        if not _slots_taken(name):
+            raise RuntimeError(
+                f"could not take the Prefect concurrency slot {name!r} within {wait_seconds:g}s although no "
+                "run holds it: is the Prefect server overloaded?"
+            ) from exc
         busy = f"another flow run holds the Prefect concurrency slot {name!r}"
     with stack:
         yield busy

@@ -113,13 +113,39 @@ class BatchSummary(BaseModel):
     sample: Any = None  # pandas DataFrame
 
 
+class ModelLocation(BaseModel):
+    """Where a worker loads the monitored model from."""
+
+    uri: str
+    tracking_uri: str
+    registry_uri: str
+
+
+def summarise_batch(
+    client,
+    frame,
+    profiles: dict[str, ColumnProfile],
+    spec: FeatureSpec,
+    model: ModelLocation | None,
+    sample_rows: int = SAMPLE_ROWS,
+) -> BatchSummary:
+    """One pass over a dask.dataframe on the cluster: a summary per partition, merged on a worker.
+    `model` None: no predictions (and no quality), the features and target only."""
+    import dask
+
+    shared = dask.delayed(profiles, pure=True)  # one copy in the graph, not one per partition
+    parts = [
+        dask.delayed(summarise_partition)(part, shared, spec, model, sample_rows, index)
+        for index, part in enumerate(frame.to_delayed())
+    ]
+    return client.compute(dask.delayed(merge_summaries)(parts, sample_rows)).result()
+
+
 def summarise_partition(
     frame: pd.DataFrame,
     profiles: dict[str, ColumnProfile],
     spec: FeatureSpec,
-    model_uri: str,
-    tracking_uri: str,
-    registry_uri: str,
+    model: ModelLocation | None,
     sample_rows: int,
     seed: int,
 ) -> BatchSummary:
@@ -139,13 +165,20 @@ def summarise_partition(
     if summary.bad_times or summary.not_numbers:
         return summary  # the flow reports the bad values; nothing is scored
     frame[spec.time_column] = times
-    frame[PREDICTION] = predict(frame, spec, load_model(model_uri, tracking_uri, registry_uri))
+    if model is not None:
+        frame[PREDICTION] = predict(
+            frame, spec, load_model(model.uri, model.tracking_uri, model.registry_uri)
+        )
     labelled = spec.target in frame.columns
-    watched = {c: p for c, p in profiles.items() if c != spec.target or labelled}
+    watched = {
+        c: p
+        for c, p in profiles.items()
+        if (c != spec.target or labelled) and (c != PREDICTION or model is not None)
+    }
     summary.columns = summarise_frame(
         pd.DataFrame({c: monitored_values(frame, c, spec) for c in watched}), watched
     )
-    if labelled:
+    if labelled and model is not None:
         summary.quality = _quality(frame, spec)
     keep = [spec.time_column, *[c for c in profiles if c in frame.columns]]
     summary.sample = frame[keep].sample(n=min(sample_rows, len(frame)), random_state=seed)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -208,3 +210,26 @@ def test_down_then_up_loses_nothing(stack):
     assert {"scheduled", "landing-folder", "on-drift"} <= names
     status = stack.command("status")
     assert "prefect      answers" in status and "mlflow       answers" in status
+
+
+def test_mlflow_on_postgresql_keeps_runs_across_restarts():
+    """`--mlflow-db postgresql`: a PostgreSQL server from this machine's binaries, under the stack folder."""
+    home = Path(tempfile.mkdtemp(prefix="keel-pg-"))  # reachable by the `postgres` user when run as root
+    home.chmod(0o755)
+    stack = Stack(home / "stack")
+    stack.command("up", "--mlflow-db", "postgresql", "--workers", "1", "--worker-memory", "2GiB")
+    try:
+        stack.env = dict(re.findall(r"^export (\w+)=(.*)$", stack.command("env"), re.MULTILINE))
+        client = stack.mlflow()
+        experiment = client.create_experiment("on-postgres")
+        run = client.create_run(experiment)
+        client.log_metric(run.info.run_id, "answer", 42.0)
+        client.set_terminated(run.info.run_id)
+        stack.command("down", timeout=180)
+        assert (stack.home / "postgres" / "PG_VERSION").exists()
+        stack.command("up", "--mlflow-db", "postgresql", "--workers", "1", "--worker-memory", "2GiB")
+        assert stack.mlflow().get_run(run.info.run_id).data.metrics == {"answer": 42.0}
+        assert "postgresql://" in (stack.home / "logs" / "mlflow.log").read_text()
+    finally:
+        stack.command("down", timeout=180)
+        shutil.rmtree(home, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""Latency from a drift event to the retrain flow running, on the local stack (`infra.stack up`).
+
+    .venv/bin/python -m benchmarks.event_latency --events 10
+
+Starts the stack in a temporary folder on free ports, emits `keel.drift.detected` events one at a
+time (each about another model, so no lock or cooldown is involved), and reads from the Prefect API
+when the automation created the retrain flow run and when that run entered Running. The flow runs
+then stop early (the models do not exist): only the time to start is measured. Stops the stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def stack(home: Path, command: str, *extra: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "infra.stack", command, "--home", str(home), *extra],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=10)
+    parser.add_argument("--gap", type=float, default=12.0, help="Seconds between events.")
+    args = parser.parse_args()
+    from infra.processes import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "stack"
+        ports = [
+            a
+            for n in ("prefect", "mlflow", "dask", "dask-dashboard")
+            for a in (f"--{n}-port", str(free_port()))
+        ]
+        started = time.perf_counter()
+        stack(home, "up", *ports)
+        up_seconds = time.perf_counter() - started
+        env = dict(re.findall(r"^export (\w+)=(.*)$", stack(home, "env"), re.MULTILINE))
+        try:
+            os.environ.update(env)
+            samples = measure(env["PREFECT_API_URL"], args.events, args.gap)
+        finally:
+            stack(home, "down")
+    write(samples, up_seconds)
+
+
+def measure(api_url: str, events: int, gap: float) -> list[dict]:
+    import httpx
+    from prefect.events import emit_event
+
+    samples = []
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        deployment = http.get("/deployments/name/retrain/on-drift").json()["id"]
+        for index in range(events):
+            model = f"latency-{index}-{int(time.time())}"
+            event = emit_event(
+                event="keel.drift.detected",
+                resource={
+                    "prefect.resource.id": f"keel.model.{model}.v1",
+                    "keel.model.name": model,
+                    "keel.model.version": "1",
+                },
+                payload={"drift_share": 1.0, "report_uri": "file:///benchmark"},
+            )
+            emitted = event.occurred.timestamp()
+            deadline = time.monotonic() + 120
+            run = None
+            while time.monotonic() < deadline:
+                runs = http.post(
+                    "/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment]}}, "limit": 200}
+                ).json()
+                found = [r for r in runs if r["parameters"]["params"]["model_name"] == model]
+                if found and found[0]["start_time"]:
+                    run = found[0]
+                    break
+                time.sleep(0.2)
+            if run is None:
+                raise TimeoutError(f"no retrain run started for event {event.id}")
+            sample = {
+                "created_s": _ts(run["created"]) - emitted,
+                "running_s": _ts(run["start_time"]) - emitted,
+            }
+            samples.append(sample)
+            print(json.dumps(sample), flush=True)
+            time.sleep(gap)
+    return samples
+
+
+def _ts(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def write(samples: list[dict], up_seconds: float) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    summary = {
+        key: {
+            "median": statistics.median(s[key] for s in samples),
+            "min": min(s[key] for s in samples),
+            "max": max(s[key] for s in samples),
+        }
+        for key in ("created_s", "running_s")
+    }
+    result = {
+        "events": len(samples),
+        "stack_up_s": up_seconds,
+        **summary,
+        "samples": samples,
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "command": ".venv/bin/python -m benchmarks.event_latency",
+        "runner_poll_seconds": 1,
+    }
+    (RESULTS / "event_latency.json").write_text(json.dumps(result, indent=1))
+    lines = [
+        f"# Drift event -> retrain flow (local stack, {len(samples)} events, median and min-max)",
+        "",
+        "| from the event to | median | min | max |",
+        "|---|---|---|---|",
+        *(
+            f"| {label} | {summary[k]['median']:.2f} s | {summary[k]['min']:.2f} s | {summary[k]['max']:.2f} s |"
+            for k, label in (
+                ("created_s", "flow run created by the automation"),
+                ("running_s", "flow run Running"),
+            )
+        ),
+        "",
+        f"Stack start-up (`infra.stack up`, all health checks): {up_seconds:.1f} s. Runner poll: 1 s.",
+        "",
+    ]
+    (RESULTS / "event_latency.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
