@@ -14,9 +14,8 @@ SIGTERM to each process group (the deployments server first, so no flow run is c
 a vanishing server, the Prefect server last), waits for it to exit and only then uses SIGKILL; the
 SQLite databases are closed cleanly, so `up` again finds every run, model and deployment.
 
-MLflow uses SQLite by default; `--mlflow-db postgresql` starts a PostgreSQL server from this
-machine's binaries (initdb/pg_ctl) under the stack folder, or `--mlflow-db <SQLAlchemy URI>` uses
-one you run. Lean MLflow settings: one worker, no job runner (2 processes, ~0.5 GB, see STACK.md).
+MLflow and Prefect use SQLite by default; `--db postgresql` starts a PostgreSQL server from this
+machine's binaries (initdb, postgres) under the stack folder and keeps both databases there. Lean MLflow settings: one worker, no job runner (2 processes, ~0.5 GB, see STACK.md).
 """
 
 from __future__ import annotations
@@ -72,7 +71,7 @@ class Stack:
 
     # -- up -----------------------------------------------------------------------------------------
     def up(
-        self, ports: dict[str, int], workers: int, worker_memory: str, mlflow_db: str, serve_args: list[str]
+        self, ports: dict[str, int], workers: int, worker_memory: str, db: str, serve_args: list[str]
     ) -> dict:
         state = self.load()
         alive = {name: pid for name, pid in _pids(state) if _running(pid)}
@@ -83,7 +82,7 @@ class Stack:
         self.save(state)
         env = self.env(state)
         try:
-            backend = self._start_mlflow_db(state, mlflow_db)
+            backend, prefect_db = self._start_databases(state, db)
             self._start(
                 state,
                 "prefect",
@@ -96,7 +95,11 @@ class Stack:
                     "--port",
                     str(ports["prefect"]),
                 ],
-                {"PREFECT_HOME": str(self.home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+                {
+                    "PREFECT_HOME": str(self.home / "prefect"),
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    **({"PREFECT_API_DATABASE_CONNECTION_URL": prefect_db} if prefect_db else {}),
+                },
                 lambda: http_ok(f"http://127.0.0.1:{ports['prefect']}/api/health"),
                 120,
             )
@@ -190,12 +193,11 @@ class Stack:
             raise
         return state
 
-    def _start_mlflow_db(self, state: dict, mlflow_db: str) -> str:
-        if mlflow_db == "sqlite":
+    def _start_databases(self, state: dict, db: str) -> tuple[str, str | None]:
+        """MLflow's backend store URI and Prefect's database URL (None: Prefect's own SQLite)."""
+        if db == "sqlite":
             (self.home / "mlflow").mkdir(parents=True, exist_ok=True)
-            return f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}"
-        if mlflow_db != "postgresql":
-            return mlflow_db  # a SQLAlchemy URI of a database the user runs
+            return f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}", None
         pg_bin = _postgres_bin()
         data = self.home / "postgres"
         port = state["ports"]["postgres"]
@@ -231,14 +233,18 @@ class Stack:
             ),
             60,
         )
-        created = subprocess.run(
-            [str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "keel", "mlflow"],
-            capture_output=True,
-            text=True,
+        for database in ("mlflow", "prefect"):
+            created = subprocess.run(
+                [str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "keel", database],
+                capture_output=True,
+                text=True,
+            )
+            if created.returncode and "already exists" not in created.stderr:
+                raise RuntimeError(f"createdb {database} failed: {created.stderr}")
+        return (
+            f"postgresql://keel@127.0.0.1:{port}/mlflow",
+            f"postgresql+asyncpg://keel@127.0.0.1:{port}/prefect",
         )
-        if created.returncode and "already exists" not in created.stderr:
-            raise RuntimeError(f"createdb failed: {created.stderr}")
-        return f"postgresql://keel@127.0.0.1:{port}/mlflow"
 
     def _start(self, state, name, args, env, ready, timeout, log_name=None) -> None:
         log = self.logs / f"{log_name or name}.log"
@@ -371,7 +377,7 @@ def _postgres_bin() -> Path:
         return Path(found).parent
     candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
     if not candidates:
-        raise SystemExit("--mlflow-db postgresql needs PostgreSQL's server binaries (initdb, postgres)")
+        raise SystemExit("--db postgresql needs PostgreSQL's server binaries (initdb, postgres)")
     return candidates[-1]
 
 
@@ -387,7 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument(f"--{name.replace('_', '-')}-port", type=int, default=port, dest=f"port_{name}")
     parser.add_argument("--workers", type=int, default=2, help="Dask worker processes.")
     parser.add_argument("--worker-memory", default="4GiB", help="Memory limit of each Dask worker.")
-    parser.add_argument("--mlflow-db", default="sqlite", help="sqlite, postgresql, or a SQLAlchemy URI.")
+    parser.add_argument(
+        "--db", choices=["sqlite", "postgresql"], default="sqlite", help="Database of MLflow and Prefect."
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     serve_args = argv[argv.index("--") + 1 :] if "--" in argv else []  # for `python -m deployments.serve`
     args = parser.parse_args(argv[: len(argv) - len(serve_args) - (1 if serve_args else 0)])
@@ -395,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "up":
         ports = {name: getattr(args, f"port_{name}") for name in PORTS}
         print(f"starting the stack in {stack.home}", flush=True)
-        state = stack.up(ports, args.workers, args.worker_memory, args.mlflow_db, serve_args)
+        state = stack.up(ports, args.workers, args.worker_memory, args.db, serve_args)
         env = stack.env(state)
         print("\nThe stack is up. Point flows at it with:\n")
         print("\n".join(f"export {k}={v}" for k, v in env.items()))

@@ -212,12 +212,13 @@ def test_down_then_up_loses_nothing(stack):
     assert "prefect      answers" in status and "mlflow       answers" in status
 
 
-def test_mlflow_on_postgresql_keeps_runs_across_restarts():
-    """`--mlflow-db postgresql`: a PostgreSQL server from this machine's binaries, under the stack folder."""
+def test_postgresql_keeps_mlflow_and_prefect_data_across_restarts():
+    """`--db postgresql`: a PostgreSQL server from this machine's binaries, under the stack folder,
+    holding MLflow's and Prefect's databases."""
     home = Path(tempfile.mkdtemp(prefix="keel-pg-"))  # reachable by the `postgres` user when run as root
     home.chmod(0o755)
     stack = Stack(home / "stack")
-    stack.command("up", "--mlflow-db", "postgresql", "--workers", "1", "--worker-memory", "2GiB")
+    stack.command("up", "--db", "postgresql", "--workers", "1", "--worker-memory", "2GiB")
     try:
         stack.env = dict(re.findall(r"^export (\w+)=(.*)$", stack.command("env"), re.MULTILINE))
         client = stack.mlflow()
@@ -227,9 +228,18 @@ def test_mlflow_on_postgresql_keeps_runs_across_restarts():
         client.set_terminated(run.info.run_id)
         stack.command("down", timeout=180)
         assert (stack.home / "postgres" / "PG_VERSION").exists()
-        stack.command("up", "--mlflow-db", "postgresql", "--workers", "1", "--worker-memory", "2GiB")
+        stack.command("up", "--db", "postgresql", "--workers", "1", "--worker-memory", "2GiB")
         assert stack.mlflow().get_run(run.info.run_id).data.metrics == {"answer": 42.0}
         assert "postgresql://" in (stack.home / "logs" / "mlflow.log").read_text()
+        with stack.api() as http:  # Prefect's database is there too: the deployments came back
+            names = {d["name"] for d in http.post("/deployments/filter", json={}).json()}
+        assert {"scheduled", "landing-folder", "on-drift"} <= names
+        tables = subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", stack.port_args[stack.port_args.index("--postgres-port") + 1],
+             "-U", "keel", "-d", "prefect", "-tAc", "select count(*) from deployment"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert int(tables.stdout.strip()) >= 3
     finally:
         stack.command("down", timeout=180)
         shutil.rmtree(home, ignore_errors=True)
