@@ -86,7 +86,7 @@ def run_flow_cli(
         print(f"\n{exc}", file=sys.stderr)
         return 1
     except StepFailed as exc:
-        print(f"\n{getattr(flow_fn, 'name', prog)} failed, nothing registered: {exc}", file=sys.stderr)
+        print(f"\n{getattr(flow_fn, 'name', prog)} failed: {exc}", file=sys.stderr)
         return 1
     print("\n" + summary(result))
     return 0

@@ -18,7 +18,7 @@ from tasks.baseline import ChampionBaseline, load_baseline
 from tasks.compute import dask_client
 from tasks.data import read_header, read_table, table_format
 from tasks.drift_stats import DEFAULT_THRESHOLD, ColumnDrift, column_drift
-from tasks.errors import DataValidationError
+from tasks.errors import DataValidationError, StepFailed
 from tasks.refs import DatasetRef, content_digest, file_urls
 from tasks.steps import current_step, processing_step
 
@@ -108,7 +108,10 @@ def check_drift(
     step.set_tags({"keel.model.name": model_name, "keel.model.version": champion.version})
     unknown = [c for c in thresholds.must_not_drift if c not in champion.profile.columns]
     if unknown:
-        raise ValueError(f"must_not_drift names columns the model does not monitor: {unknown}")
+        raise StepFailed(
+            f"--must-not-drift names columns {model_name} v{champion.version} does not monitor: {unknown} "
+            f"(it monitors {sorted(champion.profile.columns)})"
+        )
 
     model = monitoring.ModelLocation(
         uri=champion.model_uri, tracking_uri=pipeline.tracking_uri, registry_uri=pipeline.registry_uri
@@ -137,7 +140,8 @@ def check_drift(
     verdict, reasons = _verdict(features, prediction, drifted_share, quality, champion, thresholds)
 
     sample_uri = f"{output_uri}/sample.parquet"
-    Path(output_uri).mkdir(parents=True, exist_ok=True) if "://" not in output_uri else None
+    if "://" not in output_uri:
+        Path(output_uri).mkdir(parents=True, exist_ok=True)
     summary.sample.to_parquet(sample_uri, index=False)
     sample = DatasetRef(
         name="batch-sample",
