@@ -11,8 +11,9 @@ Everything lives under one folder (`--home`, default `.keel/stack`): the Prefect
 (`landing/`), pipeline outputs (`state/`), every process's log (`logs/`) and `stack.json` (ports and
 PIDs). Each part is started only after the previous one answers its health check. `down` sends
 SIGTERM to each process group (the deployments server first, so no flow run is cut off mid-write by
-a vanishing server, the Prefect server last), waits for it to exit and only then uses SIGKILL; the
-SQLite databases are closed cleanly, so `up` again finds every run, model and deployment.
+a vanishing server, then the workers, the scheduler, MLflow, Prefect, and PostgreSQL last, with its
+fast-shutdown SIGINT), waits for each to exit and only then uses SIGKILL; the databases are closed
+cleanly, so `up` again finds every run, model and deployment.
 
 MLflow and Prefect use SQLite by default; `--db postgresql` starts a PostgreSQL server from this
 machine's binaries (initdb, postgres) under the stack folder and keeps both databases there. Lean MLflow settings: one worker, no job runner (2 processes, ~0.5 GB, see STACK.md).
@@ -36,7 +37,9 @@ from pathlib import Path
 from infra.processes import BIN, http_ok, start, wait_until
 
 PORTS = {"prefect": 4200, "mlflow": 5000, "dask": 8786, "dask_dashboard": 8787, "postgres": 5433}
-STOP_ORDER = ["deployments", "worker", "scheduler", "mlflow", "postgres", "prefect"]
+STOP_ORDER = ["deployments", "worker", "scheduler", "mlflow", "prefect", "postgres"]
+# PostgreSQL's "fast" shutdown (SIGINT): a clean checkpoint without waiting for idle clients.
+STOP_SIGNAL = {"postgres": signal.SIGINT}
 
 
 def _tcp_ok(port: int) -> bool:
@@ -260,14 +263,14 @@ class Stack:
 
     # -- down -------------------------------------------------------------------------------------
     def down(self, timeout: float = 60) -> list[str]:
-        """SIGTERM every recorded process group in STOP_ORDER, wait, SIGKILL what is left."""
+        """Signal every recorded process group in STOP_ORDER, wait for it, SIGKILL what is left."""
         state = self.load()
         stopped = []
         by_name = sorted(_pids(state), key=lambda item: STOP_ORDER.index(item[0]))
         for group in STOP_ORDER:
             pids = [pid for name, pid in by_name if name == group and _running(pid)]
             for pid in pids:
-                _signal_group(pid, signal.SIGTERM)
+                _signal_group(pid, STOP_SIGNAL.get(group, signal.SIGTERM))
             deadline = time.monotonic() + timeout
             for pid in pids:
                 while _running(pid) and time.monotonic() < deadline:
@@ -368,13 +371,14 @@ def _postgres_user(data: Path) -> list[str]:
             f"the postgres user cannot reach {data}: {blocked[0]} is not searchable by others; "
             "use a stack folder it can reach (--home), or run as another user than root"
         )
-    return ["runuser", "-u", "postgres", "--"]
+    # setpriv execs PostgreSQL itself (runuser would stay in between and SIGKILL it on SIGTERM)
+    return ["setpriv", f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}", "--init-groups", "--"]
 
 
 def _postgres_bin() -> Path:
     found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).parent
+    if found:  # the real folder (pg_isready, createdb beside it), not a folder of symlinks to some
+        return Path(found).resolve().parent
     candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
     if not candidates:
         raise SystemExit("--db postgresql needs PostgreSQL's server binaries (initdb, postgres)")

@@ -138,16 +138,29 @@ def test_retrain_keeps_the_champion_when_the_challenger_is_not_better(on_cluster
 
     first = training_pipeline(PipelineParams(**FAST, model_name="bike-re", min_r2=0.3))
     assert first.registered.champion
-    # same data and seed: the challenger equals the champion, so it cannot beat it by the margin
-    again = retrain(RetrainParams(**FAST, model_name="bike-re", min_r2=0.3, reason="unit test"))
-    assert not again.gate.passed
+    # same data (the champion's, found through its lineage) and seed: the challenger equals the
+    # champion, so it cannot beat it by the margin
+    result = retrain(RetrainParams(**FAST, model_name="bike-re", min_r2=0.3, reason="unit test"))
+    again = result.pipeline
+    assert result.ignored is None and not again.gate.passed
     assert again.registered.status == "Rejected" and not again.registered.champion
     client = mlflow_client()
     rejected = client.get_model_version("bike-re", again.registered.version)
     assert rejected.tags["approval_status"] == "Rejected"
     assert rejected.tags["reason"] == "unit test"
+    assert rejected.tags["keel.trigger.flow"] == "retrain" and rejected.tags["compared_with"] == "1"
+    assert rejected.tags["dataset.raw.uri"] == first_version_data(client)
     assert "champion v1" in rejected.tags["approval_reason"]
     assert str(client.get_model_version_by_alias("bike-re", "champion").version) == "1"
+
+    # asked again at once: inside the cooldown, so it is ignored and says why; nothing registered
+    ignored = retrain(RetrainParams(**FAST, model_name="bike-re", min_r2=0.3, cooldown_minutes=30))
+    assert ignored.pipeline is None and ignored.ignored.startswith("cooldown: bike-re v2 was retrained")
+    assert len(client.search_model_versions("name='bike-re'")) == 2
+
+
+def first_version_data(client) -> str:
+    return client.get_model_version("bike-re", "1").tags["dataset.raw.uri"]
 
 
 def test_distributed_fit_pairs_features_and_labels_across_many_partitions(on_cluster, tmp_path):

@@ -133,6 +133,7 @@ def test_pipeline_records_to_real_mlflow_and_prefect_servers(servers, dask_clust
         "prepare",
         "tune",
         "train",
+        "baseline",
         "evaluate",
         "quality-gate",
         "register",
