@@ -28,6 +28,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from infra.processes import free_port
+
 DATA = Path(__file__).resolve().parent.parent / "data" / "bike_sharing_hourly.csv"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -41,14 +43,6 @@ class Step(BaseModel):
     report: str
     event_id: str | None
     retrain: str = ""
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_stack(home: Path, serve_args: list[str]) -> dict[str, str]:

@@ -27,7 +27,7 @@ FAST = ["--n-trials", "2", "--num-boost-round", "80", "--min-r2", "0.3"]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-class Stack:
+class RunningStack:
     def __init__(self, home: Path) -> None:
         self.home = home
         ports = {name: free_port() for name in ("prefect", "mlflow", "dask", "dask-dashboard", "postgres")}
@@ -108,7 +108,7 @@ def stack(tmp_path_factory):
     landing.mkdir()
     bike = pd.read_csv(BIKE_CSV)
     bike[bike.dteday < "2011-06-01"].to_parquet(landing / "2011-01-01.parquet", index=False)
-    running = Stack(home)
+    running = RunningStack(home)
     running.up()
     try:
         for model in ("stack-a", "stack-b"):
@@ -121,7 +121,7 @@ def stack(tmp_path_factory):
         running.command("down", timeout=180)
 
 
-def monitor(stack: Stack, batch: Path, model: str) -> tuple[str, str]:
+def monitor(stack: RunningStack, batch: Path, model: str) -> tuple[str, str]:
     done = stack.run("flows.monitor", "--batch", str(batch), "--model-name", model)
     assert done.returncode == 0, done.stdout + done.stderr
     event, event_id = re.search(r"^Event:\s+(\S+) \((\S+)\)", done.stdout, re.MULTILINE).groups()
@@ -217,7 +217,7 @@ def test_postgresql_keeps_mlflow_and_prefect_data_across_restarts():
     holding MLflow's and Prefect's databases."""
     home = Path(tempfile.mkdtemp(prefix="keel-pg-"))  # reachable by the `postgres` user when run as root
     home.chmod(0o755)
-    stack = Stack(home / "stack")
+    stack = RunningStack(home / "stack")
     stack.command("up", "--db", "postgresql", "--workers", "1", "--worker-memory", "2GiB")
     try:
         stack.env = dict(re.findall(r"^export (\w+)=(.*)$", stack.command("env"), re.MULTILINE))
