@@ -23,15 +23,13 @@ from tasks.errors import NotInRegistry
 from tasks.featurize import FeatureSpec
 from tasks.prepare import Splits
 from tasks.refs import DatasetRef, ModelRef
-from tasks.registry import find_champion
+from tasks.registry import BASELINE_RUN_TAG, BASELINE_TAG, find_champion
 from tasks.steps import current_step, processing_step
 
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
 
-BASELINE_TAG = "baseline.uri"
-BASELINE_RUN_TAG = "baseline.run_id"
 ARTIFACT_DIR = "baseline"
 
 
@@ -110,12 +108,15 @@ class ChampionBaseline(BaseModel):
     model_uri: str
     metrics: dict[str, float]
     profile: Profile
-    reference: pd.DataFrame
+    reference: pd.DataFrame | None = Field(default=None, description="The row sample, when asked for.")
     baseline_uri: str
 
 
-def load_baseline(client: MlflowClient, model_name: str, version: str | None = None) -> ChampionBaseline:
-    """The champion's (or a given version's) baseline, found through the registry's lineage tags."""
+def load_baseline(
+    client: MlflowClient, model_name: str, version: str | None = None, with_reference: bool = False
+) -> ChampionBaseline:
+    """The champion's (or a given version's) baseline, found through the registry's lineage tags;
+    `with_reference`: also the row sample behind the Evidently report."""
     import pandas as pd
 
     if version is None:
@@ -134,9 +135,12 @@ def load_baseline(client: MlflowClient, model_name: str, version: str | None = N
             "were stored; retrain it to monitor it"
         )
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(client.download_artifacts(run_id, ARTIFACT_DIR, tmp))
-        profile = Profile.model_validate(json.loads((local / "profile.json").read_text()))
-        reference = pd.read_parquet(local / "reference.parquet")
+        local = Path(client.download_artifacts(run_id, f"{ARTIFACT_DIR}/profile.json", tmp))
+        profile = Profile.model_validate(json.loads(local.read_text()))
+        reference = None
+        if with_reference:
+            sample = client.download_artifacts(run_id, f"{ARTIFACT_DIR}/reference.parquet", tmp)
+            reference = pd.read_parquet(sample)
     metrics = {k.removeprefix("metric."): float(v) for k, v in found.tags.items() if k.startswith("metric.")}
     return ChampionBaseline(
         model_name=model_name,

@@ -259,7 +259,8 @@ def report_drift(check: DriftCheck, thresholds: DriftThresholds, checked_at: str
     from tasks import drift_report
 
     step = current_step()
-    champion = load_baseline(step.client, check.model_name, check.version)
+    champion = load_baseline(step.client, check.model_name, check.version, with_reference=True)
+    assert champion.reference is not None
     spec = champion.profile.features
     current = pd.read_parquet(check.sample.uri)
     report = drift_report.build_report(

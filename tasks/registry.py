@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from tasks.baseline import Baseline
 
 
+BASELINE_TAG = "baseline.uri"  # where the version's monitoring baseline is (tasks.baseline)
+BASELINE_RUN_TAG = "baseline.run_id"
+
+
 class RegisteredVersion(BaseModel):
     name: str
     version: str
@@ -100,7 +104,7 @@ def register(
         **{f"dataset.{k}.uri": ref.uri for k, ref in datasets.items()},
     }
     if baseline is not None:
-        tags.update({"baseline.uri": baseline.uri, "baseline.run_id": baseline.run_id})
+        tags.update({BASELINE_TAG: baseline.uri, BASELINE_RUN_TAG: baseline.run_id})
     if champion is not None:  # the champion it was judged against, on the same test data
         tags["compared_with"] = champion[0]
         tags.update({f"champion_metric.{k}": f"{v:.6g}" for k, v in champion[1].items()})

@@ -57,7 +57,7 @@ def local_path(uri: str) -> Path:
 
 
 def test_baseline_is_found_through_the_registry(env):
-    champion = load_baseline(mlflow_client(), MODEL)
+    champion = load_baseline(mlflow_client(), MODEL, with_reference=True)
     version = mlflow_client().get_model_version(MODEL, champion.version)
     assert champion.profile.train.uri == version.tags["dataset.train.uri"]
     assert champion.profile.train.digest == version.tags["dataset.train.digest"]
