@@ -5,13 +5,16 @@ from tasks.steps.condition import Check, ConditionOutcome, condition
 from tasks.steps.fail import fail
 from tasks.steps.model import model_step
 from tasks.steps.processing import processing_step
+from tasks.steps.retry import NO_RETRY, RetryPolicy
 from tasks.steps.training import training_step
 from tasks.steps.tuning import ParamRange, TuningResult, TuningSpec, run_trials, tuning_step
 
 __all__ = [
+    "NO_RETRY",
     "Check",
     "ConditionOutcome",
     "ParamRange",
+    "RetryPolicy",
     "Step",
     "StepRun",
     "TuningResult",

@@ -22,16 +22,14 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 from pydantic import BaseModel
 
 from tasks import lineage
-from tasks.errors import DataValidationError, NotInRegistry, StepFailed
 from tasks.refs import DatasetRef, ModelRef
+from tasks.steps.retry import NO_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-NEVER_RETRIED: tuple[type[BaseException], ...] = (DataValidationError, StepFailed, NotInRegistry)
 
 
 @dataclass
@@ -101,17 +99,6 @@ def plain_params(arguments: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _retryable(task, task_run, state) -> bool:
-    """Bad input and deliberate failures are final; anything else may be retried."""
-    try:
-        state.result()
-    except NEVER_RETRIED:
-        return False
-    except Exception:
-        return True
-    return True
-
-
 @contextmanager
 def _step_run(step: str, kind: str) -> Iterator[StepRun]:
     """Create (first attempt) or resume (retry) the step's MLflow child run."""
@@ -161,24 +148,39 @@ def _step_run(step: str, kind: str) -> Iterator[StepRun]:
         _current_step.reset(token)
 
 
+def _retry_condition(policy: RetryPolicy) -> Callable[[Any, Any, Any], bool]:
+    """What Prefect asks before each retry: only the failures the step's policy names are retried.
+    (A plain function: Prefect ignores callables that are not, bound methods included.)"""
+
+    def retryable(task, task_run, state) -> bool:
+        try:
+            state.result()
+        except BaseException as exc:  # the step's own exception
+            return policy.retries(exc)
+        return False
+
+    return retryable
+
+
 class Step(Generic[P, R]):
     """A typed function that runs as a named pipeline step of one kind."""
 
-    def __init__(self, fn: Callable[P, R], kind: str, name: str, retries: int, retry_delay_seconds: float):
+    def __init__(self, fn: Callable[P, R], kind: str, name: str, retry: RetryPolicy = NO_RETRY):
         from prefect import task
         from prefect.cache_policies import NO_CACHE
 
         self.fn = fn
         self.kind = kind
         self.name = name
+        self.retry = retry
         self._signature = inspect.signature(fn)
         self._task = task(
             self._body,
             name=name,
             task_run_name=name,
-            retries=retries,
-            retry_delay_seconds=retry_delay_seconds,
-            retry_condition_fn=_retryable,
+            retries=retry.attempts - 1,
+            retry_delay_seconds=retry.delays() or 0,
+            retry_condition_fn=_retry_condition(retry),
             cache_policy=NO_CACHE,
             # No Prefect tags: a tagged task asks the server for tag concurrency slots before it
             # starts (measured ~0.9 s a step here). The step kind is recorded in MLflow instead.
@@ -219,10 +221,10 @@ def step_kind(kind: str) -> Callable[..., Callable[[Callable[P, R]], Step[P, R]]
     """Make a decorator for one step kind, e.g. `processing_step = step_kind("ProcessingStep")`."""
 
     def decorator_factory(
-        name: str | None = None, *, retries: int = 0, retry_delay_seconds: float = 2.0
+        name: str | None = None, *, retry: RetryPolicy = NO_RETRY
     ) -> Callable[[Callable[P, R]], Step[P, R]]:
         def decorate(fn: Callable[P, R]) -> Step[P, R]:
-            return Step(fn, kind, name or fn.__name__.replace("_", "-"), retries, retry_delay_seconds)
+            return Step(fn, kind, name or fn.__name__.replace("_", "-"), retry)
 
         return decorate
 

@@ -82,4 +82,4 @@ def _evaluate(checks: list[Check]) -> ConditionOutcome:
 
 def condition(name: str, checks: list[Check]) -> ConditionOutcome:
     """Run a ConditionStep named `name` that passes when every check passes."""
-    return Step(_evaluate, "ConditionStep", name, retries=0, retry_delay_seconds=0)(checks)
+    return Step(_evaluate, "ConditionStep", name)(checks)

@@ -13,4 +13,4 @@ def _fail(message: str) -> None:
 
 def fail(name: str, message: str) -> None:
     """Run a FailStep named `name`: its MLflow run records the message, then the flow run fails."""
-    Step(_fail, "FailStep", name, retries=0, retry_delay_seconds=0)(message)
+    Step(_fail, "FailStep", name)(message)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pandas as pd
 import pytest
 
@@ -131,3 +133,26 @@ def test_gate_checks_threshold_and_champion_margin():
     )
     assert [c.passed for c in versus] == [True, False]
     assert "champion v3" in versus[1].right_name
+
+
+def test_retry_policy_waits_and_failure_kinds():
+    from distributed import KilledWorker
+    from mlflow.exceptions import MlflowException, RestException
+
+    from tasks.errors import DataValidationError
+    from tasks.steps import RetryPolicy
+
+    policy = RetryPolicy(attempts=4, interval_seconds=2, backoff_rate=3)
+    assert policy.delays() == [2, 6, 18]
+    assert RetryPolicy().delays() == []
+    down = MlflowException(
+        "API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/create failed with exception boom"
+    )
+    assert policy.retries(down)
+    assert policy.retries(RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "busy"}))
+    assert not policy.retries(RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "no"}))
+    assert not policy.retries(MlflowException("Registered Model with name=x not found"))
+    assert policy.retries(KilledWorker("task", SimpleNamespace(address="tcp://127.0.0.1:1"), 3))
+    assert not policy.retries(ValueError("a bug"))
+    assert RetryPolicy(retry_on=("any",)).retries(ValueError("a bug"))
+    assert not RetryPolicy(retry_on=("any",)).retries(DataValidationError("f.csv", "bad"))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prefect import flow
@@ -14,7 +16,7 @@ from tasks import lineage
 from tasks.errors import DataValidationError, StepFailed
 from tasks.refs import DatasetRef, content_digest
 from tasks.settings import get_settings
-from tasks.steps import Check, condition, current_step, fail, processing_step, training_step
+from tasks.steps import Check, RetryPolicy, condition, current_step, fail, processing_step, training_step
 from tests.conftest import mlflow_client
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "state")
@@ -34,7 +36,7 @@ def copy_upper(source: DatasetRef, suffix: str) -> DatasetRef:
     return file_ref(out, "upper")
 
 
-@training_step(name="flaky", retries=2, retry_delay_seconds=0)
+@training_step(name="flaky", retry=RetryPolicy(attempts=3, interval_seconds=0, retry_on=("any",)))
 def flaky(key: str) -> int:
     CALLS[key] = CALLS.get(key, 0) + 1
     if CALLS[key] < 2:
@@ -42,7 +44,7 @@ def flaky(key: str) -> int:
     return CALLS[key]
 
 
-@training_step(name="bad-data", retries=3, retry_delay_seconds=0)
+@training_step(name="bad-data", retry=RetryPolicy(attempts=4, interval_seconds=0, retry_on=("any",)))
 def bad_data(key: str) -> None:
     CALLS[key] = CALLS.get(key, 0) + 1
     raise DataValidationError("input.csv", "values must be positive", "amount")
@@ -186,3 +188,42 @@ def test_a_step_outside_a_pipeline_execution_says_so(source):
 
     with pytest.raises(RuntimeError, match="inside a pipeline execution"):
         no_pipeline()
+
+
+@processing_step(
+    name="loses-a-worker", retry=RetryPolicy(attempts=3, interval_seconds=0, retry_on=("worker-lost",))
+)
+def loses_a_worker(key: str) -> int:
+    from distributed import KilledWorker
+
+    CALLS[key] = CALLS.get(key, 0) + 1
+    if CALLS[key] == 1:
+        raise KilledWorker("prepare-part-3", SimpleNamespace(address="tcp://127.0.0.1:40001"), 3)
+    return CALLS[key]
+
+
+@processing_step(
+    name="has-a-bug", retry=RetryPolicy(attempts=3, interval_seconds=0, retry_on=("worker-lost",))
+)
+def has_a_bug(key: str) -> None:
+    CALLS[key] = CALLS.get(key, 0) + 1
+    raise KeyError("a bug, not a lost worker")
+
+
+def test_a_policy_retries_the_failures_it_names_and_no_others():
+    lost, bug = uuid.uuid4().hex, uuid.uuid4().hex
+
+    @flow
+    def run_both() -> tuple[int, str]:
+        with lineage.pipeline_run("unit-retry-policy", {}, get_settings()) as run:
+            attempts = loses_a_worker(lost)
+            with contextlib.suppress(KeyError):
+                has_a_bug(bug)
+            return attempts, run.run_id
+
+    attempts, parent_id = run_both()
+    assert attempts == 2 and CALLS[lost] == 2
+    assert CALLS[bug] == 1  # a KeyError is not a lost worker: no second attempt
+    runs = step_runs(parent_id)
+    assert runs["loses-a-worker"].data.tags["keel.attempts"] == "2"
+    assert runs["loses-a-worker"].info.status == "FINISHED" and runs["has-a-bug"].info.status == "FAILED"
