@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=12.0, help="Seconds between events.")
     args = parser.parse_args()
     from infra.processes import free_port
+    from infra.stack import Stack
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "stack"
@@ -53,7 +53,7 @@ def main() -> None:
         started = time.perf_counter()
         stack(home, "up", *ports)
         up_seconds = time.perf_counter() - started
-        env = dict(re.findall(r"^export (\w+)=(.*)$", stack(home, "env"), re.MULTILINE))
+        env = Stack(home).recorded_env()
         try:
             os.environ.update(env)
             samples = measure(env["PREFECT_API_URL"], args.events, args.gap)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from infra.processes import free_port
+from infra.stack import Stack
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "bike_sharing_hourly.csv"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -59,10 +59,7 @@ def start_stack(home: Path, serve_args: list[str]) -> dict[str, str]:
     subprocess.run(
         [python, "-m", "infra.stack", "up", "--home", str(home), *ports, "--", *serve_args], check=True
     )
-    listed = subprocess.run(
-        [python, "-m", "infra.stack", "env", "--home", str(home)], check=True, capture_output=True, text=True
-    ).stdout
-    return dict(re.findall(r"^export (\w+)=(.*)$", listed, re.MULTILINE))
+    return Stack(home).recorded_env()
 
 
 def _remove(path: Path) -> None:

@@ -61,6 +61,13 @@ class Stack:
         self.home.mkdir(parents=True, exist_ok=True)
         self.state_file.write_text(json.dumps(state, indent=1))
 
+    def recorded_env(self) -> dict[str, str]:
+        """The variables for the stack recorded in this folder (what `env` prints)."""
+        state = self.load()
+        if not state:
+            raise SystemExit(f"no stack recorded in {self.home}")
+        return self.env(state)
+
     def env(self, state: dict) -> dict[str, str]:
         """The ecosystem's own variables, pointing at this stack."""
         ports = state["ports"]
@@ -423,10 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "status":
         print("\n".join(stack.status()))
     else:
-        state = stack.load()
-        if not state:
-            raise SystemExit(f"no stack recorded in {stack.home}")
-        print("\n".join(f"export {k}={v}" for k, v in stack.env(state).items()))
+        print("\n".join(f"export {k}={v}" for k, v in stack.recorded_env().items()))
     return 0
 
 

@@ -66,12 +66,13 @@ def profile_reference(
     and draw the reference sample the Evidently report is drawn from."""
     frame = _read_parquet(train.uri, train.digest).copy()
     frame[PREDICTION] = predict(frame, spec, load_model(model_uri, tracking_uri, registry_uri))
+    monitored = kinds(spec)
     profiles = {
         column: profile_column(monitored_values(frame, column, spec), column, kind)  # type: ignore[arg-type]
-        for column, kind in kinds(spec).items()
+        for column, kind in monitored.items()
     }
     sample = frame.sample(n=min(SAMPLE_ROWS, len(frame)), random_state=seed).sort_index()
-    return profiles, sample[[spec.time_column, *kinds(spec)]]
+    return profiles, sample[[spec.time_column, *monitored]]
 
 
 class Quality(BaseModel):

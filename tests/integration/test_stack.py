@@ -59,6 +59,10 @@ class RunningStack:
         self.command(
             "up", "--workers", "2", "--worker-memory", "3GiB", "--", "--cooldown-minutes", "30", *FAST[:2]
         )
+        self.read_env()
+
+    def read_env(self) -> None:
+        """What a user's `eval "$(python -m infra.stack env)"` would set."""
         self.env = dict(re.findall(r"^export (\w+)=(.*)$", self.command("env"), re.MULTILINE))
 
     def run(self, module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -220,7 +224,7 @@ def test_postgresql_keeps_mlflow_and_prefect_data_across_restarts():
     stack = RunningStack(home / "stack")
     stack.command("up", "--db", "postgresql", "--workers", "1", "--worker-memory", "2GiB")
     try:
-        stack.env = dict(re.findall(r"^export (\w+)=(.*)$", stack.command("env"), re.MULTILINE))
+        stack.read_env()
         client = stack.mlflow()
         experiment = client.create_experiment("on-postgres")
         run = client.create_run(experiment)
