@@ -70,14 +70,18 @@ def run_flow_cli(
     description: str,
     summary: Callable[[R], str],
     after_bad_input: str = "nothing trained or registered",
+    prepare_params: Callable[[M], M] | None = None,
 ) -> int:
     """Parse, run the flow, print `summary(result)`. Exit codes: 0 done, 1 failed on purpose (a
-    FailStep), 2 bad input; anything else propagates with its traceback."""
+    FailStep) or something needed is not in the registry, 2 bad input; anything else propagates
+    with its traceback. `prepare_params`: completes the parsed parameters (e.g. from an earlier run)."""
     from tasks.errors import DataValidationError, NotInRegistry, StepFailed
 
     params = parse_params(model, argv, prog, description)
     configure_logging()
     try:
+        if prepare_params is not None:
+            params = prepare_params(params)
         result = flow_fn(params)
     except DataValidationError as exc:
         print(f"\nbad input, {after_bad_input}: {exc}", file=sys.stderr)

@@ -1,11 +1,18 @@
-"""The training pipeline: process -> tune -> train -> baseline -> evaluate -> quality gate -> register or fail.
+"""The training pipeline: check -> process -> tune -> train -> baseline -> evaluate -> gate -> register or fail.
 
     python -m flows.pipeline --help
+    python -m flows.pipeline --reuse-from RUN_ID                       # resume a failed execution
+    python -m flows.pipeline --reuse-from RUN_ID --selected-steps tune train --n-trials 32
+    python -m flows.pipeline --force-steps all                         # ignore every cache
 
 SageMaker's Pipeline, as a Prefect flow: each step is a named Prefect task run with its own MLflow
 child run under one parent run per execution; heavy work runs on Dask. Point `--data`, `--target`
 and `--time-column` at any CSV or Parquet table: numeric targets are regressed (RMSE, MAE, R²),
 text, boolean or two-valued targets are classified (AUC, log loss, accuracy).
+
+The input is checked against the champion's data-quality constraints before any processing. The
+processing, tuning, training, baseline and evaluation steps are cached by content: a re-run with
+nothing changed reuses their outputs (and says so), and registers nothing new.
 """
 
 from __future__ import annotations
@@ -17,22 +24,35 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import flow
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from flows.cli import run_flow_cli
 from tasks import lineage
 from tasks.baseline import baseline
 from tasks.compute import dask_cluster
 from tasks.data import TableSpec
+from tasks.errors import DataValidationError
 from tasks.evaluate import Evaluation, evaluate
 from tasks.modeling import DEFAULT_OBJECTIVE, MAXIMIZE
 from tasks.prepare import SplitSpec, output_location, prepare, validate_input
-from tasks.registry import RegisteredVersion, register
+from tasks.quality import QualityRules, check_quality, record_rejection, version_constraints
+from tasks.registry import RegisteredVersion, comparable_champion, register
 from tasks.settings import get_settings
 from tasks.steps import Check, ConditionOutcome, ParamRange, TuningSpec, condition, fail
 from tasks.train import TrainingSpec, default_search_space, train, tune
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "bike_sharing_hourly.csv"
+STEPS = (
+    "validate-input",
+    "check-quality",
+    "prepare",
+    "tune",
+    "train",
+    "baseline",
+    "evaluate",
+    "quality-gate",
+    "register",
+)
 
 
 class PipelineParams(BaseModel):
@@ -46,6 +66,10 @@ class PipelineParams(BaseModel):
     drop_columns: list[str] = Field(
         default_factory=lambda: ["instant", "casual", "registered"],
         description="Columns never used as features (ids; casual + registered add up to the target).",
+    )
+    key_columns: list[str] = Field(
+        default_factory=lambda: ["dteday", "hr"],
+        description="Columns that identify a row; duplicated keys are bad input. Empty: no key.",
     )
     task: Literal["auto", "regression", "classification"] = Field(
         default="auto", description="What to learn."
@@ -105,6 +129,60 @@ class PipelineParams(BaseModel):
         default_factory=dict,
         description="What started this execution (e.g. event id, drift report URI); recorded on the run and version.",
     )
+    on_quality_violation: Literal["fail", "warn"] = Field(
+        default="fail",
+        description="Input that breaks the champion's data-quality constraints: fail the run, or warn and go on.",
+    )
+    missing_tolerance: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Allowed rise of a column's missing share over the champion's data.",
+    )
+    range_tolerance: float = Field(
+        default=0.5,
+        ge=0,
+        description="Allowed distance beyond the champion's data's min/max, as a share of its range.",
+    )
+    force_steps: list[str] = Field(
+        default_factory=list,
+        description="Run these steps even if their outputs are cached; 'all' for every step.",
+    )
+    reuse_from: str | None = Field(
+        default=None,
+        description="An earlier execution (its MLflow run id) to resume or take steps from: its parameters are "
+        "the defaults, and each of its finished steps is reused if its inputs are unchanged.",
+    )
+    selected_steps: list[str] = Field(
+        default_factory=list,
+        description="With --reuse-from: run only these steps (and those whose inputs change as a result).",
+    )
+
+    @model_validator(mode="after")
+    def _steps_exist(self) -> PipelineParams:
+        self.plan()
+        return self
+
+    def plan(self) -> lineage.ExecutionPlan:
+        unknown = sorted(set(self.force_steps + self.selected_steps) - {*STEPS, lineage.ALL_STEPS})
+        if unknown:
+            raise ValueError(f"unknown steps {unknown}; the steps are {', '.join(STEPS)} (or 'all')")
+        if self.selected_steps and not self.reuse_from:
+            raise ValueError(
+                "--selected-steps needs --reuse-from: the execution the other steps' outputs come from"
+            )
+        return lineage.ExecutionPlan(
+            reuse_from=self.reuse_from,
+            selected=frozenset(self.selected_steps),
+            force=frozenset(self.force_steps),
+        )
+
+    def quality_rules(self) -> QualityRules:
+        return QualityRules(
+            on_violation=self.on_quality_violation,
+            missing_tolerance=self.missing_tolerance,
+            range_tolerance=self.range_tolerance,
+        )
 
     def table(self) -> TableSpec:
         path = self.data if "://" in self.data else str(Path(self.data).expanduser().resolve())
@@ -114,6 +192,7 @@ class PipelineParams(BaseModel):
             time_column=self.time_column,
             drop_columns=self.drop_columns,
             task=self.task,
+            key_columns=self.key_columns,
         )
 
 
@@ -153,8 +232,9 @@ def quality_checks(evaluation: Evaluation, params: PipelineParams) -> list[Check
 
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:  # noqa: B008
-    """Process, tune, train, evaluate, gate and register one model version."""
+    """Check, process, tune, train, evaluate, gate and register one model version."""
     settings = get_settings()
+    plan = params.plan()
     table = params.table()
     split = SplitSpec(
         start=params.start,
@@ -178,11 +258,38 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
                 "keel.reason": params.reason,
                 **{f"keel.trigger.{k}": v for k, v in params.trigger.items()},
             },
+            plan=plan,
         ) as run,
         dask_cluster(settings),
     ):
-        raw = validate_input(table)
-        splits = prepare(raw, table, split, output_location(settings.datasets_root, run.run_id))
+        client = run.client()
+        ended = lineage.end_stale_runs(client, run.experiment_id, plan.reuse_from)
+        ended += lineage.end_stale_runs(client, run.experiment_id)
+        if ended:
+            print(f"ended {len(ended)} MLflow runs of executions whose process is gone, as KILLED")
+        raw = None
+        try:
+            raw = validate_input(table, settings.allowed_data_roots)
+            quality = check_quality(
+                raw,
+                table.time_column,
+                table.key_columns,
+                version_constraints(client, params.model_name, unless_made_from=raw.digest),
+                params.quality_rules(),
+                table.drop_columns,
+            )
+            splits = prepare(raw, table, split, output_location(settings.datasets_root, run.run_id))
+        except DataValidationError as exc:
+            record = record_rejection(
+                settings.rejected_dir, run.run_id, table.path, raw.digest if raw else None, exc
+            )
+            lineage.set_tags(
+                client,
+                run.run_id,
+                {"keel.rejected.rule": exc.rule[:5000], "keel.rejected.record": str(record)},
+            )
+            print(f"input refused, the reason is kept in {record}")
+            raise
         objective = params.objective or DEFAULT_OBJECTIVE[splits.features.task]
         tuning = TuningSpec(
             space=params.space,
@@ -195,7 +302,9 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
         best = tune(splits, tuning, training)
         model = train(raw, splits, best, training)
         reference = baseline(model, splits)
-        evaluation = evaluate(model, splits, params.model_name)
+        evaluation = evaluate(
+            model, splits, params.model_name, comparable_champion(client, params.model_name, model)
+        )
         gate = condition("quality-gate", quality_checks(evaluation, params))
         datasets = {"raw": raw, "train": splits.train, "valid": splits.valid, "test": splits.test}
         compared = (
@@ -204,8 +313,11 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
             else None
         )
         registered = None
-        if gate.passed:
-            status = "Approved" if params.approval == "auto" else "PendingManualApproval"
+        if gate.passed or params.on_gate_failure == "reject":
+            if gate.passed:
+                status = "Approved" if params.approval == "auto" else "PendingManualApproval"
+            else:
+                status = "Rejected"
             registered = register(
                 model,
                 params.model_name,
@@ -215,17 +327,7 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
                 datasets,
                 reference,
                 compared,
-            )
-        elif params.on_gate_failure == "reject":
-            registered = register(
-                model,
-                params.model_name,
-                "Rejected",
-                gate.message,
-                evaluation.metrics,
-                datasets,
-                reference,
-                compared,
+                quality,
             )
         else:
             fail("quality-gate-failed", gate.message)
@@ -239,6 +341,15 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
         )
 
 
+def rerun(execution: str, selected_steps: Sequence[str] = (), **changes) -> PipelineResult:
+    """Resume an execution (no `selected_steps`), or run only `selected_steps` taking the other steps'
+    outputs from it (SageMaker's selective execution). Its parameters, updated with `changes`."""
+    params = PipelineParams.model_validate(
+        {**changes, "reuse_from": execution, "selected_steps": list(selected_steps)}
+    )
+    return training_pipeline(with_stored_params(params))
+
+
 def where_to_look(result: PipelineResult) -> str:
     settings = get_settings()
     flow_run = result.prefect_flow_run
@@ -249,7 +360,9 @@ def where_to_look(result: PipelineResult) -> str:
     if result.registered:
         r = result.registered
         lines.append(
-            f"Model version:   {r.uri} status={r.status}" + (" -> alias @champion" if r.champion else "")
+            f"Model version:   {r.uri} status={r.status}"
+            + (" -> alias @champion" if r.champion else "")
+            + (" (this model was registered already: nothing new)" if r.existing else "")
         )
         lines.append(
             f"Load it:         mlflow.pyfunc.load_model('models:/{r.name}@champion')"
@@ -270,9 +383,26 @@ def where_to_look(result: PipelineResult) -> str:
     return "\n".join(lines)
 
 
+def with_stored_params(params: PipelineParams) -> PipelineParams:
+    """With --reuse-from, the earlier execution's parameters, updated with the flags given now."""
+    if not params.reuse_from:
+        return params
+    from tasks.lineage import execution_params, mlflow_client
+
+    stored = execution_params(mlflow_client(get_settings()), params.reuse_from)
+    given = params.model_dump(include=params.model_fields_set)
+    return PipelineParams.model_validate({**stored, "force_steps": [], "selected_steps": [], **given})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     return run_flow_cli(
-        training_pipeline, PipelineParams, argv, "python -m flows.pipeline", __doc__ or "", where_to_look
+        training_pipeline,
+        PipelineParams,
+        argv,
+        "python -m flows.pipeline",
+        __doc__ or "",
+        where_to_look,
+        prepare_params=with_stored_params,
     )
 
 

@@ -24,7 +24,7 @@ from tasks.featurize import FeatureSpec
 from tasks.prepare import Splits
 from tasks.refs import DatasetRef, ModelRef
 from tasks.registry import BASELINE_RUN_TAG, BASELINE_TAG, find_champion
-from tasks.steps import current_step, processing_step
+from tasks.steps import CacheConfig, RetryPolicy, current_step, processing_step
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -52,7 +52,7 @@ class Baseline(BaseModel):
     columns: list[str] = Field(description="Monitored columns: features, target, prediction.")
 
 
-@processing_step(name="baseline")
+@processing_step(name="baseline", cache=CacheConfig(), retry=RetryPolicy(attempts=3))
 def baseline(model: ModelRef, splits: Splits) -> Baseline:
     """Profile the training split and the model's predictions on it, on a worker; store it in MLflow."""
     from prefect import get_run_logger

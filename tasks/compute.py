@@ -1,15 +1,18 @@
 """The one place that decides where heavy work runs.
 
 `DASK_SCHEDULER_ADDRESS` set: connect to that scheduler (a warm pool). Unset: start a LocalCluster
-for this run and close it afterwards. Steps get the client with `dask_client()`.
+for this run and close it afterwards. Steps get the client with `dask_client()`; the cluster is
+opened on that first call, so a run whose steps are all reused never starts one.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
 
 from tasks.settings import Settings
 
@@ -19,20 +22,39 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+_open_cluster: ContextVar[Callable[[], distributed.Client] | None] = ContextVar("keel_dask", default=None)
+
+
 @contextmanager
-def dask_cluster(settings: Settings) -> Iterator[distributed.Client]:
-    """Yield a Dask client for the run, set as the process default."""
+def dask_cluster(settings: Settings) -> Iterator[None]:
+    """Make a Dask cluster available to the steps of a run: connected to (or, for a LocalCluster,
+    started) when a step first asks for `dask_client()`, so an execution whose steps are all cached
+    never pays for it; closed at the end."""
+    opened: list[Any] = []
+
+    @functools.cache
+    def open_client() -> distributed.Client:
+        client, cluster = _connect(settings)
+        opened.extend([client, cluster])
+        return client
+
+    token = _open_cluster.set(open_client)
+    try:
+        yield
+    finally:
+        _open_cluster.reset(token)
+        for item in opened:
+            if item is not None:
+                item.close()
+
+
+def _connect(settings: Settings) -> tuple[distributed.Client, distributed.LocalCluster | None]:
     import distributed
 
     if settings.dask_scheduler_address:
         client = distributed.Client(settings.dask_scheduler_address, set_as_default=True)
         log.info("Dask: connected to %s (%d workers)", client.scheduler.address, _n_workers(client))
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-
+        return client, None
     cluster = distributed.LocalCluster(
         n_workers=settings.dask_local_workers,
         threads_per_worker=settings.dask_threads_per_worker,
@@ -49,21 +71,15 @@ def dask_cluster(settings: Settings) -> Iterator[distributed.Client]:
         settings.dask_threads_per_worker,
         client.dashboard_link,
     )
-    try:
-        yield client
-    finally:
-        client.close()
-        cluster.close()
+    return client, cluster
 
 
 def dask_client() -> distributed.Client:
-    """The client opened by `dask_cluster` for this run."""
-    import distributed
-
-    try:
-        return distributed.default_client()
-    except ValueError as exc:
-        raise RuntimeError("no Dask cluster is open: run steps inside `dask_cluster(...)`") from exc
+    """The run's client (opening the cluster on first use); also the default for `dask.compute`."""
+    open_client = _open_cluster.get()
+    if open_client is None:
+        raise RuntimeError("no Dask cluster is open: run steps inside `dask_cluster(...)`")
+    return open_client()
 
 
 def worker_identity() -> dict[str, str]:

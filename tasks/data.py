@@ -24,6 +24,9 @@ class TableSpec(BaseModel):
         default="auto",
         description="auto: text, boolean or two-valued targets are classified, numbers are regressed.",
     )
+    key_columns: list[str] = Field(
+        default_factory=list, description="Columns that identify a row (e.g. day and hour); must be unique."
+    )
 
 
 def table_format(path: str) -> Literal["csv", "parquet"]:
@@ -52,12 +55,51 @@ def read_header(path: str, fmt: Literal["csv", "parquet"]) -> list[str]:
         raise DataValidationError(first, f"cannot be read as {fmt}: {type(exc).__name__}: {exc}") from exc
 
 
-def check_table(table: TableSpec) -> DatasetRef:
-    """Fail fast before any heavy work: the file exists, reads, and has the columns it must."""
+def inside_roots(path: str, roots: list[str]) -> bool:
+    """Whether a path (symlinks and `..` resolved) or URL lies under one of the allowed data roots."""
+    if "://" in path and not path.startswith("file://"):
+        return any(path.startswith(root.rstrip("/") + "/") for root in roots if "://" in root)
+    real = Path(path.removeprefix("file://")).resolve()
+    return any(real.is_relative_to(Path(root).expanduser().resolve()) for root in roots if "://" not in root)
+
+
+def check_csv_ends(path: str, columns: list[str]) -> None:
+    """A CSV cut off mid-row (a failed copy, a full disk) reads as a short last row whose missing
+    fields look like missing values; refuse it: no line end after a row with fewer fields."""
+    import csv
+
+    import fsspec
+
+    with fsspec.open(path, "rb") as handle:
+        size = handle.seek(0, 2)
+        handle.seek(max(0, size - 65536))
+        tail = handle.read()
+    if not tail or tail.endswith(b"\n"):
+        return
+    last = tail.rsplit(b"\n", 1)[-1].decode("utf-8", errors="replace")
+    fields = next(csv.reader([last]), [])
+    if len(fields) < len(columns):
+        raise DataValidationError(
+            path,
+            f"truncated CSV: the last row has {len(fields)} of {len(columns)} fields and no line end",
+            columns[len(fields)] if fields else columns[0],
+        )
+
+
+def check_table(table: TableSpec, roots: list[str] | None = None) -> DatasetRef:
+    """Fail fast before any heavy work: the file is inside the allowed roots, exists, reads, is whole,
+    and has the columns it must."""
+    if roots is not None and not inside_roots(table.path, roots):
+        raise DataValidationError(
+            table.path, f"is outside the allowed data roots {roots} (KEEL_DATA_ROOTS); nothing was read"
+        )
     if not data_files(table.path):
         raise DataValidationError(table.path, "file does not exist (or the folder holds no data files)")
     fmt = table_format(table.path)
     columns = read_header(table.path, fmt)
+    if fmt == "csv":
+        for url in file_urls(table.path):
+            check_csv_ends(url, columns)
     for role, column in (("target", table.target), ("time", table.time_column)):
         if column not in columns:
             raise DataValidationError(
@@ -68,6 +110,9 @@ def check_table(table: TableSpec) -> DatasetRef:
         raise DataValidationError(
             table.path, f"drop_columns names columns that do not exist: {unknown}", unknown[0]
         )
+    unknown = [c for c in table.key_columns if c not in columns]
+    if unknown:
+        raise DataValidationError(table.path, "a key column does not exist", unknown[0])
     if table.target in table.drop_columns or table.time_column in table.drop_columns:
         raise DataValidationError(table.path, "drop_columns must not name the target or the time column")
     return DatasetRef(

@@ -11,8 +11,7 @@ from tasks import lineage, modeling
 from tasks.compute import dask_client
 from tasks.prepare import Splits
 from tasks.refs import ModelRef
-from tasks.registry import find_champion
-from tasks.steps import current_step, processing_step
+from tasks.steps import CacheConfig, RetryPolicy, current_step, processing_step
 
 GATE_METRIC = {"regression": "r2", "binary": "auc", "multiclass": "auc"}
 
@@ -24,18 +23,18 @@ class Evaluation(BaseModel):
     gate_metric: str
 
 
-@processing_step(name="evaluate")
-def evaluate(model: ModelRef, splits: Splits, model_name: str) -> Evaluation:
-    """Score both models through `mlflow.pyfunc` on a worker, as a user would load them."""
+@processing_step(name="evaluate", cache=CacheConfig(), retry=RetryPolicy(attempts=3))
+def evaluate(model: ModelRef, splits: Splits, model_name: str, champion: str | None) -> Evaluation:
+    """Score the challenger and the champion version (None: no comparison) through `mlflow.pyfunc` on a
+    worker, as a user would load them. The flow names the champion, so the cache key includes it."""
     from prefect.artifacts import create_markdown_artifact
 
     step = current_step()
     pipeline = lineage.current_pipeline()
     client = dask_client()
-    champion = find_champion(step.client, model_name)
     jobs = {"challenger": model.uri}
     if champion is not None:
-        jobs["champion"] = f"models:/{model_name}/{champion.version}"
+        jobs["champion"] = f"models:/{model_name}/{champion}"
     futures = {
         role: client.submit(
             modeling.evaluate_model,
@@ -54,7 +53,7 @@ def evaluate(model: ModelRef, splits: Splits, model_name: str) -> Evaluation:
             scores["champion"] = futures["champion"].result()
         except Exception as exc:
             raise RuntimeError(
-                f"the champion {model_name} v{champion.version} cannot score this test data, so the challenger "
+                f"the champion {model_name} v{champion} cannot score this test data, so the challenger "
                 f"cannot be compared with it ({type(exc).__name__}: {str(exc)[-400:]}). Was it trained on another "
                 "table? Use another --model-name, or move the alias yourself."
             ) from exc
@@ -64,8 +63,8 @@ def evaluate(model: ModelRef, splits: Splits, model_name: str) -> Evaluation:
     step.log_metrics({f"test_{k}": v for k, v in metrics.items()})
     if champion_metrics:
         step.log_metrics({f"champion_test_{k}": v for k, v in champion_metrics.items()})
-        step.set_tags({"keel.champion_version": str(champion.version)})
-    header = "| metric | challenger |" + (f" champion v{champion.version} |" if champion else "")
+        step.set_tags({"keel.champion_version": str(champion)})
+    header = "| metric | challenger |" + (f" champion v{champion} |" if champion else "")
     rule = "|---|---|" + ("---|" if champion else "")
     rows = [
         f"| {k} | {metrics[k]:.4f} |" + (f" {champion_metrics[k]:.4f} |" if champion_metrics else "")
@@ -83,7 +82,7 @@ def evaluate(model: ModelRef, splits: Splits, model_name: str) -> Evaluation:
     return Evaluation(
         metrics=metrics,
         champion_metrics=champion_metrics,
-        champion_version=str(champion.version) if champion else None,
+        champion_version=str(champion) if champion else None,
         gate_metric=GATE_METRIC[splits.features.task],
     )
 

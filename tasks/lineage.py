@@ -8,8 +8,11 @@ Prefect task: a retried step leaves one run behind, with its attempts counted.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import subprocess
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tasks.errors import NotInRegistry
 from tasks.refs import DatasetRef
 from tasks.settings import Settings
 
@@ -30,6 +34,27 @@ STEP_TAG = "keel.step"
 STEP_KIND_TAG = "keel.step_kind"
 PIPELINE_TAG = "keel.pipeline"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PARAMS_ARTIFACT = "keel/params.json"
+
+
+ALL_STEPS = "all"
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """Which steps of an execution run and which reuse earlier outputs.
+
+    `reuse_from`: an earlier execution (its MLflow parent run id) whose finished steps are reused
+    when their inputs are the same as now (resume, and selective execution). `selected`: run only
+    these steps, taking the others from `reuse_from` (a step whose inputs changed runs anyway).
+    `force`: run these steps (or "all") even if cached."""
+
+    reuse_from: str | None = None
+    selected: frozenset[str] = frozenset()
+    force: frozenset[str] = frozenset()
+
+    def forced(self, step: str) -> bool:
+        return ALL_STEPS in self.force or step in self.force or step in self.selected
 
 
 @dataclass(frozen=True)
@@ -41,6 +66,7 @@ class PipelineRun:
     tracking_uri: str
     registry_uri: str
     name: str
+    plan: ExecutionPlan = ExecutionPlan()
 
     def client(self) -> MlflowClient:
         import mlflow
@@ -142,9 +168,14 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None
 
 @contextmanager
 def pipeline_run(
-    pipeline: str, params: Mapping[str, Any], settings: Settings, tags: Mapping[str, str] | None = None
+    pipeline: str,
+    params: Mapping[str, Any],
+    settings: Settings,
+    tags: Mapping[str, str] | None = None,
+    plan: ExecutionPlan = ExecutionPlan(),
 ) -> Iterator[PipelineRun]:
-    """Open the parent run of a pipeline execution; it ends FINISHED or FAILED with the flow."""
+    """Open the parent run of a pipeline execution; it ends FINISHED or FAILED with the flow.
+    The parameters are also stored whole (`keel/params.json`), so the execution can be resumed."""
     client = mlflow_client(settings)
     experiment_id = ensure_experiment(client, settings)
     prefect_tags = prefect_flow_run_tags()
@@ -156,24 +187,96 @@ def pipeline_run(
             "mlflow.source.name": pipeline,
             **prefect_tags,
             **git_commit(),
+            "keel.host": socket.gethostname(),
+            "keel.pid": str(os.getpid()),
+            **({"keel.reused_from": plan.reuse_from} if plan.reuse_from else {}),
+            **({"keel.selected_steps": ",".join(sorted(plan.selected))} if plan.selected else {}),
+            **({"keel.forced_steps": ",".join(sorted(plan.force))} if plan.force else {}),
             **(tags or {}),
         },
     )
     log_params(client, run.info.run_id, params)
+    client.log_text(run.info.run_id, json.dumps(params, indent=1, default=str), PARAMS_ARTIFACT)
     current = PipelineRun(
-        run.info.run_id, experiment_id, settings.tracking_uri, settings.registry_uri, pipeline
+        run.info.run_id, experiment_id, settings.tracking_uri, settings.registry_uri, pipeline, plan
     )
     token = _current_pipeline.set(current)
     try:
         yield current
     except BaseException as exc:
-        set_tags(client, run.info.run_id, {"keel.error": f"{type(exc).__name__}: {exc}"[:5000]})
-        client.set_terminated(run.info.run_id, "FAILED")
+        try:
+            set_tags(client, run.info.run_id, {"keel.error": f"{type(exc).__name__}: {exc}"[:5000]})
+            client.set_terminated(run.info.run_id, "FAILED")
+        except Exception as unreachable:  # the tracking server itself may be what failed
+            logging.getLogger(__name__).error(
+                "could not mark MLflow run %s FAILED (%s); the next execution on this host ends it as KILLED",
+                run.info.run_id,
+                unreachable,
+            )
         raise
     else:
         client.set_terminated(run.info.run_id, "FINISHED")
     finally:
         _current_pipeline.reset(token)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def end_stale_runs(client: MlflowClient, experiment_id: str, execution: str | None = None) -> list[str]:
+    """Mark as KILLED the runs of executions whose process died on this host (SIGKILL, power loss):
+    MLflow has no heartbeat, so they would read RUNNING forever. `execution`: only that one, and
+    refuse if its process is still alive."""
+    query = f"tags.`{PIPELINE_TAG}` != '' and attributes.status = 'RUNNING' and tags.`keel.host` = '{socket.gethostname()}'"
+    parents = (
+        [client.get_run(execution)]
+        if execution
+        else client.search_runs([experiment_id], query, max_results=200)
+    )
+    ended: list[str] = []
+    for parent in parents:
+        tags = parent.data.tags
+        if parent.info.status != "RUNNING" or PARENT_TAG in tags:
+            continue
+        pid = int(tags.get("keel.pid", "0") or 0)
+        if tags.get("keel.host") == socket.gethostname() and pid and _alive(pid):
+            if execution:
+                raise RuntimeError(
+                    f"execution {execution} is still running (process {pid}); wait for it or stop it"
+                )
+            continue
+        pending = [parent.info.run_id]
+        while pending:
+            run_id = pending.pop()
+            children = client.search_runs(
+                [parent.info.experiment_id],
+                f"tags.`{PARENT_TAG}` = '{run_id}' and attributes.status = 'RUNNING'",
+            )
+            pending.extend(c.info.run_id for c in children)
+            set_tags(client, run_id, {"keel.error": "ended as KILLED: the process running it is gone"})
+            client.set_terminated(run_id, "KILLED")
+            ended.append(run_id)
+    return ended
+
+
+def execution_params(client: MlflowClient, execution: str) -> dict[str, Any]:
+    """The parameters an execution ran with (as stored by `pipeline_run`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(execution, PARAMS_ARTIFACT, tmp)
+        except Exception as exc:
+            raise NotInRegistry(
+                f"execution {execution} is not in the tracking store, or stored no parameters "
+                f"({PARAMS_ARTIFACT}): {exc}"
+            ) from exc
+        return json.loads(Path(path).read_text())
 
 
 def current_pipeline() -> PipelineRun:

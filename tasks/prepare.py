@@ -12,11 +12,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
 
+from tasks.compute import dask_client
 from tasks.data import TableSpec, check_table, read_table
 from tasks.errors import DataValidationError
 from tasks.featurize import TIME_PARTS, FeatureSpec, as_labels, model_matrix, parse_time
 from tasks.refs import DatasetRef, content_digest
-from tasks.steps import current_step, processing_step
+from tasks.steps import CacheConfig, RetryPolicy, current_step, processing_step
 
 SPLITS = ("train", "valid", "test")
 
@@ -54,9 +55,10 @@ class Splits(BaseModel):
 
 
 @processing_step(name="validate-input")
-def validate_input(table: TableSpec) -> DatasetRef:
-    """Stop before any heavy work if the file is missing, unreadable or lacks a required column."""
-    ref = check_table(table)
+def validate_input(table: TableSpec, roots: list[str] | None = None) -> DatasetRef:
+    """Stop before any heavy work if the file is outside `roots`, missing, unreadable, cut off, or lacks
+    a required column. Never cached: it digests the content, which is what later keys are made of."""
+    ref = check_table(table, roots)
     current_step().log_params({"format": ref.format, "columns": list(ref.columns)})
     return ref
 
@@ -72,7 +74,7 @@ def _infer_task(table: TableSpec, target_dtype, n_distinct: int) -> str:
     return "binary" if n_distinct <= 2 else "multiclass"
 
 
-@processing_step(name="prepare")
+@processing_step(name="prepare", cache=CacheConfig(ignore=("output_uri",)), retry=RetryPolicy(attempts=3))
 def prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: str) -> Splits:
     """Clean, featurize and split the raw table on Dask; write the splits as Parquet."""
     try:
@@ -94,6 +96,7 @@ def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: st
 
     logger = get_run_logger()
     step = current_step()
+    dask_client()  # the cluster runs every compute below
     frame = read_table(raw)
     frame = frame.drop(columns=table.drop_columns)
     time_column, target = table.time_column, table.target

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from tasks import lineage
 from tasks.refs import DatasetRef, ModelRef
-from tasks.steps import current_step, model_step
+from tasks.steps import RetryPolicy, current_step, model_step
 from tasks.steps.model import APPROVAL_TAG, CHAMPION_ALIAS, ApprovalStatus
 
 if TYPE_CHECKING:
@@ -17,10 +17,13 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
     from tasks.baseline import Baseline
+    from tasks.quality import QualityReport
 
 
 BASELINE_TAG = "baseline.uri"  # where the version's monitoring baseline is (tasks.baseline)
 BASELINE_RUN_TAG = "baseline.run_id"
+QUALITY_TAG = "quality.uri"  # where the version's data-quality constraints are (tasks.quality)
+QUALITY_RUN_TAG = "quality.run_id"
 
 
 class RegisteredVersion(BaseModel):
@@ -30,6 +33,7 @@ class RegisteredVersion(BaseModel):
     champion: bool
     previous_champion: str | None = None
     uri: str
+    existing: bool = False
 
 
 def find_champion(client: MlflowClient, name: str) -> ModelVersion | None:
@@ -42,6 +46,35 @@ def find_champion(client: MlflowClient, name: str) -> ModelVersion | None:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
+
+
+def comparable_champion(client: MlflowClient, name: str, model: ModelRef) -> str | None:
+    """The champion version a challenger must beat, or None: there is none, or it is this very model
+    (a re-run that reused the champion's training outputs has nothing to compare)."""
+    champion = find_champion(client, name)
+    if champion is None or holds(champion, model):
+        return None
+    return str(champion.version)
+
+
+def holds(version: ModelVersion, model: ModelRef) -> bool:
+    """Whether a registered version is this logged model (its source URI; the id when recorded)."""
+    return version.source == model.uri or bool(model.model_id and version.model_id == model.model_id)
+
+
+def registered_version(client: MlflowClient, name: str, model: ModelRef) -> ModelVersion | None:
+    """The version of `name` that already holds this logged model, if any (registration is idempotent:
+    a resumed, retried or cached execution never registers the same model twice)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{model.run_id}'")
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return None
+        raise
+    same = [v for v in versions if holds(v, model)]
+    return min(same, key=lambda v: int(v.version)) if same else None
 
 
 class VersionCreated(BaseModel):
@@ -68,7 +101,7 @@ def last_retrain(client: MlflowClient, name: str, look_back: int = 50) -> Versio
     return None
 
 
-@model_step(name="register")
+@model_step(name="register", retry=RetryPolicy(attempts=3, retry_on=("tracking-unavailable",)))
 def register(
     model: ModelRef,
     model_name: str,
@@ -78,9 +111,11 @@ def register(
     datasets: dict[str, DatasetRef],
     baseline: Baseline | None = None,
     champion: tuple[str, dict[str, float]] | None = None,
+    quality: QualityReport | None = None,
 ) -> RegisteredVersion:
     """Register a new version with lineage tags; move `champion` to it only when it is Approved.
-    `champion`: the version it was compared with and that version's metrics on the same test data."""
+    `champion`: the version it was compared with and that version's metrics on the same test data.
+    `quality`: the input's data-quality constraints, the baseline later data is checked against."""
     from mlflow.exceptions import MlflowException
     from prefect import get_run_logger
 
@@ -105,22 +140,37 @@ def register(
     }
     if baseline is not None:
         tags.update({BASELINE_TAG: baseline.uri, BASELINE_RUN_TAG: baseline.run_id})
+    if quality is not None:
+        tags.update({QUALITY_TAG: quality.uri, QUALITY_RUN_TAG: quality.run_id})
     if champion is not None:  # the champion it was judged against, on the same test data
         tags["compared_with"] = champion[0]
         tags.update({f"champion_metric.{k}": f"{v:.6g}" for k, v in champion[1].items()})
-    version = client.create_model_version(
-        model_name, source=model.uri, run_id=model.run_id, tags=tags, model_id=model.model_id
-    )
+    existing = registered_version(client, model_name, model)
+    if existing is not None:  # this model is registered already: keep that version, don't add one
+        version, status = existing, existing.tags.get(APPROVAL_TAG, status)
+    else:
+        version = client.create_model_version(
+            model_name, source=model.uri, run_id=model.run_id, tags=tags, model_id=model.model_id
+        )
     previous = find_champion(client, model_name)
     promoted = status == "Approved"
-    if promoted:
+    already = previous is not None and str(previous.version) == str(version.version)
+    if promoted and not already:
         client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
+    alias = f"{CHAMPION_ALIAS} unchanged"
+    if promoted:
+        alias = (
+            f"{CHAMPION_ALIAS} stays v{version.version}"
+            if already
+            else f"{CHAMPION_ALIAS} -> v{version.version}"
+        )
     get_run_logger().info(
-        "registered %s v%s as %s%s",
+        "%s %s v%s as %s; %s",
+        "already registered:" if existing else "registered",
         model_name,
         version.version,
         status,
-        f"; {CHAMPION_ALIAS} -> v{version.version}" if promoted else f"; {CHAMPION_ALIAS} unchanged",
+        alias,
     )
     step.set_tags({"keel.registered_version": version.version, APPROVAL_TAG: status})
     return RegisteredVersion(
@@ -130,4 +180,5 @@ def register(
         champion=promoted,
         previous_champion=str(previous.version) if previous else None,
         uri=f"models:/{model_name}/{version.version}",
+        existing=existing is not None,
     )

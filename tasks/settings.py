@@ -56,6 +56,22 @@ class Settings(BaseSettings):
         "reach); unset: `<state_dir>/datasets`.",
     )
 
+    data_roots: str | None = Field(
+        default=None,
+        description="Folders or URL prefixes input data may come from, separated by commas; unset: anywhere.",
+    )
+
+    @property
+    def allowed_data_roots(self) -> list[str] | None:
+        if not self.data_roots:
+            return None
+        return [root.strip() for root in self.data_roots.split(",") if root.strip()]
+
+    @property
+    def rejected_dir(self) -> Path:
+        """Where the reasons for refused inputs are written (one JSON file per execution)."""
+        return (self.state_dir / "rejected").resolve()
+
     @property
     def tracking_uri(self) -> str:
         if self.mlflow_tracking_uri:

@@ -14,7 +14,9 @@ from tasks.featurize import FeatureSpec, model_matrix, parse_time, predictions_f
 from tasks.prepare import Splits
 from tasks.refs import DatasetRef, ModelRef, data_files
 from tasks.steps import (
+    CacheConfig,
     ParamRange,
+    RetryPolicy,
     TuningResult,
     TuningSpec,
     current_step,
@@ -79,7 +81,7 @@ def choose_mode(spec: TrainingSpec, rows: int, n_features: int, worker_memory: i
     )
 
 
-@tuning_step(name="tune")
+@tuning_step(name="tune", cache=CacheConfig(), retry=RetryPolicy(attempts=3))
 def tune(splits: Splits, tuning: TuningSpec, training: TrainingSpec) -> TuningResult:
     """Search the space with trials on the workers, early-stopped on the validation split."""
     return run_trials(
@@ -94,7 +96,7 @@ def tune(splits: Splits, tuning: TuningSpec, training: TrainingSpec) -> TuningRe
     )
 
 
-@training_step(name="train")
+@training_step(name="train", cache=CacheConfig(), retry=RetryPolicy(attempts=3))
 def train(raw: DatasetRef, splits: Splits, tuning: TuningResult, training: TrainingSpec) -> ModelRef:
     """Fit on train + validation with the best parameters and the trees the best trial needed; log the model."""
     from prefect import get_run_logger

@@ -1,6 +1,7 @@
 """The SageMaker step kinds: Processing, Training, Tuning, Condition, Model and Fail steps."""
 
 from tasks.steps.base import Step, StepRun, current_step, step_kind
+from tasks.steps.cache import NO_CACHE, CacheConfig
 from tasks.steps.condition import Check, ConditionOutcome, condition
 from tasks.steps.fail import fail
 from tasks.steps.model import model_step
@@ -10,7 +11,9 @@ from tasks.steps.training import training_step
 from tasks.steps.tuning import ParamRange, TuningResult, TuningSpec, run_trials, tuning_step
 
 __all__ = [
+    "NO_CACHE",
     "NO_RETRY",
+    "CacheConfig",
     "Check",
     "ConditionOutcome",
     "ParamRange",

@@ -6,6 +6,11 @@ one MLflow child run under the execution's parent run. `DatasetRef` arguments ar
 run's inputs (`log_input`, with digest and URI); references in the return value are tagged as its
 outputs. Retries of the task resume the same MLflow run (found by the Prefect task-run id), so a
 retried step leaves one run behind with its attempt count.
+
+Before the function runs, the step looks for outputs it may reuse (`tasks.steps.cache`): from the
+execution named in the plan (resume, selective execution), else from its cache if it has one. A
+reused step still gets its MLflow run, tagged with the run that produced the outputs, and ends in
+Prefect as `Cached` or `Reused`; a step that runs says why in its state message.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from pydantic import BaseModel
 
 from tasks import lineage
 from tasks.refs import DatasetRef, ModelRef
+from tasks.steps import cache
+from tasks.steps.cache import NO_CACHE, CacheConfig
 from tasks.steps.retry import NO_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
@@ -165,14 +172,22 @@ def _retry_condition(policy: RetryPolicy) -> Callable[[Any, Any, Any], bool]:
 class Step(Generic[P, R]):
     """A typed function that runs as a named pipeline step of one kind."""
 
-    def __init__(self, fn: Callable[P, R], kind: str, name: str, retry: RetryPolicy = NO_RETRY):
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        kind: str,
+        name: str,
+        retry: RetryPolicy = NO_RETRY,
+        cache: CacheConfig = NO_CACHE,
+    ):
         from prefect import task
-        from prefect.cache_policies import NO_CACHE
+        from prefect.cache_policies import NO_CACHE as PREFECT_NO_CACHE
 
         self.fn = fn
         self.kind = kind
         self.name = name
         self.retry = retry
+        self.cache = cache
         self._signature = inspect.signature(fn)
         self._task = task(
             self._body,
@@ -181,30 +196,90 @@ class Step(Generic[P, R]):
             retries=retry.attempts - 1,
             retry_delay_seconds=retry.delays() or 0,
             retry_condition_fn=_retry_condition(retry),
-            cache_policy=NO_CACHE,
+            cache_policy=PREFECT_NO_CACHE,  # ours is content-keyed: tasks.steps.cache
             # No Prefect tags: a tagged task asks the server for tag concurrency slots before it
             # starts (measured ~0.9 s a step here). The step kind is recorded in MLflow instead.
         )
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self._task(*args, **kwargs)
+        from prefect.states import State
 
-    def _body(self, *args: Any, **kwargs: Any) -> R:
+        outcome = self._task(*args, **kwargs)
+        # The body returns a named state (Cached, Reused, or Completed with the cache's reason);
+        # Prefect records it and hands it back as is: the caller wants the value in it.
+        return outcome.result() if isinstance(outcome, State) else outcome
+
+    def _body(self, *args: Any, **kwargs: Any) -> Any:
+        from prefect.states import Completed
+
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
+        key = cache.step_key(self.name, self.fn, bound.arguments, self.cache.ignore)
         with _step_run(self.name, self.kind) as run:
+            run.set_tags({cache.KEY_TAG: key.digest})
             run.log_params(plain_params(bound.arguments))
             inputs = {
                 k: v for name, value in bound.arguments.items() for k, v in find_refs(value, name).items()
             }
             lineage.log_datasets(run.client, run.run_id, _datasets(inputs), "input")
             _tag_models(run, inputs, "input")
-            result = self.fn(*bound.args, **bound.kwargs)
+            reuse, status, why = self._reusable(run, key)
+            if reuse is not None:
+                result = reuse.value
+                run.set_tags(
+                    {
+                        cache.STATUS_TAG: reuse.how,
+                        cache.SOURCE_RUN_TAG: reuse.run_id,
+                        cache.SOURCE_EXECUTION_TAG: reuse.execution,
+                        cache.REASON_TAG: reuse.message[:5000],
+                    }
+                )
+                _log(f"{self.name}: {reuse.message}")
+            else:
+                run.set_tags({cache.STATUS_TAG: status, cache.REASON_TAG: why[:5000]})
+                if status != "off":
+                    _log(f"{self.name}: {status}: {why}")
+                result = self.fn(*bound.args, **bound.kwargs)
+                cache.save_output(run.client, run.run_id, self.fn, key, result)
+                run.set_tags({cache.PRODUCED_TAG: "true"})
             outputs = find_refs(result, "output")
             lineage.log_datasets(run.client, run.run_id, _datasets(outputs), "output")
             _tag_models(run, outputs, "output")
-            return result
+        if reuse is not None:
+            name = "Cached" if reuse.how == "hit" else "Reused"
+            return Completed(name=name, message=reuse.message[:2000], data=result)
+        return Completed(message=f"{status}: {why}"[:2000], data=result)
+
+    def _reusable(self, run: StepRun, key: cache.CacheKey) -> tuple[cache.Reuse | None, str, str]:
+        """Earlier outputs this run may take (or None), the cache status and why.
+        Status: reused (from the plan's execution), hit, miss, rerun (not reusable from the plan's
+        execution, no cache), forced, off (no cache, nothing to reuse from)."""
+        pipeline = lineage.current_pipeline()
+        plan = pipeline.plan
+        if plan.forced(self.name):
+            return None, "forced", "run on request (--force-steps or --selected-steps)"
+        not_reused = ""
+        if plan.reuse_from:
+            reuse, not_reused = cache.find_in_execution(
+                run.client, pipeline.experiment_id, plan.reuse_from, key, self.fn
+            )
+            if reuse is not None:
+                return reuse, reuse.how, reuse.message
+        if not self.cache.enabled:
+            return None, ("rerun" if not_reused else "off"), not_reused or "this step has no cache"
+        reuse, miss = cache.find_cached(
+            run.client, pipeline.experiment_id, key, self.fn, self.cache.expire_after
+        )
+        if reuse is not None:
+            return reuse, reuse.how, reuse.message
+        return None, "miss", "; ".join(filter(None, [miss, not_reused]))
+
+
+def _log(message: str) -> None:
+    from prefect import get_run_logger
+
+    get_run_logger().info(message)
 
 
 def _datasets(refs: Mapping[str, Any]) -> dict[str, DatasetRef]:
@@ -221,10 +296,10 @@ def step_kind(kind: str) -> Callable[..., Callable[[Callable[P, R]], Step[P, R]]
     """Make a decorator for one step kind, e.g. `processing_step = step_kind("ProcessingStep")`."""
 
     def decorator_factory(
-        name: str | None = None, *, retry: RetryPolicy = NO_RETRY
+        name: str | None = None, *, retry: RetryPolicy = NO_RETRY, cache: CacheConfig = NO_CACHE
     ) -> Callable[[Callable[P, R]], Step[P, R]]:
         def decorate(fn: Callable[P, R]) -> Step[P, R]:
-            return Step(fn, kind, name or fn.__name__.replace("_", "-"), retry)
+            return Step(fn, kind, name or fn.__name__.replace("_", "-"), retry, cache)
 
         return decorate
 

@@ -1,0 +1,495 @@
+"""The data quality step (SageMaker's QualityCheckStep): a constraints baseline, and violations against it.
+
+At training time the step profiles the input table in one pass on the Dask workers (per column: kind,
+missing share, range, sign, categories) and stores that as `quality/constraints.json` in its MLflow
+run; the registered version points at it (`quality.uri`). New data — a retrain's input, a monitored
+batch — is checked against the champion's constraints before anything else. Some rules need no
+baseline and always apply: a column with no values, infinite numbers, duplicated keys, times that
+do not parse. Violations come out as a table (column, rule, observed, expected); by switch they fail
+the run or only warn.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, Field
+
+from tasks.compute import dask_client
+from tasks.errors import DataValidationError
+from tasks.featurize import parse_time
+from tasks.refs import DatasetRef, file_urls
+from tasks.registry import QUALITY_RUN_TAG, QUALITY_TAG, find_champion
+from tasks.steps import CacheConfig, RetryPolicy, current_step, processing_step
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow import MlflowClient
+
+ARTIFACT_DIR = "quality"
+MAX_CATEGORIES = 1000
+
+
+class QualityRules(BaseModel):
+    """How strict the check is, and what a violation does."""
+
+    on_violation: Literal["fail", "warn"] = Field(
+        default="fail", description="fail: stop the run with the violations; warn: report them and go on."
+    )
+    missing_tolerance: float = Field(
+        default=0.0, ge=0, le=1, description="Allowed rise of a column's missing share over the baseline's."
+    )
+    range_tolerance: float = Field(
+        default=0.5,
+        ge=0,
+        description="Allowed distance beyond the baseline's min/max, as a share of its range.",
+    )
+
+
+class ColumnStats(BaseModel):
+    """One column of one partition (or of the table, once merged)."""
+
+    rows: int = 0
+    missing: int = 0
+    not_numbers: int = 0
+    not_times: int = 0
+    infinite: int = 0
+    negative: int = 0
+    min: float | None = None
+    max: float | None = None
+    values: list[str] | None = Field(
+        default=None, description="Distinct text values, up to MAX_CATEGORIES+1."
+    )
+
+    @property
+    def kind(self) -> str:
+        if self.rows == self.missing:
+            return "empty"
+        return "numeric" if self.not_numbers == 0 else "text"
+
+    def merge(self, other: ColumnStats) -> ColumnStats:
+        values = None
+        if self.values is not None or other.values is not None:
+            values = sorted(set(self.values or []) | set(other.values or []))[: MAX_CATEGORIES + 1]
+        return ColumnStats(
+            rows=self.rows + other.rows,
+            missing=self.missing + other.missing,
+            not_numbers=self.not_numbers + other.not_numbers,
+            not_times=self.not_times + other.not_times,
+            infinite=self.infinite + other.infinite,
+            negative=self.negative + other.negative,
+            min=_pick(min, self.min, other.min),
+            max=_pick(max, self.max, other.max),
+            values=values,
+        )
+
+
+def _pick(fn, a: float | None, b: float | None) -> float | None:
+    present = [v for v in (a, b) if v is not None]
+    return fn(present) if present else None
+
+
+class ColumnConstraint(BaseModel):
+    kind: Literal["numeric", "text", "time", "empty"]
+    missing_share: float
+    min: float | None = None
+    max: float | None = None
+    non_negative: bool = False
+    categories: list[str] | None = None
+
+
+class Constraints(BaseModel):
+    """constraints.json: the baseline new data is held to."""
+
+    source: DatasetRef
+    rows: int
+    time_column: str
+    columns: dict[str, ColumnConstraint]
+
+
+class ConstraintsRef(BaseModel):
+    """A stored baseline: which model version's, and where (an MLflow run's artifacts are immutable)."""
+
+    model_name: str
+    version: str
+    run_id: str
+    uri: str
+
+
+class Violation(BaseModel):
+    column: str | None
+    rule: str
+    observed: str
+    expected: str
+
+
+class QualityReport(BaseModel):
+    """The step's output: the input's own constraints (the next baseline) and what it broke."""
+
+    uri: str
+    run_id: str
+    data: DatasetRef
+    checked_against: ConstraintsRef | None
+    violations: list[Violation]
+    rows: int
+
+
+# --- worker side ----------------------------------------------------------------------------------
+
+
+def partition_stats(frame: pd.DataFrame, time_column: str) -> dict[str, ColumnStats]:
+    """Counts and bounds of one partition; runs on a Dask worker."""
+    import numpy as np
+    import pandas as pd
+
+    stats = {}
+    for column in frame.columns:
+        values = frame[column]
+        present = values.notna()
+        numbers = (
+            values.astype("float64")
+            if pd.api.types.is_bool_dtype(values)
+            else pd.to_numeric(values, errors="coerce")
+        )
+        not_numbers = int((present & numbers.isna()).sum())
+        finite = numbers[np.isfinite(numbers)]
+        text = None
+        if not_numbers:
+            text = sorted(map(str, values[present].unique()))[: MAX_CATEGORIES + 1]
+        not_times = 0
+        if column == time_column:
+            not_times = int((present & parse_time(values).isna()).sum())
+        stats[column] = ColumnStats(
+            rows=len(values),
+            missing=int((~present).sum()),
+            not_numbers=not_numbers,
+            not_times=not_times,
+            infinite=int(np.isinf(numbers).sum()),
+            negative=int((finite < 0).sum()),
+            min=float(finite.min()) if len(finite) else None,
+            max=float(finite.max()) if len(finite) else None,
+            values=text,
+        )
+    return stats
+
+
+def key_hashes(frame: pd.DataFrame, key: list[str]) -> pd.Series:
+    import pandas as pd
+
+    return pd.util.hash_pandas_object(frame[key].astype(str), index=False)
+
+
+def table_stats(data: DatasetRef, time_column: str, key: list[str]) -> tuple[dict[str, ColumnStats], int]:
+    """Every column's stats and the number of duplicated keys, in one pass on the workers. CSV is read
+    as text, so a stray value anywhere in a column is counted, not a reason for Dask to stop."""
+    import dask
+    import dask.dataframe as dd
+    import pandas as pd
+
+    dask_client()  # the cluster runs the computes below
+    if data.format == "csv":
+        frame = dd.read_csv(file_urls(data.uri), dtype=str, blocksize="64MB", keep_default_na=True)
+    else:
+        frame = dd.read_parquet(data.uri)
+    parts = [dask.delayed(partition_stats)(p, time_column) for p in frame.to_delayed()]
+    duplicates = 0
+    try:
+        if key:
+            hashes = frame.map_partitions(key_hashes, key, meta=("key", "uint64"))
+            per_part, total, unique = dask.compute(parts, frame.shape[0], hashes.nunique())
+            duplicates = int(total) - int(unique)
+        else:
+            (per_part,) = dask.compute(parts)
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+        raise DataValidationError(data.uri, f"cannot be parsed: {type(exc).__name__}: {exc}") from exc
+    merged: dict[str, ColumnStats] = {}
+    for part in per_part:
+        for column, stats in part.items():
+            merged[column] = merged[column].merge(stats) if column in merged else stats
+    return merged, duplicates
+
+
+# --- rules ----------------------------------------------------------------------------------------
+
+
+def constraints_from(data: DatasetRef, stats: dict[str, ColumnStats], time_column: str) -> Constraints:
+    columns = {}
+    for name, s in stats.items():
+        kind = "time" if name == time_column else s.kind
+        text = kind == "text" and s.values is not None and len(s.values) <= MAX_CATEGORIES
+        columns[name] = ColumnConstraint(
+            kind=kind,
+            missing_share=s.missing / s.rows if s.rows else 0.0,
+            min=s.min if kind == "numeric" else None,
+            max=s.max if kind == "numeric" else None,
+            non_negative=kind == "numeric" and s.negative == 0,
+            categories=s.values if text else None,
+        )
+    rows = max((s.rows for s in stats.values()), default=0)
+    return Constraints(source=data, rows=rows, time_column=time_column, columns=columns)
+
+
+def _share(n: int, rows: int) -> str:
+    return f"{n:,} of {rows:,} ({n / rows:.2%})" if rows else f"{n:,}"
+
+
+def violations(
+    stats: dict[str, ColumnStats],
+    duplicates: int,
+    key: list[str],
+    time_column: str,
+    baseline: Constraints | None,
+    rules: QualityRules,
+    optional: list[str],
+) -> list[Violation]:
+    """Rules that need no baseline, then the baseline's (only for columns the baseline knows)."""
+    found: list[Violation] = []
+    rows = max((s.rows for s in stats.values()), default=0)
+    if rows == 0:
+        return [Violation(column=None, rule="not empty", observed="0 rows", expected="at least 1 row")]
+    for name, s in stats.items():
+        if s.missing == s.rows:
+            found.append(
+                Violation(
+                    column=name, rule="not all missing", observed="every value missing", expected="values"
+                )
+            )
+        if s.infinite:
+            found.append(
+                Violation(
+                    column=name,
+                    rule="finite",
+                    observed=f"{_share(s.infinite, s.rows)} infinite",
+                    expected="no inf",
+                )
+            )
+        if name == time_column and s.not_times:
+            found.append(
+                Violation(
+                    column=name,
+                    rule="time",
+                    observed=f"{_share(s.not_times, s.rows)} not dates/times",
+                    expected="dates/times",
+                )
+            )
+    if duplicates:
+        found.append(
+            Violation(
+                column=",".join(key),
+                rule="unique key",
+                observed=f"{duplicates:,} duplicated rows",
+                expected="one row per key",
+            )
+        )
+    if baseline is None:
+        return found
+    for name, want in baseline.columns.items():
+        s = stats.get(name)
+        if s is None:
+            if name not in optional:
+                found.append(
+                    Violation(
+                        column=name, rule="present", observed="missing", expected=f"a {want.kind} column"
+                    )
+                )
+            continue
+        if s.missing == s.rows:
+            continue  # said above
+        share = s.missing / s.rows
+        if share > want.missing_share + rules.missing_tolerance + 1e-12:
+            found.append(
+                Violation(
+                    column=name,
+                    rule="completeness",
+                    observed=f"{_share(s.missing, s.rows)} missing",
+                    expected=f"at most {want.missing_share + rules.missing_tolerance:.2%} missing",
+                )
+            )
+        if want.kind == "numeric":
+            if s.not_numbers:
+                sample = ", ".join(repr(v) for v in (s.values or [])[:3])
+                found.append(
+                    Violation(
+                        column=name,
+                        rule="type",
+                        observed=f"{_share(s.not_numbers, s.rows)} not numbers ({sample})",
+                        expected="numbers",
+                    )
+                )
+                continue
+            if want.non_negative and s.negative:
+                found.append(
+                    Violation(
+                        column=name,
+                        rule="non-negative",
+                        observed=f"{_share(s.negative, s.rows)} negative (min {s.min:g})",
+                        expected=">= 0",
+                    )
+                )
+            if want.min is not None and want.max is not None and s.min is not None and s.max is not None:
+                slack = rules.range_tolerance * (want.max - want.min)
+                low, high = want.min - slack, want.max + slack
+                if s.min < low or s.max > high:
+                    found.append(
+                        Violation(
+                            column=name,
+                            rule="range",
+                            observed=f"{s.min:g} .. {s.max:g}",
+                            expected=f"{low:g} .. {high:g} (baseline {want.min:g} .. {want.max:g} ± {rules.range_tolerance:g} of its range)",
+                        )
+                    )
+        elif want.kind == "text" and want.categories is not None and s.values is not None:
+            unseen = sorted(set(s.values) - set(want.categories))
+            if unseen:
+                found.append(
+                    Violation(
+                        column=name,
+                        rule="categories",
+                        observed=f"{len(unseen)} unseen: {', '.join(map(repr, unseen[:5]))}",
+                        expected=f"one of {len(want.categories)} seen in training",
+                    )
+                )
+    return found
+
+
+def violations_table(found: list[Violation]) -> str:
+    rows = [f"| {v.column or '(table)'} | {v.rule} | {v.observed} | {v.expected} |" for v in found]
+    return "\n".join(["| column | rule | observed | expected |", "|---|---|---|---|", *rows])
+
+
+# --- the step -------------------------------------------------------------------------------------
+
+
+@processing_step(name="check-quality", cache=CacheConfig(), retry=RetryPolicy(attempts=3))
+def check_quality(
+    data: DatasetRef,
+    time_column: str,
+    key_columns: list[str],
+    against: ConstraintsRef | None,
+    rules: QualityRules,
+    optional: list[str],
+) -> QualityReport:
+    """Profile the data into constraints, check it against `against` (a version's baseline), report;
+    with `on_violation="fail"` a violation ends the run as bad input (file, column, rule)."""
+    import tempfile
+
+    from prefect import get_run_logger
+    from prefect.artifacts import create_markdown_artifact
+
+    step = current_step()
+    logger = get_run_logger()
+    missing_key = [c for c in key_columns if c not in data.columns]
+    if missing_key:
+        raise DataValidationError(data.uri, "a key column is missing", missing_key[0])
+    stats, duplicates = table_stats(data, time_column, key_columns)
+    baseline = load_constraints(step.client, against) if against else None
+    found = violations(stats, duplicates, key_columns, time_column, baseline, rules, optional)
+    constraints = constraints_from(data, stats, time_column)
+    table = violations_table(found)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / ARTIFACT_DIR
+        folder.mkdir()
+        (folder / "constraints.json").write_text(constraints.model_dump_json(indent=1))
+        (folder / "violations.json").write_text(json.dumps([v.model_dump() for v in found], indent=1))
+        (folder / "violations.md").write_text(table + "\n")
+        step.client.log_artifacts(step.run_id, str(folder), ARTIFACT_DIR)
+    against_text = f"{against.model_name} v{against.version}" if against else "no baseline (first model)"
+    step.log_metrics({"rows_checked": constraints.rows, "violations": len(found)})
+    step.set_tags({"keel.quality.against": against_text, "keel.quality.violations": len(found)})
+    if found:
+        create_markdown_artifact(
+            key="quality-violations",
+            markdown=f"### {len(found)} data quality violations in {data.uri}\n\nAgainst {against_text}.\n\n{table}\n",
+            description=f"{len(found)} violations ({rules.on_violation})",
+        )
+        logger.warning("%d data quality violations in %s:\n%s", len(found), data.uri, table)
+        if rules.on_violation == "fail":
+            first = found[0]
+            more = f" (and {len(found) - 1} more violations, see the table)" if len(found) > 1 else ""
+            column = first.column if first.column in stats or first.rule == "present" else None
+            raise DataValidationError(
+                data.uri, f"{first.rule}: {first.observed}, expected {first.expected}{more}", column
+            )
+    else:
+        logger.info(
+            "data quality: %s rows x %d columns pass (against %s)",
+            f"{constraints.rows:,}",
+            len(stats),
+            against_text,
+        )
+    uri = f"{step.client.get_run(step.run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_DIR}"
+    return QualityReport(
+        uri=uri,
+        run_id=step.run_id,
+        data=data,
+        checked_against=against,
+        violations=found,
+        rows=constraints.rows,
+    )
+
+
+# --- baselines in the registry, and rejected inputs -------------------------------------------------
+
+
+def version_constraints(
+    client: MlflowClient, model_name: str, version: str | None = None, unless_made_from: str | None = None
+) -> ConstraintsRef | None:
+    """The constraints stored with a version (default: the champion), or None if it has none, or if
+    they were made from the data with digest `unless_made_from` (data always meets its own baseline)."""
+    found = (
+        find_champion(client, model_name)
+        if version is None
+        else client.get_model_version(model_name, version)
+    )
+    if found is None or not found.tags.get(QUALITY_RUN_TAG):
+        return None
+    if unless_made_from and found.tags.get("dataset.raw.digest") == unless_made_from:
+        return None
+    return ConstraintsRef(
+        model_name=model_name,
+        version=str(found.version),
+        run_id=found.tags[QUALITY_RUN_TAG],
+        uri=found.tags[QUALITY_TAG],
+    )
+
+
+def load_constraints(client: MlflowClient, ref: ConstraintsRef) -> Constraints:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(ref.run_id, f"{ARTIFACT_DIR}/constraints.json", tmp)
+        return Constraints.model_validate_json(Path(path).read_text())
+
+
+class Rejection(BaseModel):
+    """Why an input was refused; written next to the state, the input itself is left where it is."""
+
+    input: str
+    digest: str | None
+    file: str
+    column: str | None
+    rule: str
+    execution: str
+    at: str
+
+
+def record_rejection(
+    folder: Path, execution: str, source: str, digest: str | None, exc: DataValidationError
+) -> Path:
+    """Keep the reason an input was refused (`<folder>/<execution>.json`); never touch the input."""
+    record = Rejection(
+        input=source,
+        digest=digest,
+        file=exc.file,
+        column=exc.column,
+        rule=exc.rule,
+        execution=execution,
+        at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{execution}.json"
+    path.write_text(record.model_dump_json(indent=1))
+    return path

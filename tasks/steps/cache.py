@@ -1,0 +1,420 @@
+"""Step caching and reuse: SageMaker's CacheConfig, "retry pipeline execution" and selective execution.
+
+Every step run records a content key in MLflow (`keel.cache.key`) and its return value
+(`keel/output.json`). The key is built from parts, so a miss can say which part changed:
+
+- `code:<module.function>`: the step's function and every function, class and constant of this
+  project it reaches (followed through globals and module attributes), as ASTs, so a comment or a
+  reformat does not count as a change. Bookkeeping modules (lineage, this one) are left out.
+- `param:<name>`: each argument, with data references replaced by placeholders;
+- `input:<name>`: the content digest of each `DatasetRef` (not its path: rewriting a file in place
+  changes the key) and the id of each logged model (MLflow models are immutable);
+- `lib:<name>`: the versions of the libraries that shape results, and Python's.
+
+A step reuses earlier outputs only after checking they are still there: every `DatasetRef` is
+digested again and every logged model must still exist. Prefect's own task cache is not used: it
+keys on arguments (paths, not content), cannot check outputs, and knows nothing of MLflow lineage.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib.metadata
+import inspect
+import json
+import platform
+import sys
+import tempfile
+import textwrap
+import time
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import date, timedelta
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from tasks.refs import DatasetRef, ModelRef, content_digest, data_files
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+KEY_TAG = "keel.cache.key"
+STATUS_TAG = "keel.cache.status"  # hit, reused, miss, forced, off
+PRODUCED_TAG = "keel.cache.produced"  # "true" on runs whose function ran and finished
+SOURCE_RUN_TAG = "keel.cache.source_run_id"
+SOURCE_EXECUTION_TAG = "keel.cache.source_execution"
+REASON_TAG = "keel.cache.reason"
+OUTPUT_ARTIFACT = "keel/output.json"
+KEY_ARTIFACT = "keel/cache_key.json"
+
+LIBRARIES = ("lightgbm", "numpy", "pandas", "pyarrow", "dask", "optuna", "mlflow", "scikit-learn")
+OUR_PACKAGES = ("tasks", "flows")
+# Record what ran and where; never change what a step computes.
+BOOKKEEPING = frozenset(
+    {
+        "tasks.lineage",
+        "tasks.steps.base",
+        "tasks.steps.cache",
+        "tasks.steps.retry",
+        "tasks.compute",
+        "tasks.settings",
+    }
+)
+
+
+class CacheConfig(BaseModel):
+    """Whether a step's outputs may be reused by a later execution with the same key, and for how long."""
+
+    model_config = ConfigDict(frozen=True)
+
+    enabled: bool = True
+    expire_after: timedelta | None = Field(
+        default=None, description="Reuse only outputs produced this recently (ISO 8601, e.g. P30D)."
+    )
+    ignore: tuple[str, ...] = Field(
+        default=(),
+        description="Arguments that say where outputs go, not what they are (left out of the key).",
+    )
+
+
+NO_CACHE = CacheConfig(enabled=False)
+
+
+class CacheKey(BaseModel):
+    parts: dict[str, str]
+
+    @functools.cached_property
+    def digest(self) -> str:
+        text = json.dumps(self.parts, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def changes_from(self, earlier: Mapping[str, str]) -> list[str]:
+        """What differs from an earlier key, most telling first (inputs, params, code, libraries)."""
+        order = ("input:", "param:", "code:", "lib:", "step")
+        changes = []
+        for name in sorted(set(self.parts) | set(earlier), key=lambda n: (_rank(n, order), n)):
+            before, now = earlier.get(name), self.parts.get(name)
+            if before == now:
+                continue
+            if before is None:
+                changes.append(f"{name} is new")
+            elif now is None:
+                changes.append(f"{name} is gone")
+            elif name.startswith("code:"):
+                changes.append(f"{name} changed")
+            else:
+                changes.append(f"{name} changed ({_short(before)} -> {_short(now)})")
+        return changes
+
+
+def _rank(name: str, order: tuple[str, ...]) -> int:
+    return next((i for i, prefix in enumerate(order) if name.startswith(prefix)), len(order))
+
+
+def _short(value: str) -> str:
+    return value if len(value) <= 60 else value[:28] + "..." + value[-28:]
+
+
+def _fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- the key --------------------------------------------------------------------------------------
+
+
+def canonical(value: Any) -> Any:
+    """An argument as plain JSON data, with data references replaced by placeholders (they are
+    keyed by content as `input:` parts)."""
+    if isinstance(value, DatasetRef):
+        return "<dataset>"
+    if isinstance(value, ModelRef):
+        return "<model>"
+    if isinstance(value, BaseModel):
+        return {f: canonical(getattr(value, f)) for f in type(value).model_fields}
+    if isinstance(value, Mapping):
+        return {str(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [canonical(v) for v in value]
+        return sorted(items, key=json.dumps) if isinstance(value, set | frozenset) else items
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, date | timedelta | Path):
+        return str(value)
+    return value
+
+
+def input_parts(name: str, value: Any) -> dict[str, str]:
+    from tasks.steps.base import find_refs
+
+    parts = {}
+    for path, ref in find_refs(value, name).items():
+        if isinstance(ref, DatasetRef):
+            parts[f"input:{path}"] = f"{ref.format}:{ref.digest}"
+        else:
+            parts[f"input:{path}"] = f"model:{ref.model_id or ref.uri}"
+    return parts
+
+
+def step_key(step_name: str, fn: Callable[..., Any], arguments: Mapping[str, Any], ignore=()) -> CacheKey:
+    parts = {"step": step_name, **code_parts(fn), **library_parts()}
+    for name, value in arguments.items():
+        if name in ignore:
+            continue
+        parts.update(input_parts(name, value))
+        parts[f"param:{name}"] = json.dumps(canonical(value), sort_keys=True, default=str)
+    return CacheKey(parts=parts)
+
+
+@functools.cache
+def library_parts() -> dict[str, str]:
+    parts = {"lib:python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            parts[f"lib:{name}"] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            parts[f"lib:{name}"] = "absent"
+    return parts
+
+
+def _ours(module: str | None) -> bool:
+    return bool(module) and module.split(".")[0] in OUR_PACKAGES and module not in BOOKKEEPING
+
+
+def _codes(code: types.CodeType):
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _codes(const)
+
+
+@functools.cache
+def code_parts(fn: Callable[..., Any]) -> dict[str, str]:
+    """Fingerprints of the step function and of the project code it reaches."""
+    found: dict[str, str] = {}
+
+    def visit(obj: Any) -> None:
+        obj = getattr(obj, "fn", obj) if type(obj).__name__ == "Step" else obj
+        if isinstance(obj, types.ModuleType) or not (inspect.isfunction(obj) or inspect.isclass(obj)):
+            return
+        module = getattr(obj, "__module__", None)
+        if not _ours(module):
+            return
+        name = f"code:{module}.{obj.__qualname__}"
+        if name in found:
+            return
+        try:
+            source = textwrap.dedent(inspect.getsource(obj))
+            found[name] = _fingerprint(ast.dump(ast.parse(source)))
+        except (OSError, TypeError, SyntaxError):
+            found[name] = "unavailable"
+        namespace = sys.modules[module].__dict__ if module in sys.modules else {}
+        functions = (
+            [obj] if inspect.isfunction(obj) else [v for v in vars(obj).values() if inspect.isfunction(v)]
+        )
+        for function in functions:
+            names = {n for code in _codes(function.__code__) for n in code.co_names}
+            scope = {**namespace, **function.__globals__}
+            for n in names:
+                target = scope.get(n)
+                if isinstance(target, types.ModuleType):
+                    if _ours(target.__name__):
+                        for attr in names:
+                            visit_named(target.__name__, attr, getattr(target, attr, None))
+                else:
+                    visit_named(module, n, target)
+
+    def visit_named(module: str, name: str, target: Any) -> None:
+        if isinstance(target, bool | int | float | str | bytes | tuple | frozenset) and _ours(module):
+            if not name.isupper():  # module-level constants are UPPER_CASE here
+                return
+            found[f"code:{module}.{name}"] = _fingerprint(repr(target))
+        else:
+            visit(target)
+
+    visit(fn)
+    return found
+
+
+# --- outputs: save, load, check -------------------------------------------------------------------
+
+
+def _adapter(fn: Callable[..., Any]) -> TypeAdapter:
+    return _adapter_for(fn)
+
+
+@functools.cache
+def _adapter_for(fn: Callable[..., Any]) -> TypeAdapter:
+    """A validator for the step's return annotation (only that one is resolved: parameters may name
+    types imported for type checkers alone)."""
+    annotation = fn.__annotations__.get("return", Any)
+    if isinstance(annotation, str):
+        annotation = eval(annotation, fn.__globals__)  # what typing.get_type_hints does
+    return TypeAdapter(annotation)
+
+
+def save_output(
+    client: MlflowClient, run_id: str, fn: Callable[..., Any], key: CacheKey, result: Any
+) -> None:
+    """The step's return value and its key, as artifacts of its run (one upload)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "keel"
+        folder.mkdir()
+        (folder / "output.json").write_bytes(_adapter(fn).dump_json(result))
+        (folder / "cache_key.json").write_text(json.dumps(key.parts, indent=1, sort_keys=True))
+        client.log_artifacts(run_id, str(folder), "keel")
+
+
+def load_artifact(client: MlflowClient, run_id: str, path: str) -> bytes | None:
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
+        except (MlflowException, OSError):
+            return None
+
+
+def missing_outputs(client: MlflowClient, value: Any) -> str | None:
+    """Why earlier outputs cannot be reused (gone or changed), or None if they all check out."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.steps.base import find_refs
+
+    for name, ref in find_refs(value, "output").items():
+        if isinstance(ref, DatasetRef):
+            if not data_files(ref.uri):
+                return f"{name} at {ref.uri} is gone"
+            if content_digest(ref.uri) != ref.digest:
+                return f"{name} at {ref.uri} was changed after it was written"
+        elif ref.model_id:
+            try:
+                model = client.get_logged_model(ref.model_id)
+            except MlflowException:
+                return f"{name} (logged model {ref.model_id}) no longer exists"
+            if str(getattr(model.status, "name", model.status)).upper() not in (
+                "READY",
+                "LOGGED_MODEL_READY",
+            ):
+                return f"{name} (logged model {ref.model_id}) is {model.status}"
+    return None
+
+
+# --- finding outputs to reuse ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Outputs to take instead of running: from which run and execution, and how they were found."""
+
+    how: str  # "hit" (cache) or "reused" (from a named execution)
+    run_id: str
+    execution: str
+    value: Any
+    message: str
+
+
+def _source(run: Run) -> tuple[str, str]:
+    """The run that really produced the outputs (a reused run points at its own source)."""
+    tags = run.data.tags
+    return (
+        tags.get(SOURCE_RUN_TAG, run.info.run_id),
+        tags.get(SOURCE_EXECUTION_TAG, tags.get("mlflow.parentRunId", "")),
+    )
+
+
+def _take(client: MlflowClient, run: Run, fn: Callable[..., Any]) -> tuple[Any, str | None]:
+    raw = load_artifact(client, run.info.run_id, OUTPUT_ARTIFACT)
+    if raw is None:
+        return None, f"run {run.info.run_id} stored no output"
+    try:
+        value = _adapter(fn).validate_json(raw)
+    except ValueError as exc:
+        return (
+            None,
+            f"run {run.info.run_id} stored an output this code cannot read ({exc.__class__.__name__})",
+        )
+    return value, missing_outputs(client, value)
+
+
+def find_cached(
+    client: MlflowClient,
+    experiment_id: str,
+    key: CacheKey,
+    fn: Callable[..., Any],
+    expire_after: timedelta | None,
+) -> tuple[Reuse | None, str]:
+    """The newest earlier run with this key whose outputs still check out; else why not."""
+    query = f"tags.`{KEY_TAG}` = '{key.digest}' and tags.`{PRODUCED_TAG}` = 'true' and attributes.status = 'FINISHED'"
+    if expire_after is not None:
+        since = int((time.time() - expire_after.total_seconds()) * 1000)
+        query += f" and attributes.start_time >= {since}"
+    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=5)
+    problems = []
+    for run in runs:
+        value, problem = _take(client, run, fn)
+        if problem is None:
+            run_id, execution = _source(run)
+            age = (time.time() * 1000 - run.info.start_time) / 60000
+            message = f"outputs of run {run_id} (execution {execution}, {age:.0f} min ago)"
+            return Reuse("hit", run_id, execution, value, message), message
+        problems.append(problem)
+    if problems:
+        return None, "earlier outputs with this key cannot be used: " + "; ".join(problems)
+    return None, explain_miss(client, experiment_id, key, expire_after)
+
+
+def explain_miss(
+    client: MlflowClient, experiment_id: str, key: CacheKey, expire_after: timedelta | None
+) -> str:
+    """Compare with the newest earlier run of the same step: which parts of the key changed."""
+    step = key.parts["step"]
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.`keel.step` = '{step}' and tags.`{PRODUCED_TAG}` = 'true' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return f"no earlier finished run of step {step!r}"
+    earlier = runs[0]
+    if earlier.data.tags.get(KEY_TAG) == key.digest:  # same key, so it is too old
+        return f"the last outputs with this key (run {earlier.info.run_id}) are older than {expire_after}"
+    raw = load_artifact(client, earlier.info.run_id, KEY_ARTIFACT)
+    if raw is None:
+        return f"the last run of {step!r} ({earlier.info.run_id}) recorded no key"
+    changes = key.changes_from(json.loads(raw))
+    more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
+    return f"since run {earlier.info.run_id}: " + "; ".join(changes[:4]) + more
+
+
+def find_in_execution(
+    client: MlflowClient, experiment_id: str, execution: str, key: CacheKey, fn: Callable[..., Any]
+) -> tuple[Reuse | None, str]:
+    """This step's finished run in a named execution, if its key matches and its outputs check out."""
+    step = key.parts["step"]
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.`mlflow.parentRunId` = '{execution}' and tags.`keel.step` = '{step}' "
+        "and attributes.status = 'FINISHED'",
+        max_results=1,
+    )
+    if not runs:
+        return None, f"it did not finish in execution {execution}"
+    run = runs[0]
+    if run.data.tags.get(KEY_TAG) != key.digest:
+        raw = load_artifact(client, run.info.run_id, KEY_ARTIFACT)
+        changes = key.changes_from(json.loads(raw)) if raw else ["no key recorded"]
+        return None, f"its inputs differ from execution {execution}'s: " + "; ".join(changes[:4])
+    value, problem = _take(client, run, fn)
+    if problem is not None:
+        return None, f"its outputs in execution {execution} cannot be reused: {problem}"
+    run_id, source_execution = _source(run)
+    message = f"outputs of run {run_id} (execution {source_execution}), taken from execution {execution}"
+    return Reuse("reused", run_id, source_execution, value, message), ""
