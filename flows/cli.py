@@ -100,6 +100,7 @@ def configure_logging() -> None:
     """Our INFO lines (cluster, steps) and Prefect's run logs; Dask's start-up chatter only if it warns."""
     import dask
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars in every log line
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # `distributed` sets its loggers from Dask's config when first imported; spawned LocalCluster
     # workers read it from the environment. A user's own DASK_LOGGING__DISTRIBUTED wins.

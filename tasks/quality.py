@@ -63,6 +63,9 @@ class ColumnStats(BaseModel):
     values: list[str] | None = Field(
         default=None, description="Distinct text values, up to MAX_CATEGORIES+1."
     )
+    not_number_examples: list[str] = Field(
+        default_factory=list, description="A few values that are not numbers."
+    )
 
     @property
     def kind(self) -> str:
@@ -84,6 +87,7 @@ class ColumnStats(BaseModel):
             min=_pick(min, self.min, other.min),
             max=_pick(max, self.max, other.max),
             values=values,
+            not_number_examples=sorted(set(self.not_number_examples) | set(other.not_number_examples))[:5],
         )
 
 
@@ -156,9 +160,10 @@ def partition_stats(frame: pd.DataFrame, time_column: str) -> dict[str, ColumnSt
         )
         not_numbers = int((present & numbers.isna()).sum())
         finite = numbers[np.isfinite(numbers)]
-        text = None
+        text, examples = None, []
         if not_numbers:
             text = sorted(map(str, values[present].unique()))[: MAX_CATEGORIES + 1]
+            examples = sorted(map(str, values[present & numbers.isna()].unique()[:5]))
         not_times = 0
         if column == time_column:
             not_times = int((present & parse_time(values).isna()).sum())
@@ -172,6 +177,7 @@ def partition_stats(frame: pd.DataFrame, time_column: str) -> dict[str, ColumnSt
             min=float(finite.min()) if len(finite) else None,
             max=float(finite.max()) if len(finite) else None,
             values=text,
+            not_number_examples=examples,
         )
     return stats
 
@@ -310,7 +316,7 @@ def violations(
             )
         if want.kind == "numeric":
             if s.not_numbers:
-                sample = ", ".join(repr(v) for v in (s.values or [])[:3])
+                sample = ", ".join(repr(v) for v in s.not_number_examples[:3])
                 found.append(
                     Violation(
                         column=name,
@@ -409,9 +415,8 @@ def check_quality(
         if rules.on_violation == "fail":
             first = found[0]
             more = f" (and {len(found) - 1} more violations, see the table)" if len(found) > 1 else ""
-            column = first.column if first.column in stats or first.rule == "present" else None
             raise DataValidationError(
-                data.uri, f"{first.rule}: {first.observed}, expected {first.expected}{more}", column
+                data.uri, f"{first.rule}: {first.observed}, expected {first.expected}{more}", first.column
             )
     else:
         logger.info(

@@ -1,4 +1,4 @@
-"""Bad input stops the pipeline before training: one clear error naming the file, the column and
+"""Bad input beyond the corpus (tests/bad_inputs) stops the pipeline before training: one clear error naming the file, the column and
 the rule, a non-zero exit code, nothing registered and the champion untouched."""
 
 from __future__ import annotations
@@ -55,48 +55,17 @@ def test_missing_file(bad_run, tmp_path):
     assert f"{missing}: file does not exist" in bad_run("--data", str(missing))
 
 
-def test_unreadable_file(bad_run, tmp_path):
-    path = tmp_path / "broken.parquet"
-    path.write_bytes(b"this is not parquet at all")
-    assert f"{path}: cannot be read as parquet" in bad_run("--data", str(path))
-
-
-def test_empty_file(bad_run, tmp_path):
-    path = tmp_path / "empty.csv"
-    path.write_text("")
-    assert f"{path}: file is empty" in bad_run("--data", str(path))
-
-
-def test_missing_required_column(bad_run, tmp_path):
-    path = tmp_path / "no_target.csv"
-    bike().drop(columns=["cnt"]).to_csv(path, index=False)
-    err = bad_run("--data", str(path))
-    assert f"column 'cnt' of {path}: required target column is missing" in err
-
-
-def test_mistyped_target_column(bad_run, tmp_path):
+def test_mistyped_target_column_is_caught_by_quality_then_by_processing(bad_run, tmp_path):
     path = tmp_path / "text_target.csv"
     frame = bike()
     frame["cnt"] = frame["cnt"].astype(str)
     frame.loc[5:9, "cnt"] = "many"
     frame.to_csv(path, index=False)
     err = bad_run("--data", str(path), "--task", "regression")
+    assert f"column 'cnt' of {path}: type: 5 of 2,000 (0.25%) not numbers ('many'), expected numbers" in err
+    # With violations only reported, processing refuses the column all the same.
+    err = bad_run("--data", str(path), "--task", "regression", "--on-quality-violation", "warn")
     assert f"column 'cnt' of {path}: 5 target values are not numbers (regression target)" in err
-
-
-def test_mistyped_time_column(bad_run, tmp_path):
-    path = tmp_path / "bad_dates.csv"
-    frame = bike()
-    frame.loc[3, "dteday"] = "yesterday"
-    frame.to_csv(path, index=False)
-    err = bad_run("--data", str(path))
-    assert f"column 'dteday' of {path}: 1 of 2000 values are missing or not dates/times" in err
-
-
-def test_header_only(bad_run, tmp_path):
-    path = tmp_path / "header.csv"
-    bike().head(0).to_csv(path, index=False)
-    assert f"{path}: the table has a header but no rows" in bad_run("--data", str(path))
 
 
 def test_split_that_leaves_a_set_empty(bad_run, tmp_path):

@@ -1,0 +1,84 @@
+"""Writes the bad-input corpus from the bike data: `good.csv` and one file per kind of bad input.
+
+    .venv/bin/python -m tests.bad_inputs.make_corpus
+
+Every bad file is a copy of rows of `good.csv` with one defect, so it breaks exactly one rule.
+`cases.json` says, for each, which column and which rule the error must name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+BIKE = HERE.parent.parent / "data" / "bike_sharing_hourly.csv"
+WEATHER = {1: "clear", 2: "mist", 3: "light rain", 4: "heavy rain"}
+
+# file -> (column the error names or None for the whole file, words of the rule)
+CASES: dict[str, tuple[str | None, str]] = {
+    "missing_column.csv": ("temp", "present"),
+    "wrong_dtype.csv": ("hum", "type"),
+    "all_null_column.csv": ("windspeed", "not all missing"),
+    "empty.csv": (None, "file is empty"),
+    "header_only.csv": (None, "not empty"),
+    "truncated.csv": ("holiday", "truncated CSV"),
+    "corrupt.parquet": (None, "cannot be read as parquet"),
+    "duplicated_timestamps.csv": ("dteday,hr", "unique key"),
+    "negative_target.csv": ("cnt", "non-negative"),
+    "unseen_category.csv": ("weather", "categories"),
+    "nan_inf_features.csv": ("temp", "finite"),
+    "bad_dates.csv": ("dteday", "time"),
+    # not a file of its own: a path that climbs out of the allowed data roots (the corpus folder)
+    "../../data/bike_sharing_hourly.csv": (None, "outside the allowed data roots"),
+}
+
+
+def good() -> pd.DataFrame:
+    """The first 150 days of the bike data, with a text column (weather) for category rules."""
+    frame = pd.read_csv(BIKE)
+    frame = frame[frame["dteday"] < "2011-05-31"].copy()
+    frame.insert(frame.columns.get_loc("weathersit") + 1, "weather", frame["weathersit"].map(WEATHER))
+    return frame.drop(columns=["weathersit"]).reset_index(drop=True)
+
+
+def main() -> None:
+    base = good()
+    base.to_csv(HERE / "good.csv", index=False)
+    rows = base.iloc[-600:].reset_index(drop=True)  # the last 25 days: inside every training range
+    write = lambda name, frame: frame.to_csv(HERE / name, index=False)  # noqa: E731
+
+    write("missing_column.csv", rows.drop(columns=["temp"]))
+    typed = rows.astype({"hum": object})
+    typed.loc[[10, 200, 300], "hum"] = "high"
+    write("wrong_dtype.csv", typed)
+    write("all_null_column.csv", rows.assign(windspeed=np.nan))
+    (HERE / "empty.csv").write_bytes(b"")
+    write("header_only.csv", rows.head(0))
+    text = rows.to_csv(index=False)
+    (HERE / "truncated.csv").write_text(text[: text.rindex("\n", 0, len(text) - 1) + 25])
+    rows.to_parquet(HERE / "corrupt.parquet", index=False)
+    data = (HERE / "corrupt.parquet").read_bytes()
+    (HERE / "corrupt.parquet").write_bytes(data[: len(data) // 2])  # cut: no footer
+    write("duplicated_timestamps.csv", pd.concat([rows, rows.iloc[100:124]], ignore_index=True))
+    write("negative_target.csv", rows.assign(cnt=rows["cnt"].where(rows.index % 50 != 7, -rows["cnt"])))
+    unseen = rows.copy()
+    unseen.loc[[5, 6, 7], "weather"] = "tornado"
+    write("unseen_category.csv", unseen)
+    broken = rows.copy()
+    broken.loc[[3, 4], "temp"] = np.inf
+    broken.loc[40:80, "temp"] = np.nan
+    write("nan_inf_features.csv", broken)
+    dates = rows.copy()
+    dates.loc[17, "dteday"] = "yesterday"
+    write("bad_dates.csv", dates)
+    (HERE / "cases.json").write_text(
+        json.dumps({k: {"column": c, "rule": r} for k, (c, r) in CASES.items()}, indent=1) + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
