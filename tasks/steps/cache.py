@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
+NOT_KEYED = "not_keyed"  # Field(json_schema_extra={NOT_KEYED: True}): lineage only, not content
 KEY_TAG = "keel.cache.key"
 STATUS_TAG = "keel.cache.status"  # hit, reused, miss, forced, off
 PRODUCED_TAG = "keel.cache.produced"  # "true" on runs whose function ran and finished
@@ -137,7 +138,11 @@ def canonical(value: Any) -> Any:
     if isinstance(value, ModelRef):
         return "<model>"
     if isinstance(value, BaseModel):
-        return {f: canonical(getattr(value, f)) for f in type(value).model_fields}
+        return {
+            name: canonical(getattr(value, name))
+            for name, field in type(value).model_fields.items()
+            if (field.json_schema_extra or {}).get(NOT_KEYED) is not True  # type: ignore[union-attr]
+        }
     if isinstance(value, Mapping):
         return {str(k): canonical(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, model_validator
 from tasks import lineage
 from tasks.compute import dask_client
 from tasks.steps.base import current_step, step_kind
+from tasks.steps.cache import NOT_KEYED
 
 tuning_step = step_kind("TuningStep")
 
@@ -56,7 +57,7 @@ class TrialRecord(BaseModel):
     params: dict[str, float | int]
     metrics: dict[str, float] = Field(default_factory=dict)
     state: Literal["complete", "failed"]
-    run_id: str
+    run_id: str = Field(json_schema_extra={NOT_KEYED: True}, description="The trial's MLflow run.")
     error: str | None = None
 
 

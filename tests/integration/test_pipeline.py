@@ -25,7 +25,17 @@ FAST = {
     "num_boost_round": 150,
     "early_stopping_rounds": 20,
 }
-STEPS = {"validate-input", "prepare", "tune", "train", "baseline", "evaluate", "quality-gate", "register"}
+STEPS = {
+    "validate-input",
+    "check-quality",
+    "prepare",
+    "tune",
+    "train",
+    "baseline",
+    "evaluate",
+    "quality-gate",
+    "register",
+}
 
 
 def children(client, run_id: str) -> list:
