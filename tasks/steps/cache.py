@@ -188,6 +188,24 @@ def library_parts() -> dict[str, str]:
     return parts
 
 
+CONSTANT_TYPES = (bool, int, float, str, bytes, tuple, list, dict, set, frozenset)
+
+
+def _stable_repr(value: Any) -> str:
+    """repr, with sets sorted (their order changes with the process's hash seed)."""
+    if isinstance(value, set | frozenset):
+        return "{" + ", ".join(sorted(_stable_repr(v) for v in value)) + "}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_stable_repr(k)}: {_stable_repr(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_stable_repr(v) for v in value) + "]"
+    if inspect.isfunction(value):  # e.g. a lambda in a table: its bytecode, not its address
+        code = value.__code__
+        consts = [c for c in code.co_consts if not isinstance(c, types.CodeType)]
+        return f"<function {code.co_code.hex()} {code.co_names} {consts!r}>"
+    return repr(value)
+
+
 def _ours(module: str | None) -> bool:
     return bool(module) and module.split(".")[0] in OUR_PACKAGES and module not in BOOKKEEPING
 
@@ -236,10 +254,9 @@ def code_parts(fn: Callable[..., Any]) -> dict[str, str]:
                     visit_named(module, n, target)
 
     def visit_named(module: str, name: str, target: Any) -> None:
-        if isinstance(target, bool | int | float | str | bytes | tuple | frozenset) and _ours(module):
-            if not name.isupper():  # module-level constants are UPPER_CASE here
-                return
-            found[f"code:{module}.{name}"] = _fingerprint(repr(target))
+        if isinstance(target, CONSTANT_TYPES):
+            if _ours(module) and name.isupper():  # module-level constants are UPPER_CASE here
+                found[f"code:{module}.{name}"] = _fingerprint(_stable_repr(target))
         else:
             visit(target)
 

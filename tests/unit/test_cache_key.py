@@ -1,0 +1,128 @@
+"""The cache key: what it covers (code reached through helpers, params, content not paths, libraries),
+what it ignores (comments, formatting, bookkeeping), and how a miss is explained."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tasks.refs import DatasetRef, ModelRef
+from tasks.steps import cache
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+PROBE = "tasks._cache_probe"
+
+
+@pytest.fixture
+def probe_module():
+    """A throwaway module inside the `tasks` package, rewritten by the test."""
+    path = ROOT / "tasks" / "_cache_probe.py"
+
+    def load(source: str):
+        path.write_text(textwrap.dedent(source))
+        sys.modules.pop(PROBE, None)
+        importlib.invalidate_caches()
+        cache.code_parts.cache_clear()
+        return importlib.import_module(PROBE)
+
+    try:
+        yield load
+    finally:
+        path.unlink(missing_ok=True)
+        sys.modules.pop(PROBE, None)
+
+
+BASE = """
+from tasks import featurize
+
+SCALE = 2
+
+def helper(x):
+    return x * SCALE
+
+def step(x):
+    # uses a helper here and one in another module
+    return helper(x) + len(featurize.TIME_PARTS)
+"""
+
+
+def test_code_parts_follow_helpers_constants_and_module_attributes(probe_module):
+    parts = cache.code_parts(probe_module(BASE).step)
+    assert {f"code:{PROBE}.step", f"code:{PROBE}.helper", f"code:{PROBE}.SCALE"} <= set(parts)
+    assert "code:tasks.featurize.TIME_PARTS" in parts
+    assert not any("lineage" in name for name in parts)  # bookkeeping is not part of the key
+
+
+def test_a_helper_change_changes_the_key_and_a_comment_does_not(probe_module):
+    before = cache.code_parts(probe_module(BASE).step)
+    commented = cache.code_parts(
+        probe_module(BASE.replace("# uses a helper", "# reformatted   comment")).step
+    )
+    assert commented == before
+    changed = cache.code_parts(probe_module(BASE.replace("x * SCALE", "x * SCALE + 1")).step)
+    assert [k for k in changed if changed[k] != before[k]] == [f"code:{PROBE}.helper"]
+    constant = cache.code_parts(probe_module(BASE.replace("SCALE = 2", "SCALE = 3")).step)
+    assert [k for k in constant if constant[k] != before[k]] == [f"code:{PROBE}.SCALE"]
+
+
+def ref(uri: str, digest: str) -> DatasetRef:
+    return DatasetRef(name="raw", uri=uri, digest=digest, format="csv")
+
+
+def fn(raw: DatasetRef, n: int, output_uri: str) -> int:
+    return n
+
+
+def test_inputs_are_keyed_by_content_not_path_and_ignored_arguments_are_left_out():
+    key = cache.step_key("s", fn, {"raw": ref("/a.csv", "d1"), "n": 1, "output_uri": "/x"}, ("output_uri",))
+    moved = cache.step_key("s", fn, {"raw": ref("/b.csv", "d1"), "n": 1, "output_uri": "/y"}, ("output_uri",))
+    rewritten = cache.step_key(
+        "s", fn, {"raw": ref("/a.csv", "d2"), "n": 1, "output_uri": "/x"}, ("output_uri",)
+    )
+    assert key.digest == moved.digest
+    assert key.digest != rewritten.digest
+    assert rewritten.changes_from(key.parts) == ["input:raw changed (csv:d1 -> csv:d2)"]
+    other = cache.step_key("s", fn, {"raw": ref("/a.csv", "d1"), "n": 2, "output_uri": "/x"}, ("output_uri",))
+    assert other.changes_from(key.parts) == ["param:n changed (1 -> 2)"]
+    assert key.parts["lib:lightgbm"] and key.parts["lib:python"]
+
+
+def test_models_are_keyed_by_their_id_and_lineage_fields_are_not_keyed():
+    from tasks.steps.tuning import TrialRecord
+
+    model = ModelRef(uri="models:/m-1", run_id="r1", model_id="m-1", task="regression")
+    assert cache.input_parts("model", model) == {"input:model": "model:m-1"}
+    a = TrialRecord(number=0, params={"x": 1}, state="complete", run_id="run-a")
+    b = TrialRecord(number=0, params={"x": 1}, state="complete", run_id="run-b")
+    assert cache.canonical(a) == cache.canonical(b)
+
+
+def test_the_code_key_of_every_pipeline_step_is_the_same_in_another_process():
+    """A cache that misses in a new process is no cache: no hash-seed or address in the key."""
+    import subprocess
+
+    script = (
+        "import json, flows.pipeline as p\n"
+        "from tasks.steps import cache\n"
+        "from tasks import train, prepare, baseline, evaluate, quality\n"
+        "steps = [prepare.prepare, train.tune, train.train, baseline.baseline, evaluate.evaluate,"
+        " quality.check_quality]\n"
+        "print(json.dumps({s.name: cache.code_parts(s.fn) for s in steps}, sort_keys=True))\n"
+    )
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=ROOT,
+            env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    ]
+    assert outputs[0] == outputs[1]
+    assert "code:tasks.modeling.run_trial" in outputs[0]  # tune's trials run this on the workers

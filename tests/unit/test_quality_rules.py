@@ -1,0 +1,103 @@
+"""The data-quality rules on their own: stats per partition merge into the table's, constraints come
+from them, and each rule fires on its defect and only on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.data import check_csv_ends, inside_roots
+from tasks.errors import DataValidationError
+from tasks.quality import QualityRules, constraints_from, partition_stats, violations
+from tasks.refs import DatasetRef
+
+REF = DatasetRef(name="raw", uri="/data/x.csv", digest="d", format="csv")
+
+
+def frame(**changes) -> pd.DataFrame:
+    base = pd.DataFrame(
+        {
+            "day": [f"2011-01-0{i % 9 + 1}" for i in range(40)],
+            "temp": np.linspace(0.1, 0.9, 40).astype(str),
+            "weather": ["clear", "mist"] * 20,
+            "cnt": [str(i + 1) for i in range(40)],
+        }
+    )
+    return base.assign(**changes)
+
+
+def stats_of(data: pd.DataFrame) -> dict:
+    halves = [partition_stats(part, "day") for part in (data.iloc[:20], data.iloc[20:])]
+    return {c: halves[0][c].merge(halves[1][c]) for c in halves[0]}
+
+
+def check(data: pd.DataFrame, **rules) -> list[tuple[str | None, str]]:
+    baseline = constraints_from(REF, stats_of(frame()), "day")
+    found = violations(stats_of(data), 0, [], "day", baseline, QualityRules(**rules), optional=[])
+    return [(v.column, v.rule) for v in found]
+
+
+def test_constraints_from_the_training_data():
+    baseline = constraints_from(REF, stats_of(frame()), "day")
+    assert baseline.columns["temp"].kind == "numeric"
+    assert baseline.columns["temp"].min == pytest.approx(0.1) and baseline.columns[
+        "temp"
+    ].max == pytest.approx(0.9)
+    assert baseline.columns["weather"].categories == ["clear", "mist"]
+    assert baseline.columns["cnt"].non_negative
+    assert baseline.columns["day"].kind == "time"
+    assert check(frame()) == []
+
+
+@pytest.mark.parametrize(
+    ("defect", "expected"),
+    [
+        ({"temp": ["warm"] + ["0.5"] * 39}, ("temp", "type")),
+        ({"temp": [None] * 40}, ("temp", "not all missing")),
+        ({"temp": ["inf"] + ["0.5"] * 39}, ("temp", "finite")),
+        ({"temp": [None] * 2 + ["0.5"] * 38}, ("temp", "completeness")),
+        ({"temp": ["5.0"] + ["0.5"] * 39}, ("temp", "range")),
+        ({"cnt": ["-1"] + ["3"] * 39}, ("cnt", "non-negative")),
+        ({"weather": ["tornado"] + ["clear"] * 39}, ("weather", "categories")),
+        ({"day": ["someday"] + ["2011-01-01"] * 39}, ("day", "time")),
+    ],
+)
+def test_each_rule_fires_on_its_defect(defect, expected):
+    assert check(frame(**defect)) == [expected]
+
+
+def test_tolerances_and_missing_columns():
+    assert check(frame(temp=[None] * 2 + ["0.5"] * 38), missing_tolerance=0.1) == []
+    assert check(frame(temp=["1.2"] + ["0.5"] * 39)) == []  # within half the range beyond the max
+    assert check(frame().drop(columns=["weather"])) == [("weather", "present")]
+    baseline = constraints_from(REF, stats_of(frame()), "day")
+    optional = violations(
+        stats_of(frame().drop(columns=["weather"])), 0, [], "day", baseline, QualityRules(), ["weather"]
+    )
+    assert optional == []
+
+
+def test_roots_resolve_links_and_dots(tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "in.csv").write_text("a\n1\n")
+    (tmp_path / "out.csv").write_text("a\n1\n")
+    (allowed / "link.csv").symlink_to(tmp_path / "out.csv")
+    roots = [str(allowed)]
+    assert inside_roots(str(allowed / "in.csv"), roots)
+    assert not inside_roots(str(allowed / ".." / "out.csv"), roots)
+    assert not inside_roots(str(allowed / "link.csv"), roots)
+    assert inside_roots("s3://bucket/data/x.parquet", ["s3://bucket/data"])
+    assert not inside_roots("s3://bucket/database/x.parquet", ["s3://bucket/data"])
+
+
+def test_a_csv_cut_off_mid_row_is_refused_and_a_missing_final_newline_is_not(tmp_path):
+    whole = tmp_path / "whole.csv"
+    whole.write_text("a,b,c\n1,2,3\n4,5,6")  # no final newline, but the row is complete
+    check_csv_ends(str(whole), ["a", "b", "c"])
+    cut = tmp_path / "cut.csv"
+    cut.write_text("a,b,c\n1,2,3\n4,5")
+    with pytest.raises(DataValidationError, match="truncated CSV: the last row has 2 of 3 fields") as error:
+        check_csv_ends(str(cut), ["a", "b", "c"])
+    assert error.value.column == "c"
