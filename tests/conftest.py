@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from infra.processes import BIN, free_port, start, stop, wait_until
+from infra.processes import BIN, free_port, http_ok, start, stop, wait_until
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,10 +42,10 @@ class DaskCluster:
     worker_pids: list[int]
 
 
-@pytest.fixture(scope="session")
-def dask_cluster(tmp_path_factory) -> Iterator[DaskCluster]:
-    """A scheduler and two workers as separate processes, as on a real cluster."""
-    logs = tmp_path_factory.mktemp("dask")
+@contextmanager
+def running_dask_cluster(logs: Path, workers: int = 2) -> Iterator[DaskCluster]:
+    """A scheduler and workers as separate processes, as on a real cluster; each worker runs under
+    a nanny, which restarts it if it dies."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     scheduler = start(
@@ -60,43 +61,132 @@ def dask_cluster(tmp_path_factory) -> Iterator[DaskCluster]:
         ],
         logs / "scheduler.log",
     )
-    workers = [
-        start(
-            [
-                str(BIN / "dask"),
-                "worker",
-                address,
-                "--host",
-                "127.0.0.1",
-                "--nworkers",
-                "1",
-                "--nthreads",
-                "1",
-                "--memory-limit",
-                "3GiB",
-                "--dashboard-address",
-                "127.0.0.1:0",
-                "--name",
-                f"test-worker-{i}",
-            ],
-            logs / f"worker-{i}.log",
+    procs = [scheduler]
+    for i in range(workers):
+        procs.append(
+            start(
+                [
+                    str(BIN / "dask"),
+                    "worker",
+                    address,
+                    "--host",
+                    "127.0.0.1",
+                    "--nworkers",
+                    "1",
+                    "--nthreads",
+                    "1",
+                    "--memory-limit",
+                    "3GiB",
+                    "--dashboard-address",
+                    "127.0.0.1:0",
+                    "--name",
+                    f"test-worker-{i}",
+                ],
+                logs / f"worker-{i}.log",
+            )
         )
-        for i in range(2)
-    ]
-    procs = [scheduler, *workers]
     try:
         from distributed import Client
 
-        def two_workers() -> bool:
+        def all_workers() -> bool:
             with Client(address, timeout=5) as client:
-                return len(client.scheduler_info()["workers"]) == 2
+                return len(client.scheduler_info()["workers"]) == workers
 
-        wait_until(two_workers, "dask cluster", 90, procs, logs / "scheduler.log")
+        wait_until(all_workers, "dask cluster", 90, procs, logs / "scheduler.log")
         with Client(address) as client:
             pids = list(client.run(os.getpid).values())
         yield DaskCluster(address, pids)
     finally:
         stop(procs)
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(tmp_path_factory) -> Iterator[DaskCluster]:
+    with running_dask_cluster(tmp_path_factory.mktemp("dask")) as cluster:
+        yield cluster
+
+
+class Servers:
+    """A real MLflow tracking server and a real Prefect server on 127.0.0.1; MLflow can be stopped
+    and started again on the same port and store (fault tests)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.mlflow_port, self.prefect_port = free_port(), free_port()
+        self.mlflow_uri = f"http://127.0.0.1:{self.mlflow_port}"
+        self.prefect_api = f"http://127.0.0.1:{self.prefect_port}/api"
+        self.mlflow = None
+        self.prefect = start(
+            [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.prefect_port),
+            ],
+            home / "prefect.log",
+            env={
+                "PREFECT_HOME": str(home / "prefect"),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_API_URL": "",
+            },
+        )
+        self.start_mlflow()
+        wait_until(
+            lambda: http_ok(f"{self.prefect_api}/health"),
+            "prefect server",
+            120,
+            [self.prefect],
+            home / "prefect.log",
+        )
+
+    def start_mlflow(self) -> None:
+        log = self.home / "mlflow.log"
+        self.mlflow = start(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.mlflow_port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.home / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.home / "artifacts"),
+            ],
+            log,
+            env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PATH": f"{BIN}:{os.environ['PATH']}"},
+            append=True,
+        )
+        wait_until(lambda: http_ok(f"{self.mlflow_uri}/health"), "mlflow server", 120, [self.mlflow], log)
+
+    def stop_mlflow(self) -> None:
+        stop([self.mlflow])
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        return clean_env(MLFLOW_TRACKING_URI=self.mlflow_uri, PREFECT_API_URL=self.prefect_api, **overrides)
+
+    def mlflow_client(self):
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri=self.mlflow_uri, registry_uri=self.mlflow_uri)
+
+    def close(self) -> None:
+        stop([p for p in (self.mlflow, self.prefect) if p is not None])
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory) -> Iterator[Servers]:
+    running = Servers(tmp_path_factory.mktemp("servers"))
+    try:
+        yield running
+    finally:
+        running.close()
 
 
 @pytest.fixture

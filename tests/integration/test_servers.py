@@ -3,82 +3,18 @@ here on 127.0.0.1 and stopped by PID; only the ecosystem's environment variables
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
-from infra.processes import BIN, free_port, http_ok, start, stop, wait_until
-from tests.conftest import ROOT, clean_env
+from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory) -> Iterator[dict[str, str]]:
-    home = tmp_path_factory.mktemp("servers")
-    mlflow_port, prefect_port = free_port(), free_port()
-    mlflow_log, prefect_log = home / "mlflow.log", home / "prefect.log"
-    mlflow = start(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(mlflow_port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{home / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(home / "artifacts"),
-        ],
-        mlflow_log,
-        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PATH": f"{BIN}:{os.environ['PATH']}"},
-    )
-    prefect = start(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-        prefect_log,
-        env={
-            "PREFECT_HOME": str(home / "prefect"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_API_URL": "",
-        },
-    )
-    try:
-        wait_until(
-            lambda: http_ok(f"http://127.0.0.1:{mlflow_port}/health"),
-            "mlflow server",
-            120,
-            [mlflow],
-            mlflow_log,
-        )
-        wait_until(
-            lambda: http_ok(f"http://127.0.0.1:{prefect_port}/api/health"),
-            "prefect server",
-            120,
-            [prefect],
-            prefect_log,
-        )
-        yield {
-            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
-            "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
-            "home": str(home),
-        }
-    finally:
-        stop([mlflow, prefect])
-
-
 def test_pipeline_records_to_real_mlflow_and_prefect_servers(servers, dask_cluster):
-    env = clean_env(
-        MLFLOW_TRACKING_URI=servers["MLFLOW_TRACKING_URI"],
-        PREFECT_API_URL=servers["PREFECT_API_URL"],
-        DASK_SCHEDULER_ADDRESS=dask_cluster.address,
-        KEEL_STATE_DIR=str(servers["home"]) + "/state",
-    )
+    env = servers.env(DASK_SCHEDULER_ADDRESS=dask_cluster.address, KEEL_STATE_DIR=str(servers.home / "state"))
     proc = subprocess.run(
         [
             sys.executable,
@@ -108,7 +44,7 @@ def test_pipeline_records_to_real_mlflow_and_prefect_servers(servers, dask_clust
 
     import mlflow
 
-    server = servers["MLFLOW_TRACKING_URI"]
+    server = servers.mlflow_uri
     client = mlflow.MlflowClient(tracking_uri=server, registry_uri=server)  # not this process's defaults
     version = client.get_model_version_by_alias("bike-served", "champion")
     flow_run_id = version.tags["prefect.flow_run_id"]
@@ -122,7 +58,7 @@ def test_pipeline_records_to_real_mlflow_and_prefect_servers(servers, dask_clust
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with SyncPrefectClient(servers["PREFECT_API_URL"]) as prefect:
+    with SyncPrefectClient(servers.prefect_api) as prefect:
         flow_run = prefect.read_flow_run(flow_run_id)
         task_runs = prefect.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
@@ -130,6 +66,7 @@ def test_pipeline_records_to_real_mlflow_and_prefect_servers(servers, dask_clust
     assert flow_run.state.is_completed()
     assert {t.name for t in task_runs} == {
         "validate-input",
+        "check-quality",
         "prepare",
         "tune",
         "train",
