@@ -61,7 +61,13 @@ def build_deployments(settings: ServeSettings) -> list:
     landing = (
         settings.landing if "://" in settings.landing else str(Path(settings.landing).expanduser().resolve())
     )
-    training_params = PipelineParams(data=landing, model_name=settings.model_name, n_trials=settings.n_trials)
+    # Scheduled training runs on a landing folder that grows: data that moved only warns.
+    training_params = PipelineParams(
+        data=landing,
+        model_name=settings.model_name,
+        n_trials=settings.n_trials,
+        on_quality_violation="fail-on-broken",
+    )
     monitor_params = MonitorParams(batch=landing, latest=True, model_name=settings.model_name)
     retrain_params = RetrainParams(
         data=landing,

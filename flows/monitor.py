@@ -8,7 +8,9 @@ checked on the Dask workers against the statistics stored with the champion's ve
 time. The Evidently report (HTML + JSON) goes to MLflow next to that version and is linked from
 Prefect, and the verdict is emitted as a Prefect event (`keel.drift.detected` or
 `keel.drift.not-detected`) about the model version, which the retrain deployment's trigger listens
-for. Bad input fails the run (exit 2) before anything is emitted.
+for. First the batch is checked against the champion's data-quality constraints: violations are
+reported as a table and, with `--on-quality-violation fail`, stop the run. Bad input fails the run
+(exit 2) before anything is emitted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pydantic import BaseModel, Field
 
 from flows.cli import run_flow_cli
 from tasks import lineage
+from tasks.baseline import load_baseline
 from tasks.compute import dask_cluster
 from tasks.drift import (
     DRIFT_DETECTED,
@@ -30,24 +33,35 @@ from tasks.drift import (
     DriftReportRef,
     DriftThresholds,
     batch_files,
+    batch_ref,
     check_drift,
     emit_verdict,
     report_drift,
 )
 from tasks.prepare import output_location
+from tasks.quality import (
+    ON_VIOLATION_HELP,
+    OnViolation,
+    QualityReport,
+    QualityRules,
+    check_quality,
+    rules_of,
+    version_constraints,
+)
 from tasks.settings import get_settings
 
 
-class MonitorParams(DriftThresholds):
+class MonitorParams(DriftThresholds, QualityRules):
     """What to check, against which model, and when it counts as drift."""
 
-    batch: str = Field(min_length=1, description="CSV or Parquet file, or a folder of them, to check.")
-    latest: bool = Field(default=False, description="Check only the last file of the folder, by name.")
-    model_name: str = Field(default="bike-demand", min_length=1, description="Registered model to monitor.")
-    version: str | None = Field(default=None, description="Version to check against; default: @champion.")
+    on_quality_violation: OnViolation = Field(
+        default="warn",
+        description=f"A batch that breaks the champion's data-quality constraints (checked before drift). {ON_VIOLATION_HELP}",
+    )
 
 
 class MonitorResult(BaseModel):
+    quality: QualityReport
     check: DriftCheck
     report: DriftReportRef
     event: str
@@ -72,6 +86,17 @@ def monitor(params: MonitorParams) -> MonitorResult:
         ) as run,
         dask_cluster(settings),
     ):
+        client = run.client()
+        champion = load_baseline(client, params.model_name, params.version)
+        quality = check_quality(
+            batch_ref(batch, []),
+            champion.profile.features.time_column,
+            [],
+            version_constraints(client, params.model_name, champion.version),
+            rules_of(params),
+            [],
+            champion.profile.features.input_columns,
+        )
         check = check_drift(
             batch,
             params.model_name,
@@ -93,6 +118,7 @@ def monitor(params: MonitorParams) -> MonitorResult:
         )
         print(f"{event} for {check.model_name} v{check.version} (event {event_id}); report: {report.link}")
         return MonitorResult(
+            quality=quality,
             check=check,
             report=report,
             event=event,
@@ -114,6 +140,12 @@ def summarise(result: MonitorResult) -> str:
         "Top scores:      " + ", ".join(f"{c.column} {c.score:.3f} ({c.method})" for c in top),
         f"Predictions:     {check.prediction.method} {check.prediction.score:.3f} "
         f"({'drift' if check.prediction.drifted else 'no drift'})",
+        f"Data quality:    {len(result.quality.violations)} violations of the champion's constraints"
+        + (
+            f" ({', '.join(f'{v.column}: {v.rule}' for v in result.quality.violations[:5])})"
+            if result.quality.violations
+            else ""
+        ),
         f"Report:          {result.report.link}",
         f"Event:           {result.event} ({result.event_id})",
         f"MLflow run:      {result.mlflow_run_id}",

@@ -35,7 +35,7 @@ from tasks.errors import DataValidationError
 from tasks.evaluate import Evaluation, evaluate
 from tasks.modeling import DEFAULT_OBJECTIVE, MAXIMIZE
 from tasks.prepare import SplitSpec, output_location, prepare, validate_input
-from tasks.quality import QualityRules, check_quality, record_rejection, version_constraints
+from tasks.quality import QualityRules, check_quality, record_rejection, rules_of, version_constraints
 from tasks.registry import RegisteredVersion, comparable_champion, register
 from tasks.settings import get_settings
 from tasks.steps import Check, ConditionOutcome, ParamRange, TuningSpec, condition, fail
@@ -55,7 +55,7 @@ STEPS = (
 )
 
 
-class PipelineParams(BaseModel):
+class PipelineParams(QualityRules):
     """Every knob of one execution; shown and editable in the Prefect UI, and as `--flags` here."""
 
     data: str = Field(
@@ -129,21 +129,6 @@ class PipelineParams(BaseModel):
         default_factory=dict,
         description="What started this execution (e.g. event id, drift report URI); recorded on the run and version.",
     )
-    on_quality_violation: Literal["fail", "warn"] = Field(
-        default="fail",
-        description="Input that breaks the champion's data-quality constraints: fail the run, or warn and go on.",
-    )
-    missing_tolerance: float = Field(
-        default=0.0,
-        ge=0,
-        le=1,
-        description="Allowed rise of a column's missing share over the champion's data.",
-    )
-    range_tolerance: float = Field(
-        default=0.5,
-        ge=0,
-        description="Allowed distance beyond the champion's data's min/max, as a share of its range.",
-    )
     force_steps: list[str] = Field(
         default_factory=list,
         description="Run these steps even if their outputs are cached; 'all' for every step.",
@@ -175,13 +160,6 @@ class PipelineParams(BaseModel):
             reuse_from=self.reuse_from,
             selected=frozenset(self.selected_steps),
             force=frozenset(self.force_steps),
-        )
-
-    def quality_rules(self) -> QualityRules:
-        return QualityRules(
-            on_violation=self.on_quality_violation,
-            missing_tolerance=self.missing_tolerance,
-            range_tolerance=self.range_tolerance,
         )
 
     def table(self) -> TableSpec:
@@ -275,7 +253,7 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
                 table.time_column,
                 table.key_columns,
                 version_constraints(client, params.model_name, unless_made_from=raw.digest),
-                params.quality_rules(),
+                rules_of(params),
                 table.drop_columns,
             )
             splits = prepare(raw, table, split, output_location(settings.datasets_root, run.run_id))

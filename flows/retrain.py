@@ -28,6 +28,7 @@ from flows.cli import run_flow_cli
 from flows.pipeline import PipelineParams, PipelineResult, training_pipeline, where_to_look
 from tasks import lineage
 from tasks.guards import retrain_lock
+from tasks.quality import ON_VIOLATION_HELP, OnViolation
 from tasks.registry import last_retrain
 from tasks.settings import get_settings
 
@@ -48,6 +49,11 @@ class RetrainParams(PipelineParams):
     reason: str = Field(default="scheduled retrain", max_length=500, description="Why this retrain runs.")
     on_gate_failure: Literal["fail", "reject"] = Field(
         default="reject", description="reject: register a losing challenger as Rejected; fail: FailStep."
+    )
+    on_quality_violation: OnViolation = Field(
+        default="fail-on-broken",
+        description="New data that breaks the champion's constraints. A retrain is for data that moved, so "
+        f"by default only broken data stops it. {ON_VIOLATION_HELP}",
     )
     force: bool = Field(default=False, description="Run even inside the cooldown window.")
     cooldown_minutes: float = Field(

@@ -33,12 +33,20 @@ ARTIFACT_DIR = "quality"
 MAX_CATEGORIES = 1000
 
 
-class QualityRules(BaseModel):
-    """How strict the check is, and what a violation does."""
+OnViolation = Literal["fail", "fail-on-broken", "warn"]
+ON_VIOLATION_HELP = (
+    "fail: any violation stops the run; fail-on-broken: broken data stops it (missing columns, wrong "
+    "types, empty or infinite values, bad dates, duplicate keys, more missing values, negatives where "
+    "there were none) but data that moved (values beyond the range, unseen categories) only warns, "
+    "as when retraining on new data; warn: report and go on."
+)
+MOVED = frozenset({"range", "categories"})  # the data moved; not broken
 
-    on_violation: Literal["fail", "warn"] = Field(
-        default="fail", description="fail: stop the run with the violations; warn: report them and go on."
-    )
+
+class QualityRules(BaseModel):
+    """How strict the check is, and what a violation does (flows' parameters inherit these)."""
+
+    on_quality_violation: OnViolation = Field(default="fail", description=ON_VIOLATION_HELP)
     missing_tolerance: float = Field(
         default=0.0, ge=0, le=1, description="Allowed rise of a column's missing share over the baseline's."
     )
@@ -47,6 +55,11 @@ class QualityRules(BaseModel):
         ge=0,
         description="Allowed distance beyond the baseline's min/max, as a share of its range.",
     )
+
+
+def rules_of(params: BaseModel) -> QualityRules:
+    """The quality rules out of a flow's parameters (which extend QualityRules)."""
+    return QualityRules.model_validate(params.model_dump(include=set(QualityRules.model_fields)))
 
 
 class ColumnStats(BaseModel):
@@ -250,8 +263,10 @@ def violations(
     baseline: Constraints | None,
     rules: QualityRules,
     optional: list[str],
+    required: list[str] | None = None,
 ) -> list[Violation]:
-    """Rules that need no baseline, then the baseline's (only for columns the baseline knows)."""
+    """Rules that need no baseline, then the baseline's (only for columns the baseline knows).
+    A baseline column may be absent if it is `optional`, or if `required` is given and omits it."""
     found: list[Violation] = []
     rows = max((s.rows for s in stats.values()), default=0)
     if rows == 0:
@@ -295,7 +310,7 @@ def violations(
     for name, want in baseline.columns.items():
         s = stats.get(name)
         if s is None:
-            if name not in optional:
+            if name not in optional and (required is None or name in required):
                 found.append(
                     Violation(
                         column=name, rule="present", observed="missing", expected=f"a {want.kind} column"
@@ -377,9 +392,11 @@ def check_quality(
     against: ConstraintsRef | None,
     rules: QualityRules,
     optional: list[str],
+    required: list[str] | None = None,
 ) -> QualityReport:
     """Profile the data into constraints, check it against `against` (a version's baseline), report;
-    with `on_violation="fail"` a violation ends the run as bad input (file, column, rule)."""
+    with `on_quality_violation="fail"` a violation ends the run as bad input (file, column, rule).
+    Columns of the baseline may be absent if `optional`, or not in `required` when that is given."""
     import tempfile
 
     from prefect import get_run_logger
@@ -392,7 +409,7 @@ def check_quality(
         raise DataValidationError(data.uri, "a key column is missing", missing_key[0])
     stats, duplicates = table_stats(data, time_column, key_columns)
     baseline = load_constraints(step.client, against) if against else None
-    found = violations(stats, duplicates, key_columns, time_column, baseline, rules, optional)
+    found = violations(stats, duplicates, key_columns, time_column, baseline, rules, optional, required)
     constraints = constraints_from(data, stats, time_column)
     table = violations_table(found)
     with tempfile.TemporaryDirectory() as tmp:
@@ -409,11 +426,17 @@ def check_quality(
         create_markdown_artifact(
             key="quality-violations",
             markdown=f"### {len(found)} data quality violations in {data.uri}\n\nAgainst {against_text}.\n\n{table}\n",
-            description=f"{len(found)} violations ({rules.on_violation})",
+            description=f"{len(found)} violations ({rules.on_quality_violation})",
         )
         logger.warning("%d data quality violations in %s:\n%s", len(found), data.uri, table)
-        if rules.on_violation == "fail":
-            first = found[0]
+        stopping = [
+            v
+            for v in found
+            if rules.on_quality_violation == "fail"
+            or (rules.on_quality_violation == "fail-on-broken" and v.rule not in MOVED)
+        ]
+        if stopping:
+            first = stopping[0]
             more = f" (and {len(found) - 1} more violations, see the table)" if len(found) > 1 else ""
             raise DataValidationError(
                 data.uri, f"{first.rule}: {first.observed}, expected {first.expected}{more}", first.column

@@ -185,3 +185,21 @@ def _events_about(model: str) -> list[dict]:
     with httpx.Client(base_url=PREFECT_API_URL.value(), timeout=10) as http:
         events = http.post("/events/filter", json=body).json()["events"]
     return [e for e in events if e["resource"].get("keel.model.name") == model]
+
+
+def test_data_quality_violations_are_reported_and_fail_the_run_only_on_request(env, tmp_path, capsys):
+    data = bike()
+    batch = data[data.dteday < "2011-03-15"].sample(n=500, random_state=2)
+    batch = batch.assign(temp=batch["temp"] * 40)  # Celsius where the model saw a 0..1 scale
+    path = tmp_path / "celsius.csv"
+    batch.to_csv(path, index=False)
+
+    result = monitor(MonitorParams(batch=str(path), model_name=MODEL))  # default: warn
+    assert [(v.column, v.rule) for v in result.quality.violations] == [("temp", "range")]
+    assert result.quality.checked_against and result.quality.checked_against.version == "1"
+    assert result.event_id  # the drift check went on
+
+    code = main(["--batch", str(path), "--model-name", MODEL, "--on-quality-violation", "fail"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"column 'temp' of {path}: range:" in err and "nothing checked, no event emitted" in err

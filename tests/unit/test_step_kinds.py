@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,16 @@ from tasks import lineage
 from tasks.errors import DataValidationError, StepFailed
 from tasks.refs import DatasetRef, content_digest
 from tasks.settings import get_settings
-from tasks.steps import Check, RetryPolicy, condition, current_step, fail, processing_step, training_step
+from tasks.steps import (
+    CacheConfig,
+    Check,
+    RetryPolicy,
+    condition,
+    current_step,
+    fail,
+    processing_step,
+    training_step,
+)
 from tests.conftest import mlflow_client
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "state")
@@ -227,3 +237,33 @@ def test_a_policy_retries_the_failures_it_names_and_no_others():
     runs = step_runs(parent_id)
     assert runs["loses-a-worker"].data.tags["keel.attempts"] == "2"
     assert runs["loses-a-worker"].info.status == "FINISHED" and runs["has-a-bug"].info.status == "FAILED"
+
+
+@processing_step(name="count-lines", cache=CacheConfig(expire_after=timedelta(seconds=3)))
+def count_lines(source: DatasetRef) -> int:
+    CALLS["count-lines"] = CALLS.get("count-lines", 0) + 1
+    return len(Path(source.uri).read_text().splitlines())
+
+
+@flow(name="cached-pipeline")
+def cached_pipeline(source: str) -> tuple[int, str]:
+    with lineage.pipeline_run("cached-pipeline", {}, get_settings()) as run:
+        return count_lines(file_ref(Path(source), "raw")), run.run_id
+
+
+def test_a_cached_step_expires(source):
+    import time
+
+    from tasks.steps import cache
+
+    CALLS.pop("count-lines", None)
+    _, first = cached_pipeline(str(source))
+    _, second = cached_pipeline(str(source))
+    assert CALLS["count-lines"] == 1
+    hit = step_runs(second)["count-lines"].data.tags
+    assert hit[cache.STATUS_TAG] == "hit" and hit[cache.SOURCE_EXECUTION_TAG] == first
+    time.sleep(3.5)
+    _, third = cached_pipeline(str(source))
+    assert CALLS["count-lines"] == 2
+    miss = step_runs(third)["count-lines"].data.tags
+    assert miss[cache.STATUS_TAG] == "miss" and "are older than 0:00:03" in miss[cache.REASON_TAG]
