@@ -263,7 +263,28 @@ def end_stale_runs(client: MlflowClient, experiment_id: str, execution: str | No
             set_tags(client, run_id, {"keel.error": "ended as KILLED: the process running it is gone"})
             client.set_terminated(run_id, "KILLED")
             ended.append(run_id)
+        crash_flow_run(tags.get("prefect.flow_run_id", ""))
     return ended
+
+
+def crash_flow_run(flow_run_id: str) -> None:
+    """Mark a dead execution's Prefect flow run Crashed; a flow run started from the command line has
+    no heartbeat, so the server would show it Running forever. Best effort: the run may live in
+    another (ephemeral) server."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    if not flow_run_id:
+        return
+    try:
+        with get_client(sync_client=True) as prefect:
+            flow_run = prefect.read_flow_run(flow_run_id)
+            if flow_run.state is not None and flow_run.state.is_running():
+                prefect.set_flow_run_state(
+                    flow_run_id, Crashed(message="the process running it is gone (found by keel)"), force=True
+                )
+    except Exception as exc:
+        logging.getLogger(__name__).info("could not mark Prefect flow run %s Crashed: %s", flow_run_id, exc)
 
 
 def execution_params(client: MlflowClient, execution: str) -> dict[str, Any]:

@@ -194,6 +194,11 @@ def test_a_killed_flow_resumes_with_only_its_unfinished_steps(servers, dask_clus
     assert [v.version for v in client.search_model_versions("name='bike-resume'")] == ["1"]
     statuses = {r.info.status for r in tree(client, killed.info.run_id)}
     assert statuses == {"FINISHED", "KILLED"}, statuses  # no run left RUNNING
+    from prefect.client.orchestration import SyncPrefectClient
+
+    with SyncPrefectClient(servers.prefect_api) as prefect:
+        flow_run = prefect.read_flow_run(killed.data.tags["prefect.flow_run_id"])
+    assert flow_run.state.type.value == "CRASHED", flow_run.state
 
 
 def test_mlflow_server_stopped_and_restarted_mid_run(servers, dask_cluster, tmp_path):
