@@ -40,6 +40,11 @@ class ModelRef(BaseModel):
     run_id: str
     model_id: str | None = None
     task: Literal["regression", "binary", "multiclass"]
+    digest: str | None = Field(
+        default=None,
+        description="sha256 of what the model is (its trees, feature spec and input example): two logged "
+        "models with the same digest predict the same, whichever run logged them.",
+    )
 
 
 def data_files(uri: str) -> list[str]:

@@ -57,9 +57,15 @@ def comparable_champion(client: MlflowClient, name: str, model: ModelRef) -> str
     return str(champion.version)
 
 
+MODEL_DIGEST_TAG = "model.digest"
+
+
 def holds(version: ModelVersion, model: ModelRef) -> bool:
-    """Whether a registered version is this logged model (its source URI; the id when recorded)."""
-    return version.source == model.uri or bool(model.model_id and version.model_id == model.model_id)
+    """Whether a registered version is this model: the same logged model, or one with the same
+    content (the same trees, feature spec and input example, logged again by a re-run)."""
+    if version.source == model.uri or bool(model.model_id and version.model_id == model.model_id):
+        return True
+    return bool(model.digest and version.tags.get(MODEL_DIGEST_TAG) == model.digest)
 
 
 def registered_version(client: MlflowClient, name: str, model: ModelRef) -> ModelVersion | None:
@@ -67,12 +73,16 @@ def registered_version(client: MlflowClient, name: str, model: ModelRef) -> Mode
     a resumed, retried or cached execution never registers the same model twice)."""
     from mlflow.exceptions import MlflowException
 
-    try:
-        versions = client.search_model_versions(f"name = '{name}' and run_id = '{model.run_id}'")
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
-            return None
-        raise
+    queries = [f"name = '{name}' and run_id = '{model.run_id}'"]
+    if model.digest:
+        queries.insert(0, f"name = '{name}' and tags.`{MODEL_DIGEST_TAG}` = '{model.digest}'")
+    versions = []
+    for query in queries:
+        try:
+            versions += client.search_model_versions(query)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                raise
     same = [v for v in versions if holds(v, model)]
     return min(same, key=lambda v: int(v.version)) if same else None
 
@@ -142,6 +152,8 @@ def register(
         tags.update({BASELINE_TAG: baseline.uri, BASELINE_RUN_TAG: baseline.run_id})
     if quality is not None:
         tags.update({QUALITY_TAG: quality.uri, QUALITY_RUN_TAG: quality.run_id})
+    if model.digest:
+        tags[MODEL_DIGEST_TAG] = model.digest
     if champion is not None:  # the champion it was judged against, on the same test data
         tags["compared_with"] = champion[0]
         tags.update({f"champion_metric.{k}": f"{v:.6g}" for k, v in champion[1].items()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -177,4 +178,16 @@ def log_lightgbm_model(model_text: str, splits: Splits, raw: DatasetRef) -> Mode
                     f"{p}=={md.version(p)}" for p in ("mlflow", "lightgbm", "pandas", "pydantic", "numpy")
                 ],
             )
-    return ModelRef(uri=info.model_uri, run_id=step.run_id, model_id=info.model_id, task=splits.features.task)
+    digest = hashlib.sha256(
+        "\n".join(
+            [model_text, splits.features.model_dump_json(), example.to_json(date_format="iso")]
+        ).encode()
+    ).hexdigest()
+    step.set_tags({"keel.model_digest": digest})
+    return ModelRef(
+        uri=info.model_uri,
+        run_id=step.run_id,
+        model_id=info.model_id,
+        task=splits.features.task,
+        digest=digest,
+    )

@@ -162,8 +162,8 @@ def input_parts(name: str, value: Any) -> dict[str, str]:
     for path, ref in find_refs(value, name).items():
         if isinstance(ref, DatasetRef):
             parts[f"input:{path}"] = f"{ref.format}:{ref.digest}"
-        else:
-            parts[f"input:{path}"] = f"model:{ref.model_id or ref.uri}"
+        else:  # by what it is when known: a step that re-made the same model leaves the next ones hits
+            parts[f"input:{path}"] = f"model:{ref.digest or ref.model_id or ref.uri}"
     return parts
 
 
