@@ -235,7 +235,7 @@ class Step(Generic[P, R]):
                         cache.REASON_TAG: reuse.message[:5000],
                     }
                 )
-                _log(f"{self.name}: {reuse.message}")
+                _log(f"{self.name}: {reuse.how}: {reuse.message}")
             else:
                 run.set_tags({cache.STATUS_TAG: status, cache.REASON_TAG: why[:5000]})
                 if status != "off":
