@@ -54,6 +54,10 @@ from tasks.settings import get_settings
 class MonitorParams(DriftThresholds, QualityRules):
     """What to check, against which model, and when it counts as drift."""
 
+    batch: str = Field(min_length=1, description="CSV or Parquet file, or a folder of them, to check.")
+    latest: bool = Field(default=False, description="Check only the last file of the folder, by name.")
+    model_name: str = Field(default="bike-demand", min_length=1, description="Registered model to monitor.")
+    version: str | None = Field(default=None, description="Version to check against; default: @champion.")
     on_quality_violation: OnViolation = Field(
         default="warn",
         description=f"A batch that breaks the champion's data-quality constraints (checked before drift). {ON_VIOLATION_HELP}",

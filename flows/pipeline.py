@@ -264,7 +264,12 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
             lineage.set_tags(
                 client,
                 run.run_id,
-                {"keel.rejected.rule": exc.rule[:5000], "keel.rejected.record": str(record)},
+                {
+                    "keel.rejected.file": exc.file,
+                    "keel.rejected.column": exc.column or "",
+                    "keel.rejected.rule": exc.rule[:5000],
+                    "keel.rejected.record": str(record),
+                },
             )
             print(f"input refused, the reason is kept in {record}")
             raise

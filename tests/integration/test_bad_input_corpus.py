@@ -74,6 +74,8 @@ def test_bad_input_stops_before_training(name, champion, dask_cluster, monkeypat
         max_results=1,
     )[0]
     assert execution.info.status == "FAILED"
+    assert execution.data.tags["keel.rejected.column"] == (case["column"] or "")
+    assert case["rule"] in execution.data.tags["keel.rejected.rule"]
     steps = {
         r.data.tags["keel.step"]
         for r in client.search_runs(["1"], f"tags.`mlflow.parentRunId` = '{execution.info.run_id}'")

@@ -112,17 +112,37 @@ def _run_id(result: PipelineResult, step: str) -> str:
 def test_selective_execution_reruns_the_selected_steps_and_takes_the_rest(on_cluster):
     first = training_pipeline(PipelineParams(**FAST))
 
-    result = rerun(first.mlflow_run_id, ["train"], on_gate_failure="reject")
-
-    runs = step_runs(result)
-    for step in ("validate-input", "check-quality", "prepare", "tune"):
+    # train alone, same parameters: it makes the same model again, so the steps after it are
+    # taken from the first execution too, and nothing new is registered
+    same = rerun(first.mlflow_run_id, ["train"])
+    runs = step_runs(same)
+    for step in (
+        "validate-input",
+        "check-quality",
+        "prepare",
+        "tune",
+        "baseline",
+        "evaluate",
+        "quality-gate",
+    ):
         assert runs[step][cache.STATUS_TAG] == "reused", (step, runs[step].get(cache.REASON_TAG))
         assert runs[step][cache.SOURCE_EXECUTION_TAG] == first.mlflow_run_id
     assert runs["train"][cache.STATUS_TAG] == "forced"
-    # a new model: the steps that depend on it cannot be taken from the earlier execution
+    assert runs["train"]["keel.model_digest"] == step_runs(first)["train"]["keel.model_digest"]
+    assert runs["register"][cache.STATUS_TAG] == "reused"
+    assert same.registered and same.registered.version == "1"
+    assert len(mlflow_client().search_model_versions("name='bike-cache'")) == 1
+
+    # tune and train with other settings: a new model, so the steps after them run
+    result = rerun(first.mlflow_run_id, ["tune", "train"], num_boost_round=20, on_gate_failure="reject")
+    runs = step_runs(result)
+    for step in ("validate-input", "check-quality", "prepare"):
+        assert runs[step][cache.STATUS_TAG] == "reused", (step, runs[step].get(cache.REASON_TAG))
+    assert runs["tune"][cache.STATUS_TAG] == runs["train"][cache.STATUS_TAG] == "forced"
     assert runs["baseline"][cache.STATUS_TAG] == "miss"
     assert "its inputs differ" in runs["baseline"][cache.REASON_TAG]
     parent = mlflow_client().get_run(result.mlflow_run_id)
     assert parent.data.tags["keel.reused_from"] == first.mlflow_run_id
-    assert parent.data.tags["keel.selected_steps"] == "train"
+    assert parent.data.tags["keel.selected_steps"] == "train,tune"
+    assert parent.data.params["num_boost_round"] == "20"
     assert result.registered and result.registered.version == "2"  # Approved or Rejected, a new version
