@@ -48,19 +48,24 @@ def retrain_lock(model_name: str, wait_seconds: float = 5.0) -> Iterator[str | N
     name = lock_name(model_name)
     _ensure_limit(name)
     stack = ExitStack()
-    try:
-        stack.enter_context(
-            concurrency(
-                name, occupy=1, timeout_seconds=wait_seconds, strict=True, lease_duration=LEASE_SECONDS
+    busy = None
+    for attempt in (1, 2):
+        try:
+            stack.enter_context(
+                concurrency(
+                    name, occupy=1, timeout_seconds=wait_seconds, strict=True, lease_duration=LEASE_SECONDS
+                )
             )
-        )
-        busy = None
-    except TimeoutError as exc:
-        if not _slots_taken(name):
-            raise RuntimeError(
-                f"could not take the Prefect concurrency slot {name!r} within {wait_seconds:g}s although no "
-                "run holds it: is the Prefect server overloaded?"
-            ) from exc
-        busy = f"another flow run holds the Prefect concurrency slot {name!r}"
+            break
+        except TimeoutError as exc:
+            if _slots_taken(name):
+                busy = f"another flow run holds the Prefect concurrency slot {name!r}"
+                break
+            if attempt == 2:
+                raise RuntimeError(
+                    f"could not take the Prefect concurrency slot {name!r} within {wait_seconds:g}s twice although "
+                    "no run holds it: is the Prefect server overloaded?"
+                ) from exc
+            # The holder let go between our timeout and our look: try once more.
     with stack:
         yield busy
