@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 NOT_KEYED = "not_keyed"  # Field(json_schema_extra={NOT_KEYED: True}): lineage only, not content
 KEY_TAG = "keel.cache.key"
-STATUS_TAG = "keel.cache.status"  # hit, reused, miss, forced, off
+STATUS_TAG = "keel.cache.status"  # hit, reused, miss, rerun, forced, off (see Step._reusable)
 PRODUCED_TAG = "keel.cache.produced"  # "true" on runs whose function ran and finished
 SOURCE_RUN_TAG = "keel.cache.source_run_id"
 SOURCE_EXECUTION_TAG = "keel.cache.source_execution"
@@ -267,12 +267,8 @@ def code_parts(fn: Callable[..., Any]) -> dict[str, str]:
 # --- outputs: save, load, check -------------------------------------------------------------------
 
 
-def _adapter(fn: Callable[..., Any]) -> TypeAdapter:
-    return _adapter_for(fn)
-
-
 @functools.cache
-def _adapter_for(fn: Callable[..., Any]) -> TypeAdapter:
+def _adapter(fn: Callable[..., Any]) -> TypeAdapter:
     """A validator for the step's return annotation (only that one is resolved: parameters may name
     types imported for type checkers alone)."""
     annotation = fn.__annotations__.get("return", Any)
