@@ -80,7 +80,7 @@ def monitor(params: MonitorParams) -> MonitorResult:
     settings = get_settings()
     thresholds = DriftThresholds.model_validate(params.model_dump(include=set(DriftThresholds.model_fields)))
     checked_at = datetime.now(UTC).isoformat(timespec="seconds")
-    batch = batch_files(params.batch, params.latest)
+    batch_uri = batch_files(params.batch, params.latest)
     with (
         lineage.pipeline_run(
             "drift-monitor",
@@ -92,8 +92,9 @@ def monitor(params: MonitorParams) -> MonitorResult:
     ):
         client = run.client()
         champion = load_baseline(client, params.model_name, params.version)
+        batch = batch_ref(batch_uri)  # read and digested once, for both checks
         quality = check_quality(
-            batch_ref(batch, []),
+            batch,
             champion.profile.features.time_column,
             [],
             version_constraints(client, params.model_name, champion.version),
@@ -104,7 +105,7 @@ def monitor(params: MonitorParams) -> MonitorResult:
         check = check_drift(
             batch,
             params.model_name,
-            params.version,
+            champion.version,  # the version the quality check used, even if the alias moved since
             thresholds,
             output_location(settings.datasets_root, run.run_id, "monitor"),
         )

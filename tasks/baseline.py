@@ -86,7 +86,7 @@ def baseline(model: ModelRef, splits: Splits) -> Baseline:
         (folder / "profile.json").write_text(profile.model_dump_json(indent=1))
         sample.to_parquet(folder / "reference.parquet", index=False)
         step.client.log_artifacts(step.run_id, str(folder), ARTIFACT_DIR)
-    uri = f"{step.client.get_run(step.run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_DIR}"
+    uri = step.artifact_uri(ARTIFACT_DIR)
     step.log_metrics({"reference_rows": splits.train.rows or 0, "reference_sample_rows": len(sample)})
     get_run_logger().info(
         "baseline: %d columns profiled over %s training rows, %d-row reference sample -> %s",

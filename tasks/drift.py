@@ -80,21 +80,24 @@ def batch_files(uri: str, latest: bool) -> str:
     return files[-1] if latest else uri
 
 
-def batch_ref(uri: str, required: list[str]) -> DatasetRef:
-    """Cheap checks before any work: it exists, reads, and has every column the model needs."""
+def batch_ref(uri: str) -> DatasetRef:
+    """The batch as a reference, after cheap checks: it exists and reads (format, header, digest)."""
     fmt = table_format(uri)
     columns = read_header(uri, fmt)
-    missing = [c for c in required if c not in columns]
+    return DatasetRef(name="batch", uri=uri, digest=content_digest(uri), format=fmt, columns=tuple(columns))
+
+
+def require_columns(batch: DatasetRef, required: list[str]) -> None:
+    missing = [c for c in required if c not in batch.columns]
     if missing:
         raise DataValidationError(
-            uri, f"required columns are missing: {missing} (the model needs {required})", missing[0]
+            batch.uri, f"required columns are missing: {missing} (the model needs {required})", missing[0]
         )
-    return DatasetRef(name="batch", uri=uri, digest=content_digest(uri), format=fmt, columns=tuple(columns))
 
 
 @processing_step(name="drift-check")
 def check_drift(
-    batch_uri: str, model_name: str, version: str | None, thresholds: DriftThresholds, output_uri: str
+    batch: DatasetRef, model_name: str, version: str | None, thresholds: DriftThresholds, output_uri: str
 ) -> DriftCheck:
     """Summarise the batch on the workers and judge every column against the champion's baseline."""
     from prefect import get_run_logger
@@ -104,7 +107,7 @@ def check_drift(
     pipeline = lineage.current_pipeline()
     champion = load_baseline(step.client, model_name, version)
     spec = champion.profile.features
-    batch = batch_ref(batch_uri, spec.input_columns)
+    require_columns(batch, spec.input_columns)
     step.set_tags({"keel.model.name": model_name, "keel.model.version": champion.version})
     unknown = [c for c in thresholds.must_not_drift if c not in champion.profile.columns]
     if unknown:

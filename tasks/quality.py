@@ -214,12 +214,11 @@ def table_stats(data: DatasetRef, time_column: str, key: list[str]) -> tuple[dic
     else:
         frame = dd.read_parquet(data.uri)
     parts = [dask.delayed(partition_stats)(p, time_column) for p in frame.to_delayed()]
-    duplicates = 0
+    unique = None
     try:
         if key:
             hashes = frame.map_partitions(key_hashes, key, meta=("key", "uint64"))
-            per_part, total, unique = dask.compute(parts, frame.shape[0], hashes.nunique())
-            duplicates = int(total) - int(unique)
+            per_part, unique = dask.compute(parts, hashes.nunique())
         else:
             (per_part,) = dask.compute(parts)
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
@@ -228,7 +227,8 @@ def table_stats(data: DatasetRef, time_column: str, key: list[str]) -> tuple[dic
     for part in per_part:
         for column, stats in part.items():
             merged[column] = merged[column].merge(stats) if column in merged else stats
-    return merged, duplicates
+    rows = max((s.rows for s in merged.values()), default=0)
+    return merged, (rows - int(unique) if unique is not None else 0)
 
 
 # --- rules ----------------------------------------------------------------------------------------
@@ -448,9 +448,8 @@ def check_quality(
             len(stats),
             against_text,
         )
-    uri = f"{step.client.get_run(step.run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_DIR}"
     return QualityReport(
-        uri=uri,
+        uri=step.artifact_uri(ARTIFACT_DIR),
         run_id=step.run_id,
         data=data,
         checked_against=against,

@@ -64,6 +64,10 @@ class StepRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def artifact_uri(self, path: str) -> str:
+        """Where an artifact of this run is (as the registry's tags point at it)."""
+        return f"{self.client.get_run(self.run_id).info.artifact_uri.rstrip('/')}/{path}"
+
 
 _current_step: ContextVar[StepRun | None] = ContextVar("keel_step_run", default=None)
 
@@ -217,7 +221,6 @@ class Step(Generic[P, R]):
         bound.apply_defaults()
         key = cache.step_key(self.name, self.fn, bound.arguments, self.cache.ignore)
         with _step_run(self.name, self.kind) as run:
-            run.set_tags({cache.KEY_TAG: key.digest})
             run.log_params(plain_params(bound.arguments))
             inputs = {
                 k: v for name, value in bound.arguments.items() for k, v in find_refs(value, name).items()
@@ -229,6 +232,7 @@ class Step(Generic[P, R]):
                 result = reuse.value
                 run.set_tags(
                     {
+                        cache.KEY_TAG: key.digest,
                         cache.STATUS_TAG: reuse.how,
                         cache.SOURCE_RUN_TAG: reuse.run_id,
                         cache.SOURCE_EXECUTION_TAG: reuse.execution,
@@ -237,7 +241,9 @@ class Step(Generic[P, R]):
                 )
                 _log(f"{self.name}: {reuse.how}: {reuse.message}")
             else:
-                run.set_tags({cache.STATUS_TAG: status, cache.REASON_TAG: why[:5000]})
+                run.set_tags(
+                    {cache.KEY_TAG: key.digest, cache.STATUS_TAG: status, cache.REASON_TAG: why[:5000]}
+                )
                 if status != "off":
                     _log(f"{self.name}: {status}: {why}")
                 result = self.fn(*bound.args, **bound.kwargs)
