@@ -10,7 +10,7 @@ RUN := $(VENV)/bin/python
 # Prefect: no telemetry from ephemeral mode (it logs "database is locked" otherwise).
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test lint unit bench bench-drift stack-up stack-down drift-demo mlflow-ui prefect-ui clean
+.PHONY: install demo test lint unit bench stack-up stack-down drift-demo mlflow-ui prefect-ui clean
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -38,12 +38,9 @@ test: lint
 unit: install
 	$(RUN) -m pytest -m "not integration and not servers" $(PYTEST_ARGS)
 
+# Every benchmark (about an hour on 2 cores); one of them: make bench ARGS="--only drift_check"
 bench: install
-	$(RUN) -m benchmarks.pipeline_overhead $(ARGS)
-
-bench-drift: install
-	$(RUN) -m benchmarks.drift_check
-	$(RUN) -m benchmarks.event_latency
+	$(RUN) -m benchmarks $(ARGS)
 
 stack-up: install
 	$(RUN) -m infra.stack up $(ARGS)

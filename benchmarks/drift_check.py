@@ -1,22 +1,21 @@
-"""Drift check time: our check (stored reference profile + one pass over the new data on Dask) against
+"""B4: drift check time: our check (stored reference profile + one pass over the new data on Dask) against
 Evidently's DataDriftPreset run naively on both full frames, with the same per-column verdicts.
 
-    .venv/bin/python -m benchmarks.drift_check                       # 100k and 1M rows, 3 repeats
-    .venv/bin/python -m benchmarks.drift_check --rows 100000 --repeats 1
+    .venv/bin/python -m benchmarks.drift_check                       # 1M rows, 3 repeats
+    .venv/bin/python -m benchmarks.drift_check --rows 100000 1000000 --repeats 1
 
 Data: 20 numeric columns of different shapes (normal, log-normal, uniform, integer counts) and one
 categorical column; in the current data some columns are shifted a little, some a lot and some not
 at all, so both verdicts occur. The current data sits in Parquet (8 parts) as a landed batch would.
 Ours runs on a 2-worker LocalCluster that is already up (as in the stack); the profile of the
 reference is built once, as at training time, and timed separately.
+Writes benchmarks/results/drift_check.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmarks.common import machine, machine_line, spread, summary, target_row, write_results
 from tasks import drift_stats, monitoring
 from tasks.featurize import FeatureSpec
 
-RESULTS = Path(__file__).resolve().parent / "results"
+TARGET = 0.5
 NUMERIC = [f"x{i:02d}" for i in range(20)]
 
 
@@ -90,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -136,8 +136,8 @@ def main() -> None:
             result = {
                 "rows": rows,
                 "columns": len(NUMERIC) + 1,
-                "ours_s": _stats(mine_times),
-                "evidently_s": _stats(theirs_times),
+                "ours_s": summary(mine_times),
+                "evidently_s": summary(theirs_times),
                 "ratio": statistics.median(mine_times) / statistics.median(theirs_times),
                 "profile_build_s": profile_seconds,
                 "same_verdicts": same,
@@ -146,45 +146,45 @@ def main() -> None:
             }
             results.append(result)
             print(json.dumps(result), flush=True)
-    write(results, args.repeats)
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def write(results: list[dict], repeats: int) -> None:
-    import evidently
-
-    RESULTS.mkdir(exist_ok=True)
-    machine = {
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "evidently": evidently.__version__,
-        "repeats": repeats,
-        "command": ".venv/bin/python -m benchmarks.drift_check",
+    rows = " ".join(str(r) for r in args.rows)
+    result = {
+        "command": f"python -m benchmarks.drift_check --rows {rows} --repeats {args.repeats}",
+        "machine": machine(),
+        "results": results,
+        "summary": [summary_row(r) for r in results],
     }
-    (RESULTS / "drift_check.json").write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+    write_results("drift_check", result, markdown(result))
+
+
+def summary_row(r: dict) -> dict:
+    return target_row(
+        "B4",
+        f"drift check, {r['rows']:,} reference x {r['rows']:,} current rows, 20 numeric + 1 categorical",
+        spread(r["ours_s"], digits=2),
+        f"Evidently DataDriftPreset on the full frames {spread(r['evidently_s'])}",
+        f"{r['ratio']:.3f}x, same verdicts: {'yes' if r['same_verdicts'] else 'NO'}",
+        f"<= {TARGET}x, same per-column verdicts",
+        r["ratio"] <= TARGET and r["same_verdicts"],
+    )
+
+
+def markdown(result: dict) -> str:
     lines = [
-        f"# Drift check: ours vs Evidently DataDriftPreset on the full frames (median of {repeats}, min-max)",
+        "# B4: drift check, ours vs Evidently DataDriftPreset on the full frames",
+        "",
+        machine_line(result["machine"]) + f" Command: `{result['command']}`",
         "",
         "| rows (ref = cur) | ours | Evidently | ratio | same verdicts | worst score diff | profile build (once) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for r in result["results"]:
         lines.append(
-            f"| {r['rows']:,} x {r['columns']} cols | {r['ours_s']['median']:.2f} s ({r['ours_s']['min']:.2f}-{r['ours_s']['max']:.2f}) "
-            f"| {r['evidently_s']['median']:.1f} s ({r['evidently_s']['min']:.1f}-{r['evidently_s']['max']:.1f}) "
+            f"| {r['rows']:,} x {r['columns']} cols | {spread(r['ours_s'], digits=2)} | {spread(r['evidently_s'])} "
             f"| {r['ratio']:.3f} | {'yes' if r['same_verdicts'] else 'NO'} ({len(r['drifted_columns'])} drifted) "
             f"| {r['worst_score_difference']:.2%} | {r['profile_build_s']:.2f} s |"
         )
-    lines += [
-        "",
-        f"Machine: {machine['cpus']} CPUs, Python {machine['python']}, Evidently {machine['evidently']}.",
-        "",
-    ]
-    (RESULTS / "drift_check.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    lines += ["", "Score difference: the largest |ours - Evidently| / max(1, Evidently) over the 21 columns."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

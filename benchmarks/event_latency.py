@@ -1,4 +1,4 @@
-"""Latency from a drift event to the retrain flow running, on the local stack (`infra.stack up`).
+"""B5: latency from a drift event to the retrain flow running, on the local stack (`infra.stack up`).
 
     .venv/bin/python -m benchmarks.event_latency --events 10
 
@@ -6,6 +6,7 @@ Starts the stack in a temporary folder on free ports, emits `keel.drift.detected
 time (each about another model, so no lock or cooldown is involved), and reads from the Prefect API
 when the automation created the retrain flow run and when that run entered Running. The flow runs
 then stop early (the models do not exist): only the time to start is measured. Stops the stack.
+Writes benchmarks/results/event_latency.{json,md}.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,7 +21,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import machine, machine_line, spread, summary, target_row, write_results
+
+TARGET_S = 10.0
 
 
 def stack(home: Path, command: str, *extra: str) -> str:
@@ -59,7 +61,7 @@ def main() -> None:
             samples = measure(env["PREFECT_API_URL"], args.events, args.gap)
         finally:
             stack(home, "down")
-    write(samples, up_seconds)
+    write(samples, up_seconds, args.events, args.gap)
 
 
 def measure(api_url: str, events: int, gap: float) -> list[dict]:
@@ -108,44 +110,44 @@ def _ts(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def write(samples: list[dict], up_seconds: float) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    summary = {
-        key: {
-            "median": statistics.median(s[key] for s in samples),
-            "min": min(s[key] for s in samples),
-            "max": max(s[key] for s in samples),
-        }
-        for key in ("created_s", "running_s")
-    }
+def write(samples: list[dict], up_seconds: float, events: int, gap: float) -> None:
+    created = summary([s["created_s"] for s in samples])
+    running = summary([s["running_s"] for s in samples])
     result = {
-        "events": len(samples),
+        "command": f"python -m benchmarks.event_latency --events {events} --gap {gap:g}",
+        "machine": machine(),
         "stack_up_s": up_seconds,
-        **summary,
-        "samples": samples,
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "command": ".venv/bin/python -m benchmarks.event_latency",
         "runner_poll_seconds": 1,
-    }
-    (RESULTS / "event_latency.json").write_text(json.dumps(result, indent=1))
-    lines = [
-        f"# Drift event -> retrain flow (local stack, {len(samples)} events, median and min-max)",
-        "",
-        "| from the event to | median | min | max |",
-        "|---|---|---|---|",
-        *(
-            f"| {label} | {summary[k]['median']:.2f} s | {summary[k]['min']:.2f} s | {summary[k]['max']:.2f} s |"
-            for k, label in (
-                ("created_s", "flow run created by the automation"),
-                ("running_s", "flow run Running"),
+        "created_s": created,
+        "running_s": running,
+        "samples": samples,
+        "summary": [
+            target_row(
+                "B5",
+                "drift event -> retrain flow running, local stack",
+                spread(running, digits=2),
+                f"(flow run created: {spread(created, digits=2)})",
+                f"{running['median']:.2f} s median",
+                f"<= {TARGET_S:.0f} s",
+                running["median"] <= TARGET_S,
             )
+        ],
+    }
+    lines = [
+        "# B5: drift event -> retrain flow running (local stack)",
+        "",
+        machine_line(result["machine"]) + f" Command: `{result['command']}`",
+        "",
+        "| from the event to | median | min | max | events |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {label} | {x['median']:.2f} s | {x['min']:.2f} s | {x['max']:.2f} s | {x['runs']} |"
+            for label, x in (("flow run created by the automation", created), ("flow run Running", running))
         ),
         "",
         f"Stack start-up (`infra.stack up`, all health checks): {up_seconds:.1f} s. Runner poll: 1 s.",
-        "",
     ]
-    (RESULTS / "event_latency.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results("event_latency", result, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -4,14 +4,11 @@
 
 Both paths get the same features, parameters and trees, on the same 2-worker LocalCluster; the
 single path runs `fit_single` on one worker with all cores, the distributed path `fit_distributed`
-across both workers. The scale-up repeats the bike rows with small noise on the weather columns
-(distributions kept) and shifted dates. Writes benchmarks/results/training_paths.{json,md}.
+across both workers, on `benchmarks.scaled_data`. Not part of `python -m benchmarks`. Writes benchmarks/results/training_paths.{json,md}.
 """
 
 from __future__ import annotations
 
-import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -19,28 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmarks.common import machine, machine_line, summary, write_results
+from benchmarks.scaled_data import scaled_bike
 from tasks.featurize import FeatureSpec
 from tasks.refs import DatasetRef, content_digest
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 PARAMS = {"num_leaves": 63, "learning_rate": 0.1, "min_data_in_leaf": 20}
 TREES = 100
-
-
-def scaled_bike(rows: int, seed: int = 0) -> pd.DataFrame:
-    """The bike table repeated to `rows`, weather jittered within its range, dates shifted by copy."""
-    bike = pd.read_csv(ROOT / "data" / "bike_sharing_hourly.csv")
-    copies = -(-rows // len(bike))
-    rng = np.random.default_rng(seed)
-    parts = []
-    for k in range(copies):
-        part = bike.copy()
-        part["dteday"] = pd.to_datetime(part["dteday"]) + pd.Timedelta(days=731 * k)
-        for column in ("temp", "atemp", "hum", "windspeed"):
-            part[column] = np.clip(part[column] + rng.normal(0, 0.02, len(part)), 0, 1)
-        parts.append(part)
-    return pd.concat(parts, ignore_index=True).head(rows).drop(columns=["instant", "casual", "registered"])
 
 
 def time_paths(client, frame: pd.DataFrame, repeats: int) -> dict:
@@ -75,10 +57,7 @@ def time_paths(client, frame: pd.DataFrame, repeats: int) -> dict:
             started = time.perf_counter()
             modeling.fit_distributed(client, PARAMS, [ref], spec, TREES, 42)
             timings["distributed"].append(time.perf_counter() - started)
-    return {
-        path: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": len(v)}
-        for path, v in timings.items()
-    }
+    return {path: summary(v) for path, v in timings.items()}
 
 
 def main() -> None:
@@ -97,16 +76,20 @@ def main() -> None:
     ):
         for rows, repeats in ((17_379, 3), (1_000_000, 3)):
             results[str(rows)] = time_paths(client, scaled_bike(rows), repeats)
-    lines = ["| rows | single worker (all cores), s | lightgbm.dask, 2 workers, s |", "|---|---|---|"]
+    lines = [
+        "# Single-worker LightGBM vs lightgbm.dask (median of 3, min-max)",
+        "",
+        machine_line(machine()) + " Command: `python -m benchmarks.training_paths`",
+        "",
+        "| rows | single worker (all cores), s | lightgbm.dask, 2 workers, s |",
+        "|---|---|---|",
+    ]
     for rows, r in results.items():
         lines.append(
             f"| {int(rows):,} | {r['single']['median']:.2f} ({r['single']['min']:.2f}-{r['single']['max']:.2f}) "
             f"| {r['distributed']['median']:.2f} ({r['distributed']['min']:.2f}-{r['distributed']['max']:.2f}) |"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "training_paths.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / "training_paths.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("training_paths", {"machine": machine(), "results": results}, "\n".join(lines))
 
 
 if __name__ == "__main__":

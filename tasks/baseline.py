@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field
 
 from tasks import lineage, monitoring
-from tasks.compute import dask_client
+from tasks.compute import dask_client, threads_per_task
 from tasks.drift_stats import ColumnProfile
 from tasks.errors import NotInRegistry
 from tasks.featurize import FeatureSpec
@@ -59,20 +59,18 @@ def baseline(model: ModelRef, splits: Splits) -> Baseline:
 
     step = current_step()
     pipeline = lineage.current_pipeline()
-    profiles, sample = (
-        dask_client()
-        .submit(
-            monitoring.profile_reference,
-            splits.train,
-            splits.features,
-            model.uri,
-            pipeline.tracking_uri,
-            pipeline.registry_uri,
-            0,
-            pure=False,
-        )
-        .result()
-    )
+    client = dask_client()
+    profiles, sample = client.submit(
+        monitoring.profile_reference,
+        splits.train,
+        splits.features,
+        model.uri,
+        pipeline.tracking_uri,
+        pipeline.registry_uri,
+        0,
+        threads_per_task(client, 1),
+        pure=False,
+    ).result()
     profile = Profile(
         model_uri=model.uri,
         train=splits.train,

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tasks import lineage, modeling
-from tasks.compute import dask_client
+from tasks.compute import dask_client, threads_per_task
 from tasks.prepare import Splits
 from tasks.refs import ModelRef
 from tasks.steps import CacheConfig, RetryPolicy, current_step, processing_step
@@ -43,6 +43,7 @@ def evaluate(model: ModelRef, splits: Splits, model_name: str, champion: str | N
             pipeline.registry_uri,
             splits.test,
             splits.features,
+            threads_per_task(client, len(jobs)),
             pure=False,
         )
         for role, uri in jobs.items()
@@ -95,13 +96,16 @@ def _log_plot(step, scores: dict[str, dict], splits: Splits) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import pandas as pd
 
     fig, ax = plt.subplots(figsize=(10, 4))
     daily = scores["challenger"]["daily"]
     days = list(daily)
-    ax.plot(days, [daily[d][0] for d in days], label="actual", color="black", linewidth=1.5)
+    # Dates, not strings: a text axis gets one tick label per day (39 s for 5,600 days, measured).
+    x = pd.to_datetime(days)
+    ax.plot(x, [daily[d][0] for d in days], label="actual", color="black", linewidth=1.5)
     for role, result in scores.items():
-        ax.plot(days, [result["daily"][d][1] for d in days], label=f"{role} prediction", linewidth=1)
+        ax.plot(x, [result["daily"][d][1] for d in days], label=f"{role} prediction", linewidth=1)
     ax.set_title(f"Daily mean {splits.features.target}: actual vs predicted (test period)")
     ax.legend()
     ax.tick_params(axis="x", labelrotation=45)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from tasks.drift_stats import ColumnProfile, ColumnSummary, merge_frames, profile_column, summarise_frame
 from tasks.featurize import FeatureSpec, as_labels, encode_target, parse_time
-from tasks.modeling import _read_parquet
+from tasks.modeling import _read_parquet, openmp_threads
 from tasks.refs import DatasetRef
 
 PREDICTION = "prediction"
@@ -60,12 +60,19 @@ def monitored_values(frame: pd.DataFrame, column: str, spec: FeatureSpec) -> pd.
 
 
 def profile_reference(
-    train: DatasetRef, spec: FeatureSpec, model_uri: str, tracking_uri: str, registry_uri: str, seed: int
+    train: DatasetRef,
+    spec: FeatureSpec,
+    model_uri: str,
+    tracking_uri: str,
+    registry_uri: str,
+    seed: int,
+    threads: int = 1,
 ) -> tuple[dict[str, ColumnProfile], pd.DataFrame]:
     """On a worker: profile every monitored column of the training split, with the model's predictions,
     and draw the reference sample the Evidently report is drawn from."""
     frame = _read_parquet(train.uri, train.digest).copy()
-    frame[PREDICTION] = predict(frame, spec, load_model(model_uri, tracking_uri, registry_uri))
+    with openmp_threads(threads):
+        frame[PREDICTION] = predict(frame, spec, load_model(model_uri, tracking_uri, registry_uri))
     monitored = kinds(spec)
     profiles = {
         column: profile_column(monitored_values(frame, column, spec), column, kind)  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from tasks import modeling
-from tasks.compute import dask_client
+from tasks.compute import dask_client, threads_per_task
 from tasks.featurize import FeatureSpec, model_matrix, parse_time, predictions_frame
 from tasks.prepare import Splits
 from tasks.refs import DatasetRef, ModelRef, data_files
@@ -85,6 +85,8 @@ def choose_mode(spec: TrainingSpec, rows: int, n_features: int, worker_memory: i
 @tuning_step(name="tune", cache=CacheConfig(), retry=RetryPolicy(attempts=3))
 def tune(splits: Splits, tuning: TuningSpec, training: TrainingSpec) -> TuningResult:
     """Search the space with trials on the workers, early-stopped on the validation split."""
+    threads = tuning.threads_per_trial or threads_per_task(dask_client(), tuning.parallel)
+    current_step().log_params({"threads_per_trial": threads})
     return run_trials(
         tuning,
         modeling.run_trial,
@@ -94,6 +96,7 @@ def tune(splits: Splits, tuning: TuningSpec, training: TrainingSpec) -> TuningRe
         num_boost_round=training.num_boost_round,
         early_stopping_rounds=training.early_stopping_rounds,
         seed=training.seed,
+        threads=threads,
     )
 
 

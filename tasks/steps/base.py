@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from pydantic import BaseModel
@@ -47,6 +47,7 @@ class StepRun:
     run_id: str
     step: str
     kind: str
+    closing_tags: dict[str, str] = field(default_factory=dict)  # written with the run's end
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         lineage.log_params(self.client, self.run_id, params)
@@ -138,12 +139,14 @@ def _step_run(step: str, kind: str) -> Iterator[StepRun]:
                 lineage.STEP_KIND_TAG: kind,
                 lineage.PIPELINE_TAG: pipeline.name,
                 "prefect.task_run_id": task_run_id,
+                "keel.attempts": "1",
             },
         )
+        run = StepRun(client, run_id, step, kind)
     else:
         client.update_run(run_id, status="RUNNING")
-    run = StepRun(client, run_id, step, kind)
-    run.set_tags({"keel.attempts": attempt})
+        run = StepRun(client, run_id, step, kind)
+        run.set_tags({"keel.attempts": attempt})
     token = _current_step.set(run)
     started = time.perf_counter()
     try:
@@ -153,7 +156,13 @@ def _step_run(step: str, kind: str) -> Iterator[StepRun]:
         client.set_terminated(run_id, "FAILED")
         raise
     else:
-        run.log_metrics({"step_seconds": time.perf_counter() - started})
+        from mlflow.entities import Metric, RunTag
+
+        client.log_batch(
+            run_id,
+            metrics=[Metric("step_seconds", time.perf_counter() - started, int(time.time() * 1000), 0)],
+            tags=[RunTag(k, v) for k, v in run.closing_tags.items()],
+        )
         client.set_terminated(run_id, "FINISHED")
     finally:
         _current_step.reset(token)
@@ -248,7 +257,7 @@ class Step(Generic[P, R]):
                     _log(f"{self.name}: {status}: {why}")
                 result = self.fn(*bound.args, **bound.kwargs)
                 cache.save_output(run.client, run.run_id, self.fn, key, result)
-                run.set_tags({cache.PRODUCED_TAG: "true"})
+                run.closing_tags[cache.PRODUCED_TAG] = "true"
             outputs = find_refs(result, "output")
             lineage.log_datasets(run.client, run.run_id, _datasets(outputs), "output")
             _tag_models(run, outputs, "output")

@@ -1,9 +1,16 @@
 """TuningStep: hyperparameter trials in parallel on the Dask workers (Optuna ask/tell).
 
-Trials are asked in batches of `parallel`, run as Dask tasks, and told back in the order they
-were asked, so a seeded tuning job gives the same best parameters however the workers interleave.
-Each trial is an MLflow run nested under the step's run; progress shows as a Prefect progress
-artifact and log lines with counts.
+Up to `parallel` trials run at once as Dask tasks. Results are told to Optuna in the order the
+trials were asked, and a trial is asked only at a fixed point of that order, so a seeded tuning job
+gives the same trials and the same best parameters however the workers interleave:
+
+- the first `STARTUP_TRIALS` are the sampler's random start-up; they depend on no result, so a
+  worker that finishes one starts the next at once;
+- later trial n is asked right after trial n - `parallel` is told: TPE sees every result but the
+  `parallel` - 1 still running. A worker idles only while an earlier trial it must wait for runs.
+
+With `parallel=1` this is plain sequential Optuna. Each trial is an MLflow run nested under the
+step's run; progress shows as a Prefect progress artifact and log lines with counts.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from tasks.steps.base import current_step, step_kind
 from tasks.steps.cache import NOT_KEYED
 
 tuning_step = step_kind("TuningStep")
+STARTUP_TRIALS = 10  # Optuna's TPE default: random trials before it models the results
 
 
 class ParamRange(BaseModel):
@@ -47,6 +55,14 @@ class TuningSpec(BaseModel):
     space: dict[str, ParamRange]
     n_trials: int = Field(default=16, ge=1, le=10_000, description="Trials in all.")
     parallel: int = Field(default=2, ge=1, le=256, description="Trials running at once on the workers.")
+    strategy: Literal["bayesian", "random"] = Field(
+        default="bayesian",
+        description="bayesian: Optuna's TPE after its random start-up trials; random: every trial random "
+        "(the trials then do not depend on each other's results).",
+    )
+    threads_per_trial: int = Field(
+        default=0, ge=0, le=256, description="Threads each trial may use; 0: the workers' threads shared out."
+    )
     objective: str = Field(description="Metric the trials report and the tuner optimises, e.g. 'rmse'.")
     direction: Literal["minimize", "maximize"] = "minimize"
     seed: int = 42
@@ -100,53 +116,66 @@ def run_trials(
     client = dask_client()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        direction=tuning.direction, sampler=optuna.samplers.TPESampler(seed=tuning.seed)
+        direction=tuning.direction,
+        sampler=optuna.samplers.TPESampler(seed=tuning.seed, n_startup_trials=STARTUP_TRIALS)
+        if tuning.strategy == "bayesian"
+        else optuna.samplers.RandomSampler(seed=tuning.seed),
     )
+    startup = STARTUP_TRIALS if tuning.strategy == "bayesian" else tuning.n_trials
     distributions = optuna_distributions(tuning.space)
     progress = create_progress_artifact(progress=0.0, description=f"{step.step}: {tuning.n_trials} trials")
     records: list[TrialRecord] = []
     started = time.perf_counter()
     step.log_params({"n_trials": tuning.n_trials, "parallel": tuning.parallel, "objective": tuning.objective})
 
-    unlogged: list[tuple[TrialRecord, dict[str, str]]] = []  # told, waiting to be written to MLflow
-    while len(records) < tuning.n_trials:
-        batch = [
-            study.ask(distributions) for _ in range(min(tuning.parallel, tuning.n_trials - len(records)))
-        ]
-        # Submit first: the MLflow bookkeeping below runs while the workers compute.
-        futures = {
-            client.submit(
+    asked: dict[int, tuple[Any, str]] = {}  # trial number -> (Optuna trial, MLflow run id)
+    outcomes: dict[int, dict[str, Any] | BaseException] = {}  # finished, not told yet
+    running = as_completed()
+    numbers: dict[str, int] = {}  # Dask key -> trial number
+
+    def ask_allowed() -> None:
+        """Ask and submit every trial the schedule (module docstring) allows now."""
+        while len(asked) < tuning.n_trials and running.count() < tuning.parallel:
+            number = len(asked)
+            if number >= startup and number - len(records) >= tuning.parallel:
+                return  # waits for trial number - parallel to be told
+            trial = study.ask(distributions)
+            future = client.submit(
                 trial_fn,
                 trial.params,
                 **trial_kwargs,
                 pure=False,
                 key=f"{trial_fn.__name__}-{trial.number}-{uuid.uuid4().hex[:12]}",
-            ): trial
-            for trial in batch
-        }
-        run_ids = {
-            trial.number: lineage.create_child_run(
-                step.client,
-                pipeline.experiment_id,
-                step.run_id,
-                f"trial-{trial.number}",
-                {lineage.STEP_TAG: f"{step.step}/trial-{trial.number}", lineage.STEP_KIND_TAG: "TuningTrial"},
             )
-            for trial in batch
-        }
-        for record, tags in unlogged:
-            _log_trial(step.client, record, tags)
-        unlogged = []
-        outcomes: dict[int, dict[str, Any] | BaseException] = {}
-        for future in as_completed(futures):
-            try:
-                outcomes[futures[future].number] = future.result()
-            except Exception as exc:  # one bad trial does not end the tuning job
-                outcomes[futures[future].number] = exc
-        for trial in batch:  # tell in ask order: reproducible whatever the completion order
-            record, tags = _tell(study, trial, outcomes[trial.number], run_ids[trial.number], tuning)
+            numbers[future.key] = trial.number
+            running.add(future)
+            asked[trial.number] = (
+                trial,
+                lineage.create_child_run(
+                    step.client,
+                    pipeline.experiment_id,
+                    step.run_id,
+                    f"trial-{trial.number}",
+                    {
+                        lineage.STEP_TAG: f"{step.step}/trial-{trial.number}",
+                        lineage.STEP_KIND_TAG: "TuningTrial",
+                    },
+                ),
+            )
+
+    ask_allowed()
+    for future in running:
+        try:
+            outcomes[numbers[future.key]] = future.result()
+        except Exception as exc:  # one bad trial does not end the tuning job
+            outcomes[numbers[future.key]] = exc
+        ask_allowed()  # a start-up trial can take the free worker at once
+        while len(records) in outcomes:  # tell in ask order, asking what each tell allows
+            trial, run_id = asked[len(records)]
+            record, tags = _tell(study, trial, outcomes.pop(trial.number), run_id, tuning)
             records.append(record)
-            unlogged.append((record, tags))
+            ask_allowed()
+            _log_trial(step.client, record, tags)  # while the workers compute
             value = record.metrics.get(tuning.objective)
             logger.info(
                 "trial %d/%d %s: %s=%s (best so far %s=%.5g)",
@@ -159,8 +188,6 @@ def run_trials(
                 _best_value(study),
             )
         update_progress_artifact(progress, progress=100.0 * len(records) / tuning.n_trials)
-    for record, tags in unlogged:
-        _log_trial(step.client, record, tags)
 
     complete = [r for r in records if r.state == "complete"]
     if not complete:

@@ -26,7 +26,7 @@ CLI_FAST = ["--start", "2011-01-01", "--end", "2011-08-31", "--num-boost-round",
 @pytest.fixture(scope="module")
 def scaled_csv(tmp_path_factory) -> Path:
     """200,000 rows of the bike data (repeated, weather jittered): steps long enough to be hit mid-way."""
-    from benchmarks.training_paths import scaled_bike
+    from benchmarks.scaled_data import scaled_bike
 
     path = tmp_path_factory.mktemp("scaled") / "bike_200k.csv"
     scaled_bike(200_000).to_csv(path, index=False)

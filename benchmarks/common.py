@@ -1,0 +1,121 @@
+"""What every benchmark shares: summaries, the machine record, timed child processes, result files."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+VERSIONS = ("prefect", "mlflow", "dask", "lightgbm", "optuna", "pandas", "pyarrow", "evidently")
+SERVER_VARIABLES = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "DASK_SCHEDULER_ADDRESS")
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Median, min, max and the number of runs: how every benchmark reports a measurement."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
+
+
+def spread(s: dict[str, float], unit: str = "s", digits: int = 1) -> str:
+    """'12.3 s (11.0-14.2, 3 runs)'."""
+    return f"{s['median']:.{digits}f} {unit} ({s['min']:.{digits}f}-{s['max']:.{digits}f}, {s['runs']} runs)"
+
+
+def machine() -> dict:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory, 1),
+        "python": platform.python_version(),
+        **{p: md.version(p) for p in VERSIONS},
+    }
+
+
+def machine_line(m: dict) -> str:
+    versions = ", ".join(f"{p} {m[p]}" for p in VERSIONS if p in m)
+    return f"Machine: {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}; {versions}."
+
+
+def standalone_env(state: Path | str, **extra: str) -> dict[str, str]:
+    """The environment of a user's first run: no servers (embedded MLflow, Prefect without a server,
+    a LocalCluster), everything under `state`."""
+    env = {**os.environ, "KEEL_STATE_DIR": str(state), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
+    for name in SERVER_VARIABLES:
+        env.pop(name, None)
+    return env
+
+
+@dataclass
+class Timed:
+    seconds: float
+    stdout: str
+    peak_rss: int  # bytes: the highest resident set of the process itself (not its children)
+
+
+def peak_rss(pid: int) -> int | None:
+    """The process's resident-set high-water mark (VmHWM), or None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def timed(cmd: list[str], env: dict[str, str], timeout: float = 3600) -> Timed:
+    """Run a command from the project root; its wall time, output and own peak memory. (Output goes
+    to files, not pipes: a chatty process would block on a full pipe while its memory is polled.)"""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        peak = 0
+        try:
+            while proc.poll() is None:
+                peak = max(peak, peak_rss(proc.pid) or 0)
+                if time.perf_counter() - started > timeout:
+                    raise TimeoutError(f"{' '.join(cmd)} took more than {timeout:.0f} s")
+                time.sleep(0.1)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        elapsed = time.perf_counter() - started
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return Timed(elapsed, stdout, peak)
+
+
+def write_results(name: str, result: dict, markdown: str) -> None:
+    """benchmarks/results/<name>.json and .md; the markdown is printed too."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    print(markdown)
+
+
+def target_row(
+    bench: str, what: str, ours: str, compared: str, value: str, target: str, met: bool
+) -> dict[str, str | bool]:
+    """One line of the summary table that `python -m benchmarks` writes."""
+    return {
+        "id": bench,
+        "what": what,
+        "ours": ours,
+        "compared": compared,
+        "value": value,
+        "target": target,
+        "met": met,
+    }
