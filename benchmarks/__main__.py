@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 
 from benchmarks.common import RESULTS, ROOT, machine, machine_line, write_results
 
+TIMEOUT_S = 3600
 BENCHMARKS = {  # module -> the targets it measures
     "step_overhead": "B1",
     "pipeline_vs_script": "B2, B3, B8",
@@ -38,9 +39,17 @@ def run(names: list[str]) -> dict[str, float | str]:
     for name in names:
         print(f"== {name} ({BENCHMARKS[name]})", flush=True)
         started = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", f"benchmarks.{name}"], cwd=ROOT, stderr=subprocess.PIPE, text=True
-        )
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", f"benchmarks.{name}"],
+                cwd=ROOT,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            outcome[name] = f"failed: no result within {TIMEOUT_S} s"
+            continue
         if proc.returncode == 0:
             outcome[name] = time.perf_counter() - started
         else:

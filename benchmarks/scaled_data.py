@@ -3,7 +3,9 @@
     .venv/bin/python -m benchmarks.scaled_data --rows 1000000 --out /tmp/bike-1m
 
 How it scales: the 17,379 hourly rows (2011-2012) are repeated; copy k is shifted by k x 731 days,
-so time keeps moving forward and every (dteday, hr) key stays unique, and the four weather columns
+so time keeps moving forward and every (dteday, hr) key stays unique (beyond 120 copies, about 2.1M
+rows, pandas' calendar ends in 2262: copy k is then shifted by (k mod 120) x 731 days plus k // 120
+minutes, which keeps the keys unique and the calendar features as they were), and the four weather columns
 (temp, atemp, hum, windspeed, all normalised to 0..1) get Gaussian noise (sd 0.02) clipped to 0..1.
 Every other column (season, month, hour, weekday, holiday, working day, weather situation, the
 target `cnt`) keeps its exact values, so each column's distribution and the target's relation to
@@ -23,6 +25,7 @@ from benchmarks.common import ROOT
 
 BIKE = ROOT / "data" / "bike_sharing_hourly.csv"
 DAYS_PER_COPY = 731
+CYCLE = 120  # copies before the dates would pass pandas' last day (2262-04-11)
 PARTS = 10
 
 
@@ -34,7 +37,8 @@ def scaled_bike(rows: int, seed: int = 0) -> pd.DataFrame:
     parts = []
     for k in range(copies):
         part = bike.copy()
-        part["dteday"] = pd.to_datetime(part["dteday"]) + pd.Timedelta(days=DAYS_PER_COPY * k)
+        shift = pd.Timedelta(days=DAYS_PER_COPY * (k % CYCLE), minutes=k // CYCLE)
+        part["dteday"] = pd.to_datetime(part["dteday"]) + shift
         for column in ("temp", "atemp", "hum", "windspeed"):
             part[column] = np.clip(part[column] + rng.normal(0, 0.02, len(part)), 0, 1)
         parts.append(part)

@@ -9,8 +9,9 @@ gives the same trials and the same best parameters however the workers interleav
 - later trial n is asked right after trial n - `parallel` is told: TPE sees every result but the
   `parallel` - 1 still running. A worker idles only while an earlier trial it must wait for runs.
 
-With `parallel=1` this is plain sequential Optuna. Each trial is an MLflow run nested under the
-step's run; progress shows as a Prefect progress artifact and log lines with counts.
+With `parallel=1` this is plain sequential Optuna. With `strategy="random"` every trial is like a
+start-up trial, so the trials are the same at any parallelism. Each trial is an MLflow run nested
+under the step's run; progress shows as a Prefect progress artifact and log lines with counts.
 """
 
 from __future__ import annotations
