@@ -198,7 +198,8 @@ def partition_stats(frame: pd.DataFrame, time_column: str) -> dict[str, ColumnSt
 def key_hashes(frame: pd.DataFrame, key: list[str]) -> pd.Series:
     import pandas as pd
 
-    return pd.util.hash_pandas_object(frame[key].astype(str), index=False)
+    # The columns' own types: text copies of them took more memory than the partition itself.
+    return pd.util.hash_pandas_object(frame[key], index=False)
 
 
 def duplicated_count(hashes: pd.Series) -> pd.Series:
