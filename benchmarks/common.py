@@ -45,6 +45,11 @@ def machine_line(m: dict) -> str:
     return f"Machine: {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}; {versions}."
 
 
+def heading(title: str, result: dict) -> list[str]:
+    """The first lines of a benchmark's markdown: its title, then the machine, versions and command."""
+    return ["# " + title, "", machine_line(result["machine"]) + f" Command: `{result['command']}`", ""]
+
+
 def standalone_env(state: Path | str, **extra: str) -> dict[str, str]:
     """The environment of a user's first run: no servers (embedded MLflow, Prefect without a server,
     a LocalCluster), everything under `state`."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import machine, machine_line, spread, summary, target_row, write_results
+from benchmarks.common import heading, machine, spread, summary, target_row, write_results
 from tasks import drift_stats, monitoring
 from tasks.featurize import FeatureSpec
 
@@ -170,10 +170,7 @@ def summary_row(r: dict) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [
-        "# B4: drift check, ours vs Evidently DataDriftPreset on the full frames",
-        "",
-        machine_line(result["machine"]) + f" Command: `{result['command']}`",
-        "",
+        *heading("B4: drift check, ours vs Evidently DataDriftPreset on the full frames", result),
         "| rows (ref = cur) | ours | Evidently | ratio | same verdicts | worst score diff | profile build (once) |",
         "|---|---|---|---|---|---|---|",
     ]

@@ -21,7 +21,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from benchmarks.common import machine, machine_line, spread, summary, target_row, write_results
+from benchmarks.common import heading, machine, spread, summary, target_row, write_results
 
 TARGET_S = 10.0
 
@@ -134,10 +134,7 @@ def write(samples: list[dict], up_seconds: float, events: int, gap: float) -> No
         ],
     }
     lines = [
-        "# B5: drift event -> retrain flow running (local stack)",
-        "",
-        machine_line(result["machine"]) + f" Command: `{result['command']}`",
-        "",
+        *heading("B5: drift event -> retrain flow running (local stack)", result),
         "| from the event to | median | min | max | events |",
         "|---|---|---|---|---|",
         *(

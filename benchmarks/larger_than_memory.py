@@ -23,7 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine, machine_line, peak_rss, spread, summary, target_row, write_results
+from benchmarks.common import (
+    heading,
+    machine,
+    peak_rss,
+    spread,
+    summary,
+    target_row,
+    write_results,
+)
 from benchmarks.scaled_data import scaled_bike
 
 MiB = 2**20
@@ -140,10 +148,7 @@ def markdown(result: dict) -> str:
     r, a = result["result"], result["analysis"]
     d, limit = r["data"], r["worker_memory_bytes"]
     lines = [
-        "# B6: processing a dataset larger than a worker's memory",
-        "",
-        machine_line(result["machine"]) + f" Command: `{result['command']}`",
-        "",
+        *heading("B6: processing a dataset larger than a worker's memory", result),
         f"Data: {d['rows']:,} rows, {d['in_memory_bytes'] / MiB:,.0f} MiB in memory "
         f"({a['times_limit']:.1f}x a worker's {limit / MiB:.0f} MiB limit), "
         f"{d['on_disk_bytes'] / MiB:,.0f} MiB of Parquet in {FILES} files. "

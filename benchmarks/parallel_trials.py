@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine, machine_line, spread, summary, target_row, write_results
+from benchmarks.common import heading, machine, spread, summary, target_row, write_results
 from benchmarks.scaled_data import write_parts
 
 TRIALS = 16
@@ -113,10 +113,7 @@ def analyse(r: dict) -> dict:
 def markdown(result: dict) -> str:
     r, a = result["result"], result["analysis"]
     lines = [
-        "# B7: 16 tuning trials on 2 workers vs one after another",
-        "",
-        machine_line(result["machine"]) + f" Command: `{result['command']}`",
-        "",
+        *heading("B7: 16 tuning trials on 2 workers vs one after another", result),
         f"The `tune` step on {r['rows']:,} rows of the scaled bike data (70% train, 15% validation), "
         f"{TRIALS} random-strategy trials (the same parameter sets in every run: {a['same_trials']}), "
         "up to 400 trees with early stopping.",

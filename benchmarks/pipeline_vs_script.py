@@ -32,8 +32,8 @@ from pathlib import Path
 
 from benchmarks.common import (
     Timed,
+    heading,
     machine,
-    machine_line,
     spread,
     standalone_env,
     summary,
@@ -173,10 +173,7 @@ def markdown(result: dict) -> str:
     runs = r["runs"]
     d = r["data"]
     lines = [
-        "# B2, B3, B8: the pipeline on 1M rows vs a plain pandas + LightGBM script",
-        "",
-        machine_line(result["machine"]) + f" Command: `{result['command']}`",
-        "",
+        *heading("B2, B3, B8: the pipeline on 1M rows vs a plain pandas + LightGBM script", result),
         f"Data: {d['rows']:,} rows (`benchmarks/scaled_data.py`), {d['on_disk_bytes'] / MiB:.0f} MiB of Parquet, "
         f"{d['in_memory_bytes'] / MiB:.0f} MiB as one pandas frame; trained on the window from {r['start']}; "
         "16 trials of up to 400 trees with early stopping, then the final fit.",

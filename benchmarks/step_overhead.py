@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, machine_line, summary, target_row, write_results
+from benchmarks.common import RESULTS, heading, machine, summary, target_row, write_results
 
 TARGET_MS = 100.0
 
@@ -87,10 +87,7 @@ def measure(n: int, profile: bool) -> dict:
 def markdown(result: dict) -> str:
     r = result["result"]
     lines = [
-        "# B1: one orchestrated step vs the bare function",
-        "",
-        machine_line(result["machine"]) + f" Command: `{result['command']}`",
-        "",
+        *heading("B1: one orchestrated step vs the bare function", result),
         "| call | median, ms | min, ms | max, ms | calls |",
         "|---|---|---|---|---|",
     ]
