@@ -59,6 +59,13 @@ def standalone_env(state: Path | str, **extra: str) -> dict[str, str]:
     return env
 
 
+def go_standalone(state: Path | str) -> None:
+    """This process's environment becomes `standalone_env(state)` (for benchmarks that run flows in-process)."""
+    env = standalone_env(state)
+    os.environ.clear()
+    os.environ.update(env)
+
+
 @dataclass
 class Timed:
     seconds: float

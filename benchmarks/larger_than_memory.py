@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import (
+    go_standalone,
     heading,
     machine,
     peak_rss,
@@ -96,8 +97,7 @@ def measure(worker_memory_mib: int, times: float, repeats: int) -> dict:
         size = write_dataset(data, int(limit * times))
         for repeat in range(repeats):
             state = Path(tmp) / f"state-{repeat}"
-            os.environ.update({"KEEL_STATE_DIR": str(state), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
+            go_standalone(state)
             with (
                 LocalCluster(
                     n_workers=2,
@@ -115,7 +115,6 @@ def measure(worker_memory_mib: int, times: float, repeats: int) -> dict:
                 seconds = time.perf_counter() - started
                 after = client.run(os.getpid)
                 peaks = {address: peak_rss(pid) or 0 for address, pid in after.items()}
-            os.environ.pop("DASK_SCHEDULER_ADDRESS")
             runs.append(
                 {
                     "seconds": seconds,

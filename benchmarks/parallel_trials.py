@@ -19,13 +19,12 @@ Writes benchmarks/results/parallel_trials.{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import heading, machine, spread, summary, target_row, write_results
+from benchmarks.common import go_standalone, heading, machine, spread, summary, target_row, write_results
 from benchmarks.scaled_data import write_parts
 
 TRIALS = 16
@@ -39,11 +38,7 @@ SCHEDULES = {
 
 def measure(rows: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ.update(
-            {"KEEL_STATE_DIR": str(Path(tmp) / "state"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        )
-        for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "DASK_SCHEDULER_ADDRESS"):
-            os.environ.pop(name, None)
+        go_standalone(Path(tmp) / "state")
         data = Path(tmp) / "data"
         write_parts(rows, data)
         from prefect import flow

@@ -19,22 +19,18 @@ Writes benchmarks/results/step_overhead.{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, heading, machine, summary, target_row, write_results
+from benchmarks.common import RESULTS, go_standalone, heading, machine, summary, target_row, write_results
 
 TARGET_MS = 100.0
 
 
 def measure(n: int, profile: bool) -> dict:
     with tempfile.TemporaryDirectory() as state:
-        os.environ["KEEL_STATE_DIR"] = state
-        os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-        for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "DASK_SCHEDULER_ADDRESS"):
-            os.environ.pop(name, None)
+        go_standalone(state)
         from prefect import flow
 
         from tasks import lineage

@@ -27,9 +27,9 @@ MAXIMIZE = {"r2", "auc", "accuracy"}
 
 @contextmanager
 def openmp_threads(n: int) -> Iterator[None]:
-    """Let LightGBM's predictions use `n` threads in this task. Dask starts workers with
+    """Let LightGBM use `n` threads in this task, for training and prediction. Dask starts workers with
     OMP_NUM_THREADS=1, so that tasks side by side do not fight over cores; a task that has cores to
-    itself (the flow says how many) would otherwise predict on one."""
+    itself (the flow says how many) would otherwise be held to one, even with `num_threads` set."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=max(1, n), user_api="openmp"):
@@ -56,12 +56,13 @@ DATASET_PARAMS = frozenset(
         "categorical_feature",
     }
 )
-_trial_datasets: dict[tuple, tuple[Any, Any]] = {}
+_trial_datasets: dict[tuple, tuple[Any, Any, Any, np.ndarray]] = {}
 
 
 def trial_datasets(train: DatasetRef, valid: DatasetRef, spec: FeatureSpec, params: dict[str, Any]):
-    """The train and validation `lgb.Dataset`s of a tuning job, binned once per worker thread and reused
-    by every trial it runs: binning is a fixed cost of each trial otherwise. Trees are the same as
+    """The train and validation `lgb.Dataset`s of a tuning job (and the validation features and target,
+    for scoring), binned once per worker thread and reused by every trial it runs: binning is a fixed
+    cost of each trial otherwise. Trees are the same as
     with fresh Datasets, because the bins depend only on the data, the seed and the parameters in
     DATASET_PARAMS (which key the cache), and `feature_pre_filter` is off, so a trial's
     `min_data_in_leaf` is not baked into the bins."""
@@ -86,7 +87,7 @@ def trial_datasets(train: DatasetRef, valid: DatasetRef, spec: FeatureSpec, para
         valid_set = lgb.Dataset(x_valid, y_valid, reference=train_set, free_raw_data=False).construct()
         if len(_trial_datasets) >= 8:
             _trial_datasets.pop(next(iter(_trial_datasets)))
-        _trial_datasets[key] = (train_set, valid_set)
+        _trial_datasets[key] = (train_set, valid_set, x_valid, y_valid)
     return _trial_datasets[key]
 
 
@@ -165,7 +166,7 @@ def run_trial(
 
     settings = {**booster_params(spec, params, seed, threads), "feature_pre_filter": False}
     with openmp_threads(threads):
-        train_set, valid_set = trial_datasets(train, valid, spec, settings)
+        train_set, valid_set, x_valid, y_valid = trial_datasets(train, valid, spec, settings)
         booster = lgb.train(
             settings,
             train_set,
@@ -173,7 +174,6 @@ def run_trial(
             valid_sets=[valid_set],
             callbacks=[lgb.early_stopping(early_stopping_rounds, verbose=False)],
         )
-        x_valid, y_valid = load_xy(valid, spec)
         raw = booster.predict(x_valid, num_iteration=booster.best_iteration)
     return {
         **score(spec.task, y_valid, raw),
