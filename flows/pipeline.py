@@ -1,4 +1,4 @@
-"""The training pipeline: check -> process -> tune -> train -> baseline -> evaluate -> gate -> register or fail.
+"""The training pipeline: check -> process -> tune -> train -> (baseline, evaluate side by side) -> gate -> register or fail.
 
     python -m flows.pipeline --help
     python -m flows.pipeline --reuse-from RUN_ID                       # resume a failed execution
@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field, model_validator
 from flows.cli import run_flow_cli
 from tasks import lineage
 from tasks.baseline import baseline
-from tasks.compute import dask_cluster
+from tasks.compute import dask_cluster, steps_side_by_side
 from tasks.data import TableSpec
 from tasks.errors import DataValidationError
 from tasks.evaluate import Evaluation, evaluate
@@ -38,7 +38,7 @@ from tasks.prepare import SplitSpec, output_location, prepare, validate_input
 from tasks.quality import QualityRules, check_quality, record_rejection, rules_of, version_constraints
 from tasks.registry import RegisteredVersion, comparable_champion, register
 from tasks.settings import get_settings
-from tasks.steps import Check, ConditionOutcome, ParamRange, TuningSpec, condition, fail
+from tasks.steps import Check, ConditionOutcome, ParamRange, TuningSpec, condition, fail, results
 from tasks.train import TrainingSpec, default_search_space, train, tune
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "bike_sharing_hourly.csv"
@@ -284,10 +284,11 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
         )
         best = tune(splits, tuning, training)
         model = train(raw, splits, best, training)
-        reference = baseline(model, splits)
-        evaluation = evaluate(
-            model, splits, params.model_name, comparable_champion(client, params.model_name, model)
-        )
+        champion = comparable_champion(client, params.model_name, model)
+        with steps_side_by_side(2):  # both need only the model and the splits
+            reference, evaluation = results(
+                baseline.submit(model, splits), evaluate.submit(model, splits, params.model_name, champion)
+            )
         gate = condition("quality-gate", quality_checks(evaluation, params))
         datasets = {"raw": raw, "train": splits.train, "valid": splits.valid, "test": splits.test}
         compared = (

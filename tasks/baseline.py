@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field
 
 from tasks import lineage, monitoring
-from tasks.compute import dask_client, threads_per_task
+from tasks.compute import dask_client
 from tasks.drift_stats import ColumnProfile
 from tasks.errors import NotInRegistry
 from tasks.featurize import FeatureSpec
 from tasks.prepare import Splits
-from tasks.refs import DatasetRef, ModelRef
+from tasks.refs import DatasetRef, ModelRef, file_urls
 from tasks.registry import BASELINE_RUN_TAG, BASELINE_TAG, find_champion
 from tasks.steps import CacheConfig, RetryPolicy, current_step, processing_step
 
@@ -54,22 +54,28 @@ class Baseline(BaseModel):
 
 @processing_step(name="baseline", cache=CacheConfig(), retry=RetryPolicy(attempts=3))
 def baseline(model: ModelRef, splits: Splits) -> Baseline:
-    """Profile the training split and the model's predictions on it, on a worker; store it in MLflow."""
+    """Profile the training split and the model's predictions on it (predicted file by file on the
+    workers, profiled on one); store it in MLflow."""
     from prefect import get_run_logger
 
     step = current_step()
     pipeline = lineage.current_pipeline()
     client = dask_client()
+    files = file_urls(splits.train.uri)
+    predictions = [
+        client.submit(
+            monitoring.predict_file,
+            file,
+            splits.features,
+            model.uri,
+            pipeline.tracking_uri,
+            pipeline.registry_uri,
+            pure=False,
+        )
+        for file in files
+    ]
     profiles, sample = client.submit(
-        monitoring.profile_reference,
-        splits.train,
-        splits.features,
-        model.uri,
-        pipeline.tracking_uri,
-        pipeline.registry_uri,
-        0,
-        threads_per_task(client, 1),
-        pure=False,
+        monitoring.profile_reference, files, splits.features, predictions, 0, pure=False
     ).result()
     profile = Profile(
         model_uri=model.uri,

@@ -7,8 +7,8 @@ opened on that first call, so a run whose steps are all reused never starts one.
 
 from __future__ import annotations
 
-import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -30,6 +30,12 @@ QUIET_WORKERS = {
     "distributed.admin.system-monitor.interval": "2s",
 }
 
+# dask-expr fuses small Parquet files into fewer partitions, by how many of their columns an
+# expression reads. A row count reads none and can get other partitions than a column read of the
+# same files, so a filter on a folder of small files failed ("boolean index did not match indexed
+# array", dask/dask-expr#1118). Our computations run with that fusion off.
+SAME_PARTITIONS = {"optimization.tune.active": False}
+
 
 _open_cluster: ContextVar[Callable[[], distributed.Client] | None] = ContextVar("keel_dask", default=None)
 
@@ -40,16 +46,20 @@ def dask_cluster(settings: Settings) -> Iterator[None]:
     started) when a step first asks for `dask_client()`, so an execution whose steps are all cached
     never pays for it; closed at the end."""
     opened: list[Any] = []
+    lock = threading.Lock()  # steps side by side may ask at once: one cluster
 
-    @functools.cache
     def open_client() -> distributed.Client:
-        client, cluster = _connect(settings)
-        opened.extend([client, cluster])
-        return client
+        with lock:
+            if not opened:
+                opened.extend(_connect(settings))
+            return opened[0]
+
+    import dask
 
     token = _open_cluster.set(open_client)
     try:
-        yield
+        with dask.config.set(SAME_PARTITIONS):
+            yield
     finally:
         _open_cluster.reset(token)
         for item in opened:
@@ -104,11 +114,27 @@ def worker_identity() -> dict[str, str]:
     return {"dask.worker": worker.address, "dask.worker_pid": str(os.getpid()), "host": socket.gethostname()}
 
 
+_steps_side_by_side: ContextVar[int] = ContextVar("keel_steps_side_by_side", default=1)
+
+
+@contextmanager
+def steps_side_by_side(n: int) -> Iterator[None]:
+    """Steps submitted inside this block run at the same time as `n` - 1 others: they share the
+    cluster's threads out (`threads_per_task`) instead of each taking all of them."""
+    token = _steps_side_by_side.set(max(1, n))
+    try:
+        yield
+    finally:
+        _steps_side_by_side.reset(token)
+
+
 def threads_per_task(client: distributed.Client, tasks_at_once: int) -> int:
-    """Threads each of `tasks_at_once` concurrent tasks may use: the cluster's worker threads,
-    shared out (so one trial at a time uses every core, as LightGBM would in a plain script)."""
+    """Threads each of `tasks_at_once` concurrent tasks of a step may use: the cluster's worker
+    threads, shared out among them and the steps running beside it (so one trial at a time uses
+    every core, as LightGBM would in a plain script)."""
     workers = client.scheduler_info().get("workers", {}).values()
-    return max(1, sum(w.get("nthreads", 1) for w in workers) // tasks_at_once)
+    total = sum(w.get("nthreads", 1) for w in workers)
+    return max(1, total // (tasks_at_once * _steps_side_by_side.get()))
 
 
 def _n_workers(client) -> int:

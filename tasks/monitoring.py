@@ -16,8 +16,7 @@ from pydantic import BaseModel, Field
 
 from tasks.drift_stats import ColumnProfile, ColumnSummary, merge_frames, profile_column, summarise_frame
 from tasks.featurize import FeatureSpec, as_labels, encode_target, parse_time
-from tasks.modeling import _read_parquet, openmp_threads
-from tasks.refs import DatasetRef
+from tasks.modeling import openmp_threads
 
 PREDICTION = "prediction"
 SAMPLE_ROWS = 20_000  # rows of reference and of new data behind the Evidently report
@@ -59,20 +58,26 @@ def monitored_values(frame: pd.DataFrame, column: str, spec: FeatureSpec) -> pd.
     return frame[column]
 
 
+def predict_file(
+    uri: str, spec: FeatureSpec, model_uri: str, tracking_uri: str, registry_uri: str
+) -> np.ndarray:
+    """On a worker: the monitored prediction for one file of a split. The baseline step predicts
+    the training split file by file, so every worker thread takes a share of it, beside the steps
+    running at the same time."""
+    frame = pd.read_parquet(uri, columns=spec.input_columns)
+    if frame.empty:  # a split's files can be empty: its rows are those of a time window
+        return np.empty(0, dtype="float64" if spec.task == "regression" else object)
+    with openmp_threads(1):
+        return predict(frame, spec, load_model(model_uri, tracking_uri, registry_uri)).to_numpy()
+
+
 def profile_reference(
-    train: DatasetRef,
-    spec: FeatureSpec,
-    model_uri: str,
-    tracking_uri: str,
-    registry_uri: str,
-    seed: int,
-    threads: int = 1,
+    files: list[str], spec: FeatureSpec, predictions: list[np.ndarray], seed: int
 ) -> tuple[dict[str, ColumnProfile], pd.DataFrame]:
-    """On a worker: profile every monitored column of the training split, with the model's predictions,
-    and draw the reference sample the Evidently report is drawn from."""
-    frame = _read_parquet(train.uri, train.digest).copy()
-    with openmp_threads(threads):
-        frame[PREDICTION] = predict(frame, spec, load_model(model_uri, tracking_uri, registry_uri))
+    """On a worker: profile every monitored column of the training split (its `files`, in order,
+    with each file's `predict_file`), and draw the reference sample behind the Evidently report."""
+    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    frame[PREDICTION] = np.concatenate(predictions)
     monitored = kinds(spec)
     profiles = {
         column: profile_column(monitored_values(frame, column, spec), column, kind)  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """The SageMaker step kinds: Processing, Training, Tuning, Condition, Model and Fail steps."""
 
-from tasks.steps.base import Step, StepRun, current_step, step_kind
+from tasks.steps.base import Step, StepRun, current_step, results, step_kind
 from tasks.steps.cache import NO_CACHE, CacheConfig
 from tasks.steps.condition import Check, ConditionOutcome, condition
 from tasks.steps.fail import fail
@@ -27,6 +27,7 @@ __all__ = [
     "fail",
     "model_step",
     "processing_step",
+    "results",
     "run_trials",
     "step_kind",
     "training_step",

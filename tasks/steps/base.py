@@ -34,6 +34,7 @@ from tasks.steps.retry import NO_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from prefect.futures import PrefectFuture
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -168,6 +169,15 @@ def _step_run(step: str, kind: str) -> Iterator[StepRun]:
         _current_step.reset(token)
 
 
+def results(*futures: PrefectFuture[Any]) -> tuple[Any, ...]:
+    """The values of steps started with `Step.submit`, once every one of them has ended (a failure
+    does not leave the others running while the execution closes); raises the first failure."""
+    from prefect.futures import wait
+
+    wait(list(futures))
+    return tuple(future.result() for future in futures)
+
+
 def _retry_condition(policy: RetryPolicy) -> Callable[[Any, Any, Any], bool]:
     """What Prefect asks before each retry: only the failures the step's policy names are retried.
     (A plain function: Prefect ignores callables that are not, bound methods included.)"""
@@ -222,6 +232,11 @@ class Step(Generic[P, R]):
         # The body returns a named state (Cached, Reused, or Completed with the cache's reason);
         # Prefect records it and hands it back as is: the caller wants the value in it.
         return outcome.result() if isinstance(outcome, State) else outcome
+
+    def submit(self, *args: P.args, **kwargs: P.kwargs) -> PrefectFuture[R]:
+        """Start the step in a thread of the flow and return at once: steps that do not need each
+        other's outputs run side by side, as in a SageMaker pipeline's graph. `results` waits."""
+        return self._task.submit(*args, **kwargs)
 
     def _body(self, *args: Any, **kwargs: Any) -> Any:
         from prefect.states import Completed

@@ -205,3 +205,35 @@ def test_manual_approval_registers_a_pending_version_and_leaves_champion_alone(o
     from tasks.registry import find_champion
 
     assert find_champion(client, "bike-manual") is None
+
+
+def test_the_baseline_predicted_file_by_file_equals_one_prediction_of_the_split(on_cluster, tmp_path):
+    """The baseline step predicts the training split a file at a time on the workers: its prediction
+    profile must be that of the whole split predicted at once, empty files included. (A folder of
+    small files also once broke `prepare`: see `tasks.compute.SAME_PARTITIONS`.)"""
+    from tasks import monitoring
+    from tasks.baseline import load_baseline
+    from tasks.drift_stats import profile_column
+    from tasks.refs import file_urls
+    from tasks.settings import get_settings
+
+    frame = pd.read_csv(BIKE_CSV)
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    size = -(-len(frame) // 5)
+    for i in range(5):  # in time order: the files after the window give the splits empty files
+        frame.iloc[i * size : (i + 1) * size].to_parquet(folder / f"part-{i}.parquet", index=False)
+    training_pipeline(
+        PipelineParams(**{**FAST, "n_trials": 2}, data=str(folder), model_name="bike-files", min_r2=0.0)
+    )
+
+    champion = load_baseline(mlflow_client(), "bike-files")
+    files = file_urls(champion.profile.train.uri)
+    rows = [len(pd.read_parquet(f)) for f in files]
+    assert len(rows) > 1 and 0 in rows and sum(rows) == champion.profile.train.rows
+    split = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    settings = get_settings()
+    model = monitoring.load_model(champion.model_uri, settings.tracking_uri, settings.registry_uri)
+    whole = monitoring.predict(split, champion.profile.features, model)
+    expected = profile_column(whole, monitoring.PREDICTION, "numeric")
+    assert champion.profile.columns[monitoring.PREDICTION] == expected
