@@ -6,8 +6,11 @@ What a competent user would write by hand, doing the same modelling work as `pyt
 with the same flags: the same table and data window, the same time split, the same features (the
 same `model_matrix`), the same search space, seed, trial count, trees and early stopping, the final
 fit on train + validation with the best trial's trees, and the test metrics. Trials run one after
-another with LightGBM's default threads (every core), as a script would run them. It does none of
-the pipeline's other work: no data-quality check, no baseline profile, no lineage, no registry.
+another with LightGBM's default threads (every core), and each builds its `lgb.Dataset` and scores
+a prediction of the validation split, as Optuna's own LightGBM example does; the pipeline bins
+once per worker and takes the validation metrics from LightGBM's evaluation (the same trials and
+trees either way). It does none of the pipeline's other work: no data-quality check, no baseline
+profile, no lineage, no registry.
 Prints the wall time and the test metrics as JSON.
 """
 
