@@ -1,6 +1,6 @@
 """B6: the pipeline's processing steps on a dataset 4x larger than a Dask worker's memory limit.
 
-    .venv/bin/python -m benchmarks.larger_than_memory [--worker-memory 1024] [--times 4.2] [--repeats 1]
+    .venv/bin/python -m benchmarks.larger_than_memory [--worker-memory 1024] [--times 4.2] [--repeats 3]
 
 A Dask cluster of 2 worker processes (1 thread, `--worker-memory` MiB each, enforced by their
 nannies) runs `validate-input`, `check-quality` (per-column stats and the exact duplicate-key count)
@@ -173,7 +173,7 @@ def main() -> None:
     )
     parser.add_argument("--worker-memory", type=int, default=1024, help="each worker's memory limit, MiB")
     parser.add_argument("--times", type=float, default=4.2, help="data size in memory / a worker's limit")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     result = {
         "command": f"python -m benchmarks.larger_than_memory --worker-memory {args.worker_memory} "

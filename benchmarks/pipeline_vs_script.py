@@ -1,6 +1,6 @@
 """B2, B3, B8: the training pipeline on 1M rows against a plain script doing the same modelling work.
 
-    .venv/bin/python -m benchmarks.pipeline_vs_script [--rows 1000000] [--repeats 2]
+    .venv/bin/python -m benchmarks.pipeline_vs_script [--rows 1000000] [--repeats 3]
 
 The data is `benchmarks.scaled_data` (the bike table scaled up, distributions kept) as 10 Parquet
 files; everything trains on the window from the second file on. In each repeat, one after another,
@@ -296,7 +296,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     result = {
         "command": f"python -m benchmarks.pipeline_vs_script --rows {args.rows} --repeats {args.repeats}",
