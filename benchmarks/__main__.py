@@ -8,7 +8,7 @@ Each benchmark runs as its own process (so none inherits another's imports, memo
 and writes benchmarks/results/<name>.{json,md} with its details. This writes the summary,
 benchmarks/results/bench.{md,json}: per target, our figure, what it is compared with (measured
 side by side in the same run), the ratio, the target and whether it is met. The whole run takes
-about an hour on 2 cores; B2 (three 1M-row runs of the pipeline and the script) takes most of it.
+about an hour on 2 cores; B2 (three repeats of the 1M-row pipeline runs and the script) takes half of it.
 """
 
 from __future__ import annotations

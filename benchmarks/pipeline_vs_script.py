@@ -198,7 +198,7 @@ def markdown(result: dict) -> str:
         s = seconds(runs[key])
         r2 = [x.get("test_r2") or x.get("r2") for x in runs[key]]
         r2_text = f"{statistics.median(r2):.4f}" if all(v is not None for v in r2) else "-"
-        ratio = f"{s['median'] / plain:.2f}x" if key in ("sequential", "parallel") else ""
+        ratio = f"{s['median'] / plain:.3f}x" if key in ("sequential", "parallel") else ""
         lines.append(
             f"| {label} | {spread(s)} | {ratio} | {r2_text} | {spread(peaks(runs[key]), 'MiB', 0)} |"
         )
@@ -256,7 +256,7 @@ def summary_rows(result: dict) -> list[dict]:
             "whole training pipeline, 1M rows, trials one after another",
             spread(seconds(runs["sequential"])),
             plain,
-            f"{a['sequential_ratio']:.2f}x; the script's trials and model: "
+            f"{a['sequential_ratio']:.3f}x; the script's trials and model: "
             + ("yes" if a["sequential_same_as_plain"] else "**no**"),
             "<= 1.15x, identical work",
             a["sequential_ratio"] <= 1.15 and a["sequential_same_as_plain"],
@@ -266,7 +266,7 @@ def summary_rows(result: dict) -> list[dict]:
             "whole training pipeline, 1M rows, 2 trials at once",
             spread(seconds(runs["parallel"])),
             plain,
-            f"{a['parallel_ratio']:.2f}x",
+            f"{a['parallel_ratio']:.3f}x",
             "< 1.0x",
             a["parallel_ratio"] < 1.0,
         ),
