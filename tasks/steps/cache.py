@@ -28,6 +28,7 @@ import platform
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import types
 from collections.abc import Callable, Mapping
@@ -217,6 +218,12 @@ def _codes(code: types.CodeType):
             yield from _codes(const)
 
 
+# Python 3.11's AST construction is not safe in two threads at once: steps side by side keying
+# their code together failed with "SystemError: AST constructor recursion depth mismatch"
+# (python/cpython#106905). One parse at a time; each step's code is keyed once per process.
+_PARSING = threading.Lock()
+
+
 @functools.cache
 def code_parts(fn: Callable[..., Any]) -> dict[str, str]:
     """Fingerprints of the step function and of the project code it reaches."""
@@ -233,8 +240,9 @@ def code_parts(fn: Callable[..., Any]) -> dict[str, str]:
         if name in found:
             return
         try:
-            source = textwrap.dedent(inspect.getsource(obj))
-            found[name] = _fingerprint(ast.dump(ast.parse(source)))
+            with _PARSING:
+                source = textwrap.dedent(inspect.getsource(obj))
+                found[name] = _fingerprint(ast.dump(ast.parse(source)))
         except (OSError, TypeError, SyntaxError):
             found[name] = "unavailable"
         namespace = sys.modules[module].__dict__ if module in sys.modules else {}
