@@ -61,11 +61,11 @@ _trial_datasets: dict[tuple, tuple[Any, Any, Any, np.ndarray]] = {}
 
 def trial_datasets(train: DatasetRef, valid: DatasetRef, spec: FeatureSpec, params: dict[str, Any]):
     """The train and validation `lgb.Dataset`s of a tuning job (and the validation features and target,
-    for scoring), binned once per worker thread and reused by every trial it runs: binning is a fixed
-    cost of each trial otherwise. Trees are the same as
-    with fresh Datasets, because the bins depend only on the data, the seed and the parameters in
-    DATASET_PARAMS (which key the cache), and `feature_pre_filter` is off, so a trial's
-    `min_data_in_leaf` is not baked into the bins."""
+    for the tasks that score a prediction), binned once per worker thread and reused by every trial it
+    runs: binning is a fixed cost of each trial otherwise. Trees are the same as with fresh Datasets,
+    because the bins depend only on the data, the seed and the parameters in DATASET_PARAMS (which key
+    the cache), and `feature_pre_filter` is off, so a trial's `min_data_in_leaf` is not baked into
+    the bins."""
     import lightgbm as lgb
 
     shaping = tuple(sorted((k, repr(v)) for k, v in params.items() if k in DATASET_PARAMS))
