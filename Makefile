@@ -10,7 +10,7 @@ RUN := $(VENV)/bin/python
 # Prefect: no telemetry from ephemeral mode (it logs "database is locked" otherwise).
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test lint unit bench stack-up stack-down drift-demo mlflow-ui prefect-ui clean
+.PHONY: install demo test lint unit bench backtest stack-up stack-down drift-demo mlflow-ui prefect-ui clean
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -37,6 +37,10 @@ test: lint
 
 unit: install
 	$(RUN) -m pytest -m "not integration and not servers" $(PYTEST_ARGS)
+
+# Which retrain policy pays on the bike data (weekly batches, every policy; about 2 minutes on 2 cores)
+backtest: install
+	$(RUN) -m flows.backtest $(ARGS)
 
 # Every benchmark (about an hour on 2 cores); one of them: make bench ARGS="--only drift_check"
 bench: install

@@ -7,9 +7,11 @@
 2. Lands January-March 2011 in the landing folder and runs the `training-pipeline/scheduled`
    deployment on it: the first champion.
 3. Lands the following weeks one file at a time. After every `--check-every` weeks, the drift
-   monitor checks the newest file (the last week) against the champion's baseline and emits its verdict as a Prefect event. A drift event
-   starts `retrain/on-drift` through the automation; the demo waits for that flow run and reads what
-   it did from the registry (promoted, rejected, or ignored in the cooldown).
+   monitor checks the newest file (the last week) against the champion's calibrated baseline, and
+   the policy (`--policy`, the monitor's default unless given) decides; the decision is emitted as a
+   Prefect event. A retrain decision starts `retrain/on-drift` through the automation; the demo
+   waits for that flow run and reads what it did from the registry (promoted, rejected, or ignored
+   in the cooldown).
 4. Prints the timeline (and writes it to `timeline.md`) with links to every drift report, and leaves
    the stack running so the UIs can be browsed: `python -m infra.stack down --home .keel/drift-demo`.
 """
@@ -29,6 +31,8 @@ from pydantic import BaseModel
 
 from infra.processes import free_port
 from infra.stack import Stack
+from tasks import markdown
+from tasks.policies import DEFAULT_POLICY, parse_policy
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "bike_sharing_hourly.csv"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -38,11 +42,12 @@ class Step(BaseModel):
     week: str
     rows: int
     drift_share: float
-    drift: bool
+    weighted_share: float
+    retrain: bool
     reasons: list[str]
     report: str
     event_id: str | None
-    retrain: str = ""
+    outcome: str = ""
 
 
 def start_stack(home: Path, serve_args: list[str]) -> dict[str, str]:
@@ -147,11 +152,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cooldown-minutes", type=float, default=1.0, help="Retrain cooldown (wall-clock).")
     parser.add_argument("--window-days", type=int, default=90, help="Retrain on the last N days landed.")
     parser.add_argument("--n-trials", type=int, default=8, help="Tuning trials of each training.")
+    parser.add_argument(
+        "--policy", default=DEFAULT_POLICY, help="Retrain policy of the monitor (see flows.monitor)."
+    )
     args = parser.parse_args(argv)
+    try:
+        args.policy = parse_policy(args.policy).text
+    except ValueError as exc:
+        parser.error(str(exc))
     home = args.home.resolve()
     serve_args = [
         "--model-name", args.model_name, "--cooldown-minutes", str(args.cooldown_minutes),
-        "--window-days", str(args.window_days), "--n-trials", str(args.n_trials),
+        "--window-days", str(args.window_days), "--n-trials", str(args.n_trials), "--policy", args.policy,
     ]  # fmt: skip
     print(f"== starting the stack in {home}", flush=True)
     env = start_stack(home, serve_args)
@@ -202,20 +214,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         week.to_parquet(landing / f"{start.date()}.parquet", index=False)
         if (index + 1) % args.check_every:
             continue
-        result = monitor(MonitorParams(batch=str(landing), latest=True, model_name=args.model_name))
+        result = monitor(
+            MonitorParams(batch=str(landing), latest=True, model_name=args.model_name, policy=args.policy)
+        )
         check = result.check
         step = Step(
             week=str(start.date()),
             rows=check.rows,
-            drift_share=check.drifted_share,
-            drift=check.drift_detected,
-            reasons=check.reasons,
+            drift_share=check.verdict.evidently_share,
+            weighted_share=check.verdict.weighted_share,
+            retrain=check.retrain,
+            reasons=check.decision.reasons,
             report=result.report.link,
             event_id=result.event_id,
         )
-        if check.drift_detected and result.event_id:
+        if check.retrain and result.event_id:
             run = wait_for_retrain(env["PREFECT_API_URL"], result.event_id)
-            step.retrain = describe_retrain(run, client, args.model_name, result.event_id)
+            step.outcome = describe_retrain(run, client, args.model_name, result.event_id)
         timeline.append(step)
         print(_line(step), flush=True)
 
@@ -233,20 +248,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _line(step: Step) -> str:
-    verdict = "DRIFT   " if step.drift else "no drift"
+    verdict = "RETRAIN   " if step.retrain else "no retrain"
     event = f"event {step.event_id[:8]}…" if step.event_id else "no event"
-    return f"   week of {step.week}: {step.rows:4d} rows  drift share {step.drift_share:.2f}  {verdict}  {event}  {step.retrain}"
+    why = f"  ({step.reasons[0].split(':')[0]})" if step.reasons else ""
+    return (
+        f"   week of {step.week}: {step.rows:4d} rows  Evidently's share {step.drift_share:.2f}  "
+        f"weighted calibrated {step.weighted_share:.2f}  {verdict}{why}  {event}  {step.outcome}"
+    )
 
 
 def render(timeline: list[Step], model: str, client) -> str:
     lines = [
-        "| week of | rows | drift share | verdict | event | retrain | report |",
-        "|---|---|---|---|---|---|---|",
+        "| week of | rows | Evidently's share | weighted calibrated share | decision | why | event | retrain | report |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in timeline:
         lines.append(
-            f"| {s.week} | {s.rows} | {s.drift_share:.2f} | {'**drift**' if s.drift else 'no drift'} | "
-            f"{(s.event_id or '')[:8]} | {s.retrain.replace('|', '/')} | [report]({s.report}) |"
+            f"| {s.week} | {s.rows} | {s.drift_share:.2f} | {s.weighted_share:.2f} | "
+            f"{'**retrain**' if s.retrain else 'no retrain'} | {markdown.text('; '.join(s.reasons))} | "
+            f"{(s.event_id or '')[:8]} | {markdown.text(s.outcome)} | {markdown.link('report', s.report)} |"
         )
     versions = sorted(client.search_model_versions(f"name='{model}'"), key=lambda v: int(v.version))
     champion = client.get_model_version_by_alias(model, "champion").version

@@ -5,11 +5,12 @@
 - `training-pipeline/scheduled`: the training pipeline on a cron schedule (SageMaker: a scheduled
   pipeline execution).
 - `drift-monitor/landing-folder`: the monitor on a schedule, over the newest file of the landing
-  folder (Model Monitor's monitoring schedule).
+  folder (Model Monitor's monitoring schedule); `--policy` decides which batches call for a retrain.
 - `retrain/on-drift`: the retrain flow, started by an automation on every `keel.drift.detected`
-  event about any model (EventBridge rule -> Lambda). The event's model name, id and report URI
-  become the flow's parameters; the flow itself keeps one retrain per model at a time and honours
-  the cooldown, so a burst of events retrains once.
+  event (a batch whose policy called for a retrain) about any model (EventBridge rule -> Lambda).
+  The event's model name, id, policy, reasons and report URI become the flow's parameters; the flow
+  itself keeps one retrain per model at a time and honours the cooldown, so a burst of events
+  retrains once.
 
 This process runs the flow runs itself (a Prefect runner): stop it with SIGTERM (Ctrl-C).
 """
@@ -28,6 +29,7 @@ from flows.monitor import MonitorParams, monitor
 from flows.pipeline import PipelineParams, training_pipeline
 from flows.retrain import RetrainParams, retrain
 from tasks.drift import DRIFT_DETECTED
+from tasks.policies import DEFAULT_POLICY, POLICY_HELP, PolicyText
 
 TRAINING = "scheduled"
 MONITOR = "landing-folder"
@@ -52,6 +54,7 @@ class ServeSettings(BaseModel):
         default=60, ge=0, description="Ignore drift events this soon after a retrain."
     )
     n_trials: int = Field(default=16, ge=1, description="Tuning trials of scheduled trainings and retrains.")
+    policy: PolicyText = Field(default=DEFAULT_POLICY, description=f"Of the monitor. {POLICY_HELP}")
 
 
 def build_deployments(settings: ServeSettings) -> list:
@@ -68,7 +71,9 @@ def build_deployments(settings: ServeSettings) -> list:
         n_trials=settings.n_trials,
         on_quality_violation="fail-on-broken",
     )
-    monitor_params = MonitorParams(batch=landing, latest=True, model_name=settings.model_name)
+    monitor_params = MonitorParams(
+        batch=landing, latest=True, model_name=settings.model_name, policy=settings.policy
+    )
     retrain_params = RetrainParams(
         data=landing,
         model_name=settings.model_name,
@@ -85,8 +90,8 @@ def build_deployments(settings: ServeSettings) -> list:
             "params": {
                 **retrain_params,
                 "model_name": "{{ event.resource['keel.model.name'] }}",
-                "reason": "drift detected on v{{ event.resource['keel.model.version'] }}: "
-                "drift share {{ event.payload.drift_share }}",
+                "reason": "policy {{ event.payload.policy }} on v{{ event.resource['keel.model.version'] }}: "
+                "{{ event.payload.reasons | join('; ') | truncate(420) }}",  # the flow takes 500 characters
                 "event_id": "{{ event.id | string }}",
                 "drift_report": "{{ event.payload.report_uri }}",
             }

@@ -4,13 +4,16 @@
     python -m flows.monitor --batch landing/ --latest      # the folder's last file by name
 
 The batch (a CSV or Parquet file, or a folder of them; with or without the target column) is
-checked on the Dask workers against the statistics stored with the champion's version at training
-time. The Evidently report (HTML + JSON) goes to MLflow next to that version and is linked from
-Prefect, and the verdict is emitted as a Prefect event (`keel.drift.detected` or
-`keel.drift.not-detected`) about the model version, which the retrain deployment's trigger listens
-for. First the batch is checked against the champion's data-quality constraints: violations are
-reported as a table and, with `--on-quality-violation fail`, stop the run. Bad input fails the run
-(exit 2) before anything is emitted.
+checked on the Dask workers against the statistics and normal ranges stored with the champion's
+version at training time: drift of every column and of the predictions, and the champion's
+performance (realized from labels, estimated without them). A named policy (`--policy`) decides
+whether the batch calls for a retrain. The Evidently report (HTML + JSON) goes to MLflow next to
+that version and is linked from Prefect, and the decision is emitted as a Prefect event
+(`keel.drift.detected`: retrain; `keel.drift.not-detected`: checked, fine) about the model version,
+which the retrain deployment's trigger listens for. First the batch is checked against the
+champion's data-quality constraints: violations are reported as a table and, with
+`--on-quality-violation fail`, stop the run. Bad input fails the run (exit 2) before anything is
+emitted.
 """
 
 from __future__ import annotations
@@ -27,17 +30,15 @@ from tasks import lineage
 from tasks.baseline import load_baseline
 from tasks.compute import dask_cluster
 from tasks.drift import (
-    DRIFT_DETECTED,
-    DRIFT_NOT_DETECTED,
     DriftCheck,
     DriftReportRef,
-    DriftThresholds,
     batch_files,
     batch_ref,
     check_drift,
     emit_verdict,
     report_drift,
 )
+from tasks.policies import PolicySettings, settings_of
 from tasks.prepare import output_location
 from tasks.quality import (
     ON_VIOLATION_HELP,
@@ -51,8 +52,8 @@ from tasks.quality import (
 from tasks.settings import get_settings
 
 
-class MonitorParams(DriftThresholds, QualityRules):
-    """What to check, against which model, and when it counts as drift."""
+class MonitorParams(PolicySettings, QualityRules):
+    """What to check, against which model, and which policy decides on a retrain."""
 
     batch: str = Field(min_length=1, description="CSV or Parquet file, or a folder of them, to check.")
     latest: bool = Field(default=False, description="Check only the last file of the folder, by name.")
@@ -78,7 +79,7 @@ class MonitorResult(BaseModel):
 def monitor(params: MonitorParams) -> MonitorResult:
     """Check one batch for drift against the champion, report it, and emit the verdict as an event."""
     settings = get_settings()
-    thresholds = DriftThresholds.model_validate(params.model_dump(include=set(DriftThresholds.model_fields)))
+    settings_ = settings_of(params)
     checked_at = datetime.now(UTC).isoformat(timespec="seconds")
     batch_uri = batch_files(params.batch, params.latest)
     with (
@@ -106,17 +107,18 @@ def monitor(params: MonitorParams) -> MonitorResult:
             batch,
             params.model_name,
             champion.version,  # the version the quality check used, even if the alias moved since
-            thresholds,
+            settings_,
             output_location(settings.datasets_root, run.run_id, "monitor"),
         )
-        report = report_drift(check, thresholds, checked_at)
+        report = report_drift(check, settings_, checked_at)
         event_id = emit_verdict(check, report, checked_at)
-        event = DRIFT_DETECTED if check.drift_detected else DRIFT_NOT_DETECTED
+        event = check.event
         lineage.set_tags(
             run.client(),
             run.run_id,
             {
                 "keel.model.version": check.version,
+                "keel.policy": check.decision.policy,
                 "keel.event": event,
                 "keel.event_id": event_id or "not emitted",
             },
@@ -135,16 +137,34 @@ def monitor(params: MonitorParams) -> MonitorResult:
 
 def summarise(result: MonitorResult) -> str:
     check = result.check
-    top = sorted(check.features, key=lambda c: -c.score)[:5]
+    verdict, decision = check.verdict, check.decision
+    features = verdict.features()
+    top = sorted(features, key=lambda c: -(c.importance or 0))[:5]
     lines = [
-        f"Verdict:         {'DRIFT' if check.drift_detected else 'no drift'} — {check.model_name} v{check.version}, "
-        f"{check.rows:,} rows of {check.batch.uri}",
-        *(f"                 {reason}" for reason in check.reasons),
-        f"Drifted columns: {len(check.drifted_columns)} of {len(check.features)}"
-        + (f" ({', '.join(check.drifted_columns)})" if check.drifted_columns else ""),
-        "Top scores:      " + ", ".join(f"{c.column} {c.score:.3f} ({c.method})" for c in top),
-        f"Predictions:     {check.prediction.method} {check.prediction.score:.3f} "
-        f"({'drift' if check.prediction.drifted else 'no drift'})",
+        f"Decision:        {'RETRAIN' if decision.retrain else 'no retrain'} (policy {decision.policy}) — "
+        f"{check.model_name} v{check.version}, {check.rows:,} rows of {check.batch.uri}",
+        *(f"                 {reason}" for reason in decision.reasons),
+        "Signals:         "
+        + "\n                 ".join(
+            f"{s.name}: {_shown(s.value)}"
+            + (f" (threshold {_shown(s.threshold)})" if s.threshold is not None else "")
+            + (" FIRED" if s.fired else "")
+            for s in verdict.signals.values()
+        ),
+        f"Drifted inputs:  {len(check.drifted_columns)} of {len(features)} beyond their calibrated thresholds"
+        + (f" ({', '.join(check.drifted_columns)})" if check.drifted_columns else "")
+        + f"; Evidently's fixed rule: {sum(c.evidently_drift for c in features)}",
+        "Top inputs:      "
+        + ", ".join(
+            f"{c.column} (importance {c.importance or 0:.2f}) {c.score:.3f}"
+            + (f" / {c.threshold:.3f}" if c.threshold is not None else "")
+            for c in top
+        ),
+        "Performance:     "
+        + (", ".join(f"{k} {v:.4g}" for k, v in verdict.realized.items()) or "no labels")
+        + " realized; "
+        + (", ".join(f"{k} {v:.4g}" for k, v in verdict.estimated.items()) or "none")
+        + " estimated",
         f"Data quality:    {len(result.quality.violations)} violations of the champion's constraints"
         + (
             f" ({', '.join(f'{v.column}: {v.rule}' for v in result.quality.violations[:5])})"
@@ -156,6 +176,10 @@ def summarise(result: MonitorResult) -> str:
         f"MLflow run:      {result.mlflow_run_id}",
     ]
     return "\n".join(lines)
+
+
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.4g}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

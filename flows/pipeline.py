@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import flow
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from flows.cli import run_flow_cli
 from tasks import lineage
 from tasks.baseline import baseline
+from tasks.calibration import DEFAULT_CHUNK, parse_chunk
 from tasks.compute import dask_cluster, steps_side_by_side
 from tasks.data import TableSpec
 from tasks.errors import DataValidationError
@@ -55,8 +56,8 @@ STEPS = (
 )
 
 
-class PipelineParams(QualityRules):
-    """Every knob of one execution; shown and editable in the Prefect UI, and as `--flags` here."""
+class TableParams(BaseModel):
+    """The user's table: where it is and which columns matter (the pipeline's and the backtest's)."""
 
     data: str = Field(
         default=str(DEMO_DATA), description="CSV or Parquet file, or a folder of Parquet files."
@@ -67,12 +68,27 @@ class PipelineParams(QualityRules):
         default_factory=lambda: ["instant", "casual", "registered"],
         description="Columns never used as features (ids; casual + registered add up to the target).",
     )
+    task: Literal["auto", "regression", "classification"] = Field(
+        default="auto", description="What to learn."
+    )
+
+    def table(self) -> TableSpec:
+        path = self.data if "://" in self.data else str(Path(self.data).expanduser().resolve())
+        return TableSpec(
+            path=path,
+            target=self.target,
+            time_column=self.time_column,
+            drop_columns=self.drop_columns,
+            task=self.task,
+        )
+
+
+class PipelineParams(TableParams, QualityRules):
+    """Every knob of one execution; shown and editable in the Prefect UI, and as `--flags` here."""
+
     key_columns: list[str] = Field(
         default_factory=lambda: ["dteday", "hr"],
         description="Columns that identify a row; duplicated keys are bad input. Empty: no key.",
-    )
-    task: Literal["auto", "regression", "classification"] = Field(
-        default="auto", description="What to learn."
     )
     start: date | None = Field(default=None, description="First day of the data window.")
     end: date | None = Field(default=None, description="Last day of the data window.")
@@ -100,6 +116,11 @@ class PipelineParams(QualityRules):
         default="auto", description="single worker, lightgbm.dask, or chosen by data size."
     )
     seed: int = Field(default=42, description="Seed of the tuner and of LightGBM.")
+    monitoring_chunk: str = Field(
+        default=DEFAULT_CHUNK,
+        description="The size of the batches the model will be monitored on (a period such as 7D or 1D, or a "
+        "number of rows): its drift and performance thresholds are calibrated on chunks of this size.",
+    )
     min_r2: float = Field(
         default=0.6, ge=-1e9, le=1, description="Quality gate for regression: test R² at least."
     )
@@ -143,6 +164,11 @@ class PipelineParams(QualityRules):
         description="With --reuse-from: run only these steps (and those whose inputs change as a result).",
     )
 
+    @field_validator("monitoring_chunk")
+    @classmethod
+    def _chunk(cls, value: str) -> str:
+        return parse_chunk(value).text
+
     @model_validator(mode="after")
     def _steps_exist(self) -> PipelineParams:
         self.plan()
@@ -163,15 +189,7 @@ class PipelineParams(QualityRules):
         )
 
     def table(self) -> TableSpec:
-        path = self.data if "://" in self.data else str(Path(self.data).expanduser().resolve())
-        return TableSpec(
-            path=path,
-            target=self.target,
-            time_column=self.time_column,
-            drop_columns=self.drop_columns,
-            task=self.task,
-            key_columns=self.key_columns,
-        )
+        return super().table().model_copy(update={"key_columns": self.key_columns})
 
 
 class PipelineResult(BaseModel):
@@ -287,7 +305,8 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
         champion = comparable_champion(client, params.model_name, model)
         with steps_side_by_side(2):  # both need only the model and the splits
             reference, evaluation = results(
-                baseline.submit(model, splits), evaluate.submit(model, splits, params.model_name, champion)
+                baseline.submit(model, splits, params.monitoring_chunk, params.seed),
+                evaluate.submit(model, splits, params.model_name, champion),
             )
         gate = condition("quality-gate", quality_checks(evaluation, params))
         datasets = {"raw": raw, "train": splits.train, "valid": splits.valid, "test": splits.test}

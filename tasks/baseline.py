@@ -1,10 +1,12 @@
 """The monitoring baseline, made at training time (Model Monitor's baselining job) and found through lineage.
 
 Each registered version carries a `baseline.uri` tag: an MLflow artifact folder with `profile.json`
-(the training data's URI and digest, the feature spec, and per-column statistics of the training
-split and of the model's predictions on it) and `reference.parquet` (a row sample for the Evidently
-report). A drift check therefore never re-reads or re-profiles the training set, and never needs
-a path that is written down anywhere but the registry.
+(the training data's URI and digest, the feature spec, per-column statistics of the training split
+and of the model's predictions on it, the calibration of every signal on chunks of the training
+window and the estimator of performance without labels; see `tasks.calibration`) and
+`reference.parquet` (a row sample for the Evidently report). A drift check therefore never re-reads
+or re-profiles the training set, and never needs a path that is written down anywhere but the
+registry.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field
 
 from tasks import lineage, monitoring
+from tasks.calibration import Calibration, parse_chunk
 from tasks.compute import dask_client
 from tasks.drift_stats import ColumnProfile
 from tasks.errors import NotInRegistry
 from tasks.featurize import FeatureSpec
-from tasks.prepare import Splits
+from tasks.performance import Estimator
+from tasks.prepare import SPLITS, Splits
 from tasks.refs import DatasetRef, ModelRef, file_urls
 from tasks.registry import BASELINE_RUN_TAG, BASELINE_TAG, find_champion
 from tasks.steps import CacheConfig, RetryPolicy, current_step, processing_step
@@ -41,6 +45,10 @@ class Profile(BaseModel):
     features: FeatureSpec
     columns: dict[str, ColumnProfile]
     sample_rows: int
+    calibration: Calibration | None = Field(
+        default=None, description="Normal ranges of every signal; None in baselines made before calibration."
+    )
+    estimator: Estimator | None = Field(default=None, description="Estimates performance without labels.")
 
 
 class Baseline(BaseModel):
@@ -53,53 +61,74 @@ class Baseline(BaseModel):
 
 
 @processing_step(name="baseline", cache=CacheConfig(), retry=RetryPolicy(attempts=3))
-def baseline(model: ModelRef, splits: Splits) -> Baseline:
+def baseline(model: ModelRef, splits: Splits, chunk: str = "7D", seed: int = 0) -> Baseline:
     """Profile the training split and the model's predictions on it (predicted file by file on the
-    workers, profiled on one); store it in MLflow."""
+    workers, profiled on one), and calibrate every signal on chunks of `chunk` (the monitored batch
+    size) of the window, on the same worker; store it in MLflow."""
+    from distributed import wait
     from prefect import get_run_logger
 
     step = current_step()
     pipeline = lineage.current_pipeline()
     client = dask_client()
-    files = file_urls(splits.train.uri)
-    predictions = [
-        client.submit(
-            monitoring.predict_file,
-            file,
-            splits.features,
-            model.uri,
-            pipeline.tracking_uri,
-            pipeline.registry_uri,
-            pure=False,
-        )
-        for file in files
+    size = parse_chunk(chunk)
+    location = monitoring.ModelLocation(
+        uri=model.uri, tracking_uri=pipeline.tracking_uri, registry_uri=pipeline.registry_uri
+    )
+    files = {name: file_urls(getattr(splits, name).uri) for name in SPLITS}
+    predicted = [
+        client.submit(monitoring.predict_file, f, splits.features, location, pure=False)
+        for f in files["train"]
     ]
-    profiles, sample = client.submit(
-        monitoring.profile_reference, files, splits.features, predictions, 0, pure=False
-    ).result()
+    wait(predicted)  # then the two halves start together, one on each worker
+    performance = client.submit(  # needs only the test split
+        monitoring.performance_from_files, files["test"], splits.features, location, size, seed, pure=False
+    )
+    drift = client.submit(  # the profile and the drift calibration, where the predictions are
+        monitoring.baseline_from_files, files, predicted, splits.features, location, size, seed, pure=False
+    )
+    parts = monitoring.with_performance(drift.result(), performance.result(), size)
     profile = Profile(
         model_uri=model.uri,
         train=splits.train,
         features=splits.features,
-        columns=profiles,
-        sample_rows=len(sample),
+        columns=parts.profiles,
+        sample_rows=len(parts.sample),
+        calibration=parts.calibration,
+        estimator=parts.estimator,
     )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / ARTIFACT_DIR
         folder.mkdir()
         (folder / "profile.json").write_text(profile.model_dump_json(indent=1))
-        sample.to_parquet(folder / "reference.parquet", index=False)
+        parts.sample.to_parquet(folder / "reference.parquet", index=False)
         step.client.log_artifacts(step.run_id, str(folder), ARTIFACT_DIR)
     uri = step.artifact_uri(ARTIFACT_DIR)
-    step.log_metrics({"reference_rows": splits.train.rows or 0, "reference_sample_rows": len(sample)})
-    get_run_logger().info(
-        "baseline: %d columns profiled over %s training rows, %d-row reference sample -> %s",
-        len(profiles),
+    calibration = parts.calibration
+    step.log_params({"monitoring_chunk": size.text})
+    step.log_metrics(
+        {
+            "reference_rows": splits.train.rows or 0,
+            "reference_sample_rows": len(parts.sample),
+            "calibration_drift_chunks": calibration.drift_chunks,
+            "calibration_performance_chunks": calibration.performance_chunks,
+        }
+    )
+    logger = get_run_logger()
+    logger.info(
+        "baseline: %d columns profiled over %s training rows, %d-row reference sample; calibrated on %d chunks "
+        "of %s (drift) and %d of the test period (performance) -> %s",
+        len(parts.profiles),
         f"{splits.train.rows:,}",
-        len(sample),
+        len(parts.sample),
+        calibration.drift_chunks,
+        size.describe(),
+        calibration.performance_chunks,
         uri,
     )
-    return Baseline(uri=uri, run_id=step.run_id, train=splits.train, columns=list(profiles))
+    for note in calibration.notes:
+        logger.warning("baseline: %s", note)
+    return Baseline(uri=uri, run_id=step.run_id, train=splits.train, columns=list(parts.profiles))
 
 
 class ChampionBaseline(BaseModel):

@@ -1,75 +1,73 @@
-"""The drift check (Model Monitor's monitoring job): new data against the champion's baseline.
+"""The monitoring job (Model Monitor): a batch against the champion's calibrated baseline, and the
+retrain decision of a named policy.
 
-`check_drift` makes one pass over the new data on the Dask workers and applies Evidently's own
-per-column tests to the stored reference profile (see `tasks.drift_stats`), so its cost grows with
-the new data only. `report_drift` renders the Evidently report (HTML + JSON) from bounded row
-samples of both sides, logs it to MLflow next to the champion's version, and shows it in Prefect.
+`check_drift` makes one pass over the new data on the Dask workers: every monitored column's drift
+score (Evidently's own tests, from the stored reference profile; `tasks.drift_stats`), the
+champion's predictions, and its performance (realized from labels, estimated without them). The
+batch is judged against the normal ranges calibrated at training time (`tasks.verdict`), and the
+policy decides (`tasks.policies`). `report_drift` renders the Evidently report (HTML + JSON) from
+bounded row samples, logs it to MLflow next to the champion's version with the columns table and
+the verdict, and shows them in Prefect. `emit_verdict` sends the decision as a Prefect event.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from tasks import lineage, monitoring
+from tasks import lineage, markdown, monitoring
 from tasks.baseline import ChampionBaseline, load_baseline
 from tasks.compute import dask_client
 from tasks.data import read_header, read_table, table_format
-from tasks.drift_stats import DEFAULT_THRESHOLD, ColumnDrift, column_drift
 from tasks.errors import DataValidationError, StepFailed
+from tasks.policies import Decision, PolicyContext, PolicySettings, decide
 from tasks.refs import DatasetRef, content_digest, file_urls
 from tasks.steps import current_step, processing_step
+from tasks.verdict import Verdict, judge
 
-DRIFT_DETECTED = "keel.drift.detected"
-DRIFT_NOT_DETECTED = "keel.drift.not-detected"
-QUALITY_METRIC = {"regression": "r2", "binary": "accuracy", "multiclass": "accuracy"}
-
-
-class DriftThresholds(BaseModel):
-    """When a batch counts as drifted. Any one rule is enough."""
-
-    drift_share: float = Field(
-        default=0.5,
-        gt=0,
-        le=1,
-        description="Share of feature columns that must drift (Evidently's drift_share).",
-    )
-    must_not_drift: list[str] = Field(
-        default_factory=list, description="Columns whose drift alone counts as drift."
-    )
-    prediction_drift: bool = Field(
-        default=True, description="Drift of the champion's predictions counts as drift."
-    )
-    max_quality_drop: float = Field(
-        default=0.1,
-        ge=0,
-        description="Labelled batches: the largest drop of R² (regression) or accuracy (classification) "
-        "below the champion's training-time test value.",
-    )
+DRIFT_DETECTED = (
+    "keel.drift.detected"  # the policy calls for a retrain (data, predictions or performance moved)
+)
+DRIFT_NOT_DETECTED = "keel.drift.not-detected"  # checked: no retrain called for
+CALIBRATED_POLICIES = ("calibrated-drift", "performance", "drift-and-performance")
 
 
 class DriftCheck(BaseModel):
-    """The verdict on one batch, with everything needed to explain it."""
+    """The verdict on one batch and the policy's decision, with everything needed to explain them."""
 
     model_name: str
     version: str
     batch: DatasetRef
     rows: int
-    features: list[ColumnDrift]
-    prediction: ColumnDrift
-    target: ColumnDrift | None = None
-    drifted_share: float
-    quality: dict[str, float] = Field(default_factory=dict)
+    verdict: Verdict
+    decision: Decision
     champion_quality: dict[str, float] = Field(default_factory=dict)
-    drift_detected: bool
-    reasons: list[str]
+    calibration_chunk: str | None = Field(
+        default=None, description="The batch size the champion was calibrated at."
+    )
+    notes: list[str] = Field(default_factory=list)
     sample: DatasetRef = Field(description="Row sample of the batch, with predictions, for the report.")
 
     @property
+    def retrain(self) -> bool:
+        return self.decision.retrain
+
+    @property
+    def event(self) -> str:
+        return DRIFT_DETECTED if self.decision.retrain else DRIFT_NOT_DETECTED
+
+    @property
     def drifted_columns(self) -> list[str]:
-        return [c.column for c in self.features if c.drifted]
+        """Inputs beyond their calibrated thresholds (Evidently's verdict where not calibrated)."""
+        return [
+            c.column
+            for c in self.verdict.features()
+            if (c.drift if c.drift is not None else c.evidently_drift) and not c.ignored
+        ]
 
 
 def batch_files(uri: str, latest: bool) -> str:
@@ -95,52 +93,91 @@ def require_columns(batch: DatasetRef, required: list[str]) -> None:
         )
 
 
+def check_settings(settings: PolicySettings, champion: ChampionBaseline, model_name: str) -> None:
+    """Refuse settings this champion cannot honour, before any data is read."""
+    monitored = sorted(champion.profile.columns)
+    for flag, names in (
+        ("--must-not-drift", settings.must_not_drift),
+        ("--ignore-columns", settings.ignore_columns),
+    ):
+        unknown = [c for c in names if c not in champion.profile.columns]
+        if unknown:
+            raise StepFailed(
+                f"{flag} names columns {model_name} v{champion.version} does not monitor: {unknown} "
+                f"(it monitors {monitored})"
+            )
+    policy = settings.parsed()
+    if policy.name in CALIBRATED_POLICIES and champion.profile.calibration is None:
+        raise StepFailed(
+            f"policy {policy.text} needs a calibrated baseline, and {model_name} v{champion.version} was registered "
+            "before baselines were calibrated: retrain it (python -m flows.retrain), or use --policy drift"
+        )
+
+
+def policy_context(champion: ChampionBaseline, now: datetime) -> PolicyContext:
+    """How long the champion has served: the checks against it so far (this one included) and days."""
+    client = current_step().client
+    pipeline = lineage.current_pipeline()
+    version = client.get_model_version(champion.model_name, champion.version)
+    days = (now - datetime.fromtimestamp(version.creation_timestamp / 1000, tz=UTC)).total_seconds() / 86400
+    name = champion.model_name.replace("'", "")
+    earlier = client.search_runs(  # the parent runs of finished checks: only they record the event
+        [pipeline.experiment_id],
+        f"tags.`{lineage.PIPELINE_TAG}` = 'drift-monitor' and tags.`keel.model.name` = '{name}' and "
+        f"tags.`keel.model.version` = '{champion.version}' and tags.`keel.event` LIKE 'keel.drift.%' and "
+        "attributes.status = 'FINISHED'",
+        max_results=10_000,
+    )
+    return PolicyContext(batches_since_training=len(earlier) + 1, days_since_training=max(days, 0.0))
+
+
 @processing_step(name="drift-check")
 def check_drift(
-    batch: DatasetRef, model_name: str, version: str | None, thresholds: DriftThresholds, output_uri: str
+    batch: DatasetRef, model_name: str, version: str | None, settings: PolicySettings, output_uri: str
 ) -> DriftCheck:
-    """Summarise the batch on the workers and judge every column against the champion's baseline."""
+    """Summarise the batch on the workers, judge it against the champion's calibrated baseline and
+    let the policy decide."""
     from prefect import get_run_logger
 
     logger = get_run_logger()
     step = current_step()
     pipeline = lineage.current_pipeline()
     champion = load_baseline(step.client, model_name, version)
-    spec = champion.profile.features
+    profile = champion.profile
+    spec = profile.features
     require_columns(batch, spec.input_columns)
     step.set_tags({"keel.model.name": model_name, "keel.model.version": champion.version})
-    unknown = [c for c in thresholds.must_not_drift if c not in champion.profile.columns]
-    if unknown:
-        raise StepFailed(
-            f"--must-not-drift names columns {model_name} v{champion.version} does not monitor: {unknown} "
-            f"(it monitors {sorted(champion.profile.columns)})"
-        )
+    check_settings(settings, champion, model_name)
 
     model = monitoring.ModelLocation(
         uri=champion.model_uri, tracking_uri=pipeline.tracking_uri, registry_uri=pipeline.registry_uri
     )
     summary = monitoring.summarise_batch(
-        dask_client(), read_table(batch), champion.profile.columns, spec, model
+        dask_client(), read_table(batch), profile.columns, spec, model, profile.estimator
     )
-    _reject_bad_values(batch, summary, spec.time_column)
+    _reject_bad_values(batch, summary, spec.time_column, spec.target)
     logger.info(
-        "drift check of %s rows of %s against %s v%s",
+        "drift check of %s rows of %s against %s v%s (policy %s)",
         f"{summary.rows:,}",
         batch.uri,
         model_name,
         champion.version,
+        settings.policy,
     )
-
-    judged = {
-        name: column_drift(champion.profile.columns[name], col, DEFAULT_THRESHOLD)
-        for name, col in summary.columns.items()
-    }
-    features = [judged[c] for c in [*spec.numeric, *spec.categorical]]
-    prediction = judged[monitoring.PREDICTION]
-    target = judged.get(spec.target)
-    drifted_share = sum(c.drifted for c in features) / len(features)
-    quality = summary.quality.metrics(spec.task)
-    verdict, reasons = _verdict(features, prediction, drifted_share, quality, champion, thresholds)
+    verdict = judge(
+        summary.columns,
+        profile.columns,
+        spec,
+        profile.calibration,
+        summary.performance.realized(spec.task),
+        summary.performance.estimated(spec.task),
+        summary.performance.rows,
+        champion.metrics,
+        settings,
+    )
+    policy = settings.parsed()
+    context = policy_context(champion, datetime.now(UTC)) if policy.name == "schedule" else PolicyContext()
+    decision = decide(policy, verdict.signals, context)
 
     sample_uri = f"{output_uri}/sample.parquet"
     if "://" not in output_uri:
@@ -158,42 +195,69 @@ def check_drift(
         version=champion.version,
         batch=batch.model_copy(update={"rows": summary.rows}),
         rows=summary.rows,
-        features=features,
-        prediction=prediction,
-        target=target,
-        drifted_share=drifted_share,
-        quality=quality,
-        champion_quality={k: v for k, v in champion.metrics.items() if k in quality},
-        drift_detected=verdict,
-        reasons=reasons,
+        verdict=verdict,
+        decision=decision,
+        champion_quality={k: v for k, v in champion.metrics.items() if k in verdict.realized},
+        calibration_chunk=profile.calibration.chunk if profile.calibration else None,
+        notes=_notes(champion, summary.rows),
         sample=sample,
     )
-    step.log_metrics(
+    step.log_metrics(_metrics(check))
+    step.set_tags(
         {
-            "rows": summary.rows,
-            "drifted_share": drifted_share,
-            "drifted_columns": len(check.drifted_columns),
-            "prediction_drift_score": prediction.score,
-            **{f"drift_score.{c.column}": c.score for c in features},
-            **{f"batch_{k}": v for k, v in quality.items()},
+            "keel.policy": decision.policy,
+            "keel.retrain": str(decision.retrain).lower(),
+            "keel.drift.detected": str(decision.retrain).lower(),
+            "keel.drift.reasons": "; ".join(decision.reasons)[:5000],
         }
     )
-    step.set_tags(
-        {"keel.drift.detected": str(verdict).lower(), "keel.drift.reasons": "; ".join(reasons)[:5000]}
-    )
     logger.info(
-        "%s: %d of %d feature columns drifted (share %.2f), prediction score %.3f%s",
-        "DRIFT" if verdict else "no drift",
-        len(check.drifted_columns),
-        len(features),
-        drifted_share,
-        prediction.score,
-        f"; {'; '.join(reasons)}" if reasons else "",
+        "%s (policy %s)%s; %d of %d inputs beyond calibrated thresholds (importance-weighted %.2f), "
+        "Evidently's rule: %d (share %.2f)",
+        "RETRAIN" if decision.retrain else "no retrain",
+        decision.policy,
+        f": {'; '.join(decision.reasons)}" if decision.reasons else "",
+        sum(bool(c.drift) for c in verdict.features()),
+        len(verdict.features()),
+        verdict.weighted_share,
+        sum(c.evidently_drift for c in verdict.features()),
+        verdict.evidently_share,
     )
+    for note in check.notes:
+        logger.warning("drift check: %s", note)
     return check
 
 
-def _reject_bad_values(batch: DatasetRef, summary: monitoring.BatchSummary, time_column: str) -> None:
+def _notes(champion: ChampionBaseline, rows: int) -> list[str]:
+    calibration = champion.profile.calibration
+    if calibration is None:
+        return [f"v{champion.version} has no calibrated baseline: only Evidently's fixed thresholds apply"]
+    return list(calibration.notes)
+
+
+def _metrics(check: DriftCheck) -> dict[str, float]:
+    verdict = check.verdict
+    values: dict[str, float] = {
+        "rows": check.rows,
+        "evidently_share": verdict.evidently_share,
+        "weighted_drift_share": verdict.weighted_share,
+        "retrain": float(check.retrain),
+        **{f"drift_score.{c.column}": c.score for c in verdict.columns},
+        **{f"drift_threshold.{c.column}": c.threshold for c in verdict.columns if c.threshold is not None},
+        **{f"realized_{k}": v for k, v in verdict.realized.items()},
+        **{f"estimated_{k}": v for k, v in verdict.estimated.items()},
+    }
+    for name, signal in verdict.signals.items():
+        if signal.value is not None:
+            values[f"signal.{name}"] = signal.value
+        if signal.threshold is not None:
+            values[f"signal.{name}.threshold"] = signal.threshold
+    return values  # NaN and missing values are left out when logged (lineage.log_metrics)
+
+
+def _reject_bad_values(
+    batch: DatasetRef, summary: monitoring.BatchSummary, time_column: str, target: str
+) -> None:
     if summary.rows == 0:
         raise DataValidationError(batch.uri, "the batch has no rows")
     if summary.bad_times:
@@ -207,39 +271,8 @@ def _reject_bad_values(batch: DatasetRef, summary: monitoring.BatchSummary, time
     for column, col in summary.columns.items():
         if col.count == 0:
             raise DataValidationError(batch.uri, "every value is missing (or infinite)", column)
-
-
-def _verdict(
-    features: list[ColumnDrift],
-    prediction: ColumnDrift,
-    share: float,
-    quality: dict[str, float],
-    champion: ChampionBaseline,
-    thresholds: DriftThresholds,
-) -> tuple[bool, list[str]]:
-    reasons = []
-    if share >= thresholds.drift_share:
-        drifted = sum(c.drifted for c in features)
-        reasons.append(
-            f"{drifted} of {len(features)} feature columns drifted (share {share:.2f} >= {thresholds.drift_share:g})"
-        )
-    for column in thresholds.must_not_drift:
-        found = next((c for c in [*features, prediction] if c.column == column), None)
-        if found and found.drifted:
-            reasons.append(f"{column} drifted ({found.method} {found.score:.3f} >= {found.threshold:g})")
-    if thresholds.prediction_drift and prediction.drifted:
-        reasons.append(
-            f"predictions drifted ({prediction.method} {prediction.score:.3f} >= {prediction.threshold:g})"
-        )
-    metric = QUALITY_METRIC[champion.profile.features.task]
-    if metric in quality and metric in champion.metrics:
-        drop = champion.metrics[metric] - quality[metric]
-        if drop > thresholds.max_quality_drop:
-            reasons.append(
-                f"{metric} {quality[metric]:.3f} is {drop:.3f} below the champion's test {metric} "
-                f"{champion.metrics[metric]:.3f} (allowed drop {thresholds.max_quality_drop:g})"
-            )
-    return bool(reasons), reasons
+    if summary.bad_labels:
+        raise DataValidationError(batch.uri, summary.bad_labels, target)
 
 
 class DriftReportRef(BaseModel):
@@ -254,7 +287,7 @@ class DriftReportRef(BaseModel):
 
 
 @processing_step(name="drift-report")
-def report_drift(check: DriftCheck, thresholds: DriftThresholds, checked_at: str) -> DriftReportRef:
+def report_drift(check: DriftCheck, settings: PolicySettings, checked_at: str) -> DriftReportRef:
     """Evidently's report on the row samples, logged to MLflow with the verdict; Prefect artifacts."""
     import pandas as pd
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -271,7 +304,7 @@ def report_drift(check: DriftCheck, thresholds: DriftThresholds, checked_at: str
         current,
         spec.numeric,
         list(spec.categorical),
-        drift_share=thresholds.drift_share,
+        drift_share=settings.drift_share,
         prediction=monitoring.PREDICTION,
         target=spec.target if spec.target in current.columns else None,
         regression=spec.task == "regression",
@@ -286,16 +319,18 @@ def report_drift(check: DriftCheck, thresholds: DriftThresholds, checked_at: str
     run = step.client.get_run(step.run_id)
     base = run.info.artifact_uri.rstrip("/")
     html_uri, json_uri = f"{base}/drift/report.html", f"{base}/drift/report.json"
-    link = _report_link(
+    link = lineage.artifact_link(
         lineage.current_pipeline().tracking_uri, run.info.experiment_id, step.run_id, html_uri
     )
     agrees = all(
-        report.verdicts[c.column].drifted == c.drifted for c in check.features if c.column in report.verdicts
+        report.verdicts[c.column].drifted == c.evidently_drift
+        for c in check.verdict.features()
+        if c.column in report.verdicts
     )
     step.set_tags({"keel.model.name": check.model_name, "keel.model.version": check.version})
     for key, value in {
         "drift.last_checked": checked_at,
-        "drift.last_verdict": "drift" if check.drift_detected else "no drift",
+        "drift.last_verdict": f"{'retrain' if check.retrain else 'no retrain'} (policy {check.decision.policy})",
         "drift.last_report": html_uri,
         "drift.last_run_id": step.run_id,
     }.items():
@@ -305,9 +340,9 @@ def report_drift(check: DriftCheck, thresholds: DriftThresholds, checked_at: str
     )
     note = (
         f"\n\nThe Evidently report is drawn from {len(champion.reference):,} reference and {len(current):,} "
-        "batch rows (uniform samples); the verdicts above use every row."
+        "batch rows (uniform samples) and shows Evidently's fixed thresholds; the verdicts above use every row."
         if sampled
-        else ""
+        else "\n\nThe Evidently report shows Evidently's fixed thresholds; the calibrated ones are above."
     )
     create_link_artifact(
         key="drift-report",
@@ -317,11 +352,11 @@ def report_drift(check: DriftCheck, thresholds: DriftThresholds, checked_at: str
     )
     create_markdown_artifact(
         key="drift-columns",
-        markdown=f"### {'Drift detected' if check.drift_detected else 'No drift'}: {check.batch.uri}\n\n"
-        + ("".join(f"- {r}\n" for r in check.reasons) + "\n" if check.reasons else "")
+        markdown=f"### {'Retrain' if check.retrain else 'No retrain'} (policy {check.decision.policy}): "
+        f"{markdown.text(check.batch.uri)}\n\n"
         + table
         + note
-        + f"\n\n[Evidently report]({link})\n",
+        + f"\n\n{markdown.link('Evidently report', link)}\n",
         description=f"{check.rows:,} rows against {check.model_name} v{check.version}",
     )
     return DriftReportRef(
@@ -334,58 +369,142 @@ def report_drift(check: DriftCheck, thresholds: DriftThresholds, checked_at: str
     )
 
 
+def _number(value: float | None, digits: int = 4) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.{digits}g}"
+
+
+def _yes(flag: bool | None) -> markdown.Trusted:
+    return markdown.Trusted("n/a" if flag is None else "**yes**" if flag else "no")
+
+
 def drift_table(check: DriftCheck) -> str:
-    """Markdown: drifted columns first, each with its test, score and threshold."""
-    rows = sorted(check.features, key=lambda c: (not c.drifted, -c.score))
-    extra = [("prediction", check.prediction)] + ([("target", check.target)] if check.target else [])
-    lines = ["| column | role | test | score | threshold | drift |", "|---|---|---|---|---|---|"]
-    for role, col in [*(("feature", c) for c in rows), *extra]:
-        lines.append(
-            f"| {col.column} | {role} | {col.method} | {col.score:.4f} | {col.threshold:g} | "
-            f"{'**yes**' if col.drifted else 'no'} |"
+    """Markdown: the decision and its signals, then every column (inputs by importance), then performance."""
+    verdict, decision = check.verdict, check.decision
+    heard = {s.name for s in decision.signals}
+    lines = [
+        f"**Policy {markdown.text(decision.policy)}: {'retrain' if decision.retrain else 'no retrain'}.**"
+        + (" " + "; ".join(markdown.text(r) for r in decision.reasons) if decision.reasons else ""),
+        "",
+        markdown.table(
+            ["signal", "value", "threshold", "fired", "the policy listens", "what"],
+            [
+                [
+                    s.name,
+                    _number(s.value),
+                    _number(s.threshold),
+                    _yes(s.fired),
+                    _yes(s.name in heard),
+                    s.basis,
+                ]
+                for s in verdict.signals.values()
+            ],
+        ),
+        "",
+    ]
+    chunk = f" (calibrated on chunks of {check.calibration_chunk})" if check.calibration_chunk else ""
+    rows = sorted(verdict.columns, key=lambda c: (c.role != "feature", -(c.importance or 0), c.column))
+    lines.append(
+        markdown.table(
+            [
+                "column",
+                "role",
+                "model input",
+                "importance",
+                "test",
+                "score",
+                f"calibrated threshold{chunk}",
+                "calibrated drift",
+                "Evidently (score >= 0.1)",
+                "in the verdict",
+            ],
+            [
+                [
+                    c.column,
+                    c.role,
+                    _yes(c.model_input),
+                    _number(c.importance, 3),
+                    c.method,
+                    _number(c.score),
+                    _number(c.threshold),
+                    _yes(c.drift),
+                    _yes(c.evidently_drift),
+                    markdown.Trusted("no (ignored)" if c.ignored else "yes"),
+                ]
+                for c in rows
+            ],
         )
-    if check.quality:
-        lines.append("")
-        lines.append("| quality on the labelled batch | batch | champion at training |")
-        lines.append("|---|---|---|")
-        for name, value in check.quality.items():
-            champ = check.champion_quality.get(name)
-            lines.append(f"| {name} | {value:.4f} | {'' if champ is None else f'{champ:.4f}'} |")
+    )
+    metrics = sorted(set(verdict.realized) | set(verdict.estimated))
+    if metrics:
+        lines += [
+            "",
+            markdown.table(
+                ["metric", "realized (labels)", "estimated (no labels)", "champion at training (test)"],
+                [
+                    [
+                        name,
+                        _number(verdict.realized.get(name)),
+                        _number(verdict.estimated.get(name)),
+                        _number(check.champion_quality.get(name)),
+                    ]
+                    for name in metrics
+                ],
+            ),
+        ]
+    if check.notes:
+        lines += ["", *(f"- {markdown.text(n)}" for n in check.notes)]
     return "\n".join(lines)
 
 
-def _report_link(tracking_uri: str, experiment_id: str, run_id: str, html_uri: str) -> str:
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/artifacts"
-    if html_uri.startswith("/"):
-        return f"file://{html_uri}"
-    return html_uri
+def event_payload(check: DriftCheck, report: DriftReportRef, checked_at: str) -> dict:
+    """What the event says: the decision, which policy decided on which signals, and every signal."""
+    verdict = check.verdict
+    return {
+        "policy": check.decision.policy,
+        "retrain": check.decision.retrain,
+        "reasons": check.decision.reasons,
+        "decided_on": [s.name for s in check.decision.signals],
+        "signals": {name: s.model_dump(mode="json") for name, s in verdict.signals.items()},
+        "drift_share": round(verdict.evidently_share, 4),
+        "weighted_drift_share": round(verdict.weighted_share, 4),
+        "drifted_columns": check.drifted_columns,
+        "prediction_drift_score": round(next(c.score for c in verdict.columns if c.role == "prediction"), 4),
+        "realized": verdict.realized,
+        "estimated": verdict.estimated,
+        "report_uri": report.html_uri,
+        "report_link": report.link,
+        "batch_uri": check.batch.uri,
+        "batch_digest": check.batch.digest,
+        "rows": check.rows,
+        "checked_at": checked_at,
+        "mlflow_run_id": report.run_id,
+    }
 
 
 def emit_verdict(check: DriftCheck, report: DriftReportRef, checked_at: str) -> str | None:
-    """Emit the verdict as a Prefect event about the model version; returns the event id."""
+    """Emit the decision as a Prefect event about the model version; returns the event id."""
     from prefect.events import emit_event
 
+    payload = finite(event_payload(check, report, checked_at))
     event = emit_event(
-        event=DRIFT_DETECTED if check.drift_detected else DRIFT_NOT_DETECTED,
+        event=check.event,
         resource={
             "prefect.resource.id": f"keel.model.{check.model_name}.v{check.version}",
             "prefect.resource.name": f"{check.model_name} v{check.version}",
             "keel.model.name": check.model_name,
             "keel.model.version": check.version,
         },
-        payload={
-            "drift_share": round(check.drifted_share, 4),
-            "drifted_columns": check.drifted_columns,
-            "prediction_drift_score": round(check.prediction.score, 4),
-            "reasons": check.reasons,
-            "report_uri": report.html_uri,
-            "report_link": report.link,
-            "batch_uri": check.batch.uri,
-            "batch_digest": check.batch.digest,
-            "rows": check.rows,
-            "checked_at": checked_at,
-            "mlflow_run_id": report.run_id,
-        },
+        payload=payload,
     )
     return str(event.id) if event is not None else None
+
+
+def finite(value):
+    """The value with every NaN or infinite number replaced by None (events are JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value

@@ -86,43 +86,58 @@ class ColumnDrift(BaseModel):
     current_missing: int = 0
 
 
-def finite(values: pd.Series) -> pd.Series:
-    """Drop missing and infinite values, as Evidently does before every test."""
-    if pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
-        values = pd.to_numeric(values, errors="coerce").astype("float64")
-        return values[np.isfinite(values.to_numpy())]
-    return values.dropna()
+def column_array(values: pd.Series, kind: Kind) -> np.ndarray:
+    """A column as the tests see it: float64 with NaN for every missing or infinite value (numeric,
+    as Evidently drops them before every test), or text objects with None for missing (categorical)."""
+    if kind == "categorical":
+        text = values.astype(str).to_numpy(dtype=object)
+        text[values.isna().to_numpy()] = None
+        return text
+    if pd.api.types.is_bool_dtype(values.dtype):
+        numbers = values.astype("float64").to_numpy()
+    else:
+        numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype="float64")
+    return np.where(np.isfinite(numbers), numbers, np.nan)
 
 
-def _value_counts(values: pd.Series, kind: Kind) -> dict[float | str, int] | None:
-    counts = values.value_counts(sort=False)
-    if len(counts) > MAX_DISCRETE and kind == "numeric":
+def _present(values: np.ndarray, kind: Kind) -> np.ndarray:
+    """The values that are there (numeric: finite, sorted; categorical: not None)."""
+    if kind == "categorical":
+        return values[pd.notna(values)]
+    return np.sort(values[~np.isnan(values)])
+
+
+def _counts(present: np.ndarray, kind: Kind) -> dict[float | str, int] | None:
+    """Exact value counts; None for a numeric column with more than MAX_DISCRETE distinct values."""
+    if kind == "categorical":
+        counts = pd.Series(present, dtype=object).value_counts(sort=False)
+        return {str(k): int(n) for k, n in counts.items()}
+    if not len(present):
+        return {}
+    starts = np.flatnonzero(np.concatenate([[True], present[1:] != present[:-1]]))  # present is sorted
+    if len(starts) > MAX_DISCRETE:
         return None
-    keys = counts.index.astype(str) if kind == "categorical" else counts.index.astype("float64")
-    return {
-        (k if kind == "categorical" else float(k)): int(n)
-        for k, n in zip(keys, counts.to_numpy(), strict=True)
-    }
+    sizes = np.diff(np.append(starts, len(present)))
+    return {float(present[i]): int(n) for i, n in zip(starts, sizes, strict=True)}
 
 
 def profile_column(values: pd.Series, name: str, kind: Kind) -> ColumnProfile:
     """The reference side of one column (run where the column is: a Dask worker)."""
-    total = len(values)
-    clean = finite(values) if kind == "numeric" else values.dropna().astype(str)
-    profile = ColumnProfile(name=name, kind=kind, count=len(clean), missing=total - len(clean))
-    counts = _value_counts(clean, kind)
+    array = column_array(values, kind)
+    present = _present(array, kind)
+    profile = ColumnProfile(name=name, kind=kind, count=len(present), missing=len(array) - len(present))
+    counts = _counts(present, kind)
     if counts is not None:
         profile.values = sorted(counts.items(), key=lambda kv: kv[0])  # type: ignore[arg-type]
-    if kind == "numeric" and len(clean):
-        array = np.sort(clean.to_numpy())
-        grid = np.unique(np.quantile(array, np.linspace(0, 1, QUANTILES + 1)))
-        profile.std = float(np.std(array))
-        profile.mean = float(array.mean())
-        profile.min, profile.max = float(array[0]), float(array[-1])
+    if kind == "numeric" and len(present):
+        grid = np.unique(np.quantile(present, np.linspace(0, 1, QUANTILES + 1)))
+        profile.std = float(np.std(present))
+        profile.mean = float(present.mean())
+        profile.min, profile.max = float(present[0]), float(present[-1])
         profile.grid = grid.tolist()
-        le, lt = np.searchsorted(array, grid, side="right"), np.searchsorted(array, grid, side="left")
+        le, lt = np.searchsorted(present, grid, side="right"), np.searchsorted(present, grid, side="left")
         profile.le, profile.lt = le.tolist(), lt.tolist()
-        profile.gap_sums = _gap_sums(array, le, lt).tolist()
+        profile.gap_sums = _gap_sums(present, le, lt).tolist()
     return profile
 
 
@@ -134,26 +149,26 @@ def _gap_sums(array: np.ndarray, le: np.ndarray, lt: np.ndarray) -> np.ndarray:
 
 def summarise_column(values: pd.Series, profile: ColumnProfile) -> ColumnSummary:
     """The new data's side of one column, for one partition."""
-    total = len(values)
-    if profile.kind == "categorical":
-        clean = values.dropna().astype(str)
-        return ColumnSummary(
-            name=profile.name,
-            count=len(clean),
-            missing=total - len(clean),
-            values=_value_counts(clean, "categorical"),
-        )
-    clean = finite(values)
-    summary = ColumnSummary(name=profile.name, count=len(clean), missing=total - len(clean))
-    summary.values = _value_counts(clean, "numeric")
-    if profile.grid:
-        array = np.sort(clean.to_numpy())
+    return summarise_array(column_array(values, profile.kind), profile)
+
+
+def summarise_array(values: np.ndarray, profile: ColumnProfile) -> ColumnSummary:
+    """`summarise_column` for a column already in the tests' form (`column_array`): calibration
+    converts each column once and summarises slices of it."""
+    present = _present(values, profile.kind)
+    summary = ColumnSummary(
+        name=profile.name,
+        count=len(present),
+        missing=len(values) - len(present),
+        values=_counts(present, profile.kind),
+    )
+    if profile.kind == "numeric" and profile.grid is not None and len(profile.grid):
         grid = np.asarray(profile.grid)
-        summary.le = np.searchsorted(array, grid, side="right")
-        summary.lt = np.searchsorted(array, grid, side="left")
-        summary.gap_sums = _gap_sums(array, summary.le, summary.lt)
-        summary.below = float((grid[0] - array[array < grid[0]]).sum())
-        summary.above = float((array[array > grid[-1]] - grid[-1]).sum())
+        summary.le = np.searchsorted(present, grid, side="right")
+        summary.lt = np.searchsorted(present, grid, side="left")
+        summary.gap_sums = _gap_sums(present, summary.le, summary.lt)
+        summary.below = float((grid[0] - present[present < grid[0]]).sum())
+        summary.above = float((present[present > grid[-1]] - grid[-1]).sum())
     return summary
 
 
@@ -176,6 +191,42 @@ def merge(a: ColumnSummary, b: ColumnSummary) -> ColumnSummary:
         below=a.below + b.below,
         above=a.above + b.above,
         values=values,
+    )
+
+
+def without(profile: ColumnProfile, part: ColumnSummary) -> ColumnProfile:
+    """The reference profile less some of its own rows (summarised on its grid): what the reference
+    would be without them. Calibration scores a chunk of the training split against the rest of the
+    reference, as a new batch is scored against all of it: a chunk compared with a reference it is
+    part of looks closer to it than an independent batch would."""
+    if part.count == 0 and part.missing == 0:
+        return profile
+    values = None
+    if profile.values is not None:
+        taken = part.values or {}
+        values = [(v, n - taken.get(v, 0)) for v, n in profile.values]
+        values = [(v, n) for v, n in values if n > 0]
+    update: dict = {
+        "count": profile.count - part.count,
+        "missing": profile.missing - part.missing,
+        "values": values,
+    }
+    if profile.grid is not None and part.le is not None and part.lt is not None and part.gap_sums is not None:
+        update |= {
+            "le": np.asarray(profile.le) - part.le,
+            "lt": np.asarray(profile.lt) - part.lt,
+            "gap_sums": np.asarray(profile.gap_sums) - part.gap_sums,
+        }
+    return profile.model_copy(update=update)  # arrays, not lists: a working copy, never stored
+
+
+def with_arrays(profile: ColumnProfile) -> ColumnProfile:
+    """A working copy whose grid counts are numpy arrays (never stored): calibration scores hundreds
+    of chunks against one profile, and converting its lists for each would cost more than the tests."""
+    if profile.grid is None:
+        return profile
+    return profile.model_copy(
+        update={name: np.asarray(getattr(profile, name)) for name in ("grid", "le", "lt", "gap_sums")}
     )
 
 

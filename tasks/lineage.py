@@ -160,6 +160,23 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
         client.log_batch(run_id, params=items[start : start + 100])
 
 
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Metrics in one batch write; values that are not finite numbers are left out (MLflow refuses NaN)."""
+    import math
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if v is not None and math.isfinite(float(v))
+    ]
+    for start in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[start : start + 1000])
+
+
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
     from mlflow.entities import RunTag
 
@@ -352,3 +369,13 @@ def log_datasets(client: MlflowClient, run_id: str, refs: Mapping[str, DatasetRe
         if ref.rows is not None:
             tags[f"keel.{context}.{key}.rows"] = str(ref.rows)
     set_tags(client, run_id, tags)
+
+
+def artifact_link(tracking_uri: str, experiment_id: str, run_id: str, artifact_uri: str) -> str:
+    """A link people can open for a run's artifact: the MLflow UI's artifact page with a tracking
+    server, else the file itself."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/artifacts"
+    if artifact_uri.startswith("/"):
+        return f"file://{artifact_uri}"
+    return artifact_uri

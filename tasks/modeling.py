@@ -218,18 +218,47 @@ def fit_single(
     threads: int,
 ) -> dict[str, Any]:
     """Final fit on one worker, on the concatenation of `refs`; returns LightGBM's model text."""
-    import lightgbm as lgb
     import pandas as pd
 
     pairs = [load_xy(ref, spec) for ref in refs]
     x = pd.concat([p[0] for p in pairs], ignore_index=True)
     y = np.concatenate([p[1] for p in pairs])
+    return {
+        "model": fit_matrix(params, x, y, spec, num_boost_round, seed, threads),
+        "rows": len(y),
+        **_worker(),
+    }
+
+
+def fit_matrix(
+    params: dict[str, Any], x, y: np.ndarray, spec: FeatureSpec, num_boost_round: int, seed: int, threads: int
+) -> str:
+    """One LightGBM fit with fixed parameters and trees (the train step's and every backtest retrain's)."""
+    import lightgbm as lgb
+
     threads = threads or os.cpu_count() or 1
     with openmp_threads(threads):
         booster = lgb.train(
             booster_params(spec, params, seed, threads), lgb.Dataset(x, y), num_boost_round=num_boost_round
         )
-    return {"model": booster.model_to_string(), "rows": len(y), **_worker()}
+    return booster.model_to_string()
+
+
+def importance(booster, spec: FeatureSpec) -> dict[str, float]:
+    """Each input column's share of the model's total split gain (LightGBM's "gain" importance,
+    normalised to sum to 1); the calendar parts of the time column count toward the time column."""
+    gains = booster.feature_importance(importance_type="gain")
+    names = spec.feature_names  # by position: LightGBM rewrites some names (spaces, punctuation)
+    if len(names) != len(gains):
+        raise ValueError(f"the model has {len(gains)} features, its feature spec {len(names)}")
+    parts = {f"{spec.time_column}_{p}": spec.time_column for p in spec.time_parts}
+    shares = dict.fromkeys(spec.input_columns, 0.0)
+    for name, gain in zip(names, gains, strict=True):
+        column = parts.get(name, name)
+        if column in shares:
+            shares[column] += float(gain)
+    total = sum(shares.values())
+    return {c: (g / total if total > 0 else 0.0) for c, g in shares.items()}
 
 
 LABEL = "__label__"

@@ -1,25 +1,48 @@
-"""Drift monitoring work that runs on the Dask workers: profiling the reference, summarising new data.
+"""Drift monitoring work that runs on the Dask workers: the baseline with its calibration, and the
+one-pass summary of new data.
 
-The flow process only receives per-column counts (a few KB per column), a bounded row sample for
-the Evidently report and a handful of sums for the quality metrics, never the data itself.
+The flow process only receives per-column counts (a few KB per column), performance sums, a bounded
+row sample for the Evidently report and the calibration, never the data itself. The backtest calls
+the same functions on frames it holds (`build_baseline`, `summarise_partition`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field
 
+from tasks.calibration import MIN_CHUNKS, Calibration, ChunkSize, blocks_of, drift_normals, window_chunks
 from tasks.drift_stats import ColumnProfile, ColumnSummary, merge_frames, profile_column, summarise_frame
-from tasks.featurize import FeatureSpec, as_labels, encode_target, parse_time
-from tasks.modeling import openmp_threads
+from tasks.featurize import FeatureSpec, as_labels, model_matrix, parse_time, predictions_frame
+from tasks.modeling import importance, openmp_threads
+from tasks.performance import Estimator, PerformanceCalibration, Sums, calibrate_performance, realized_sums
 
 PREDICTION = "prediction"
 SAMPLE_ROWS = 20_000  # rows of reference and of new data behind the Evidently report
+
+
+class Predictor(Protocol):
+    """What monitoring needs of a model: raw rows in, the served model's output frame out."""
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame: ...
+
+
+class BoosterModel:
+    """A LightGBM model text and its feature spec, predicting as the served model does (the backtest's
+    models are never logged)."""
+
+    def __init__(self, model_text: str, spec: FeatureSpec) -> None:
+        import lightgbm as lgb
+
+        self.booster = lgb.Booster(model_str=model_text)
+        self.spec = spec
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return predictions_frame(self.booster.predict(model_matrix(frame, self.spec)), self.spec)
 
 
 @functools.lru_cache(maxsize=4)
@@ -32,12 +55,22 @@ def load_model(model_uri: str, tracking_uri: str, registry_uri: str):
     return mlflow.pyfunc.load_model(model_uri)
 
 
-def predict(frame: pd.DataFrame, spec: FeatureSpec, model) -> pd.Series:
+class ModelLocation(BaseModel):
+    """Where a worker loads the monitored model from."""
+
+    uri: str
+    tracking_uri: str
+    registry_uri: str
+
+    def load(self):
+        return load_model(self.uri, self.tracking_uri, self.registry_uri)
+
+
+def monitored_prediction(predicted: pd.DataFrame, spec: FeatureSpec, index: pd.Index) -> pd.Series:
     """The monitored prediction: the number (regression) or the predicted label (classification)."""
-    predicted = model.predict(frame[spec.input_columns])
     column = predicted[PREDICTION]
     values = column.astype("float64") if spec.task == "regression" else column.astype(str)
-    return pd.Series(values.to_numpy(), index=frame.index, name=PREDICTION)
+    return pd.Series(values.to_numpy(), index=index, name=PREDICTION)
 
 
 def kinds(spec: FeatureSpec) -> dict[str, str]:
@@ -58,63 +91,192 @@ def monitored_values(frame: pd.DataFrame, column: str, spec: FeatureSpec) -> pd.
     return frame[column]
 
 
-def predict_file(
-    uri: str, spec: FeatureSpec, model_uri: str, tracking_uri: str, registry_uri: str
-) -> np.ndarray:
-    """On a worker: the monitored prediction for one file of a split. The baseline step predicts
-    the training split file by file, so every worker thread takes a share of it, beside the steps
-    running at the same time."""
+def predict_file(uri: str, spec: FeatureSpec, model: ModelLocation) -> pd.DataFrame:
+    """On a worker: the model's output for one file of a split. The baseline step predicts the splits
+    file by file, so every worker thread takes a share of it, beside the steps running at the same time."""
     frame = pd.read_parquet(uri, columns=spec.input_columns)
     if frame.empty:  # a split's files can be empty: its rows are those of a time window
-        return np.empty(0, dtype="float64" if spec.task == "regression" else object)
+        return pd.DataFrame()
     with openmp_threads(1):
-        return predict(frame, spec, load_model(model_uri, tracking_uri, registry_uri)).to_numpy()
+        return model.load().predict(frame).reset_index(drop=True)
 
 
-def profile_reference(
-    files: list[str], spec: FeatureSpec, predictions: list[np.ndarray], seed: int
-) -> tuple[dict[str, ColumnProfile], pd.DataFrame]:
-    """On a worker: profile every monitored column of the training split (its `files`, in order,
-    with each file's `predict_file`), and draw the reference sample behind the Evidently report."""
-    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    frame[PREDICTION] = np.concatenate(predictions)
+def _read(files: list[str]) -> pd.DataFrame:
+    frames = [pd.read_parquet(f) for f in files]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+class BaselineParts(BaseModel):
+    """What the baseline holds besides the feature spec: profiles, the report's sample, calibration."""
+
+    model_config = {"arbitrary_types_allowed": True}
+
+    profiles: dict[str, ColumnProfile]
+    sample: Any  # pandas DataFrame: the reference rows behind the Evidently report
+    calibration: Calibration
+    estimator: Estimator | None = None
+
+
+def baseline_from_files(
+    splits: dict[str, list[str]],
+    train_predicted: list[pd.DataFrame],
+    spec: FeatureSpec,
+    model: ModelLocation,
+    chunk: ChunkSize,
+    seed: int,
+    calibrate: bool = True,
+) -> BaselineParts:
+    """On a worker: `build_baseline` without the performance calibration (`performance_from_files`
+    runs it beside this, on another worker), for the splits' files (in order) with each training
+    file's `predict_file`; the model predicts what drift calibration needs of the other splits."""
+    outputs = [p for p in train_predicted if len(p)]
+    train_out = pd.concat(outputs, ignore_index=True) if outputs else pd.DataFrame()
+    served = model.load()
+    return build_baseline(
+        _read(splits["train"]),
+        train_out,
+        _read(splits.get("valid", [])),
+        _read(splits.get("test", [])),
+        spec,
+        served,
+        served.unwrap_python_model().booster,
+        chunk,
+        seed,
+        calibrate,
+        performance=False,
+    )
+
+
+def performance_from_files(
+    test_files: list[str], spec: FeatureSpec, model: ModelLocation, chunk: ChunkSize, seed: int
+) -> PerformanceCalibration:
+    """On a worker: the performance calibration of the test split's files (`calibrate_performance`)."""
+    served = model.load()
+    return calibrate_performance(_read(test_files), _predictor(served, spec), spec, chunk, seed)
+
+
+def _predictor(model: Predictor, spec: FeatureSpec):
+    def predict(rows: pd.DataFrame) -> pd.DataFrame:
+        with openmp_threads(1):
+            return model.predict(rows[spec.input_columns]).reset_index(drop=True)
+
+    return predict
+
+
+def build_baseline(
+    train: pd.DataFrame,
+    train_out: pd.DataFrame,
+    valid: pd.DataFrame,
+    test: pd.DataFrame,
+    spec: FeatureSpec,
+    model: Predictor,
+    booster,
+    chunk: ChunkSize,
+    seed: int,
+    calibrate: bool = True,
+    performance: bool = True,
+) -> BaselineParts:
+    """The monitoring baseline of one model from its splits (`train_out`: the model's output for the
+    training rows; the other splits are predicted here, only the rows calibration uses):
+
+    - the reference profile of every monitored column on the training split, and a row sample;
+    - the drift calibration: chunks of the whole window (train, then validation and test, which the
+      reference did not see) scored against the reference, for every monitored column;
+    - with `performance`, the performance calibration on blocks of the test period (realized and
+      estimated) and the estimator of performance without labels (`with_performance` adds one made
+      elsewhere);
+    - each input's share of the model's gain.
+    `calibrate=False`: the profile and sample alone, as baselines were before calibration (the
+    calibration benchmark, B12, measures the difference)."""
     monitored = kinds(spec)
+    reference = _monitored_frame(train, train_out, spec)
     profiles = {
-        column: profile_column(monitored_values(frame, column, spec), column, kind)  # type: ignore[arg-type]
+        column: profile_column(reference[column], column, kind)  # type: ignore[arg-type]
         for column, kind in monitored.items()
     }
-    sample = frame.sample(n=min(SAMPLE_ROWS, len(frame)), random_state=seed).sort_index()
-    return profiles, sample[[spec.time_column, *monitored]]
+    sample = reference.sample(n=min(SAMPLE_ROWS, len(reference)), random_state=seed).sort_index()
+    sample = sample[[spec.time_column, *monitored]]
+    if not calibrate:
+        empty = Calibration(chunk=chunk.text, drift_chunks=0, drift_period="", drift={})
+        return BaselineParts(profiles=profiles, sample=sample, calibration=empty)
+    predict = _predictor(model, spec)
+    splits = [train, valid, test]
+    times = np.concatenate(
+        [parse_time(part[spec.time_column]).to_numpy(dtype="datetime64[ns]") for part in splits if len(part)]
+    )
+    chunks = window_chunks(times, chunk)
+    notes, drift = [], {}
+    if len(chunks) >= MIN_CHUNKS:
+        needed = np.unique(np.concatenate(chunks))  # positions in train, then valid, then test
+        rows, outputs = [], []
+        offset = 0
+        for index, part in enumerate(splits):
+            mine = needed[(needed >= offset) & (needed < offset + len(part))] - offset
+            if len(mine):
+                rows.append(part.iloc[mine])
+                outputs.append(train_out.iloc[mine] if index == 0 else predict(part.iloc[mine]))
+            offset += len(part)
+        chosen = pd.concat(rows, ignore_index=True)
+        scored = _monitored_frame(chosen, pd.concat(outputs, ignore_index=True), spec)
+        position = np.full(len(times), -1)
+        position[needed] = np.arange(len(needed))
+        drift = drift_normals(scored, profiles, [position[c] for c in chunks], needed < len(train))
+    else:
+        notes.append(
+            f"drift not calibrated: the window holds {len(chunks)} complete chunks of {chunk.describe()} "
+            f"(at least {MIN_CHUNKS}); only Evidently's fixed thresholds apply"
+        )
+    calibration = Calibration(
+        chunk=chunk.text,
+        drift_chunks=len(chunks),
+        drift_period=f"train, validation and test splits, {_day(times.min() if len(times) else None)} .. "
+        f"{_day(times.max() if len(times) else None)}",
+        drift=drift,
+        importance=importance(booster, spec),
+        notes=notes,
+    )
+    parts = BaselineParts(profiles=profiles, sample=sample, calibration=calibration)
+    if performance:
+        parts = with_performance(parts, calibrate_performance(test, predict, spec, chunk, seed), chunk)
+    return parts
 
 
-class Quality(BaseModel):
-    """Sums from which the quality metrics of labelled new data follow exactly; they add up."""
-
-    rows: int = 0
-    sum_y: float = 0.0
-    sum_y2: float = 0.0
-    sum_se: float = 0.0
-    sum_ae: float = 0.0
-    correct: int = 0
-
-    def __add__(self, other: Quality) -> Quality:
-        return Quality(**{k: getattr(self, k) + getattr(other, k) for k in Quality.model_fields})
-
-    def metrics(self, task: str) -> dict[str, float]:
-        if not self.rows:
-            return {}
-        if task != "regression":
-            return {"accuracy": self.correct / self.rows}
-        total = self.sum_y2 - self.sum_y**2 / self.rows
-        return {
-            "rmse": math.sqrt(self.sum_se / self.rows),
-            "mae": self.sum_ae / self.rows,
-            "r2": 1 - self.sum_se / total if total > 0 else float("nan"),
+def with_performance(
+    parts: BaselineParts, performance: PerformanceCalibration, chunk: ChunkSize
+) -> BaselineParts:
+    """The baseline with its performance calibration and estimator."""
+    calibration = parts.calibration.model_copy(
+        update={
+            "performance_chunks": performance.chunks,
+            "performance_period": performance.period,
+            "performance_method": f"{performance.chunks} batches of {chunk.describe()} drawn from the test "
+            f"period's {performance.blocks} blocks of {blocks_of(chunk).text} (block bootstrap)",
+            "realized": performance.realized,
+            "estimated": performance.estimated,
+            "notes": parts.calibration.notes + performance.notes,
         }
+    )
+    return parts.model_copy(update={"calibration": calibration, "estimator": performance.estimator})
+
+
+def _day(value) -> str:
+    return "?" if value is None or pd.isna(value) else str(pd.Timestamp(value).date())
+
+
+def _monitored_frame(rows: pd.DataFrame, predicted: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
+    """The time column and every monitored column as the drift tests see it (prediction included)."""
+    frame = rows.reset_index(drop=True)
+    out = {spec.time_column: parse_time(frame[spec.time_column])}
+    for column in kinds(spec):
+        if column == PREDICTION:
+            out[column] = monitored_prediction(predicted, spec, frame.index)
+        elif column in frame.columns:
+            out[column] = monitored_values(frame, column, spec)
+    return pd.DataFrame(out)
 
 
 class BatchSummary(BaseModel):
-    """One pass over the new data: per-column summaries, bad values found, a sample and quality sums."""
+    """One pass over the new data: per-column summaries, bad values found, a sample and performance sums."""
 
     model_config = {"arbitrary_types_allowed": True}
 
@@ -122,16 +284,9 @@ class BatchSummary(BaseModel):
     columns: dict[str, ColumnSummary] = Field(default_factory=dict)
     not_numbers: dict[str, int] = Field(default_factory=dict)
     bad_times: int = 0
-    quality: Quality = Field(default_factory=Quality)
+    bad_labels: str | None = None
+    performance: Sums = Field(default_factory=Sums)
     sample: Any = None  # pandas DataFrame
-
-
-class ModelLocation(BaseModel):
-    """Where a worker loads the monitored model from."""
-
-    uri: str
-    tracking_uri: str
-    registry_uri: str
 
 
 def summarise_batch(
@@ -140,29 +295,39 @@ def summarise_batch(
     profiles: dict[str, ColumnProfile],
     spec: FeatureSpec,
     model: ModelLocation | None,
+    estimator: Estimator | None = None,
     sample_rows: int = SAMPLE_ROWS,
 ) -> BatchSummary:
     """One pass over a dask.dataframe on the cluster: a summary per partition, merged on a worker.
-    `model` None: no predictions (and no quality), the features and target only."""
+    `model` None: no predictions (and no performance), the features and target only."""
     import dask
 
-    shared = dask.delayed(profiles, pure=True)  # one copy in the graph, not one per partition
+    shared = dask.delayed((profiles, estimator), pure=True)  # one copy in the graph, not one per partition
     parts = [
-        dask.delayed(summarise_partition)(part, shared, spec, model, sample_rows, index)
+        dask.delayed(_summarise_part)(part, shared, spec, model, sample_rows, index)
         for index, part in enumerate(frame.to_delayed())
     ]
     return client.compute(dask.delayed(merge_summaries)(parts, sample_rows)).result()
+
+
+def _summarise_part(frame, shared, spec, model: ModelLocation | None, sample_rows: int, seed: int):
+    profiles, estimator = shared
+    return summarise_partition(
+        frame, profiles, spec, model.load() if model else None, sample_rows, seed, estimator
+    )
 
 
 def summarise_partition(
     frame: pd.DataFrame,
     profiles: dict[str, ColumnProfile],
     spec: FeatureSpec,
-    model: ModelLocation | None,
+    model: Predictor | None,
     sample_rows: int,
     seed: int,
+    estimator: Estimator | None = None,
 ) -> BatchSummary:
-    """On a worker: one partition of the new data -> its summary (the target only if it is there)."""
+    """One partition of the new data -> its summary (the target only if it is there); performance is
+    realized on the rows with a label and estimated on every row (when there is an estimator)."""
     summary = BatchSummary(rows=len(frame))
     if not len(frame):
         return summary
@@ -178,10 +343,11 @@ def summarise_partition(
     if summary.bad_times or summary.not_numbers:
         return summary  # the flow reports the bad values; nothing is scored
     frame[spec.time_column] = times
+    predicted = None
     if model is not None:
-        frame[PREDICTION] = predict(
-            frame, spec, load_model(model.uri, model.tracking_uri, model.registry_uri)
-        )
+        with openmp_threads(1):
+            predicted = model.predict(frame[spec.input_columns]).reset_index(drop=True)
+        frame[PREDICTION] = monitored_prediction(predicted, spec, frame.index)
     labelled = spec.target in frame.columns
     watched = {
         c: p
@@ -191,28 +357,20 @@ def summarise_partition(
     summary.columns = summarise_frame(
         pd.DataFrame({c: monitored_values(frame, c, spec) for c in watched}), watched
     )
-    if labelled and model is not None:
-        summary.quality = _quality(frame, spec)
+    if predicted is not None:
+        if labelled:
+            try:
+                summary.performance = realized_sums(
+                    frame[spec.target].reset_index(drop=True), predicted, spec
+                )
+            except ValueError as exc:  # labels the model never saw
+                summary.bad_labels = str(exc)
+        if estimator is not None:
+            matrix = model_matrix(frame.reset_index(drop=True), spec)
+            summary.performance = summary.performance + estimator.sums(matrix, predicted, spec)
     keep = [spec.time_column, *[c for c in profiles if c in frame.columns]]
     summary.sample = frame[keep].sample(n=min(sample_rows, len(frame)), random_state=seed)
     return summary
-
-
-def _quality(frame: pd.DataFrame, spec: FeatureSpec) -> Quality:
-    known = frame[frame[spec.target].notna()]
-    if spec.task == "regression":
-        y = pd.to_numeric(known[spec.target], errors="coerce").to_numpy(dtype="float64")
-        error = y - known[PREDICTION].to_numpy(dtype="float64")
-        return Quality(
-            rows=len(y),
-            sum_y=float(y.sum()),
-            sum_y2=float((y * y).sum()),
-            sum_se=float((error * error).sum()),
-            sum_ae=float(np.abs(error).sum()),
-        )
-    labels = as_labels(known[spec.target]).to_numpy()
-    encode_target(known[spec.target], spec)  # labels never seen in training raise here
-    return Quality(rows=len(labels), correct=int((labels == known[PREDICTION].to_numpy()).sum()))
 
 
 def merge_summaries(parts: list[BatchSummary], sample_rows: int) -> BatchSummary:
@@ -223,11 +381,12 @@ def merge_summaries(parts: list[BatchSummary], sample_rows: int) -> BatchSummary
         rows=sum(p.rows for p in parts),
         columns=merge_frames([p.columns for p in scored]) if scored else {},
         bad_times=sum(p.bad_times for p in parts),
+        bad_labels=next((p.bad_labels for p in parts if p.bad_labels), None),
     )
     for part in parts:
         for column, n in part.not_numbers.items():
             out.not_numbers[column] = out.not_numbers.get(column, 0) + n
-        out.quality = out.quality + part.quality
+        out.performance = out.performance + part.performance
     total = sum(p.rows for p in scored)
     samples = [
         p.sample.head(min(len(p.sample), round(sample_rows * p.rows / total)))
@@ -236,3 +395,14 @@ def merge_summaries(parts: list[BatchSummary], sample_rows: int) -> BatchSummary
     ]
     out.sample = pd.concat(samples, ignore_index=True) if samples else None
     return out
+
+
+def summarise_frame_in_one(
+    frame: pd.DataFrame,
+    profiles: dict[str, ColumnProfile],
+    spec: FeatureSpec,
+    model: Predictor,
+    estimator: Estimator | None,
+) -> BatchSummary:
+    """A batch held in memory, as one partition (the backtest's batches)."""
+    return merge_summaries([summarise_partition(frame, profiles, spec, model, 0, 0, estimator)], 0)

@@ -153,9 +153,7 @@ def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: st
             )
         frame = frame.assign(**{target: as_number})
 
-    span = t_max - t_min
-    valid_start = t_min + span * (1 - split.valid_fraction - split.test_fraction)
-    test_start = t_min + span * (1 - split.test_fraction)
+    valid_start, test_start = split_starts(t_min, t_max, split)
     parts = {
         "train": frame[frame[time_column] < valid_start],
         "valid": frame[(frame[time_column] >= valid_start) & (frame[time_column] < test_start)],
@@ -224,29 +222,76 @@ def _as_datetime(value) -> datetime:
     return pd.Timestamp(value).to_pydatetime()
 
 
+def split_starts(t_min: datetime, t_max: datetime, split: SplitSpec) -> tuple[datetime, datetime]:
+    """Where validation and test begin: by share of the window's time span (train < valid < test)."""
+    span = t_max - t_min
+    return (
+        t_min + span * (1 - split.valid_fraction - split.test_fraction),
+        t_min + span * (1 - split.test_fraction),
+    )
+
+
+def _numeric(dtype) -> bool:
+    import pandas as pd
+
+    return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+
+
 def _learn_features(
     train, table: TableSpec, task: str, columns, uri: str, also: list
 ) -> tuple[FeatureSpec, list]:
-    """Feature roles from dtypes, categories and classes from the training split only.
+    """Feature roles from dtypes, categories and classes from the training split only (dask).
 
     `also`: further lazy values to compute in the same pass over the data; returned computed."""
     import dask
-    import pandas as pd
 
     candidates = [c for c in columns if c not in (table.target, table.time_column)]
-    numeric = [
-        c
-        for c in candidates
-        if pd.api.types.is_numeric_dtype(train[c].dtype) and not pd.api.types.is_bool_dtype(train[c].dtype)
-    ]
-    text = [c for c in candidates if c not in numeric]
+    text = [c for c in candidates if not _numeric(train[c].dtype)]
     lookups = [train[c].dropna().astype(str).unique() for c in text]
     labels = train[table.target].dropna().map_partitions(as_labels, meta=(table.target, "string")).unique()
     hour_varies = (train[table.time_column].dt.hour != 0).any()
     *found, label_values, hour_varies, computed_also = dask.compute(
         *lookups, labels if task != "regression" else None, hour_varies, also
     )
-    categorical = {c: sorted(map(str, values)) for c, values in zip(text, found, strict=True)}
+    spec = feature_spec(
+        table,
+        task,
+        candidates,
+        dict(zip(text, found, strict=True)),
+        label_values,
+        bool(hour_varies),
+        uri,
+    )
+    return spec, list(computed_also)
+
+
+def learn_features(train, table: TableSpec, task: str, uri: str) -> FeatureSpec:
+    """`_learn_features` for a pandas training frame (the backtest's retrains)."""
+    candidates = [c for c in train.columns if c not in (table.target, table.time_column)]
+    text = [c for c in candidates if not _numeric(train[c].dtype)]
+    return feature_spec(
+        table,
+        task,
+        candidates,
+        {c: train[c].dropna().astype(str).unique() for c in text},
+        as_labels(train[table.target].dropna()).unique() if task != "regression" else None,
+        bool((train[table.time_column].dt.hour != 0).any()),
+        uri,
+    )
+
+
+def feature_spec(
+    table: TableSpec,
+    task: str,
+    candidates: list[str],
+    text_values: dict,
+    label_values,
+    hour_varies: bool,
+    uri: str,
+) -> FeatureSpec:
+    """The feature spec from what the training split holds: text columns become categories (at most
+    1000 each), numeric ones stay numbers, calendar parts come from the time column."""
+    categorical = {c: sorted(map(str, values)) for c, values in text_values.items()}
     too_many = {c: len(v) for c, v in categorical.items() if len(v) > 1000}
     if too_many:
         raise DataValidationError(
@@ -254,18 +299,15 @@ def _learn_features(
             f"text column has {too_many} distinct values (more than 1000): drop it or encode it",
             next(iter(too_many)),
         )
-    classes = sorted(map(str, label_values)) if task != "regression" else None
-    parts = [p for p in TIME_PARTS if p != "hour" or bool(hour_varies)]
-    spec = FeatureSpec(
+    return FeatureSpec(
         target=table.target,
         time_column=table.time_column,
         task=task,
-        numeric=numeric,
+        numeric=[c for c in candidates if c not in categorical],
         categorical=categorical,
-        time_parts=parts,
-        classes=classes,
+        time_parts=[p for p in TIME_PARTS if p != "hour" or hour_varies],
+        classes=sorted(map(str, label_values)) if task != "regression" else None,
     )
-    return spec, list(computed_also)
 
 
 def output_location(root: str, execution_id: str, step: str = "prepare") -> str:

@@ -54,11 +54,7 @@ class StepRun:
         lineage.log_params(self.client, self.run_id, params)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=items)
+        lineage.log_metrics(self.client, self.run_id, metrics, step)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         lineage.set_tags(self.client, self.run_id, tags)

@@ -234,6 +234,7 @@ def test_the_baseline_predicted_file_by_file_equals_one_prediction_of_the_split(
     split = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     settings = get_settings()
     model = monitoring.load_model(champion.model_uri, settings.tracking_uri, settings.registry_uri)
-    whole = monitoring.predict(split, champion.profile.features, model)
+    spec = champion.profile.features
+    whole = monitoring.monitored_prediction(model.predict(split[spec.input_columns]), spec, split.index)
     expected = profile_column(whole, monitoring.PREDICTION, "numeric")
     assert champion.profile.columns[monitoring.PREDICTION] == expected

@@ -150,7 +150,7 @@ def test_clean_batch_starts_nothing_and_a_drift_event_retrains_through_the_autom
     assert run["state"]["type"] == "COMPLETED", run["state"]
     params = run["parameters"]["params"]
     assert params["event_id"] == event_id and params["drift_report"].endswith("drift/report.html")
-    assert params["reason"].startswith("drift detected on v1")
+    assert params["reason"].startswith("policy performance on v1: performance: ")
     [version] = [v for v in stack.mlflow().search_model_versions("name='stack-a'") if str(v.version) == "2"]
     assert version.tags["keel.trigger.event_id"] == event_id
     assert version.tags["keel.trigger.drift_report"] == params["drift_report"]

@@ -1,0 +1,372 @@
+"""The backtest: which retrain policy pays on your data? Replays a table through time.
+
+    python -m flows.backtest --help
+    python -m flows.backtest                                   # the bike data, weekly, every policy
+    python -m flows.backtest --data sales.parquet --target units --time-column day \\
+        --initial-days 120 --batch-every 7D --label-delay 7D --policies never schedule:4 performance always
+
+The first champion trains on the first `--initial-days` of the table (its LightGBM parameters tuned
+once there, as the pipeline's tune step does). The rest is walked in batches of `--batch-every`;
+for each policy, every batch is checked against that policy's champion exactly as the monitor would
+check it, the champion is scored on the batch, and when the policy calls for it a challenger is
+trained on the labelled data seen so far (`--window-days`: only the last N days) with the same
+parameters and promoted if it beats the champion on its own test period (the retrain flow's gate).
+Labels arrive `--label-delay` after a row's time: a policy only uses those that have arrived.
+
+Output per policy: mean and per-batch metric, retrains, alarms, false alarms (on batches inside the
+initial window), and with `--change-points` the detection delay in batches. A markdown table, JSON
+and a picture of the metric over time, logged to one MLflow run and shown as Prefect artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, Field, field_validator
+
+from flows.cli import run_flow_cli
+from flows.pipeline import TableParams
+from tasks import lineage, markdown
+from tasks.backtest import (
+    DATA_DRIVEN,
+    Replay,
+    ReplayModel,
+    fit_window,
+    load_table,
+    metric_for,
+    parse_delay,
+    plan_batches,
+)
+from tasks.backtest_report import PolicySummary, plot, results_table, summarise_runs
+from tasks.calibration import parse_chunk
+from tasks.compute import dask_client, dask_cluster
+from tasks.data import read_table
+from tasks.errors import DataValidationError
+from tasks.modeling import DEFAULT_OBJECTIVE, MAXIMIZE
+from tasks.policies import SignalSettings, parse_policy
+from tasks.prepare import SplitSpec, output_location, prepare, validate_input
+from tasks.settings import get_settings
+from tasks.steps import TuningSpec
+from tasks.train import TrainingSpec, default_search_space, tune
+
+ALL_POLICIES = [
+    "never",
+    "schedule:4",
+    "drift",
+    "calibrated-drift",
+    "performance",
+    "drift-and-performance",
+    "always",
+]
+
+
+class BacktestParams(TableParams, SignalSettings):
+    """The table, the replay and the policies to compare."""
+
+    initial_days: int = Field(
+        default=90, ge=1, le=100_000, description="Days of the first champion's training window."
+    )
+    batch_every: str = Field(
+        default="7D",
+        description="Batch size: a period (7D, 1D, 12h) or a number of rows; also the calibration chunk.",
+    )
+    window_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="Retrain on the last N days only; default: all data seen so far.",
+    )
+    label_delay: str = Field(
+        default="0", description="How long after a row's time its label arrives (0, 7D, 36h)."
+    )
+    policies: list[str] = Field(
+        default_factory=lambda: list(ALL_POLICIES),
+        description="Policies to compare: never, always, schedule:N (batches) or schedule:ND (days), drift, "
+        "calibrated-drift, performance, drift-and-performance.",
+    )
+    change_points: list[date] = Field(
+        default_factory=list, description="Known change points (dates), for the detection delay."
+    )
+    valid_fraction: float = Field(
+        default=0.15, gt=0, lt=0.5, description="Time share of each training window for validation."
+    )
+    test_fraction: float = Field(
+        default=0.15, gt=0, lt=0.5, description="Time share held out for test (and calibration)."
+    )
+    n_trials: int = Field(
+        default=16, ge=1, le=10_000, description="Tuning trials, once, on the initial window."
+    )
+    parallel_trials: int = Field(default=2, ge=1, le=256, description="Tuning trials at once on the workers.")
+    num_boost_round: int = Field(default=400, ge=1, le=100_000, description="Most trees a trial may grow.")
+    early_stopping_rounds: int = Field(
+        default=30, ge=1, description="Rounds without gain before a trial stops."
+    )
+    champion_margin: float = Field(
+        default=0.001,
+        ge=0,
+        description="A challenger must beat the champion's gate metric by this to be promoted.",
+    )
+    seed: int = Field(default=42, description="Seed of the tuner and of LightGBM.")
+
+    @field_validator("policies")
+    @classmethod
+    def _policies(cls, values: list[str]) -> list[str]:
+        texts = [parse_policy(v).text for v in (p for value in values for p in value.split(",")) if v.strip()]
+        if not texts:
+            raise ValueError("name at least one policy")
+        return list(dict.fromkeys(texts))
+
+    @field_validator("batch_every")
+    @classmethod
+    def _every(cls, value: str) -> str:
+        return parse_chunk(value).text
+
+    @field_validator("label_delay")
+    @classmethod
+    def _delay(cls, value: str) -> str:
+        parse_delay(value)
+        return value
+
+
+class BacktestResult(BaseModel):
+    metric: str
+    batches: int
+    inside_batches: int
+    first_batch: str
+    last_batch: str
+    policies: list[PolicySummary]
+    table: str
+    models_trained: int
+    tuned_params: dict[str, float | int]
+    num_boost_round: int
+    seconds: float
+    mlflow_run_id: str
+    plot_uri: str
+    plot_link: str
+    prefect_flow_run: dict[str, str]
+
+
+@flow(name="backtest", log_prints=True)
+def backtest(params: BacktestParams = BacktestParams()) -> BacktestResult:  # noqa: B008
+    """Replay the table through time for each policy; compare error against retrains."""
+    from prefect.artifacts import (
+        create_link_artifact,
+        create_markdown_artifact,
+        create_progress_artifact,
+        update_progress_artifact,
+    )
+
+    logger = get_run_logger()
+    settings = get_settings()
+    table = params.table()
+    every = parse_chunk(params.batch_every)
+    delay = parse_delay(params.label_delay)
+    policies = [parse_policy(p) for p in params.policies]
+    started = time.perf_counter()
+    with (
+        lineage.pipeline_run("backtest", params.model_dump(mode="json"), settings) as run,
+        dask_cluster(settings),
+    ):
+        raw = validate_input(table, settings.allowed_data_roots)
+        frame = load_table(read_table(raw).compute(), table, raw.uri)
+        first_day = frame[table.time_column].iloc[0].normalize()
+        initial_end = (first_day + timedelta(days=params.initial_days)).to_pydatetime()
+        labelled = frame[table.target].notna().to_numpy()
+        batches, inside = plan_batches(
+            frame[table.time_column].to_numpy(), initial_end, every, raw.uri, delay
+        )
+        for batch in batches:
+            if not labelled[batch.lo : batch.hi].any():
+                raise DataValidationError(
+                    raw.uri,
+                    f"the batch {batch.start:%Y-%m-%d %H:%M} .. {batch.end:%Y-%m-%d %H:%M} has no values of the target: "
+                    "the backtest scores the model in service on every batch's labels",
+                    table.target,
+                )
+        split = SplitSpec(
+            end=(initial_end - timedelta(days=1)).date(),
+            valid_fraction=params.valid_fraction,
+            test_fraction=params.test_fraction,
+        )
+        splits = prepare(raw, table, split, output_location(settings.datasets_root, run.run_id))
+        task = splits.features.task
+        objective = DEFAULT_OBJECTIVE[task]
+        training = TrainingSpec(
+            num_boost_round=params.num_boost_round,
+            early_stopping_rounds=params.early_stopping_rounds,
+            seed=params.seed,
+        )
+        best = tune(
+            splits,
+            TuningSpec(
+                space=default_search_space(),
+                n_trials=params.n_trials,
+                parallel=params.parallel_trials,
+                objective=objective,
+                direction="maximize" if objective in MAXIMIZE else "minimize",
+                seed=params.seed,
+            ),
+            training,
+        )
+        rounds = int(best.best_metrics.get("best_iteration", params.num_boost_round))
+        metric = metric_for(task, params)
+        logger.info(
+            "backtest: %d batches of %s after %s (%d inside the initial window), %d policies; every retrain with "
+            "the tuned parameters and %d trees",
+            len(batches),
+            every.describe(),
+            initial_end.date(),
+            len(inside),
+            len(policies),
+            rounds,
+        )
+
+        client = dask_client()
+        shared = client.scatter(frame, broadcast=True)
+
+        def train(ends: list[datetime]) -> dict[str, ReplayModel]:
+            threads = 1 if len(ends) > 1 else 0  # side by side: a thread each; alone: all a worker has
+            futures = [
+                client.submit(
+                    fit_window,
+                    shared,
+                    end,
+                    params.window_days,
+                    table,
+                    task,
+                    split,
+                    best.best_params,
+                    rounds,
+                    params.seed,
+                    every,
+                    threads,
+                    pure=False,
+                )
+                for end in ends
+            ]
+            return {model.key: model for model in client.gather(futures)}
+
+        replay = Replay(
+            frame, table, task, batches, inside, delay, params, metric, params.champion_margin, train
+        )
+        progress = create_progress_artifact(progress=0.0, description=f"backtest: {len(batches)} batches")
+        step = max(1, len(batches) // 10)
+
+        def report(done: int, total: int) -> None:
+            update_progress_artifact(progress, progress=100.0 * done / total)
+            if done % step == 0 or done == total:
+                logger.info("batch %d of %d (%d models trained so far)", done, total, len(replay.models))
+
+        runs = replay.run(policies, report)
+        summaries = summarise_runs(runs, batches, inside, params.change_points, set(DATA_DRIVEN))
+        result_table = results_table(summaries, metric, params.change_points)
+        seconds = time.perf_counter() - started
+        title = (
+            f"{Path(raw.uri).name}: {metric} of the model in service, batches of {every.describe()}, "
+            f"label delay {params.label_delay}"
+        )
+        client_ml = run.client()
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "backtest"
+            plot(summaries, batches, metric, folder / "metric_over_time.png", title, params.change_points)
+            details = {
+                "metric": metric,
+                "batches": [b.model_dump(mode="json") for b in batches],
+                "inside_batches": [b.model_dump(mode="json") for b in inside],
+                "policies": [s.model_dump(mode="json") for s in summaries],
+                "tuned_params": best.best_params,
+                "num_boost_round": rounds,
+                "models_trained": len(replay.models),
+                "seconds": seconds,
+            }
+            (folder / "results.json").write_text(json.dumps(details, indent=1, default=str))
+            (folder / "results.md").write_text(f"# Backtest\n\n{markdown.text(title)}\n\n{result_table}\n")
+            client_ml.log_artifacts(run.run_id, str(folder), "backtest")
+        artifact_uri = client_ml.get_run(run.run_id).info.artifact_uri.rstrip("/")
+        plot_uri = f"{artifact_uri}/backtest/metric_over_time.png"
+        link = lineage.artifact_link(run.tracking_uri, run.experiment_id, run.run_id, plot_uri)
+        lineage.log_metrics(
+            client_ml,
+            run.run_id,
+            {
+                **{f"{s.policy}.mean_{metric}": s.mean for s in summaries},
+                **{f"{s.policy}.retrains": s.retrains for s in summaries},
+                **{
+                    f"{s.policy}.false_alarms": s.false_alarms
+                    for s in summaries
+                    if s.false_alarms is not None
+                },
+                "batches": len(batches),
+                "models_trained": len(replay.models),
+                "seconds": seconds,
+            },
+        )
+        create_markdown_artifact(
+            key="backtest",
+            markdown=f"### Backtest: {len(batches)} batches of {markdown.text(every.describe())}, label delay "
+            f"{markdown.text(params.label_delay)}\n\n{result_table}\n\n"
+            f"Metric over time, retrains marked: {markdown.link('metric_over_time.png', link)}\n",
+            description=f"{len(policies)} policies on {raw.uri}",
+        )
+        create_link_artifact(
+            key="backtest-picture",
+            link=link,
+            link_text=f"{metric} over time per policy, retrains marked",
+            description="PNG logged to MLflow with the table and the JSON (backtest/)",
+        )
+        print(f"backtest: {len(replay.models)} models trained in {seconds:.0f} s; picture: {link}")
+        return BacktestResult(
+            metric=metric,
+            batches=len(batches),
+            inside_batches=len(inside),
+            first_batch=str(batches[0].start),
+            last_batch=str(batches[-1].start),
+            policies=summaries,
+            table=result_table,
+            models_trained=len(replay.models),
+            tuned_params=best.best_params,
+            num_boost_round=rounds,
+            seconds=seconds,
+            mlflow_run_id=run.run_id,
+            plot_uri=plot_uri,
+            plot_link=link,
+            prefect_flow_run=lineage.prefect_flow_run_tags(),
+        )
+
+
+def summarise(result: BacktestResult) -> str:
+    return "\n".join(
+        [
+            f"Backtest:        {result.batches} batches ({result.first_batch[:10]} .. {result.last_batch[:10]}), "
+            f"{result.inside_batches} inside the initial window; {result.models_trained} models trained in "
+            f"{result.seconds:.0f} s",
+            "",
+            result.table,
+            "",
+            f"Picture:         {result.plot_link}",
+            f"MLflow run:      {result.mlflow_run_id}",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_flow_cli(
+        backtest,
+        BacktestParams,
+        argv,
+        "python -m flows.backtest",
+        __doc__ or "",
+        summarise,
+        "nothing replayed",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
