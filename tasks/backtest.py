@@ -39,7 +39,7 @@ from tasks.errors import DataValidationError
 from tasks.evaluate import GATE_METRIC
 from tasks.featurize import FeatureSpec, encode_target, model_matrix, parse_time
 from tasks.modeling import fit_matrix
-from tasks.performance import HIGHER_IS_BETTER, PRIMARY, Estimator, realized_sums
+from tasks.performance import PRIMARY, Estimator, realized_sums
 from tasks.policies import Policy, PolicyContext, Signal, SignalSettings, decide
 from tasks.prepare import SplitSpec, learn_features, split_starts
 from tasks.verdict import judge
@@ -494,7 +494,3 @@ def detection_delays(run: PolicyRun, batches: list[Batch], change_points: list[d
 
 def metric_for(task: str, settings: SignalSettings) -> str:
     return settings.performance_metric or PRIMARY[task]
-
-
-def better(metric: str, a: float, b: float) -> bool:
-    return a > b if metric in HIGHER_IS_BETTER else a < b

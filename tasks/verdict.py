@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from tasks.calibration import Calibration
 from tasks.drift_stats import ColumnProfile, ColumnSummary, column_drift
 from tasks.featurize import FeatureSpec
+from tasks.monitoring import PREDICTION
 from tasks.performance import PRIMARY
 from tasks.policies import (
     DATA_DRIFT,
@@ -33,7 +34,6 @@ from tasks.policies import (
     SignalSettings,
 )
 
-PREDICTION = "prediction"
 QUALITY_METRIC = {"regression": "r2", "binary": "accuracy", "multiclass": "accuracy"}
 Role = Literal["feature", "target", "prediction"]
 
