@@ -30,6 +30,7 @@ from flows.pipeline import PipelineParams, training_pipeline
 from flows.retrain import RetrainParams, retrain
 from tasks.drift import DRIFT_DETECTED
 from tasks.policies import DEFAULT_POLICY, POLICY_HELP, PolicyText
+from tasks.registry import MODEL_NAME_HELP, ModelName
 
 TRAINING = "scheduled"
 MONITOR = "landing-folder"
@@ -40,7 +41,9 @@ class ServeSettings(BaseModel):
     """What the three deployments run on; every field is a flag of `python -m deployments.serve`."""
 
     landing: str = Field(description="Folder where new labelled batches land (monitored and retrained on).")
-    model_name: str = Field(default="bike-demand", description="Registered model the deployments look after.")
+    model_name: ModelName = Field(
+        default="bike-demand", description=f"Registered model the deployments look after: {MODEL_NAME_HELP}."
+    )
     training_cron: str = Field(
         default="0 3 * * 1", description="When the training pipeline runs (cron, UTC)."
     )
@@ -55,6 +58,12 @@ class ServeSettings(BaseModel):
     )
     n_trials: int = Field(default=16, ge=1, description="Tuning trials of scheduled trainings and retrains.")
     policy: PolicyText = Field(default=DEFAULT_POLICY, description=f"Of the monitor. {POLICY_HELP}")
+    max_concurrent_retrains: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Retrain runs at once, over all models; more wait for a slot (a burst of events queues).",
+    )
 
 
 def build_deployments(settings: ServeSettings) -> list:
@@ -93,7 +102,7 @@ def build_deployments(settings: ServeSettings) -> list:
                 "reason": "policy {{ event.payload.policy }} on v{{ event.resource['keel.model.version'] }}: "
                 "{{ event.payload.reasons | join('; ') | truncate(420) }}",  # the flow takes 500 characters
                 "event_id": "{{ event.id | string }}",
-                "drift_report": "{{ event.payload.report_uri }}",
+                "drift_report": "{{ event.payload.report_uri | default('') }}",  # absent: no report, still a run
             }
         },
     )
@@ -113,6 +122,7 @@ def build_deployments(settings: ServeSettings) -> list:
         retrain.to_deployment(
             name=RETRAIN,
             triggers=[on_drift],
+            concurrency_limit=settings.max_concurrent_retrains,
             parameters={"params": retrain_params},
             description="Retrain when drift is detected; promote only a better challenger.",
         ),

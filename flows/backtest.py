@@ -153,7 +153,7 @@ class BacktestResult(BaseModel):
     prefect_flow_run: dict[str, str]
 
 
-@flow(name="backtest", log_prints=True)
+@flow(name="backtest", log_prints=True, result_serializer="json")
 def backtest(params: BacktestParams = BacktestParams()) -> BacktestResult:  # noqa: B008
     """Replay the table through time for each policy; compare error against retrains."""
     from prefect.artifacts import (
@@ -174,7 +174,7 @@ def backtest(params: BacktestParams = BacktestParams()) -> BacktestResult:  # no
         lineage.pipeline_run("backtest", params.model_dump(mode="json"), settings) as run,
         dask_cluster(settings),
     ):
-        raw = validate_input(table, settings.allowed_data_roots)
+        raw = validate_input(table, settings.data_access)
         frame = load_table(read_table(raw).compute(), table, raw.uri)
         first_day = frame[table.time_column].iloc[0].normalize()
         initial_end = (first_day + timedelta(days=params.initial_days)).to_pydatetime()

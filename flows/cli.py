@@ -138,6 +138,19 @@ def configure_logging() -> None:
     level = os.environ["DASK_LOGGING__DISTRIBUTED"]
     dask.config.set({"logging.distributed": level})
     logging.getLogger("distributed").setLevel(level.upper())
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_one_line_for_intended_failures)
+
+
+def _one_line_for_intended_failures(record: logging.LogRecord) -> bool:
+    """Bad input and a FailStep end a run on purpose with a message that says it all (printed once
+    more at the end): Prefect logs them in one line, without the traceback."""
+    from tasks.errors import DataValidationError, NotInRegistry, StepFailed
+
+    failure = record.exc_info[1] if record.exc_info else None
+    if isinstance(failure, DataValidationError | StepFailed | NotInRegistry):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def parse_params(model: type[M], argv: Sequence[str] | None, prog: str, description: str) -> M:
@@ -147,6 +160,9 @@ def parse_params(model: type[M], argv: Sequence[str] | None, prog: str, descript
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        problems = "; ".join(f"{_flag(str(e['loc'][0]))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            (f"{_flag(str(e['loc'][0]))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
+        )
         parser.error(problems)
         raise  # unreachable: parser.error exits

@@ -30,6 +30,7 @@ from tasks import lineage
 from tasks.baseline import load_baseline
 from tasks.compute import dask_cluster
 from tasks.drift import (
+    MIN_BATCH_ROWS,
     DriftCheck,
     DriftReportRef,
     batch_files,
@@ -38,6 +39,7 @@ from tasks.drift import (
     emit_verdict,
     report_drift,
 )
+from tasks.errors import DataValidationError
 from tasks.policies import PolicySettings, settings_of
 from tasks.prepare import output_location
 from tasks.quality import (
@@ -49,6 +51,7 @@ from tasks.quality import (
     rules_of,
     version_constraints,
 )
+from tasks.registry import MODEL_NAME_HELP, ModelName
 from tasks.settings import get_settings
 
 
@@ -57,8 +60,19 @@ class MonitorParams(PolicySettings, QualityRules):
 
     batch: str = Field(min_length=1, description="CSV or Parquet file, or a folder of them, to check.")
     latest: bool = Field(default=False, description="Check only the last file of the folder, by name.")
-    model_name: str = Field(default="bike-demand", min_length=1, description="Registered model to monitor.")
-    version: str | None = Field(default=None, description="Version to check against; default: @champion.")
+    model_name: ModelName = Field(
+        default="bike-demand", description=f"Registered model to monitor: {MODEL_NAME_HELP}."
+    )
+    min_batch_rows: int = Field(
+        default=MIN_BATCH_ROWS,
+        ge=1,
+        description="Fewer rows than this are too few to judge: the batch is refused (exit 2), no event.",
+    )
+    version: str | None = Field(
+        default=None,
+        pattern=r"^[1-9][0-9]{0,9}$",
+        description="Version to check against; default: @champion.",
+    )
     on_quality_violation: OnViolation = Field(
         default="warn",
         description=f"A batch that breaks the champion's data-quality constraints (checked before drift). {ON_VIOLATION_HELP}",
@@ -75,13 +89,13 @@ class MonitorResult(BaseModel):
     prefect_flow_run: dict[str, str]
 
 
-@flow(name="drift-monitor", log_prints=True)
+@flow(name="drift-monitor", log_prints=True, result_serializer="json")
 def monitor(params: MonitorParams) -> MonitorResult:
     """Check one batch for drift against the champion, report it, and emit the verdict as an event."""
     settings = get_settings()
     settings_ = settings_of(params)
     checked_at = datetime.now(UTC).isoformat(timespec="seconds")
-    batch_uri = batch_files(params.batch, params.latest)
+    batch_uri = batch_files(params.batch, params.latest, settings.data_access)
     with (
         lineage.pipeline_run(
             "drift-monitor",
@@ -103,6 +117,13 @@ def monitor(params: MonitorParams) -> MonitorResult:
             [],
             champion.profile.features.input_columns,
         )
+        if quality.rows < params.min_batch_rows:
+            raise DataValidationError(
+                batch.uri,
+                f"too few rows to judge: {quality.rows} (at least {params.min_batch_rows}, --min-batch-rows)"
+                if quality.rows
+                else "the batch has no rows",
+            )
         check = check_drift(
             batch,
             params.model_name,

@@ -37,7 +37,7 @@ from tasks.evaluate import Evaluation, evaluate
 from tasks.modeling import DEFAULT_OBJECTIVE, MAXIMIZE
 from tasks.prepare import SplitSpec, output_location, prepare, validate_input
 from tasks.quality import QualityRules, check_quality, record_rejection, rules_of, version_constraints
-from tasks.registry import RegisteredVersion, comparable_champion, register
+from tasks.registry import MODEL_NAME_HELP, ModelName, RegisteredVersion, comparable_champion, register
 from tasks.settings import get_settings
 from tasks.steps import Check, ConditionOutcome, ParamRange, TuningSpec, condition, fail, results
 from tasks.train import TrainingSpec, default_search_space, train, tune
@@ -130,8 +130,8 @@ class PipelineParams(TableParams, QualityRules):
     champion_margin: float = Field(
         default=0.001, ge=0, description="A challenger must beat the champion's gate metric by at least this."
     )
-    model_name: str = Field(
-        default="bike-demand", min_length=1, max_length=200, description="Registered model name in MLflow."
+    model_name: ModelName = Field(
+        default="bike-demand", description=f"Registered model name in MLflow: {MODEL_NAME_HELP}."
     )
     approval: Literal["auto", "manual"] = Field(
         default="auto",
@@ -172,6 +172,10 @@ class PipelineParams(TableParams, QualityRules):
     @model_validator(mode="after")
     def _steps_exist(self) -> PipelineParams:
         self.plan()
+        if self.start and self.end and self.start > self.end:
+            raise ValueError(
+                f"--start {self.start} is after --end {self.end}: the data window would be empty"
+            )
         return self
 
     def plan(self) -> lineage.ExecutionPlan:
@@ -226,7 +230,7 @@ def quality_checks(evaluation: Evaluation, params: PipelineParams) -> list[Check
     return checks
 
 
-@flow(name="training-pipeline", log_prints=True)
+@flow(name="training-pipeline", log_prints=True, result_serializer="json")  # failures: JSON, not pickles
 def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:  # noqa: B008
     """Check, process, tune, train, evaluate, gate and register one model version."""
     settings = get_settings()
@@ -265,7 +269,7 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
             print(f"ended {len(ended)} MLflow runs of executions whose process is gone, as KILLED")
         raw = None
         try:
-            raw = validate_input(table, settings.allowed_data_roots)
+            raw = validate_input(table, settings.data_access)
             quality = check_quality(
                 raw,
                 table.time_column,

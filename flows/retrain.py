@@ -26,10 +26,10 @@ from pydantic import BaseModel, Field
 
 from flows.cli import run_flow_cli
 from flows.pipeline import PipelineParams, PipelineResult, training_pipeline, where_to_look
-from tasks import lineage
+from tasks import lineage, markdown
 from tasks.guards import retrain_lock
 from tasks.quality import ON_VIOLATION_HELP, OnViolation
-from tasks.registry import last_retrain
+from tasks.registry import find_champion, last_retrain
 from tasks.settings import get_settings
 
 
@@ -69,7 +69,7 @@ class RetrainResult(BaseModel):
     pipeline: PipelineResult | None = None
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", log_prints=True, result_serializer="json")
 def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: B008
     """Train a challenger on the new window; promote it only if it beats the champion."""
     logger = get_run_logger()
@@ -77,10 +77,17 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
     trigger = {
         k: v for k, v in {"event_id": params.event_id, "drift_report": params.drift_report}.items() if v
     }
+    client = lineage.mlflow_client(settings)
+    if find_champion(client, params.model_name) is None:
+        # Checked before a lock is made for the name: a stream of made-up names costs nothing.
+        return _ignored(
+            params,
+            f"{params.model_name} has no champion: only a registered model with a champion is retrained "
+            "(train it first with python -m flows.pipeline)",
+        )
     with retrain_lock(params.model_name) as holder:
         if holder is not None:
             return _ignored(params, f"a retrain of {params.model_name} is already running ({holder})")
-        client = lineage.mlflow_client(settings)
         last = last_retrain(client, params.model_name)
         if last is not None and not params.force:
             since = datetime.now(UTC) - last.created
@@ -119,13 +126,14 @@ def _ignored(params: RetrainParams, why: str) -> RetrainResult:
 
     message = f"retrain request ignored: {why}" + (f" (event {params.event_id})" if params.event_id else "")
     get_run_logger().warning(message)
-    create_markdown_artifact(key="retrain-ignored", markdown=f"**Ignored.** {why}\n", description=message)
+    create_markdown_artifact(
+        key="retrain-ignored", markdown=f"**Ignored.** {markdown.text(why)}\n", description=message
+    )
     return RetrainResult(model_name=params.model_name, ignored=why)
 
 
 def _champion_data(client, model_name: str) -> str:
     from tasks.errors import NotInRegistry
-    from tasks.registry import find_champion
 
     champion = find_champion(client, model_name)
     uri = champion.tags.get("dataset.raw.uri") if champion else None

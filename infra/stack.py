@@ -36,6 +36,7 @@ from pathlib import Path
 
 from infra.processes import BIN, http_ok, start, wait_until
 
+PROJECT = Path(__file__).resolve().parent.parent  # the checkout: its data/ folder holds the demo data
 PORTS = {"prefect": 4200, "mlflow": 5000, "dask": 8786, "dask_dashboard": 8787, "postgres": 5433}
 # tasks.compute.QUIET_WORKERS as environment variables: no 10 ms self-profiling or 20 ms event-loop
 # tick in the workers, which cost CPU-bound tasks ~20% on a 2-core machine.
@@ -83,19 +84,36 @@ class Stack:
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
             "DASK_SCHEDULER_ADDRESS": f"tcp://127.0.0.1:{ports['dask']}",
             "KEEL_STATE_DIR": str(self.home / "state"),
+            # Flows that the stack runs (scheduled, event-triggered) read only from here.
+            "KEEL_DATA_ROOTS": ",".join(state.get("data_roots") or self.default_data_roots()),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
 
+    def default_data_roots(self) -> list[str]:
+        """The landing folder and the project's data folder."""
+        return [str(self.home.resolve() / "landing"), str(PROJECT / "data")]
+
     # -- up -----------------------------------------------------------------------------------------
     def up(
-        self, ports: dict[str, int], workers: int, worker_memory: str, db: str, serve_args: list[str]
+        self,
+        ports: dict[str, int],
+        workers: int,
+        worker_memory: str,
+        db: str,
+        serve_args: list[str],
+        data_roots: Sequence[str] = (),
     ) -> dict:
         state = self.load()
         alive = {name: pid for name, pid in _pids(state) if _running(pid)}
         if alive:
             raise SystemExit(f"the stack in {self.home} is already running ({alive}); `down` it first")
         self.logs.mkdir(parents=True, exist_ok=True)
-        state = {"ports": ports, "processes": [], "home": str(self.home)}
+        state = {
+            "ports": ports,
+            "processes": [],
+            "home": str(self.home),
+            "data_roots": self.default_data_roots() + [str(Path(r).resolve()) for r in data_roots],
+        }
         self.save(state)
         env = self.env(state)
         try:
@@ -410,6 +428,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, port in PORTS.items():
         parser.add_argument(f"--{name.replace('_', '-')}-port", type=int, default=port, dest=f"port_{name}")
     parser.add_argument("--workers", type=int, default=2, help="Dask worker processes.")
+    parser.add_argument(
+        "--data-root",
+        action="append",
+        default=[],
+        dest="data_roots",
+        metavar="DIR",
+        help="Another folder the stack's flows may read input data from (repeatable); always allowed: "
+        "the landing folder and the project's data folder (KEEL_DATA_ROOTS).",
+    )
     parser.add_argument("--worker-memory", default="4GiB", help="Memory limit of each Dask worker.")
     parser.add_argument(
         "--db", choices=["sqlite", "postgresql"], default="sqlite", help="Database of MLflow and Prefect."
@@ -421,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "up":
         ports = {name: getattr(args, f"port_{name}") for name in PORTS}
         print(f"starting the stack in {stack.home}", flush=True)
-        state = stack.up(ports, args.workers, args.worker_memory, args.db, serve_args)
+        state = stack.up(ports, args.workers, args.worker_memory, args.db, serve_args, args.data_roots)
         env = stack.env(state)
         print("\nThe stack is up. Point flows at it with:\n")
         print("\n".join(f"export {k}={v}" for k, v in env.items()))

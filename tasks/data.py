@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from tasks.errors import DataValidationError
+from tasks.access import DataAccess, checked_files, normalise
+from tasks.errors import DataValidationError, read_failure
 from tasks.refs import DatasetRef, content_digest, data_files, file_urls
 
 
@@ -42,25 +43,37 @@ def table_format(path: str) -> Literal["csv", "parquet"]:
 def read_header(path: str, fmt: Literal["csv", "parquet"]) -> list[str]:
     """The column names, read cheaply (CSV: first lines; Parquet: the schema)."""
     import pandas as pd
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     first = data_files(path)[0]
     try:
         if fmt == "csv":
-            return list(pd.read_csv(first, nrows=5).columns)
-        return list(pq.read_schema(first).names)
+            names = list(pd.read_csv(first, nrows=5).columns)
+            # pandas renames a repeated name (`temp`, `temp.1`): read the header line as it is written
+            written = (
+                pd.read_csv(first, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].tolist()
+            )
+        else:
+            schema = pq.read_schema(first)
+            names = written = list(schema.names)
+            nested = [f.name for f in schema if pa.types.is_nested(f.type)]
+            if nested:
+                raise DataValidationError(
+                    first,
+                    "nested values (list, struct or map) are not supported: flatten the column",
+                    nested[0],
+                )
+    except DataValidationError:
+        raise
     except pd.errors.EmptyDataError as exc:
         raise DataValidationError(first, "file is empty (no header, no rows)") from exc
     except Exception as exc:
-        raise DataValidationError(first, f"cannot be read as {fmt}: {type(exc).__name__}: {exc}") from exc
-
-
-def inside_roots(path: str, roots: list[str]) -> bool:
-    """Whether a path (symlinks and `..` resolved) or URL lies under one of the allowed data roots."""
-    if "://" in path and not path.startswith("file://"):
-        return any(path.startswith(root.rstrip("/") + "/") for root in roots if "://" in root)
-    real = Path(path.removeprefix("file://")).resolve()
-    return any(real.is_relative_to(Path(root).expanduser().resolve()) for root in roots if "://" not in root)
+        raise DataValidationError(first, f"cannot be read as {fmt} ({read_failure(exc)})") from exc
+    twice = [n for i, n in enumerate(written) if n and n in written[:i]]
+    if twice:
+        raise DataValidationError(first, "the header names this column more than once", twice[0])
+    return names
 
 
 def check_csv_ends(path: str, columns: list[str]) -> None:
@@ -86,37 +99,36 @@ def check_csv_ends(path: str, columns: list[str]) -> None:
         )
 
 
-def check_table(table: TableSpec, roots: list[str] | None = None) -> DatasetRef:
-    """Fail fast before any heavy work: the file is inside the allowed roots, exists, reads, is whole,
-    and has the columns it must."""
-    if roots is not None and not inside_roots(table.path, roots):
-        raise DataValidationError(
-            table.path, f"is outside the allowed data roots {roots} (KEEL_DATA_ROOTS); nothing was read"
-        )
-    if not data_files(table.path):
-        raise DataValidationError(table.path, "file does not exist (or the folder holds no data files)")
-    fmt = table_format(table.path)
-    columns = read_header(table.path, fmt)
+def check_table(table: TableSpec, access: DataAccess | None = None) -> DatasetRef:
+    """Fail fast before any heavy work: the location is allowed (`tasks.access`; default: local files,
+    anywhere), exists, reads, is whole, and has the columns it must. The reference carries the
+    normalised location, which is what every later step reads."""
+    location = normalise(table.path)
+    files = checked_files(location, access or DataAccess())
+    if not files:
+        raise DataValidationError(location, "file does not exist (or the folder holds no data files)")
+    fmt = table_format(location)
+    columns = read_header(location, fmt)
     if fmt == "csv":
-        for url in file_urls(table.path):
+        for url in files:
             check_csv_ends(url, columns)
     for role, column in (("target", table.target), ("time", table.time_column)):
         if column not in columns:
             raise DataValidationError(
-                table.path, f"required {role} column is missing (columns found: {columns})", column
+                location, f"required {role} column is missing (the file has {len(columns)} columns)", column
             )
     unknown = [c for c in table.drop_columns if c not in columns]
     if unknown:
         raise DataValidationError(
-            table.path, f"drop_columns names columns that do not exist: {unknown}", unknown[0]
+            location, f"drop_columns names columns that do not exist: {unknown}", unknown[0]
         )
     unknown = [c for c in table.key_columns if c not in columns]
     if unknown:
-        raise DataValidationError(table.path, "a key column does not exist", unknown[0])
+        raise DataValidationError(location, "a key column does not exist", unknown[0])
     if table.target in table.drop_columns or table.time_column in table.drop_columns:
-        raise DataValidationError(table.path, "drop_columns must not name the target or the time column")
+        raise DataValidationError(location, "drop_columns must not name the target or the time column")
     return DatasetRef(
-        name="raw", uri=table.path, digest=content_digest(table.path), format=fmt, columns=tuple(columns)
+        name="raw", uri=location, digest=content_digest(location), format=fmt, columns=tuple(columns)
     )
 
 

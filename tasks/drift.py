@@ -20,12 +20,13 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from tasks import lineage, markdown, monitoring
+from tasks.access import DataAccess, checked_files, normalise
 from tasks.baseline import ChampionBaseline, load_baseline
 from tasks.compute import dask_client
 from tasks.data import read_header, read_table, table_format
 from tasks.errors import DataValidationError, StepFailed
 from tasks.policies import Decision, PolicyContext, PolicySettings, decide
-from tasks.refs import DatasetRef, content_digest, file_urls
+from tasks.refs import DatasetRef, content_digest
 from tasks.steps import current_step, processing_step
 from tasks.verdict import Verdict, judge
 
@@ -33,6 +34,8 @@ DRIFT_DETECTED = (
     "keel.drift.detected"  # the policy calls for a retrain (data, predictions or performance moved)
 )
 DRIFT_NOT_DETECTED = "keel.drift.not-detected"  # checked: no retrain called for
+# Fewer rows say nothing about a distribution: such a batch is refused rather than judged.
+MIN_BATCH_ROWS = 30
 CALIBRATED_POLICIES = ("calibrated-drift", "performance", "drift-and-performance")
 
 
@@ -70,12 +73,14 @@ class DriftCheck(BaseModel):
         ]
 
 
-def batch_files(uri: str, latest: bool) -> str:
-    """The data to check: the file itself, the folder, or with `latest` the folder's last file by name."""
-    files = file_urls(uri)
+def batch_files(uri: str, latest: bool, access: DataAccess) -> str:
+    """The data to check, once the data-access policy allows it (`tasks.access`): the file itself, the
+    folder, or with `latest` the folder's last file by name."""
+    location = normalise(uri)
+    files = checked_files(location, access)
     if not files:
-        raise DataValidationError(uri, "file does not exist (or the folder holds no data files)")
-    return files[-1] if latest else uri
+        raise DataValidationError(location, "file does not exist (or the folder holds no data files)")
+    return files[-1] if latest else location
 
 
 def batch_ref(uri: str) -> DatasetRef:

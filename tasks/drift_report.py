@@ -7,6 +7,8 @@ the tests and the drift benchmark compare with `tasks.drift_stats`.
 
 from __future__ import annotations
 
+import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +39,64 @@ class DriftReport:
     snapshot: Any
 
     def save(self, html_path: Path, json_path: Path) -> None:
-        """Write the self-contained HTML report and the JSON of metric values."""
+        """Write the self-contained HTML report (its data made inert, `inert_data`) and the JSON of
+        metric values."""
         html_path.parent.mkdir(parents=True, exist_ok=True)
-        self.snapshot.save_html(str(html_path))
+        html_path.write_text(inert_data(self.snapshot.get_html_str(as_iframe=False)), encoding="utf-8")
         self.snapshot.save_json(str(json_path))
+
+
+class ReportLayoutChanged(RuntimeError):
+    """Evidently's HTML is not laid out as `inert_data` expects: no report is written rather than one
+    that could carry script from the data."""
+
+
+_DATA_START = re.compile(r"<script>\s*var (\w+) = ")
+_GRAPHS_START = re.compile(r";\s*var (additional_graphs_\w+) = ")
+_DATA_END = re.compile(r";\s*</script>")
+
+
+def inert_json(value: Any) -> str:
+    """JSON that cannot end a `<script>` or open markup: `<`, `>`, `&` and the JavaScript line
+    separators written as escapes (they only occur inside strings, which decode to the same text)."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=True)
+    for char, escape in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
+        text = text.replace(char, escape)
+    return text
+
+
+def inert_data(html: str) -> str:
+    """Evidently (0.7) writes the report's data with `json.dumps` inside an inline `<script>`, so a
+    value `</script><script>...` from the data ends it and runs. The data block comes first in the
+    page, before any value from the data: its two JSON values are parsed exactly where they start
+    (whatever their strings hold) and written again with `inert_json`."""
+    decoder = json.JSONDecoder()
+    start = html.find("<script>")
+    found = _DATA_START.match(html, start) if start >= 0 else None
+    if found is None:
+        raise ReportLayoutChanged("no data block opens the first <script> of Evidently's report")
+    info, info_end = decoder.raw_decode(html, found.end())
+    graphs_start = _GRAPHS_START.match(html, info_end)
+    if graphs_start is None or graphs_start.group(1) != f"additional_graphs_{found.group(1)}":
+        raise ReportLayoutChanged("the report's data block does not hold its graphs where expected")
+    graphs, graphs_end = decoder.raw_decode(html, graphs_start.end())
+    if _DATA_END.match(html, graphs_end) is None:
+        raise ReportLayoutChanged("the report's data block does not end after its graphs")
+    return "".join(
+        [
+            html[: found.end()],
+            inert_json(info),
+            html[info_end : graphs_start.end()],
+            inert_json(graphs),
+            html[graphs_end:],
+        ]
+    )
 
 
 def build_report(

@@ -17,6 +17,15 @@ class DataValidationError(ValueError):
         return (type(self), (self.file, self.rule, self.column))
 
 
+def read_failure(exc: BaseException) -> str:
+    """A reader's exception in words that quote nothing from the file: its type, and the line or row it
+    names (parsers put the offending row itself in their messages, and a file may hold a secret)."""
+    import re
+
+    where = re.search(r"\b(line|row)s? (\d+)", str(exc))
+    return type(exc).__name__ + (f" at {where.group(1)} {where.group(2)}" if where else "")
+
+
 class StepFailed(RuntimeError):
     """Raised by a FailStep: the pipeline execution ends as Failed with this message."""
 

@@ -9,6 +9,7 @@ This module imports nothing from the project: MLflow copies it into each logged 
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import numpy as np
@@ -47,7 +48,14 @@ class FeatureSpec(BaseModel):
 
 
 def parse_time(values: pd.Series) -> pd.Series:
-    return pd.to_datetime(values, errors="coerce")
+    """Times as naive datetimes; times with a zone or offset are converted to UTC (one clock for
+    every row, comparable with the naive bounds of splits and windows). Unparseable: NaT."""
+    if isinstance(values.dtype, pd.DatetimeTZDtype):
+        return values.dt.tz_convert("UTC").dt.tz_localize(None)
+    if pd.api.types.is_datetime64_dtype(values.dtype):
+        return values
+    parsed = pd.to_datetime(values, errors="coerce", utc=True)
+    return parsed.dt.tz_localize(None)
 
 
 def model_matrix(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
@@ -63,7 +71,22 @@ def model_matrix(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
     times = parse_time(frame[spec.time_column])
     for part in spec.time_parts:
         out[f"{spec.time_column}_{part}"] = TIME_PARTS[part](times).astype("float64")
+    out.columns = matrix_names(spec)
     return out
+
+
+_NOT_IN_LIGHTGBM_NAMES = re.compile(r'[",:\[\]{}]')
+
+
+def matrix_names(spec: FeatureSpec) -> list[str]:
+    """The feature names LightGBM gets, in `feature_names` order. Its JSON model format refuses `"`,
+    `,`, `:`, brackets and braces in a name: those become `_`, and a name that then repeats another
+    gets its position. The spec keeps the user's names; reports use them."""
+    names: list[str] = []
+    for position, name in enumerate(spec.feature_names):
+        safe = _NOT_IN_LIGHTGBM_NAMES.sub("_", name)
+        names.append(f"{safe}_{position}" if safe in names else safe)
+    return names
 
 
 def as_labels(values: pd.Series) -> pd.Series:

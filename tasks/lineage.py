@@ -7,9 +7,11 @@ Prefect task: a retried step leaves one run behind, with its attempts counted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -160,8 +162,22 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
         client.log_batch(run_id, params=items[start : start + 100])
 
 
+_NOT_IN_MLFLOW_KEYS = re.compile(r"[^\w.\- ]")
+
+
+def mlflow_key(name: str) -> str:
+    """A metric or parameter name MLflow accepts (letters, digits, `_ . -` and spaces; MLflow also allows
+    `/` and `:`, which it reads as paths): other characters, from a column such as `temp (°C)`, become
+    `_`, and a short digest of the original keeps two such names apart."""
+    safe = _NOT_IN_MLFLOW_KEYS.sub("_", name)
+    if safe == name:
+        return name
+    return f"{safe[:240]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    """Metrics in one batch write; values that are not finite numbers are left out (MLflow refuses NaN)."""
+    """Metrics in one batch write; names made acceptable (`mlflow_key`); values that are not finite
+    numbers are left out (MLflow refuses NaN)."""
     import math
     import time
 
@@ -169,7 +185,7 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
 
     now = int(time.time() * 1000)
     items = [
-        Metric(k, float(v), now, step)
+        Metric(mlflow_key(k), float(v), now, step)
         for k, v in metrics.items()
         if v is not None and math.isfinite(float(v))
     ]

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from tasks.featurize import FeatureSpec, encode_target, model_matrix
+from tasks.integrity import load_verified
 from tasks.refs import DatasetRef
 
 OBJECTIVES = {"regression": "regression", "binary": "binary", "multiclass": "multiclass"}
@@ -305,14 +306,12 @@ def evaluate_model(
     spec: FeatureSpec,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """Score a logged model exactly as a user would load it (`mlflow.pyfunc`), on the test split."""
-    import mlflow
+    """Score a logged model exactly as a user would load it (`mlflow.pyfunc`, its files verified), on
+    the test split."""
     import pandas as pd
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(registry_uri)
     frame = _read_parquet(test.uri, test.digest)
-    model = mlflow.pyfunc.load_model(model_uri)
+    model = load_verified(model_uri, tracking_uri, registry_uri)
     with openmp_threads(threads):
         predicted = model.predict(frame.drop(columns=[spec.target]))
     y = encode_target(frame[spec.target], spec)

@@ -8,7 +8,6 @@ the same functions on frames it holds (`build_baseline`, `summarise_partition`).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Protocol
 
 import numpy as np
@@ -18,6 +17,7 @@ from pydantic import BaseModel, Field
 from tasks.calibration import MIN_CHUNKS, Calibration, ChunkSize, blocks_of, drift_normals, window_chunks
 from tasks.drift_stats import ColumnProfile, ColumnSummary, merge_frames, profile_column, summarise_frame
 from tasks.featurize import FeatureSpec, as_labels, model_matrix, parse_time, predictions_frame
+from tasks.integrity import load_verified
 from tasks.modeling import importance, openmp_threads
 from tasks.performance import Estimator, PerformanceCalibration, Sums, calibrate_performance, realized_sums
 
@@ -45,16 +45,6 @@ class BoosterModel:
         return predictions_frame(self.booster.predict(model_matrix(frame, self.spec)), self.spec)
 
 
-@functools.lru_cache(maxsize=4)
-def load_model(model_uri: str, tracking_uri: str, registry_uri: str):
-    """The model as a user loads it (`mlflow.pyfunc`), once per worker process."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(registry_uri)
-    return mlflow.pyfunc.load_model(model_uri)
-
-
 class ModelLocation(BaseModel):
     """Where a worker loads the monitored model from."""
 
@@ -63,7 +53,8 @@ class ModelLocation(BaseModel):
     registry_uri: str
 
     def load(self):
-        return load_model(self.uri, self.tracking_uri, self.registry_uri)
+        """The model as a user loads it (`mlflow.pyfunc`), its files verified, once per worker process."""
+        return load_verified(self.uri, self.tracking_uri, self.registry_uri)
 
 
 def monitored_prediction(predicted: pd.DataFrame, spec: FeatureSpec, index: pd.Index) -> pd.Series:

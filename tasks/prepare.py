@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
 
+from tasks.access import DataAccess
 from tasks.compute import dask_client
 from tasks.data import TableSpec, check_table, read_table
 from tasks.errors import DataValidationError
@@ -55,10 +56,11 @@ class Splits(BaseModel):
 
 
 @processing_step(name="validate-input")
-def validate_input(table: TableSpec, roots: list[str] | None = None) -> DatasetRef:
-    """Stop before any heavy work if the file is outside `roots`, missing, unreadable, cut off, or lacks
-    a required column. Never cached: it digests the content, which is what later keys are made of."""
-    ref = check_table(table, roots)
+def validate_input(table: TableSpec, access: DataAccess | None = None) -> DatasetRef:
+    """Stop before any heavy work if the location is not allowed (`tasks.access`), or the file is
+    missing, unreadable, cut off, or lacks a required column. Never cached: it digests the content,
+    which is what later keys are made of."""
+    ref = check_table(table, access)
     current_step().log_params({"format": ref.format, "columns": list(ref.columns)})
     return ref
 
@@ -82,11 +84,22 @@ def prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: str
     except ValueError as exc:
         if "Mismatched dtypes" not in str(exc):
             raise
+        columns = mismatched_columns(str(exc))
         raise DataValidationError(
             raw.uri,
-            "column types change partway through the file (see below); give the column one type, "
-            f"or convert the table to Parquet:\n{exc}",
+            "column types change partway through the file"
+            + (f" (in {', '.join(columns)})" if columns else "")
+            + "; give each column one type, or convert the table to Parquet",
+            columns[0] if columns else None,
         ) from exc
+
+
+def mismatched_columns(message: str) -> list[str]:
+    """The column names of Dask's "Mismatched dtypes" table (the rest of its message quotes values)."""
+    import re
+
+    rows = re.findall(r"^\|\s*(.+?)\s*\|\s*\S+\s*\|\s*\S+\s*\|\s*$", message, re.MULTILINE)
+    return [r for r in rows if r not in ("Column", "") and not set(r) <= set("-+")]
 
 
 def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: str) -> Splits:
@@ -142,6 +155,10 @@ def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: st
         )
     if n_distinct <= 3:  # nunique_approx is a sketch; make small counts exact
         n_distinct = int(frame[target].nunique().compute())
+    if n_distinct < 2:
+        raise DataValidationError(
+            raw.uri, "the target has one value in the data window: there is nothing to learn", target
+        )
     t_min, t_max = _as_datetime(t_min), _as_datetime(t_max)
     task = _infer_task(table, frame[target].dtype, n_distinct)
     if task == "regression":
@@ -159,9 +176,22 @@ def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: st
         "valid": frame[(frame[time_column] >= valid_start) & (frame[time_column] < test_start)],
         "test": frame[frame[time_column] >= test_start],
     }
-    features, sizes = _learn_features(
-        parts["train"], table, task, frame.columns, raw.uri, also=[parts[s].shape[0] for s in SPLITS]
+    later_labels = [
+        parts[s][target].dropna().map_partitions(as_labels, meta=(target, "string")).unique()
+        for s in ("valid", "test")
+        if task != "regression"
+    ]
+    features, computed = _learn_features(
+        parts["train"],
+        table,
+        task,
+        frame.columns,
+        raw.uri,
+        also=[*(parts[s].shape[0] for s in SPLITS), *later_labels],
     )
+    sizes = computed[: len(SPLITS)]
+    if later_labels:
+        _check_classes(features, *(set(map(str, labels)) for labels in computed[len(SPLITS) :]), raw.uri)
     model_matrix(frame._meta, features)  # fail here, not on a worker, if the spec is unusable
     counts = dict(zip(SPLITS, (int(n) for n in sizes), strict=True))
     empty = [s for s in SPLITS if counts[s] == 0]
@@ -235,6 +265,29 @@ def _numeric(dtype) -> bool:
     import pandas as pd
 
     return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+
+
+def _check_classes(features: FeatureSpec, valid: set[str], test: set[str], uri: str) -> None:
+    """Every class of the later splits was seen in training, and every trained class is in the test
+    period (else the model cannot score it, or the test AUC cannot be computed and the gate never
+    passes). Counts only: labels are values from the data."""
+    trained = set(features.classes or [])
+    unseen = (valid | test) - trained
+    if unseen:
+        raise DataValidationError(
+            uri,
+            f"{len(unseen)} class(es) appear in the validation or test period but never in the training split: "
+            "move the split (--valid-fraction / --test-fraction, the window) or drop those rows",
+            features.target,
+        )
+    absent = trained - test
+    if absent:
+        raise DataValidationError(
+            uri,
+            f"{len(absent)} of {len(trained)} classes never appear in the test period, so the test AUC cannot be "
+            "computed and the quality gate could never pass: widen the window or --test-fraction",
+            features.target,
+        )
 
 
 def _learn_features(

@@ -12,14 +12,16 @@ the run or only warn.
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
+from tasks import markdown
 from tasks.compute import dask_client
-from tasks.errors import DataValidationError
+from tasks.errors import DataValidationError, read_failure
 from tasks.featurize import parse_time
 from tasks.refs import DatasetRef, file_urls
 from tasks.registry import QUALITY_RUN_TAG, QUALITY_TAG, find_champion
@@ -139,8 +141,12 @@ class ConstraintsRef(BaseModel):
 class Violation(BaseModel):
     column: str | None
     rule: str
-    observed: str
+    observed: str = Field(description="Counts and bounds: what an error message may say.")
     expected: str
+    examples: str = Field(
+        default="",
+        description="Values from the data: shown (escaped) in the violations table, never in errors or records.",
+    )
 
 
 class QualityReport(BaseModel):
@@ -238,7 +244,7 @@ def table_stats(data: DatasetRef, time_column: str, key: list[str]) -> tuple[dic
         else:
             (per_part,) = dask.compute(parts)
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
-        raise DataValidationError(data.uri, f"cannot be parsed: {type(exc).__name__}: {exc}") from exc
+        raise DataValidationError(data.uri, f"cannot be parsed ({read_failure(exc)})") from exc
     merged: dict[str, ColumnStats] = {}
     for part in per_part:
         for column, stats in part.items():
@@ -351,8 +357,9 @@ def violations(
                     Violation(
                         column=name,
                         rule="type",
-                        observed=f"{_share(s.not_numbers, s.rows)} not numbers ({sample})",
+                        observed=f"{_share(s.not_numbers, s.rows)} not numbers",
                         expected="numbers",
+                        examples=sample,
                     )
                 )
                 continue
@@ -384,16 +391,18 @@ def violations(
                     Violation(
                         column=name,
                         rule="categories",
-                        observed=f"{len(unseen)} unseen: {', '.join(map(repr, unseen[:5]))}",
+                        observed=f"{len(unseen)} unseen",
                         expected=f"one of {len(want.categories)} seen in training",
+                        examples=", ".join(map(repr, unseen[:5])),
                     )
                 )
     return found
 
 
 def violations_table(found: list[Violation]) -> str:
-    rows = [f"| {v.column or '(table)'} | {v.rule} | {v.observed} | {v.expected} |" for v in found]
-    return "\n".join(["| column | rule | observed | expected |", "|---|---|---|---|", *rows])
+    """Markdown; column names and observed values come from the data, so every cell is escaped."""
+    rows = [[v.column or "(table)", v.rule, v.observed, v.examples, v.expected] for v in found]
+    return markdown.table(["column", "rule", "observed", "examples", "expected"], rows)
 
 
 # --- the step -------------------------------------------------------------------------------------
@@ -440,7 +449,8 @@ def check_quality(
     if found:
         create_markdown_artifact(
             key="quality-violations",
-            markdown=f"### {len(found)} data quality violations in {data.uri}\n\nAgainst {against_text}.\n\n{table}\n",
+            markdown=f"### {len(found)} data quality violations in {markdown.text(data.uri)}\n\n"
+            f"Against {markdown.text(against_text)}.\n\n{table}\n",
             description=f"{len(found)} violations ({rules.on_quality_violation})",
         )
         logger.warning("%d data quality violations in %s:\n%s", len(found), data.uri, table)
@@ -531,7 +541,11 @@ def record_rejection(
         execution=execution,
         at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = folder / f"{execution}.json"
-    path.write_text(record.model_dump_json(indent=1))
+    # Only the owner reads it: the rule names files and columns of data that may be private.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(record.model_dump_json(indent=1))
+    os.chmod(path, 0o600)  # an older record of the same execution may have had wider rights
     return path

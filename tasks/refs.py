@@ -63,11 +63,12 @@ def data_files(uri: str) -> list[str]:
 
 
 def file_urls(uri: str) -> list[str]:
-    """`data_files`, as URLs the readers accept (the protocol put back for remote storage)."""
+    """`data_files`, as URLs the readers accept (the protocol put back for remote storage, once: an
+    http(s) filesystem keeps it in its paths)."""
     files = data_files(uri)
     if "://" in uri and not uri.startswith("file://"):
-        protocol = uri.split("://", 1)[0]
-        return [f"{protocol}://{f}" for f in files]
+        fs, _ = fsspec.core.url_to_fs(uri)
+        return [fs.unstrip_protocol(f) for f in files]
     return files
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 
 from tasks import lineage
 from tasks.refs import DatasetRef, ModelRef
@@ -19,6 +20,21 @@ if TYPE_CHECKING:
     from tasks.baseline import Baseline
     from tasks.quality import QualityReport
 
+
+# A registered model's name as every flow takes it, checked before any work: it goes into MLflow search
+# filters, Prefect event resource ids, lock names and paths, so only letters, digits and `._-` (MLflow
+# itself refuses `/` and `:`; a quote would break its filters).
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+MODEL_NAME_HELP = "letters, digits, '.', '_' or '-', starting with a letter or digit; at most 200 characters"
+
+
+def checked_model_name(name: str) -> str:
+    if not MODEL_NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"{name[:80]!r} is not a model name keel accepts: {MODEL_NAME_HELP}")
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(checked_model_name)]
 
 BASELINE_TAG = "baseline.uri"  # where the version's monitoring baseline is (tasks.baseline)
 BASELINE_RUN_TAG = "baseline.run_id"

@@ -15,6 +15,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tasks.access import DEFAULT_SCHEMES, DataAccess
+
 
 class Settings(BaseSettings):
     """Where state lives and which servers to use."""
@@ -60,12 +62,15 @@ class Settings(BaseSettings):
         default=None,
         description="Folders or URL prefixes input data may come from, separated by commas; unset: anywhere.",
     )
+    data_schemes: str = Field(
+        default=",".join(DEFAULT_SCHEMES),
+        description="URL schemes input data may be read with, separated by commas (e.g. file,s3).",
+    )
 
     @property
-    def allowed_data_roots(self) -> list[str] | None:
-        if not self.data_roots:
-            return None
-        return [root.strip() for root in self.data_roots.split(",") if root.strip()]
+    def data_access(self) -> DataAccess:
+        """The data-access policy every flow applies to its inputs (`tasks.access`)."""
+        return DataAccess.parse(self.data_roots, self.data_schemes)
 
     @property
     def rejected_dir(self) -> Path:

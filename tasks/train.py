@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from tasks import modeling
 from tasks.compute import dask_client, threads_per_task
 from tasks.featurize import FeatureSpec, model_matrix, parse_time, predictions_frame
+from tasks.integrity import record_manifest
 from tasks.prepare import Splits
 from tasks.refs import DatasetRef, ModelRef, data_files
 from tasks.steps import (
@@ -186,6 +187,7 @@ def log_lightgbm_model(model_text: str, splits: Splits, raw: DatasetRef) -> Mode
             [model_text, splits.features.model_dump_json(), example.to_json(date_format="iso")]
         ).encode()
     ).hexdigest()
+    record_manifest(info.model_id, info.model_uri)
     step.set_tags({"keel.model_digest": digest})
     return ModelRef(
         uri=info.model_uri,

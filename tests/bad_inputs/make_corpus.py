@@ -32,9 +32,14 @@ CASES: dict[str, tuple[str | None, str]] = {
     "unseen_category.csv": ("weather", "categories"),
     "nan_inf_features.csv": ("temp", "finite"),
     "bad_dates.csv": ("dteday", "time"),
+    "duplicated_header.csv": ("temp", "names this column more than once"),
+    "nested_column.parquet": ("readings", "nested values"),
+    "constant_target.csv": ("cnt", "the target has one value"),
     # not a file of its own: a path that climbs out of the allowed data roots (the corpus folder)
     "../../data/bike_sharing_hourly.csv": (None, "outside the allowed data roots"),
 }
+# file -> the step that refuses it, where that is not one of the checks before `prepare`
+STEPS = {"constant_target.csv": "prepare"}
 
 
 def good() -> pd.DataFrame:
@@ -75,8 +80,20 @@ def main() -> None:
     dates = rows.copy()
     dates.loc[17, "dteday"] = "yesterday"
     write("bad_dates.csv", dates)
+    write("duplicated_header.csv", pd.concat([rows, rows[["temp"]]], axis=1))  # pandas would read temp.1
+    rows.assign(readings=[[float(t), float(h)] for t, h in zip(rows.temp, rows.hum, strict=True)]).to_parquet(
+        HERE / "nested_column.parquet", index=False
+    )
+    write("constant_target.csv", rows.assign(cnt=100))
     (HERE / "cases.json").write_text(
-        json.dumps({k: {"column": c, "rule": r} for k, (c, r) in CASES.items()}, indent=1) + "\n"
+        json.dumps(
+            {
+                k: {"column": c, "rule": r, **({"step": STEPS[k]} if k in STEPS else {})}
+                for k, (c, r) in CASES.items()
+            },
+            indent=1,
+        )
+        + "\n"
     )
 
 

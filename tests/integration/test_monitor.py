@@ -241,6 +241,9 @@ def bad_batches(tmp_path: Path) -> dict[str, tuple[Path, str, str]]:
     path = tmp_path / "header-only.csv"
     week.head(0).to_csv(path, index=False)
     cases["header only"] = (path, "", "the batch has no rows")
+    path = tmp_path / "three-rows.csv"
+    week.head(3).to_csv(path, index=False)
+    cases["three rows"] = (path, "", "too few rows to judge: 3 (at least 30")
     path = tmp_path / "empty.csv"
     path.write_text("")
     cases["empty file"] = (path, "", "file is empty")

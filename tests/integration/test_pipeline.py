@@ -158,6 +158,16 @@ def test_retrain_keeps_the_champion_when_the_challenger_is_not_better(on_cluster
     assert ignored.pipeline is None and ignored.ignored.startswith("cooldown: bike-re v2 was retrained")
     assert len(client.search_model_versions("name='bike-re'")) == 2
 
+    # a model without a champion (a name made up in a forged event) is not trained, and no lock is made
+    unknown = retrain(RetrainParams(**FAST, model_name="made-up-by-an-event", event_id="e1"))
+    assert unknown.pipeline is None and "has no champion" in unknown.ignored
+    assert client.search_model_versions("name='made-up-by-an-event'") == []
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        names = {limit.name for limit in prefect.read_global_concurrency_limits(limit=200)}
+    assert "retrain-made-up-by-an-event" not in names and "retrain-bike-re" in names
+
 
 def first_version_data(client) -> str:
     return client.get_model_version("bike-re", "1").tags["dataset.raw.uri"]
@@ -214,6 +224,7 @@ def test_the_baseline_predicted_file_by_file_equals_one_prediction_of_the_split(
     from tasks import monitoring
     from tasks.baseline import load_baseline
     from tasks.drift_stats import profile_column
+    from tasks.integrity import load_verified
     from tasks.refs import file_urls
     from tasks.settings import get_settings
 
@@ -233,7 +244,7 @@ def test_the_baseline_predicted_file_by_file_equals_one_prediction_of_the_split(
     assert len(rows) > 1 and 0 in rows and sum(rows) == champion.profile.train.rows
     split = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     settings = get_settings()
-    model = monitoring.load_model(champion.model_uri, settings.tracking_uri, settings.registry_uri)
+    model = load_verified(champion.model_uri, settings.tracking_uri, settings.registry_uri)
     spec = champion.profile.features
     whole = monitoring.monitored_prediction(model.predict(split[spec.input_columns]), spec, split.index)
     expected = profile_column(whole, monitoring.PREDICTION, "numeric")

@@ -6,17 +6,20 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from flows.pipeline import STEPS
-from tests.conftest import ROOT
+from tests.conftest import BIKE_CSV, ROOT
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 
 
-def test_pipeline_records_to_real_mlflow_and_prefect_servers(servers, dask_cluster):
+@pytest.fixture(scope="module")
+def served(servers, dask_cluster) -> subprocess.CompletedProcess:
+    """The pipeline, once, as a new process against the servers: `bike-served` v1 is the champion."""
     env = servers.env(DASK_SCHEDULER_ADDRESS=dask_cluster.address, KEEL_STATE_DIR=str(servers.home / "state"))
-    proc = subprocess.run(
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -40,6 +43,10 @@ def test_pipeline_records_to_real_mlflow_and_prefect_servers(servers, dask_clust
         text=True,
         timeout=600,
     )
+
+
+def test_pipeline_records_to_real_mlflow_and_prefect_servers(servers, served):
+    proc = served
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "models:/bike-served/1 status=Approved" in proc.stdout
 
@@ -67,3 +74,51 @@ def test_pipeline_records_to_real_mlflow_and_prefect_servers(servers, dask_clust
     assert flow_run.state.is_completed()
     assert {t.name for t in task_runs} == set(STEPS)
     assert all(t.state.is_completed() for t in task_runs)
+
+
+ATTACK = """from pathlib import Path
+Path({marker!r}).write_text("ran")
+"""
+
+
+def test_a_model_file_replaced_through_the_artifact_proxy_is_refused_and_never_runs(
+    servers, served, tmp_path
+):
+    """The probe's attack: an HTTP PUT to the server's artifact proxy replaces the model's code. Plain
+    `mlflow.pyfunc.load_model` then runs it; keel's loaders refuse the model, naming the file."""
+    import urllib.request
+
+    assert served.returncode == 0, served.stdout[-3000:]
+    client = servers.mlflow_client()
+    version = client.get_model_version_by_alias("bike-served", "champion")
+    location = client.get_logged_model(version.source.removeprefix("models:/")).artifact_location
+    assert location.startswith("mlflow-artifacts:/"), location
+    marker = tmp_path / "attacker-code-ran"
+    put = urllib.request.Request(
+        f"{servers.mlflow_uri}/api/2.0/mlflow-artifacts/artifacts/"
+        f"{location.removeprefix('mlflow-artifacts:/')}/serving_model.py",
+        data=ATTACK.format(marker=str(marker)).encode(),
+        method="PUT",
+    )
+    with urllib.request.urlopen(put, timeout=30) as answer:
+        assert answer.status == 200
+
+    env = servers.env(KEEL_STATE_DIR=str(tmp_path / "state"))
+    subprocess.run(
+        [sys.executable, "-c", "import mlflow; mlflow.pyfunc.load_model('models:/bike-served@champion')"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert marker.exists(), "the attack did not reach the model: this test proves nothing"
+    marker.unlink()
+
+    batch = tmp_path / "week.csv"
+    frame = pd.read_csv(BIKE_CSV)
+    frame[frame.dteday.between("2011-09-05", "2011-09-11")].to_csv(batch, index=False)
+    monitor = subprocess.run(
+        [sys.executable, "-m", "flows.monitor", "--batch", str(batch), "--model-name", "bike-served"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    output = monitor.stdout + monitor.stderr
+    assert monitor.returncode != 0, output[-3000:]
+    assert "serving_model.py" in output and "not those that were logged" in output, output[-3000:]
+    assert not marker.exists()

@@ -30,6 +30,8 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 class RunningStack:
     def __init__(self, home: Path) -> None:
         self.home = home
+        self.batches = home / "batches"  # a data root given to `up` besides the landing folder
+        self.batches.mkdir(parents=True, exist_ok=True)
         ports = {name: free_port() for name in ("prefect", "mlflow", "dask", "dask-dashboard", "postgres")}
         self.port_args = [arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]
         self.env: dict[str, str] = {}
@@ -57,7 +59,17 @@ class RunningStack:
 
     def up(self) -> None:
         self.command(
-            "up", "--workers", "2", "--worker-memory", "3GiB", "--", "--cooldown-minutes", "30", *FAST[:2]
+            "up",
+            "--workers",
+            "2",
+            "--worker-memory",
+            "3GiB",
+            "--data-root",
+            str(self.batches),
+            "--",
+            "--cooldown-minutes",
+            "30",
+            *FAST[:2],
         )
         self.read_env()
 
@@ -98,6 +110,29 @@ class RunningStack:
             assert time.monotonic() < deadline, [(r["name"], r["state"]["type"]) for r in runs]
             time.sleep(2)
 
+    def emit_drift_events(self, model: str, count: int, payload: dict) -> list[str]:
+        """`keel.drift.detected` about `model` v1, `count` times, from a new process as any client of the
+        server could send it; the events' ids."""
+        script = (
+            "import json, sys\n"
+            "from prefect.events import emit_event\n"
+            "model, count, payload = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])\n"
+            "for i in range(count):\n"
+            "    resource = {'prefect.resource.id': f'keel.model.{model}.v1', 'keel.model.name': model,\n"
+            "                'keel.model.version': '1'}\n"
+            "    report = {'report_uri': f'file:///{model}/{i}.html'}\n"
+            "    print(emit_event(event='keel.drift.detected', resource=resource, payload={**payload, **report}).id)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script, model, str(count), json.dumps(payload)],
+            env=clean_env(**self.env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
     def mlflow(self):
         import mlflow
 
@@ -134,14 +169,21 @@ def monitor(stack: RunningStack, batch: Path, model: str) -> tuple[str, str]:
 
 def test_clean_batch_starts_nothing_and_a_drift_event_retrains_through_the_automation(stack, tmp_path):
     bike = pd.read_csv(BIKE_CSV)
-    clean = tmp_path / "clean.parquet"
+    outside = tmp_path / "outside.parquet"  # the stack's flows read only from its data roots
+    bike.head(200).to_parquet(outside, index=False)
+    refused = stack.run("flows.monitor", "--batch", str(outside), "--model-name", "stack-a")
+    assert refused.returncode == 2 and "outside the allowed data roots" in refused.stderr, refused.stderr[
+        -2000:
+    ]
+
+    clean = stack.batches / "clean.parquet"
     bike[bike.dteday < "2011-03-10"].sample(n=1500, random_state=4).to_parquet(clean, index=False)
     event, _ = monitor(stack, clean, "stack-a")
     assert event == "keel.drift.not-detected"
     time.sleep(10)  # an automation that wrongly fired would have created its run by now
     assert stack.retrain_runs("stack-a") == []
 
-    drifted = tmp_path / "june-2012.parquet"
+    drifted = stack.batches / "june-2012.parquet"
     bike[(bike.dteday >= "2012-06-04") & (bike.dteday < "2012-06-11")].to_parquet(drifted, index=False)
     event, event_id = monitor(stack, drifted, "stack-a")
     assert event == "keel.drift.detected"
@@ -160,22 +202,12 @@ def test_clean_batch_starts_nothing_and_a_drift_event_retrains_through_the_autom
 
 
 def test_a_burst_of_five_drift_events_retrains_once(stack):
-    script = (
-        "import sys\n"
-        "from prefect.events import emit_event\n"
-        "for i in range(5):\n"
-        "    e = emit_event(event='keel.drift.detected',\n"
-        "        resource={'prefect.resource.id': 'keel.model.stack-b.v1', 'keel.model.name': 'stack-b',\n"
-        "                  'keel.model.version': '1'},\n"
-        "        payload={'drift_share': 0.9, 'report_uri': f'file:///burst/{i}.html'})\n"
-        "    print(e.id)\n"
-    )
-    emitted = subprocess.run(
-        [sys.executable, "-c", script], env=clean_env(**stack.env), capture_output=True, text=True, timeout=60
-    )
-    assert emitted.returncode == 0, emitted.stderr
-    ids = emitted.stdout.split()
+    ids = stack.emit_drift_events("stack-b", 5, {"drift_share": 0.9})
     assert len(ids) == 5
+
+    with stack.api() as http:  # retrains over all models are bounded: a burst queues
+        deployment = http.get("/deployments/name/retrain/on-drift").json()
+    assert deployment["global_concurrency_limit"]["limit"] == 2
 
     runs = stack.wait_for_runs("stack-b", 5)
     assert len(runs) == 5 and {r["parameters"]["params"]["event_id"] for r in runs} == set(ids)
@@ -194,6 +226,18 @@ def test_a_burst_of_five_drift_events_retrains_once(stack):
     assert len(ignored_runs) == 4
     reasons = " ".join(a["description"] for a in ignored if a["flow_run_id"] in ignored_runs)
     assert "already running" in reasons or "cooldown" in reasons
+
+
+def test_a_forged_event_about_a_model_without_a_champion_trains_nothing(stack):
+    stack.emit_drift_events("forged", 1, {"policy": "performance", "reasons": ["made up"]})
+    [run] = stack.wait_for_runs("forged", 1)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    with stack.api() as http:
+        ignored = http.post(
+            "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}
+        ).json()
+    assert any("has no champion" in a["description"] for a in ignored), ignored
+    assert stack.mlflow().search_model_versions("name='forged'") == []
 
 
 def test_down_then_up_loses_nothing(stack):

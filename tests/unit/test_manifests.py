@@ -100,6 +100,21 @@ def test_same_variables_everywhere_and_the_code_reads_them(compose, k8s, monkeyp
     assert settings.dask_scheduler_address == config["DASK_SCHEDULER_ADDRESS"]
     assert settings.prefect_api_url == config["PREFECT_API_URL"]
     assert settings.datasets_root == config["KEEL_DATA_DIR"]
+    # inputs only from the landing and data prefixes, over S3 only: the roots are set by default
+    assert settings.data_access.roots == ("s3://keel/landing", "s3://keel/data")
+    assert settings.data_access.schemes == ("s3",)
+    flags = dict(
+        zip(
+            compose["services"]["deployments"]["command"][3::2],
+            compose["services"]["deployments"]["command"][4::2],
+            strict=True,
+        )
+    )
+    assert settings.data_access.roots is not None and any(
+        flags["--landing"] == r for r in settings.data_access.roots
+    )
+    stack = Stack(ROOT / ".keel" / "never-created")
+    assert local["KEEL_DATA_ROOTS"].split(",") == [str(stack.home.resolve() / "landing"), str(ROOT / "data")]
 
 
 def test_lean_mlflow_and_the_deployments_runner(compose, k8s):
