@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -486,12 +487,24 @@ def event_payload(check: DriftCheck, report: DriftReportRef, checked_at: str) ->
     }
 
 
+VERDICT_IDS = uuid.UUID("a3a345d9-d610-4f11-9f14-004418d3a029")  # namespace of verdict event ids
+
+
+def verdict_id(check: DriftCheck) -> uuid.UUID:
+    """One verdict, one event: the same decision on the same batch (by content) for the same version
+    under the same policy gets the same id, and Prefect's server drops an event whose id it has
+    seen. A batch checked again, or five times at once, asks for one retrain, not five."""
+    key = "|".join([check.event, check.model_name, check.version, check.batch.digest, check.decision.policy])
+    return uuid.uuid5(VERDICT_IDS, key)
+
+
 def emit_verdict(check: DriftCheck, report: DriftReportRef, checked_at: str) -> str | None:
     """Emit the decision as a Prefect event about the model version; returns the event id."""
     from prefect.events import emit_event
 
     payload = finite(event_payload(check, report, checked_at))
     event = emit_event(
+        id=verdict_id(check),
         event=check.event,
         resource={
             "prefect.resource.id": f"keel.model.{check.model_name}.v{check.version}",

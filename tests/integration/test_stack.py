@@ -187,6 +187,8 @@ def test_clean_batch_starts_nothing_and_a_drift_event_retrains_through_the_autom
     bike[(bike.dteday >= "2012-06-04") & (bike.dteday < "2012-06-11")].to_parquet(drifted, index=False)
     event, event_id = monitor(stack, drifted, "stack-a")
     assert event == "keel.drift.detected"
+    # the same batch checked again: the same verdict is the same event, which the server drops
+    assert monitor(stack, drifted, "stack-a") == (event, event_id)
 
     [run] = stack.wait_for_runs("stack-a", 1)
     assert run["state"]["type"] == "COMPLETED", run["state"]
