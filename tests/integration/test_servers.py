@@ -122,3 +122,56 @@ def test_a_model_file_replaced_through_the_artifact_proxy_is_refused_and_never_r
     assert monitor.returncode != 0, output[-3000:]
     assert "serving_model.py" in output and "not those that were logged" in output, output[-3000:]
     assert not marker.exists()
+
+
+def test_the_manifests_mlflow_server_answers_its_service_name_and_its_probes(tmp_path):
+    """Compose and Kubernetes clients call MLflow as `mlflow:5000`; MLflow refuses Host headers it does
+    not know (403) while /health still answers 200. The manifests' own server arguments (stores
+    swapped for local ones) and probes, replayed against a real server."""
+    import urllib.error
+    import urllib.request
+
+    import yaml
+
+    from infra.processes import BIN, free_port, http_ok, start, stop, wait_until
+
+    compose = yaml.safe_load((ROOT / "infra" / "compose" / "compose.yaml").read_text())
+    kept = [
+        a
+        for a in compose["services"]["mlflow"]["command"][2:]
+        if not a.startswith(("--host=", "--port=", "--backend-store-uri=", "--artifacts-destination="))
+    ]
+    port = free_port()
+    log = tmp_path / "mlflow.log"
+    server = start(
+        [
+            str(BIN / "mlflow"), "server", "--host=127.0.0.1", f"--port={port}", *kept,
+            f"--backend-store-uri=sqlite:///{tmp_path / 'mlflow.db'}", f"--artifacts-destination={tmp_path / 'art'}",
+        ],
+        log,
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )  # fmt: skip
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), "mlflow server", 120, [server], log)
+
+        def status(path: str, host: str) -> int:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Host": host})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    return answer.status
+            except urllib.error.HTTPError as refused:
+                return refused.code
+
+        docs = yaml.safe_load_all((ROOT / "infra" / "k8s" / "keel.yaml").read_text())
+        [deployment] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"]
+        probe = deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+        assert status(probe["path"], probe["httpHeaders"][0]["value"]) == 200  # the Kubernetes probe
+        healthcheck = compose["services"]["mlflow"]["healthcheck"]["test"]
+        replay = subprocess.run(
+            [sys.executable, "-c", healthcheck[-1].replace("localhost:5000", f"127.0.0.1:{port}")], timeout=60
+        )
+        assert replay.returncode == 0  # the compose healthcheck
+        assert status("/api/2.0/mlflow/experiments/search?max_results=1", "attacker.example") == 403
+        assert status("/health", "attacker.example") == 200  # why /health alone proves nothing
+    finally:
+        stop([server])
