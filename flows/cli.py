@@ -15,6 +15,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from tasks.errors import DataValidationError, NotInRegistry, StepFailed
+
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R")
 
@@ -76,8 +78,6 @@ def run_flow_cli(
     """Parse, run the flow, print `summary(result)`. Exit codes: 0 done, 1 failed on purpose (a
     FailStep) or something needed is not in the registry, 2 bad input; anything else propagates
     with its traceback. `prepare_params`: completes the parsed parameters (e.g. from an earlier run)."""
-    from tasks.errors import DataValidationError, NotInRegistry, StepFailed
-
     params = parse_params(model, argv, prog, description)
     configure_logging()
     open_services_together()
@@ -145,8 +145,6 @@ def configure_logging() -> None:
 def _one_line_for_intended_failures(record: logging.LogRecord) -> bool:
     """Bad input and a FailStep end a run on purpose with a message that says it all (printed once
     more at the end): Prefect logs them in one line, without the traceback."""
-    from tasks.errors import DataValidationError, NotInRegistry, StepFailed
-
     failure = record.exc_info[1] if record.exc_info else None
     if isinstance(failure, DataValidationError | StepFailed | NotInRegistry):
         record.exc_info, record.exc_text = None, None

@@ -78,7 +78,8 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
         k: v for k, v in {"event_id": params.event_id, "drift_report": params.drift_report}.items() if v
     }
     client = lineage.mlflow_client(settings)
-    if find_champion(client, params.model_name) is None:
+    champion = find_champion(client, params.model_name)
+    if champion is None:
         # Checked before a lock is made for the name: a stream of made-up names costs nothing.
         return _ignored(
             params,
@@ -100,7 +101,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
                     f"cooldown: {params.model_name} v{last.version} was retrained {since.total_seconds() / 60:.1f} min "
                     f"ago (cooldown {params.cooldown_minutes:g} min, until {until}); use --force to retrain anyway",
                 )
-        data = params.data or _champion_data(client, params.model_name)
+        data = params.data or _champion_data(champion, params.model_name)
         pipeline_params = PipelineParams.model_validate(
             {
                 **params.model_dump(include=set(PipelineParams.model_fields)),
@@ -132,14 +133,15 @@ def _ignored(params: RetrainParams, why: str) -> RetrainResult:
     return RetrainResult(model_name=params.model_name, ignored=why)
 
 
-def _champion_data(client, model_name: str) -> str:
+def _champion_data(champion, model_name: str) -> str:
+    """The training data of the champion found at the start of the run (its lineage tag)."""
     from tasks.errors import NotInRegistry
 
-    champion = find_champion(client, model_name)
-    uri = champion.tags.get("dataset.raw.uri") if champion else None
+    uri = champion.tags.get("dataset.raw.uri")
     if not uri:
         raise NotInRegistry(
-            f"no --data given and {model_name} has no champion with a recorded training data URI to retrain on"
+            f"no --data given and {model_name}'s champion v{champion.version} has no recorded training data URI "
+            "to retrain on"
         )
     return uri
 

@@ -38,7 +38,7 @@ class DataAccess(BaseModel):
 
     @classmethod
     def parse(cls, roots: str | None, schemes: str | None) -> DataAccess:
-        """From the settings' comma-separated texts; a bad root or scheme is refused here."""
+        """From the settings' comma-separated texts; a root that is not a data location is refused here."""
         allowed = tuple(
             s.strip().lower() for s in (schemes or ",".join(DEFAULT_SCHEMES)).split(",") if s.strip()
         )
@@ -116,9 +116,10 @@ def checked_location(uri: str, access: DataAccess) -> str:
     return location
 
 
-def checked_files(uri: str, access: DataAccess) -> list[str]:
-    """Every file the location stands for, as readers take them, each checked against the roots with its
-    links resolved: a link inside an allowed folder that points outside it is refused, by name."""
+def checked_files(uri: str, access: DataAccess) -> tuple[str, list[str]]:
+    """The normalised location and every file it stands for, as readers take them, each checked against
+    the roots with its links resolved: a link inside an allowed folder that points outside it is
+    refused, by name."""
     location = checked_location(uri, access)
     files = file_urls(location)
     if access.roots is not None:
@@ -128,4 +129,4 @@ def checked_files(uri: str, access: DataAccess) -> list[str]:
                     file,
                     f"resolves outside the allowed data roots (a link?); nothing was read ({access.describe()})",
                 )
-    return files
+    return location, files

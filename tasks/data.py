@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from tasks.access import DataAccess, checked_files, normalise
+from tasks.access import DataAccess, checked_files
 from tasks.errors import DataValidationError, read_failure
 from tasks.refs import DatasetRef, content_digest, data_files, file_urls
 
@@ -103,8 +103,7 @@ def check_table(table: TableSpec, access: DataAccess | None = None) -> DatasetRe
     """Fail fast before any heavy work: the location is allowed (`tasks.access`; default: local files,
     anywhere), exists, reads, is whole, and has the columns it must. The reference carries the
     normalised location, which is what every later step reads."""
-    location = normalise(table.path)
-    files = checked_files(location, access or DataAccess())
+    location, files = checked_files(table.path, access or DataAccess())
     if not files:
         raise DataValidationError(location, "file does not exist (or the folder holds no data files)")
     fmt = table_format(location)

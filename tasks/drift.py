@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from tasks import lineage, markdown, monitoring
-from tasks.access import DataAccess, checked_files, normalise
+from tasks.access import DataAccess, checked_files
 from tasks.baseline import ChampionBaseline, load_baseline
 from tasks.compute import dask_client
 from tasks.data import read_header, read_table, table_format
@@ -77,8 +77,7 @@ class DriftCheck(BaseModel):
 def batch_files(uri: str, latest: bool, access: DataAccess) -> str:
     """The data to check, once the data-access policy allows it (`tasks.access`): the file itself, the
     folder, or with `latest` the folder's last file by name."""
-    location = normalise(uri)
-    files = checked_files(location, access)
+    location, files = checked_files(uri, access)
     if not files:
         raise DataValidationError(location, "file does not exist (or the folder holds no data files)")
     return files[-1] if latest else location
