@@ -10,7 +10,7 @@ RUN := $(VENV)/bin/python
 # Prefect: no telemetry from ephemeral mode (it logs "database is locked" otherwise).
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test lint unit bench backtest stack-up stack-down drift-demo mlflow-ui prefect-ui clean
+.PHONY: install demo test lint browser unit bench backtest stack-up stack-down drift-demo mlflow-ui prefect-ui clean
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -19,7 +19,7 @@ $(UV):
 # --compile-bytecode: machines that set PYTHONDONTWRITEBYTECODE would otherwise recompile
 # mlflow, prefect and dask from source in every process (3-4x slower imports, workers included).
 $(VENV)/.synced: uv.lock pyproject.toml | $(UV)
-	$(UV) sync --locked --extra postgres --compile-bytecode --python $(PYTHON)
+	$(UV) sync --locked --extra postgres --extra cluster --compile-bytecode --python $(PYTHON)
 	@touch $@
 
 install: $(VENV)/.synced
@@ -32,8 +32,15 @@ lint: install
 	$(VENV)/bin/ruff format --check flows tasks deployments infra tests benchmarks
 	$(VENV)/bin/lint-imports
 
-test: lint
+test: lint browser
 	$(RUN) -m pytest $(PYTEST_ARGS)
+
+# Headless Chromium for the browser tests (Debian's package, when run as root; otherwise they skip,
+# and fail under CI=true).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium is not installed: the browser tests will skip"
 
 unit: install
 	$(RUN) -m pytest -m "not integration and not servers" $(PYTEST_ARGS)

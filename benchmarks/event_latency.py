@@ -58,18 +58,19 @@ def main() -> None:
         env = Stack(home).recorded_env()
         try:
             os.environ.update(env)
-            samples = measure(env["PREFECT_API_URL"], args.events, args.gap)
+            samples = measure(env, args.events, args.gap)
         finally:
             stack(home, "down")
     write(samples, up_seconds, args.events, args.gap)
 
 
-def measure(api_url: str, events: int, gap: float) -> list[dict]:
-    import httpx
+def measure(env: dict[str, str], events: int, gap: float) -> list[dict]:
     from prefect.events import emit_event
 
+    from infra.stack import prefect_api
+
     samples = []
-    with httpx.Client(base_url=api_url, timeout=30) as http:
+    with prefect_api(env) as http:
         deployment = http.get("/deployments/name/retrain/on-drift").json()["id"]
         for index in range(events):
             model = f"latency-{index}-{int(time.time())}"

@@ -30,7 +30,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from infra.processes import free_port
-from infra.stack import Stack
+from infra.stack import Stack, prefect_api
 from tasks import markdown
 from tasks.policies import DEFAULT_POLICY, parse_policy
 
@@ -83,12 +83,12 @@ def run_deployment_and_wait(name: str, parameters: dict, timeout: float = 900) -
     return run.name
 
 
-def wait_for_retrain(api_url: str, event_id: str, timeout: float = 900) -> dict:
+def wait_for_retrain(env: dict[str, str], event_id: str, timeout: float = 900) -> dict:
     """The retrain flow run that the automation created for `event_id`, once it has finished."""
     import httpx
 
     deadline = time.monotonic() + timeout
-    with httpx.Client(base_url=api_url, timeout=30) as http:
+    with prefect_api(env) as http:
         deployment = http.get("/deployments/name/retrain/on-drift").json()["id"]
         newest = {
             "deployments": {"id": {"any_": [deployment]}},
@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             event_id=result.event_id,
         )
         if check.retrain and result.event_id:
-            run = wait_for_retrain(env["PREFECT_API_URL"], result.event_id)
+            run = wait_for_retrain(env, result.event_id)
             step.outcome = describe_retrain(run, client, args.model_name, result.event_id)
         timeline.append(step)
         print(_line(step), flush=True)
@@ -241,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(table)
     print(
-        f"\nPrefect UI: {env['PREFECT_API_URL'].removesuffix('/api')}   MLflow UI: {env['MLFLOW_TRACKING_URI']}\n"
+        f"\nPrefect UI: {env['PREFECT_API_URL'].removesuffix('/api')} (log in with keel:$(cat {home}/secrets/prefect-auth-token))\n"
+        f"MLflow UI:  {env['MLFLOW_TRACKING_URI']} (user viewer, password in {home}/secrets/mlflow-viewer-password)\n"
         f"Stop the stack: python -m infra.stack down --home {home}"
     )
     return 0

@@ -174,7 +174,7 @@ def backtest(params: BacktestParams = BacktestParams()) -> BacktestResult:  # no
         lineage.pipeline_run("backtest", params.model_dump(mode="json"), settings) as run,
         dask_cluster(settings),
     ):
-        raw = validate_input(table, settings.data_access)
+        raw = validate_input(table, settings.data_access, settings.datasets_root)
         frame = load_table(read_table(raw).compute(), table, raw.uri)
         first_day = frame[table.time_column].iloc[0].normalize()
         initial_end = (first_day + timedelta(days=params.initial_days)).to_pydatetime()

@@ -53,6 +53,7 @@ from tasks.quality import (
 )
 from tasks.registry import MODEL_NAME_HELP, ModelName
 from tasks.settings import get_settings
+from tasks.snapshot import reported_as
 
 
 class MonitorParams(PolicySettings, QualityRules):
@@ -67,6 +68,11 @@ class MonitorParams(PolicySettings, QualityRules):
         default=MIN_BATCH_ROWS,
         ge=1,
         description="Fewer rows than this are too few to judge: the batch is refused (exit 2), no event.",
+    )
+    max_report_mb: float = Field(
+        default=50,
+        gt=0,
+        description="An Evidently report larger than this is not kept (the verdict and scores still are).",
     )
     version: str | None = Field(
         default=None,
@@ -95,7 +101,7 @@ def monitor(params: MonitorParams) -> MonitorResult:
     settings = get_settings()
     settings_ = settings_of(params)
     checked_at = datetime.now(UTC).isoformat(timespec="seconds")
-    batch_uri = batch_files(params.batch, params.latest, settings.data_access)
+    batch_location, batch_files_ = batch_files(params.batch, params.latest, settings.data_access)
     with (
         lineage.pipeline_run(
             "drift-monitor",
@@ -107,31 +113,33 @@ def monitor(params: MonitorParams) -> MonitorResult:
     ):
         client = run.client()
         champion = load_baseline(client, params.model_name, params.version)
-        batch = batch_ref(batch_uri)  # read and digested once, for both checks
-        quality = check_quality(
-            batch,
-            champion.profile.features.time_column,
-            [],
-            version_constraints(client, params.model_name, champion.version),
-            rules_of(params),
-            [],
-            champion.profile.features.input_columns,
-        )
-        if quality.rows < params.min_batch_rows:
-            raise DataValidationError(
-                batch.uri,
-                f"too few rows to judge: {quality.rows} (at least {params.min_batch_rows}, --min-batch-rows)"
-                if quality.rows
-                else "the batch has no rows",
+        # pinned once: both checks read the same copy, whatever happens to the file meanwhile
+        batch = batch_ref(batch_location, batch_files_, settings.datasets_root)
+        with reported_as(batch):  # errors about the pinned copy name the user's file
+            quality = check_quality(
+                batch,
+                champion.profile.features.time_column,
+                [],
+                version_constraints(client, params.model_name, champion.version),
+                rules_of(params),
+                [],
+                champion.profile.features.input_columns,
             )
-        check = check_drift(
-            batch,
-            params.model_name,
-            champion.version,  # the version the quality check used, even if the alias moved since
-            settings_,
-            output_location(settings.datasets_root, run.run_id, "monitor"),
-        )
-        report = report_drift(check, settings_, checked_at)
+            if quality.rows < params.min_batch_rows:
+                raise DataValidationError(
+                    batch.location,
+                    f"too few rows to judge: {quality.rows} (at least {params.min_batch_rows}, --min-batch-rows)"
+                    if quality.rows
+                    else "the batch has no rows",
+                )
+            check = check_drift(
+                batch,
+                params.model_name,
+                champion.version,  # the version the quality check used, even if the alias moved since
+                settings_,
+                output_location(settings.datasets_root, run.run_id, "monitor"),
+            )
+        report = report_drift(check, settings_, checked_at, int(params.max_report_mb * 2**20))
         event_id = emit_verdict(check, report, checked_at)
         event = check.event
         lineage.set_tags(
@@ -163,7 +171,7 @@ def summarise(result: MonitorResult) -> str:
     top = sorted(features, key=lambda c: -(c.importance or 0))[:5]
     lines = [
         f"Decision:        {'RETRAIN' if decision.retrain else 'no retrain'} (policy {decision.policy}) — "
-        f"{check.model_name} v{check.version}, {check.rows:,} rows of {check.batch.uri}",
+        f"{check.model_name} v{check.version}, {check.rows:,} rows of {check.batch.location}",
         *(f"                 {reason}" for reason in decision.reasons),
         "Signals:         "
         + "\n                 ".join(

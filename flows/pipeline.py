@@ -39,6 +39,7 @@ from tasks.prepare import SplitSpec, output_location, prepare, validate_input
 from tasks.quality import QualityRules, check_quality, record_rejection, rules_of, version_constraints
 from tasks.registry import MODEL_NAME_HELP, ModelName, RegisteredVersion, comparable_champion, register
 from tasks.settings import get_settings
+from tasks.snapshot import reported_as
 from tasks.steps import Check, ConditionOutcome, ParamRange, TuningSpec, condition, fail, results
 from tasks.train import TrainingSpec, default_search_space, train, tune
 
@@ -269,16 +270,17 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
             print(f"ended {len(ended)} MLflow runs of executions whose process is gone, as KILLED")
         raw = None
         try:
-            raw = validate_input(table, settings.data_access)
-            quality = check_quality(
-                raw,
-                table.time_column,
-                table.key_columns,
-                version_constraints(client, params.model_name, unless_made_from=raw.digest),
-                rules_of(params),
-                table.drop_columns,
-            )
-            splits = prepare(raw, table, split, output_location(settings.datasets_root, run.run_id))
+            raw = validate_input(table, settings.data_access, settings.datasets_root)
+            with reported_as(raw):  # errors about the pinned copy name the user's file
+                quality = check_quality(
+                    raw,
+                    table.time_column,
+                    table.key_columns,
+                    version_constraints(client, params.model_name, unless_made_from=raw.digest),
+                    rules_of(params),
+                    table.drop_columns,
+                )
+                splits = prepare(raw, table, split, output_location(settings.datasets_root, run.run_id))
         except DataValidationError as exc:
             record = record_rejection(
                 settings.rejected_dir, run.run_id, table.path, raw.digest if raw else None, exc

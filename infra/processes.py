@@ -36,20 +36,26 @@ def start(
 
 
 def wait_until(
-    ready: Callable[[], bool], what: str, timeout: float, procs: list[subprocess.Popen], log: Path
+    ready: Callable[[], bool],
+    what: str,
+    timeout: float,
+    procs: list[subprocess.Popen],
+    log: Path | None,
 ) -> None:
+    """Poll `ready` until it is true; fail with the end of `log` if a process exits or time runs out."""
+    tail = (lambda: f":\n{log.read_text()[-3000:]}") if log else (lambda: "")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"{what} exited with {proc.returncode}{tail()}")
         try:
             if ready():
                 return
         except Exception:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"{what} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+    raise TimeoutError(f"{what} not ready after {timeout}s{tail()}")
 
 
 def http_ok(url: str) -> bool:

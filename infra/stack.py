@@ -2,14 +2,15 @@
 
     python -m infra.stack up       # Prefect server, MLflow server, Dask scheduler + workers, deployments
     python -m infra.stack status   # what runs, where, and whether it answers
-    python -m infra.stack env      # the variables that point flows at it (eval "$(... env)")
+    python -m infra.stack env      # the variables (addresses, credentials) for flows: eval "$(... env)"
     python -m infra.stack down     # stop everything by PID, newest first; nothing is lost
     python -m infra.stack up -- --cooldown-minutes 5   # flags after `--` go to deployments.serve
 
 Everything lives under one folder (`--home`, default `.keel/stack`): the Prefect database
 (`prefect/`), the MLflow store and artifacts (`mlflow/`), the landing folder for new data
 (`landing/`), pipeline outputs (`state/`), every process's log (`logs/`) and `stack.json` (ports and
-PIDs). Each part is started only after the previous one answers its health check. `down` sends
+PIDs), and `secrets/` (0600: the generated credentials every server requires, see infra/secrets.py).
+Each part is started only after the previous one answers its health check. `down` sends
 SIGTERM to each process group (the deployments server first, so no flow run is cut off mid-write by
 a vanishing server, then the workers, the scheduler, MLflow, Prefect, and PostgreSQL last, with its
 fast-shutdown SIGINT), waits for each to exit and only then uses SIGKILL; the databases are closed
@@ -25,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -34,7 +36,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from infra import mlflow_auth
 from infra.processes import BIN, http_ok, start, wait_until
+from infra.secrets import StackSecrets
 
 PROJECT = Path(__file__).resolve().parent.parent  # the checkout: its data/ folder holds the demo data
 PORTS = {"prefect": 4200, "mlflow": 5000, "dask": 8786, "dask_dashboard": 8787, "postgres": 5433}
@@ -45,6 +49,7 @@ QUIET_WORKERS = {
     "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "1s",
     "DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL": "2s",
 }
+DEPLOYMENTS = {"scheduled", "landing-folder", "on-drift"}
 STOP_ORDER = ["deployments", "worker", "scheduler", "mlflow", "prefect", "postgres"]
 # PostgreSQL's "fast" shutdown (SIGINT): a clean checkpoint without waiting for idle clients.
 STOP_SIGNAL = {"postgres": signal.SIGINT}
@@ -77,12 +82,16 @@ class Stack:
         return self.env(state)
 
     def env(self, state: dict) -> dict[str, str]:
-        """The ecosystem's own variables, pointing at this stack."""
+        """The ecosystem's own variables, pointing at this stack, with its credentials."""
+        return {**self.addresses(state), **StackSecrets.load(self.home).client_env()}
+
+    def addresses(self, state: dict) -> dict[str, str]:
+        """Where the stack's parts are and what flows may read (no credentials)."""
         ports = state["ports"]
         return {
             "PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api",
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
-            "DASK_SCHEDULER_ADDRESS": f"tcp://127.0.0.1:{ports['dask']}",
+            "DASK_SCHEDULER_ADDRESS": f"tls://127.0.0.1:{ports['dask']}",
             "KEEL_STATE_DIR": str(self.home / "state"),
             # Flows that the stack runs (scheduled, event-triggered) read only from here.
             "KEEL_DATA_ROOTS": ",".join(state.get("data_roots") or self.default_data_roots()),
@@ -115,9 +124,10 @@ class Stack:
             "data_roots": self.default_data_roots() + [str(Path(r).resolve()) for r in data_roots],
         }
         self.save(state)
+        secrets = StackSecrets.ensure(self.home)
         env = self.env(state)
         try:
-            backend, prefect_db = self._start_databases(state, db)
+            backend, prefect_db, db_env = self._start_databases(state, db, secrets)
             self._start(
                 state,
                 "prefect",
@@ -133,7 +143,9 @@ class Stack:
                 {
                     "PREFECT_HOME": str(self.home / "prefect"),
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_SERVER_API_AUTH_STRING": secrets.prefect_auth_string,
                     **({"PREFECT_API_DATABASE_CONNECTION_URL": prefect_db} if prefect_db else {}),
+                    **db_env,
                 },
                 lambda: http_ok(f"http://127.0.0.1:{ports['prefect']}/api/health"),
                 120,
@@ -145,6 +157,8 @@ class Stack:
                 [
                     str(BIN / "mlflow"),
                     "server",
+                    "--app-name",
+                    "basic-auth",
                     "--host",
                     "127.0.0.1",
                     "--port",
@@ -156,10 +170,15 @@ class Stack:
                     "--artifacts-destination",
                     str(self.home / "mlflow" / "artifacts"),
                 ],
-                {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                {
+                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                    **self._mlflow_auth_env(secrets),
+                    **db_env,
+                },
                 lambda: http_ok(f"http://127.0.0.1:{ports['mlflow']}/health"),
                 120,
             )
+            mlflow_auth.ensure_users(env["MLFLOW_TRACKING_URI"], secrets.mlflow_passwords())
             self._start(
                 state,
                 "scheduler",
@@ -170,6 +189,9 @@ class Stack:
                     "127.0.0.1",
                     "--port",
                     str(ports["dask"]),
+                    "--protocol",
+                    "tls",
+                    *secrets.dask_tls_flags(),
                     "--dashboard-address",
                     f"127.0.0.1:{ports['dask_dashboard']}",
                 ],
@@ -187,6 +209,7 @@ class Stack:
                         env["DASK_SCHEDULER_ADDRESS"],
                         "--host",
                         "127.0.0.1",
+                        *secrets.dask_tls_flags(),
                         "--nthreads",
                         "1",
                         "--memory-limit",
@@ -202,7 +225,7 @@ class Stack:
                     log_name=f"worker-{index}",
                 )
             wait_until(
-                lambda: _dask_workers(env["DASK_SCHEDULER_ADDRESS"]) >= workers,
+                lambda: _dask_workers(env) >= workers,
                 f"{workers} Dask workers",
                 120,
                 [],
@@ -220,7 +243,7 @@ class Stack:
                     *serve_args,
                 ],
                 {**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
-                lambda: _deployments_ready(env["PREFECT_API_URL"]),
+                lambda: _deployments_ready(env),
                 180,
             )
         except BaseException:
@@ -228,22 +251,34 @@ class Stack:
             raise
         return state
 
-    def _start_databases(self, state: dict, db: str) -> tuple[str, str | None]:
-        """MLflow's backend store URI and Prefect's database URL (None: Prefect's own SQLite)."""
+    def _mlflow_auth_env(self, secrets: StackSecrets) -> dict[str, str]:
+        """MLflow's basic-auth app, its users in `mlflow/auth.db` (infra/mlflow_auth.py)."""
+        config = mlflow_auth.write_config(
+            self.home / "mlflow" / "auth.ini", f"sqlite:///{self.home / 'mlflow' / 'auth.db'}"
+        )
+        return {
+            "MLFLOW_AUTH_CONFIG_PATH": str(config),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": secrets.read("mlflow-admin-password"),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.read("mlflow-flask-secret"),
+        }
+
+    def _start_databases(
+        self, state: dict, db: str, secrets: StackSecrets
+    ) -> tuple[str, str | None, dict[str, str]]:
+        """MLflow's backend store URI, Prefect's database URL (None: Prefect's own SQLite) and the
+        environment their servers need to log in (the password never appears in a command line)."""
         if db == "sqlite":
             (self.home / "mlflow").mkdir(parents=True, exist_ok=True)
-            return f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}", None
+            return f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}", None, {}
         pg_bin = _postgres_bin()
         data = self.home / "postgres"
         port = state["ports"]["postgres"]
         as_owner = _postgres_user(data)
+        password = secrets.read("postgres-password")
+        login = {"PGPASSWORD": password}
         if not (data / "PG_VERSION").exists():
-            subprocess.run(
-                [*as_owner, str(pg_bin / "initdb"), "-D", str(data), "-U", "keel", "--auth=trust"],
-                check=True,
-                stdout=(self.logs / "postgres-initdb.log").open("wb"),
-                stderr=subprocess.STDOUT,
-            )
+            _initdb(pg_bin, data, as_owner, password, self.logs / "postgres-initdb.log")
+        _refuse_trust(data)
         self._start(
             state,
             "postgres",
@@ -262,7 +297,9 @@ class Stack:
             {},
             lambda: (
                 subprocess.run(
-                    [str(pg_bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True
+                    [str(pg_bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                    capture_output=True,
+                    env={**os.environ, **login},
                 ).returncode
                 == 0
             ),
@@ -273,12 +310,14 @@ class Stack:
                 [str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "keel", database],
                 capture_output=True,
                 text=True,
+                env={**os.environ, **login},
             )
             if created.returncode and "already exists" not in created.stderr:
                 raise RuntimeError(f"createdb {database} failed: {created.stderr}")
         return (
             f"postgresql://keel@127.0.0.1:{port}/mlflow",
             f"postgresql+asyncpg://keel@127.0.0.1:{port}/prefect",
+            login,
         )
 
     def _start(self, state, name, args, env, ready, timeout, log_name=None) -> None:
@@ -328,9 +367,11 @@ class Stack:
             )
         env = self.env(state)
         checks = {
-            "prefect": lambda: http_ok(env["PREFECT_API_URL"].removesuffix("/api") + "/api/health"),
-            "mlflow": lambda: http_ok(env["MLFLOW_TRACKING_URI"] + "/health"),
-            "dask": lambda: _tcp_ok(state["ports"]["dask"]),
+            "prefect": lambda: _deployments_ready(env, names=set()),
+            "mlflow": lambda: mlflow_auth.api_answers(
+                env["MLFLOW_TRACKING_URI"], env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]
+            ),
+            "dask": lambda: _dask_workers(env) >= 0,
         }
         for name, check in checks.items():
             try:
@@ -364,21 +405,71 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
-def _dask_workers(address: str) -> int:
+def _dask_workers(env: dict[str, str]) -> int:
+    """How many workers the scheduler has, asked over mutual TLS with the stack's certificate."""
     from distributed import Client
+    from distributed.security import Security
 
-    with Client(address, timeout=5) as client:
+    tls = Security(
+        tls_ca_file=env["DASK_DISTRIBUTED__COMM__TLS__CA_FILE"],
+        tls_client_cert=env["DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT"],
+        tls_client_key=env["DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY"],
+        require_encryption=True,
+    )
+    with Client(env["DASK_SCHEDULER_ADDRESS"], security=tls, timeout=5) as client:
         return len(client.scheduler_info().get("workers", {}))
 
 
-def _deployments_ready(api_url: str) -> bool:
-    """All three deployments exist and the automation is there."""
+def prefect_api(env: dict[str, str], timeout: float = 30):
+    """An HTTP client of the stack's Prefect API, logged in with the stack's basic-auth string."""
     import httpx
 
-    with httpx.Client(base_url=api_url, timeout=5) as http:
-        names = {d["name"] for d in http.post("/deployments/filter", json={}).json()}
-        automations = http.post("/automations/filter", json={}).json()
-    return {"scheduled", "landing-folder", "on-drift"} <= names and len(automations) >= 1
+    user, _, password = env["PREFECT_API_AUTH_STRING"].partition(":")
+    return httpx.Client(base_url=env["PREFECT_API_URL"], auth=(user, password), timeout=timeout)
+
+
+def _deployments_ready(env: dict[str, str], names: set[str] = DEPLOYMENTS) -> bool:
+    """The API answers our credentials; the deployments exist and the automation is there."""
+    with prefect_api(env, timeout=5) as http:
+        found = {d["name"] for d in http.post("/deployments/filter", json={}).raise_for_status().json()}
+        automations = http.post("/automations/filter", json={}).raise_for_status().json()
+    return names <= found and (not names or len(automations) >= 1)
+
+
+def _initdb(pg_bin: Path, data: Path, as_owner: list[str], password: str, log: Path) -> None:
+    """A cluster with SCRAM passwords. The password goes through a file only its owner can read,
+    deleted at once (as root, initdb runs as `postgres`, which may not open root's stdin)."""
+    import secrets
+
+    data.parent.mkdir(parents=True, exist_ok=True)
+    pwfile = data.parent / f".initdb-{secrets.token_hex(8)}"
+    fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(password + "\n")
+        if as_owner:
+            shutil.chown(pwfile, data.stat().st_uid, data.stat().st_gid)
+        with log.open("wb") as output:
+            subprocess.run(
+                [*as_owner, str(pg_bin / "initdb"), "-D", str(data), "-U", "keel",
+                 "--auth=scram-sha-256", f"--pwfile={pwfile}"],
+                check=True, stdout=output, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+    finally:
+        pwfile.unlink(missing_ok=True)
+
+
+def _refuse_trust(data: Path) -> None:
+    """A cluster initialised before passwords (`--auth=trust`) would let any local user in."""
+    hba = data / "pg_hba.conf"
+    with contextlib.suppress(PermissionError):
+        rules = [line.split() for line in hba.read_text().splitlines() if line.strip()]
+        if any(rule[-1] == "trust" for rule in rules if not rule[0].startswith("#")):
+            raise SystemExit(
+                f"{hba} lets anyone connect without a password (`trust`): set its methods to "
+                "scram-sha-256, give the `keel` role the password in secrets/postgres-password, "
+                "or delete the postgres folder to start afresh"
+            )
 
 
 def _postgres_user(data: Path) -> list[str]:
@@ -450,13 +541,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"starting the stack in {stack.home}", flush=True)
         state = stack.up(ports, args.workers, args.worker_memory, args.db, serve_args, args.data_roots)
         env = stack.env(state)
-        print("\nThe stack is up. Point flows at it with:\n")
-        print("\n".join(f"export {k}={v}" for k, v in env.items()))
+        home = shlex.quote(str(args.home))
+        secrets = stack.home / "secrets"
         print(
-            f"\nPrefect UI: {env['PREFECT_API_URL'].removesuffix('/api')}   MLflow UI: {env['MLFLOW_TRACKING_URI']}"
-        )
-        print(
-            f"Dask dashboard: http://127.0.0.1:{ports['dask_dashboard']}   stop: python -m infra.stack down"
+            "\nThe stack is up. Point flows at it (its addresses and credentials) with:\n\n"
+            f'    eval "$(python -m infra.stack env --home {home})"\n\n'
+            f"Prefect UI: {env['PREFECT_API_URL'].removesuffix('/api')}  (log in with "
+            f"keel:$(cat {secrets}/prefect-auth-token))\n"
+            f"MLflow UI:  {env['MLFLOW_TRACKING_URI']}  (user viewer, read-only: "
+            f"{secrets}/mlflow-viewer-password; user admin: {secrets}/mlflow-admin-password)\n"
+            f"Dask dashboard: http://127.0.0.1:{ports['dask_dashboard']}   "
+            f"stop: python -m infra.stack down --home {home}"
         )
     elif args.command == "down":
         for line in stack.down():
@@ -464,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "status":
         print("\n".join(stack.status()))
     else:
-        print("\n".join(f"export {k}={v}" for k, v in stack.recorded_env().items()))
+        print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in stack.recorded_env().items()))
     return 0
 
 

@@ -9,7 +9,8 @@ from pydantic import BaseModel, Field
 
 from tasks.access import DataAccess, checked_files
 from tasks.errors import DataValidationError, read_failure
-from tasks.refs import DatasetRef, content_digest, data_files, file_urls
+from tasks.refs import DatasetRef, data_files, file_urls
+from tasks.snapshot import pin, reported_as
 
 
 class TableSpec(BaseModel):
@@ -46,7 +47,7 @@ def read_header(path: str, fmt: Literal["csv", "parquet"]) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    first = data_files(path)[0]
+    first = file_urls(path)[0]  # with its scheme: an s3 path without one would be read as a local file
     try:
         if fmt == "csv":
             names = list(pd.read_csv(first, nrows=5).columns)
@@ -55,7 +56,10 @@ def read_header(path: str, fmt: Literal["csv", "parquet"]) -> list[str]:
                 pd.read_csv(first, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].tolist()
             )
         else:
-            schema = pq.read_schema(first)
+            import fsspec
+
+            with fsspec.open(first, "rb") as handle:  # fsspec's filesystems and credentials, not pyarrow's
+                schema = pq.read_schema(handle)
             names = written = list(schema.names)
             nested = [f.name for f in schema if pa.types.is_nested(f.type)]
             if nested:
@@ -99,18 +103,22 @@ def check_csv_ends(path: str, columns: list[str]) -> None:
         )
 
 
-def check_table(table: TableSpec, access: DataAccess | None = None) -> DatasetRef:
-    """Fail fast before any heavy work: the location is allowed (`tasks.access`; default: local files,
-    anywhere), exists, reads, is whole, and has the columns it must. The reference carries the
-    normalised location, which is what every later step reads."""
-    location, files = checked_files(table.path, access or DataAccess())
+def check_table(table: TableSpec, access: DataAccess, datasets_root: str) -> DatasetRef:
+    """Fail fast before any heavy work: the location is allowed (`tasks.access`), exists, reads, is
+    whole, and has the columns it must. Checked on the run's pinned copy (`tasks.snapshot`), which is
+    what every later step reads; errors name the user's file."""
+    location, files = checked_files(table.path, access)
     if not files:
         raise DataValidationError(location, "file does not exist (or the folder holds no data files)")
-    fmt = table_format(location)
-    columns = read_header(location, fmt)
-    if fmt == "csv":
-        for url in files:
-            check_csv_ends(url, columns)
+    table_format(location)  # an unsupported file type is refused before anything is copied
+    pinned = pin(location, files, datasets_root)
+    unchecked = DatasetRef(name="raw", uri=pinned.uri, digest=pinned.digest, format="csv", source=location)
+    with reported_as(unchecked):
+        fmt = table_format(pinned.uri)
+        columns = read_header(pinned.uri, fmt)
+        if fmt == "csv":
+            for url in file_urls(pinned.uri):
+                check_csv_ends(url, columns)
     for role, column in (("target", table.target), ("time", table.time_column)):
         if column not in columns:
             raise DataValidationError(
@@ -126,9 +134,7 @@ def check_table(table: TableSpec, access: DataAccess | None = None) -> DatasetRe
         raise DataValidationError(location, "a key column does not exist", unknown[0])
     if table.target in table.drop_columns or table.time_column in table.drop_columns:
         raise DataValidationError(location, "drop_columns must not name the target or the time column")
-    return DatasetRef(
-        name="raw", uri=location, digest=content_digest(location), format=fmt, columns=tuple(columns)
-    )
+    return unchecked.model_copy(update={"format": fmt, "columns": tuple(columns)})
 
 
 def read_table(ref: DatasetRef):

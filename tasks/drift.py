@@ -28,6 +28,7 @@ from tasks.data import read_header, read_table, table_format
 from tasks.errors import DataValidationError, StepFailed
 from tasks.policies import Decision, PolicyContext, PolicySettings, decide
 from tasks.refs import DatasetRef, content_digest
+from tasks.snapshot import pin, reported_as
 from tasks.steps import current_step, processing_step
 from tasks.verdict import Verdict, judge
 
@@ -74,20 +75,25 @@ class DriftCheck(BaseModel):
         ]
 
 
-def batch_files(uri: str, latest: bool, access: DataAccess) -> str:
+def batch_files(uri: str, latest: bool, access: DataAccess) -> tuple[str, list[str]]:
     """The data to check, once the data-access policy allows it (`tasks.access`): the file itself, the
-    folder, or with `latest` the folder's last file by name."""
+    folder, or with `latest` the folder's last file by name; with the files it stands for."""
     location, files = checked_files(uri, access)
     if not files:
         raise DataValidationError(location, "file does not exist (or the folder holds no data files)")
-    return files[-1] if latest else location
+    return (files[-1], files[-1:]) if latest else (location, files)
 
 
-def batch_ref(uri: str) -> DatasetRef:
-    """The batch as a reference, after cheap checks: it exists and reads (format, header, digest)."""
-    fmt = table_format(uri)
-    columns = read_header(uri, fmt)
-    return DatasetRef(name="batch", uri=uri, digest=content_digest(uri), format=fmt, columns=tuple(columns))
+def batch_ref(location: str, files: list[str], datasets_root: str) -> DatasetRef:
+    """The batch as a reference to the run's pinned copy (`tasks.snapshot`), after cheap checks: it
+    exists and reads (format, header)."""
+    table_format(location)
+    pinned = pin(location, files, datasets_root)
+    batch = DatasetRef(name="batch", uri=pinned.uri, digest=pinned.digest, format="csv", source=location)
+    with reported_as(batch):
+        fmt = table_format(pinned.uri)
+        columns = read_header(pinned.uri, fmt)
+    return batch.model_copy(update={"format": fmt, "columns": tuple(columns)})
 
 
 def require_columns(batch: DatasetRef, required: list[str]) -> None:
@@ -292,9 +298,13 @@ class DriftReportRef(BaseModel):
 
 
 @processing_step(name="drift-report")
-def report_drift(check: DriftCheck, settings: PolicySettings, checked_at: str) -> DriftReportRef:
-    """Evidently's report on the row samples, logged to MLflow with the verdict; Prefect artifacts."""
+def report_drift(
+    check: DriftCheck, settings: PolicySettings, checked_at: str, max_report_bytes: int = 50 * 2**20
+) -> DriftReportRef:
+    """Evidently's report on the row samples (not kept above `max_report_bytes`), logged to MLflow
+    with the verdict; Prefect artifacts."""
     import pandas as pd
+    from prefect import get_run_logger
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
     from tasks import drift_report
@@ -317,7 +327,12 @@ def report_drift(check: DriftCheck, settings: PolicySettings, checked_at: str) -
     table = drift_table(check)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "drift"
-        report.save(folder / "report.html", folder / "report.json")
+        if not report.save(folder / "report.html", folder / "report.json", max_report_bytes):
+            get_run_logger().warning(
+                "the Evidently report is over %.0f MiB (--max-report-mb): not kept; the verdict and every "
+                "column's scores are in drift/columns.md and drift/verdict.json",
+                max_report_bytes / 2**20,
+            )
         (folder / "columns.md").write_text(table + "\n")
         (folder / "verdict.json").write_text(check.model_dump_json(indent=1))
         step.client.log_artifacts(step.run_id, str(folder), "drift")
@@ -358,7 +373,7 @@ def report_drift(check: DriftCheck, settings: PolicySettings, checked_at: str) -
     create_markdown_artifact(
         key="drift-columns",
         markdown=f"### {'Retrain' if check.retrain else 'No retrain'} (policy {check.decision.policy}): "
-        f"{markdown.text(check.batch.uri)}\n\n"
+        f"{markdown.text(check.batch.location)}\n\n"
         + table
         + note
         + f"\n\n{markdown.link('Evidently report', link)}\n",
@@ -478,7 +493,7 @@ def event_payload(check: DriftCheck, report: DriftReportRef, checked_at: str) ->
         "estimated": verdict.estimated,
         "report_uri": report.html_uri,
         "report_link": report.link,
-        "batch_uri": check.batch.uri,
+        "batch_uri": check.batch.location,
         "batch_digest": check.batch.digest,
         "rows": check.rows,
         "checked_at": checked_at,

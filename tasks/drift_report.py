@@ -38,12 +38,25 @@ class DriftReport:
     metrics: list[dict[str, Any]]
     snapshot: Any
 
-    def save(self, html_path: Path, json_path: Path) -> None:
+    def save(self, html_path: Path, json_path: Path, max_bytes: int) -> bool:
         """Write the self-contained HTML report (its data made inert, `inert_data`) and the JSON of
-        metric values."""
+        metric values; an HTML report over `max_bytes` is replaced by a page saying so (False)."""
         html_path.parent.mkdir(parents=True, exist_ok=True)
-        html_path.write_text(inert_data(self.snapshot.get_html_str(as_iframe=False)), encoding="utf-8")
+        html = inert_data(self.snapshot.get_html_str(as_iframe=False)).encode("utf-8")
+        kept = len(html) <= max_bytes
+        if not kept:
+            html = TOO_LARGE.format(size=len(html) / 2**20, limit=max_bytes / 2**20).encode()
+        html_path.write_bytes(html)
         self.snapshot.save_json(str(json_path))
+        return kept
+
+
+TOO_LARGE = (
+    "<!doctype html><meta charset=utf-8><title>Drift report not kept</title>"
+    "<p>The Evidently report was {size:.1f} MiB, over the limit of {limit:.3g} MiB (--max-report-mb), "
+    "so it was not kept. The verdict and every column's scores are beside this file: "
+    "columns.md and verdict.json.</p>\n"
+)
 
 
 class ReportLayoutChanged(RuntimeError):

@@ -56,11 +56,11 @@ class Splits(BaseModel):
 
 
 @processing_step(name="validate-input")
-def validate_input(table: TableSpec, access: DataAccess | None = None) -> DatasetRef:
+def validate_input(table: TableSpec, access: DataAccess, datasets_root: str) -> DatasetRef:
     """Stop before any heavy work if the location is not allowed (`tasks.access`), or the file is
-    missing, unreadable, cut off, or lacks a required column. Never cached: it digests the content,
-    which is what later keys are made of."""
-    ref = check_table(table, access)
+    missing, unreadable, cut off, or lacks a required column; pin the copy every later step reads
+    (`tasks.snapshot`). Never cached: it digests the content, which is what later keys are made of."""
+    ref = check_table(table, access, datasets_root)
     current_step().log_params({"format": ref.format, "columns": list(ref.columns)})
     return ref
 

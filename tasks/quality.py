@@ -57,6 +57,18 @@ class QualityRules(BaseModel):
         ge=0,
         description="Allowed distance beyond the baseline's min/max, as a share of its range.",
     )
+    max_rows: int = Field(
+        default=100_000_000, ge=1, description="More rows than this are refused (whatever the policy)."
+    )
+    max_columns: int = Field(
+        default=2_000, ge=1, description="More columns than this are refused, before the data is read."
+    )
+    max_category_length: int = Field(
+        default=1_000,
+        ge=1,
+        description="A text value longer than this (characters) is refused: categories are labels, "
+        "and they travel into constraints, reports and the model.",
+    )
 
 
 def rules_of(params: BaseModel) -> QualityRules:
@@ -81,6 +93,7 @@ class ColumnStats(BaseModel):
     not_number_examples: list[str] = Field(
         default_factory=list, description="A few values that are not numbers."
     )
+    longest: int = Field(default=0, description="Characters in the longest value that is not a number.")
 
     @property
     def kind(self) -> str:
@@ -103,6 +116,7 @@ class ColumnStats(BaseModel):
             max=_pick(max, self.max, other.max),
             values=values,
             not_number_examples=sorted(set(self.not_number_examples) | set(other.not_number_examples))[:5],
+            longest=max(self.longest, other.longest),
         )
 
 
@@ -179,10 +193,12 @@ def partition_stats(frame: pd.DataFrame, time_column: str) -> dict[str, ColumnSt
         )
         not_numbers = int((present & numbers.isna()).sum())
         finite = numbers[np.isfinite(numbers)]
-        text, examples = None, []
+        text, examples, longest = None, [], 0
         if not_numbers:
+            distinct = values[present & numbers.isna()].astype(str).unique()
+            longest = int(max(map(len, distinct)))
             text = sorted(map(str, values[present].unique()))[: MAX_CATEGORIES + 1]
-            examples = sorted(map(str, values[present & numbers.isna()].unique()[:5]))
+            examples = sorted(distinct[:5])
         not_times = 0
         if column == time_column:
             not_times = int((present & parse_time(values).isna()).sum())
@@ -197,6 +213,7 @@ def partition_stats(frame: pd.DataFrame, time_column: str) -> dict[str, ColumnSt
             max=float(finite.max()) if len(finite) else None,
             values=text,
             not_number_examples=examples,
+            longest=longest,
         )
     return stats
 
@@ -408,6 +425,23 @@ def violations_table(found: list[Violation]) -> str:
 # --- the step -------------------------------------------------------------------------------------
 
 
+def check_caps(data: DatasetRef, stats: dict[str, ColumnStats], rules: QualityRules) -> None:
+    """Sizes no policy lets through: too many rows, or a text value too long to be a category."""
+    rows = max((s.rows for s in stats.values()), default=0)
+    if rows > rules.max_rows:
+        raise DataValidationError(
+            data.location, f"{rows:,} rows, over the limit of {rules.max_rows:,} (--max-rows)"
+        )
+    for column, s in stats.items():
+        if s.longest > rules.max_category_length:
+            raise DataValidationError(
+                data.location,
+                f"a text value is {s.longest:,} characters long, over the limit of "
+                f"{rules.max_category_length:,} (--max-category-length)",
+                column,
+            )
+
+
 @processing_step(name="check-quality", cache=CacheConfig(), retry=RetryPolicy(attempts=3))
 def check_quality(
     data: DatasetRef,
@@ -430,8 +464,14 @@ def check_quality(
     logger = get_run_logger()
     missing_key = [c for c in key_columns if c not in data.columns]
     if missing_key:
-        raise DataValidationError(data.uri, "a key column is missing", missing_key[0])
+        raise DataValidationError(data.location, "a key column is missing", missing_key[0])
+    if len(data.columns) > rules.max_columns:
+        raise DataValidationError(
+            data.location,
+            f"{len(data.columns):,} columns, over the limit of {rules.max_columns:,} (--max-columns)",
+        )
     stats, duplicates = table_stats(data, time_column, key_columns)
+    check_caps(data, stats, rules)
     baseline = load_constraints(step.client, against) if against else None
     found = violations(stats, duplicates, key_columns, time_column, baseline, rules, optional, required)
     constraints = constraints_from(data, stats, time_column)
@@ -449,11 +489,11 @@ def check_quality(
     if found:
         create_markdown_artifact(
             key="quality-violations",
-            markdown=f"### {len(found)} data quality violations in {markdown.text(data.uri)}\n\n"
+            markdown=f"### {len(found)} data quality violations in {markdown.text(data.location)}\n\n"
             f"Against {markdown.text(against_text)}.\n\n{table}\n",
             description=f"{len(found)} violations ({rules.on_quality_violation})",
         )
-        logger.warning("%d data quality violations in %s:\n%s", len(found), data.uri, table)
+        logger.warning("%d data quality violations in %s:\n%s", len(found), data.location, table)
         stopping = [
             v
             for v in found
@@ -464,7 +504,9 @@ def check_quality(
             first = stopping[0]
             more = f" (and {len(found) - 1} more violations, see the table)" if len(found) > 1 else ""
             raise DataValidationError(
-                data.uri, f"{first.rule}: {first.observed}, expected {first.expected}{more}", first.column
+                data.location,
+                f"{first.rule}: {first.observed}, expected {first.expected}{more}",
+                first.column,
             )
     else:
         logger.info(

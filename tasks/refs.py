@@ -26,6 +26,14 @@ class DatasetRef(BaseModel):
     format: Literal["csv", "parquet"]
     rows: int | None = Field(default=None, ge=0)
     columns: tuple[str, ...] = ()
+    source: str | None = Field(
+        default=None, description="The user's location, when `uri` is the run's pinned copy of it."
+    )
+
+    @property
+    def location(self) -> str:
+        """Where the user's data is: the source of a pinned copy, else the URI itself."""
+        return self.source or self.uri
 
     def short(self) -> str:
         return f"{self.name} ({self.rows if self.rows is not None else '?'} rows, {self.digest[:12]})"

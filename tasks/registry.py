@@ -61,7 +61,23 @@ def find_champion(client: MlflowClient, name: str) -> ModelVersion | None:
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
+        # An authenticating server denies an alias of a model that does not exist (it does not say
+        # which names exist): ask for the model itself, which says "not found" to a permitted user.
+        if exc.error_code == "PERMISSION_DENIED" and not _model_exists(client, name):
+            return None
         raise
+
+
+def _model_exists(client: MlflowClient, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return False
+        raise
+    return True
 
 
 def comparable_champion(client: MlflowClient, name: str, model: ModelRef) -> str | None:
@@ -162,7 +178,8 @@ def register(
         **{k: v for k, v in execution.items() if k.startswith(("prefect.", "keel.trigger."))},
         **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
         **{f"dataset.{k}.digest": ref.digest for k, ref in datasets.items()},
-        **{f"dataset.{k}.uri": ref.uri for k, ref in datasets.items()},
+        **{f"dataset.{k}.uri": ref.location for k, ref in datasets.items()},
+        **{f"dataset.{k}.pinned": ref.uri for k, ref in datasets.items() if ref.source},
     }
     if baseline is not None:
         tags.update({BASELINE_TAG: baseline.uri, BASELINE_RUN_TAG: baseline.run_id})

@@ -14,7 +14,7 @@ from tasks.compute import dask_client, threads_per_task
 from tasks.featurize import FeatureSpec, model_matrix, parse_time, predictions_frame
 from tasks.integrity import record_manifest
 from tasks.prepare import Splits
-from tasks.refs import DatasetRef, ModelRef, data_files
+from tasks.refs import DatasetRef, ModelRef, file_urls
 from tasks.steps import (
     CacheConfig,
     ParamRange,
@@ -138,14 +138,17 @@ def train(raw: DatasetRef, splits: Splits, tuning: TuningResult, training: Train
 
 def input_example(raw: DatasetRef, spec: FeatureSpec):
     """Five rows of the user's own file, with its own column types (the model signature's source)."""
+    import fsspec
     import pandas as pd
     import pyarrow.parquet as pq
 
-    first = data_files(raw.uri)[0]
+    first = file_urls(raw.uri)[0]  # with its scheme (s3 and the like), opened through fsspec
     if raw.format == "csv":
         rows = pd.read_csv(first, nrows=5, usecols=spec.input_columns)
     else:
-        rows = next(pq.ParquetFile(first).iter_batches(batch_size=5, columns=spec.input_columns)).to_pandas()
+        with fsspec.open(first, "rb") as handle:
+            batch = next(pq.ParquetFile(handle).iter_batches(batch_size=5, columns=spec.input_columns))
+        rows = batch.to_pandas()
     rows[spec.time_column] = parse_time(rows[spec.time_column])
     return rows[spec.input_columns]
 

@@ -22,6 +22,9 @@ SERVER_VARIABLES = (
     "DASK_SCHEDULER_ADDRESS",
     "PREFECT_API_URL",
     "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "PREFECT_API_AUTH_STRING",
 )
 for name in SERVER_VARIABLES:
     os.environ.pop(name, None)  # the suite decides where everything goes

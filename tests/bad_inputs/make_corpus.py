@@ -35,6 +35,8 @@ CASES: dict[str, tuple[str | None, str]] = {
     "duplicated_header.csv": ("temp", "names this column more than once"),
     "nested_column.parquet": ("readings", "nested values"),
     "constant_target.csv": ("cnt", "the target has one value"),
+    "long_category.csv": ("weather", "characters long, over the limit of 1,000 (--max-category-length)"),
+    "too_many_columns.csv": (None, "2,011 columns, over the limit of 2,000 (--max-columns)"),
     # not a file of its own: a path that climbs out of the allowed data roots (the corpus folder)
     "../../data/bike_sharing_hourly.csv": (None, "outside the allowed data roots"),
 }
@@ -85,6 +87,12 @@ def main() -> None:
         HERE / "nested_column.parquet", index=False
     )
     write("constant_target.csv", rows.assign(cnt=100))
+    wordy = rows.copy()
+    wordy.loc[[9], "weather"] = "clear " * 300  # 1,800 characters: a text, not a category
+    write("long_category.csv", wordy)
+    wide = rows.head(48)
+    extra = pd.DataFrame(0, index=wide.index, columns=[f"sensor_{i}" for i in range(2_011 - wide.shape[1])])
+    write("too_many_columns.csv", pd.concat([wide, extra], axis=1))
     (HERE / "cases.json").write_text(
         json.dumps(
             {

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from flows.pipeline import STEPS
-from tests.conftest import BIKE_CSV, ROOT
+from tests.conftest import BIKE_CSV, ROOT, clean_env
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 
@@ -127,12 +127,13 @@ def test_a_model_file_replaced_through_the_artifact_proxy_is_refused_and_never_r
 def test_the_manifests_mlflow_server_answers_its_service_name_and_its_probes(tmp_path):
     """Compose and Kubernetes clients call MLflow as `mlflow:5000`; MLflow refuses Host headers it does
     not know (403) while /health still answers 200. The manifests' own server arguments (stores
-    swapped for local ones) and probes, replayed against a real server."""
+    swapped for local ones), their basic-auth app, probes and users job, replayed against a real server."""
     import urllib.error
     import urllib.request
 
     import yaml
 
+    from infra import mlflow_auth
     from infra.processes import BIN, free_port, http_ok, start, stop, wait_until
 
     compose = yaml.safe_load((ROOT / "infra" / "compose" / "compose.yaml").read_text())
@@ -141,37 +142,71 @@ def test_the_manifests_mlflow_server_answers_its_service_name_and_its_probes(tmp
         for a in compose["services"]["mlflow"]["command"][2:]
         if not a.startswith(("--host=", "--port=", "--backend-store-uri=", "--artifacts-destination="))
     ]
-    port = free_port()
+    assert "--app-name=basic-auth" in kept
+    port = free_port()  # the users job is replayed against this port: its Host must be allowed too
+    kept = [f"{a},127.0.0.1:{port}" if a.startswith("--allowed-hosts=") else a for a in kept]
+    uri = f"http://127.0.0.1:{port}"
     log = tmp_path / "mlflow.log"
+    passwords = {name: f"test-{name.lower()}-{port}" for name in mlflow_auth.PASSWORD_VARIABLES.values()}
+    config = mlflow_auth.write_config(tmp_path / "auth.ini", f"sqlite:///{tmp_path / 'auth.db'}")
     server = start(
         [
             str(BIN / "mlflow"), "server", "--host=127.0.0.1", f"--port={port}", *kept,
             f"--backend-store-uri=sqlite:///{tmp_path / 'mlflow.db'}", f"--artifacts-destination={tmp_path / 'art'}",
         ],
         log,
-        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        env={
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_AUTH_CONFIG_PATH": str(config),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": passwords["MLFLOW_AUTH_ADMIN_PASSWORD"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-signing-key",
+        },
     )  # fmt: skip
     try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), "mlflow server", 120, [server], log)
+        wait_until(lambda: http_ok(f"{uri}/health"), "mlflow server", 120, [server], log)
 
-        def status(path: str, host: str) -> int:
-            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Host": host})
+        def run(command: list[str], **env: str) -> subprocess.CompletedProcess:
+            command = [sys.executable if c == "python" else c for c in command]
+            command = [
+                c.replace("http://localhost:5000", uri).replace("http://mlflow:5000", uri) for c in command
+            ]
+            return subprocess.run(
+                command, cwd=ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=120
+            )
+
+        docs = yaml.safe_load_all((ROOT / "infra" / "k8s" / "keel.yaml").read_text())
+        [deployment] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"]
+        k8s_probe = deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"][
+            "command"
+        ]
+        compose_probe = compose["services"]["mlflow"]["healthcheck"]["test"][1:]
+        admin = {"MLFLOW_AUTH_ADMIN_PASSWORD": passwords["MLFLOW_AUTH_ADMIN_PASSWORD"]}
+        for probe in (k8s_probe, compose_probe):
+            assert "mlflow:5000" in probe
+            assert run(probe, **admin).returncode == 0
+            assert run(probe, MLFLOW_AUTH_ADMIN_PASSWORD="wrong").returncode == 1
+        users = run(compose["services"]["mlflow-users"]["command"], **passwords)
+        assert users.returncode == 0 and "keel, viewer" in users.stdout, users.stderr
+        assert "none (all existed)" in run(compose["services"]["mlflow-users"]["command"], **passwords).stdout
+
+        def status(path: str, host: str, auth: tuple[str, str] | None = None) -> int:
+            headers = {"Host": host}
+            if auth:
+                import base64
+
+                headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+            request = urllib.request.Request(f"{uri}{path}", headers=headers)
             try:
                 with urllib.request.urlopen(request, timeout=30) as answer:
                     return answer.status
             except urllib.error.HTTPError as refused:
                 return refused.code
 
-        docs = yaml.safe_load_all((ROOT / "infra" / "k8s" / "keel.yaml").read_text())
-        [deployment] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"]
-        probe = deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]
-        assert status(probe["path"], probe["httpHeaders"][0]["value"]) == 200  # the Kubernetes probe
-        healthcheck = compose["services"]["mlflow"]["healthcheck"]["test"]
-        replay = subprocess.run(
-            [sys.executable, "-c", healthcheck[-1].replace("localhost:5000", f"127.0.0.1:{port}")], timeout=60
-        )
-        assert replay.returncode == 0  # the compose healthcheck
-        assert status("/api/2.0/mlflow/experiments/search?max_results=1", "attacker.example") == 403
+        search = "/api/2.0/mlflow/experiments/search?max_results=1"
+        keel = ("keel", passwords["MLFLOW_KEEL_PASSWORD"])
+        assert status(search, "mlflow:5000", keel) == 200
+        assert status(search, "mlflow:5000") == 401
+        assert status(search, "attacker.example", keel) == 403
         assert status("/health", "attacker.example") == 200  # why /health alone proves nothing
     finally:
         stop([server])

@@ -6,8 +6,10 @@ retrain through the automation; a burst of events retrains once; a clean batch s
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,7 @@ import pandas as pd
 import pytest
 
 from infra.processes import free_port
+from infra.stack import prefect_api
 from tests.conftest import BIKE_CSV, ROOT, clean_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.servers, pytest.mark.slow]
@@ -88,7 +91,7 @@ class RunningStack:
         )
 
     def api(self) -> httpx.Client:
-        return httpx.Client(base_url=self.env["PREFECT_API_URL"], timeout=30)
+        return prefect_api(self.env)
 
     def retrain_runs(self, model: str) -> list[dict]:
         with self.api() as http:
@@ -134,8 +137,12 @@ class RunningStack:
         return done.stdout.split()
 
     def mlflow(self):
+        """A client logged in as the stack's app user (MLflow reads credentials from the environment
+        only; the suite's other servers ignore them and `clean_env` keeps them from child processes)."""
         import mlflow
 
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            os.environ[name] = self.env[name]
         uri = self.env["MLFLOW_TRACKING_URI"]
         return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -242,6 +249,81 @@ def test_a_forged_event_about_a_model_without_a_champion_trains_nothing(stack):
     assert stack.mlflow().search_model_versions("name='forged'") == []
 
 
+ATTACK = "open('/tmp/keel-attack-ran', 'w').write('ran')\n"
+
+
+def test_every_server_refuses_whoever_lacks_the_stacks_credentials(stack, tmp_path):
+    """The probe's takeover, tried as any local process could: nothing answers without the stack's
+    generated credentials, which only the stack's owner can read."""
+    secrets = stack.home / "secrets"
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in secrets.iterdir()} == {0o600}
+    for value in (stack.env["MLFLOW_TRACKING_PASSWORD"], stack.env["PREFECT_API_AUTH_STRING"]):
+        assert value not in (stack.home / "stack.json").read_text()
+        assert not any(value in log.read_text(errors="replace") for log in (stack.home / "logs").iterdir())
+
+    # MLflow: the artifact-proxy overwrite of the champion's code, unauthenticated and as the viewer
+    client = stack.mlflow()
+    version = client.get_model_version_by_alias("stack-a", "champion")
+    location = client.get_logged_model(version.source.removeprefix("models:/")).artifact_location
+    code = (
+        f"{stack.env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow-artifacts/artifacts/"
+        f"{location.removeprefix('mlflow-artifacts:/')}/serving_model.py"
+    )
+    viewer = ("viewer", (secrets / "mlflow-viewer-password").read_text().strip())
+    assert httpx.put(code, content=ATTACK).status_code == 401
+    assert httpx.put(code, content=ATTACK, auth=viewer).status_code == 403
+    assert httpx.put(code, content=ATTACK, auth=("keel", "keel-change-me")).status_code == 401
+    assert httpx.get(code, auth=viewer).status_code == 200  # colleagues can read what they may
+    search = stack.env["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=5"
+    assert httpx.get(search).status_code == 401
+    assert httpx.get(search, auth=viewer).status_code == 200
+    tag = {"name": "stack-a", "version": str(version.version), "key": "approval_status", "value": "Approved"}
+    setter = stack.env["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/model-versions/set-tag"
+    assert httpx.post(setter, json=tag, auth=viewer).status_code == 403
+
+    # Prefect: the REST API and the event stream (a forged drift event must not arrive)
+    prefect = stack.env["PREFECT_API_URL"]
+    assert httpx.post(f"{prefect}/deployments/filter", json={}).status_code == 401
+    assert httpx.post(f"{prefect}/deployments/filter", json={}, auth=("keel", "wrong")).status_code == 401
+    forged = subprocess.run(
+        [sys.executable, "-c", "from prefect.events import emit_event\n"
+         "emit_event(event='keel.drift.detected', resource={'prefect.resource.id': 'keel.model.unauth.v1',"
+         " 'keel.model.name': 'unauth', 'keel.model.version': '1'})"],
+        env=clean_env(PREFECT_API_URL=prefect), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert forged.returncode == 0, forged.stderr
+    time.sleep(5)
+    with stack.api() as http:
+        events = http.post(
+            "/events/filter", json={"filter": {"any_resource": {"id": ["keel.model.unauth.v1"]}}}
+        ).json()
+    assert events["events"] == []
+
+    # Dask: plain TCP, and TLS with a certificate the stack's CA did not sign, are both turned away
+    other = tmp_path / "other"
+    other.mkdir()
+    from infra.secrets import StackSecrets
+
+    impostor = StackSecrets.ensure(other).dask_tls()
+    address = stack.env["DASK_SCHEDULER_ADDRESS"]
+    probe = (
+        "import sys\nfrom distributed import Client\n"
+        "try:\n    Client(sys.argv[1], timeout=8).close()\nexcept Exception as exc:\n"
+        "    print('refused', type(exc).__name__)\nelse:\n    print('connected')\n"
+    )
+    for target, env in (
+        (address.replace("tls://", "tcp://"), clean_env()),
+        (address, clean_env(**impostor)),
+    ):
+        done = subprocess.run([sys.executable, "-c", probe, target], env=env, capture_output=True, text=True)
+        assert done.stdout.startswith("refused"), (target, done.stdout, done.stderr[-1000:])
+    genuine = subprocess.run(
+        [sys.executable, "-c", probe, address], env=clean_env(**stack.env), capture_output=True, text=True
+    )
+    assert genuine.stdout.startswith("connected"), genuine.stderr[-1000:]
+
+
 def test_down_then_up_loses_nothing(stack):
     client = stack.mlflow()
     versions = sorted(str(v.version) for v in client.search_model_versions("name='stack-a'"))
@@ -284,12 +366,25 @@ def test_postgresql_keeps_mlflow_and_prefect_data_across_restarts():
         with stack.api() as http:  # Prefect's database is there too: the deployments came back
             names = {d["name"] for d in http.post("/deployments/filter", json={}).json()}
         assert {"scheduled", "landing-folder", "on-drift"} <= names
-        tables = subprocess.run(
-            ["psql", "-h", "127.0.0.1", "-p", stack.port_args[stack.port_args.index("--postgres-port") + 1],
-             "-U", "keel", "-d", "prefect", "-tAc", "select count(*) from deployment"],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+        port = stack.port_args[stack.port_args.index("--postgres-port") + 1]
+        query = ["psql", "-h", "127.0.0.1", "-p", port, "-U", "keel", "-d", "prefect", "-tAc",
+                 "select count(*) from deployment"]  # fmt: skip
+        password = (stack.home / "secrets" / "postgres-password").read_text().strip()
+        tables = subprocess.run(query, capture_output=True, text=True, env=clean_env(PGPASSWORD=password))
+        assert tables.returncode == 0, tables.stderr
         assert int(tables.stdout.strip()) >= 3
+        for wrong in ("", "keel-change-me"):  # password authentication, never `trust`
+            refused = subprocess.run(
+                query,
+                capture_output=True,
+                text=True,
+                env=clean_env(PGPASSWORD=wrong),
+                stdin=subprocess.DEVNULL,
+            )
+            assert refused.returncode != 0, refused
+            assert (
+                "password authentication failed" in refused.stderr or "no password supplied" in refused.stderr
+            )
     finally:
         stack.command("down", timeout=180)
         shutil.rmtree(home, ignore_errors=True)

@@ -47,29 +47,35 @@ def test_a_link_inside_an_allowed_folder_to_a_file_outside_is_refused_by_name(tr
     access = DataAccess.parse(str(tree["allowed"]), None)
     link = tree["allowed"] / "innocent.csv"
     link.symlink_to(tree["secret"])
-    error = refusal(lambda: check_table(table(link), access))
+    error = refusal(lambda: check_table(table(link), access, str(tree["root"] / "datasets")))
     assert "outside the allowed data roots" in error.rule
     # in a folder: the link is found among its files
-    error = refusal(lambda: check_table(table(tree["allowed"]), access))
+    error = refusal(lambda: check_table(table(tree["allowed"]), access, str(tree["root"] / "datasets")))
     assert error.file == str(link) and "resolves outside" in error.rule
     # the monitor applies the same policy
     from tasks.drift import batch_files
 
     refusal(lambda: batch_files(str(tree["allowed"]), True, access))
     link.unlink()
-    assert batch_files(str(tree["allowed"]), True, access) == str(tree["allowed"] / "good.csv")
+    good = str(tree["allowed"] / "good.csv")
+    assert batch_files(str(tree["allowed"]), True, access) == (good, [good])
 
 
 def test_paths_outside_the_roots_and_dot_dot_are_refused_before_anything_is_read(tree):
     access = DataAccess.parse(str(tree["allowed"]), None)
-    refusal(lambda: check_table(table(tree["secret"]), access))
-    error = refusal(lambda: check_table(table(f"{tree['allowed']}/../secrets.env"), access))
-    assert error.file == str(tree["secret"]) and "outside" in error.rule  # named as resolved
-    error = refusal(lambda: check_table(table(tree["root"] / "missing.csv"), access))
-    assert "outside" in error.rule  # not "does not exist": existence outside the roots is not revealed
-    assert check_table(table(f"file://{tree['allowed'] / 'good.csv'}"), access).uri == str(
-        tree["allowed"] / "good.csv"
+    refusal(lambda: check_table(table(tree["secret"]), access, str(tree["root"] / "datasets")))
+    error = refusal(
+        lambda: check_table(
+            table(f"{tree['allowed']}/../secrets.env"), access, str(tree["root"] / "datasets")
+        )
     )
+    assert error.file == str(tree["secret"]) and "outside" in error.rule  # named as resolved
+    error = refusal(
+        lambda: check_table(table(tree["root"] / "missing.csv"), access, str(tree["root"] / "datasets"))
+    )
+    assert "outside" in error.rule  # not "does not exist": existence outside the roots is not revealed
+    ref = check_table(table(f"file://{tree['allowed'] / 'good.csv'}"), access, str(tree["root"] / "datasets"))
+    assert ref.location == str(tree["allowed"] / "good.csv")
 
 
 def test_no_roots_means_anywhere_but_errors_still_quote_nothing(tree):
@@ -77,7 +83,7 @@ def test_no_roots_means_anywhere_but_errors_still_quote_nothing(tree):
     what the file's first line (its 'header') holds."""
     secret = tree["root"] / "secrets.csv"
     secret.write_text(f"PASSWORD={SECRET}\n")
-    error = refusal(lambda: check_table(table(secret), DataAccess()))
+    error = refusal(lambda: check_table(table(secret), DataAccess(), str(tree["root"] / "datasets")))
     assert error.column == "y" and "the file has 1 columns" in error.rule
 
 
@@ -117,12 +123,16 @@ def http_root(tree) -> Iterator[str]:
         server.server_close()
 
 
-def test_http_inputs_are_read_once_allowed(http_root):
+def test_http_inputs_are_read_once_allowed(http_root, tree):
     access = DataAccess.parse(f"{http_root}/allowed", "file,http")
-    ref = check_table(table(f"{http_root}/allowed/good.csv"), access)
+    ref = check_table(table(f"{http_root}/allowed/good.csv"), access, str(tree["root"] / "datasets"))
     assert len(read_table(ref).compute(scheduler="sync")) == 4  # the scheme is not put in twice any more
-    refusal(lambda: check_table(table(f"{http_root}/allowed/../secrets.env"), access))
-    refusal(lambda: check_table(table(f"{http_root}/secrets.env"), access))
+    refusal(
+        lambda: check_table(
+            table(f"{http_root}/allowed/../secrets.env"), access, str(tree["root"] / "datasets")
+        )
+    )
+    refusal(lambda: check_table(table(f"{http_root}/secrets.env"), access, str(tree["root"] / "datasets")))
 
 
 def test_reader_errors_and_rejection_records_quote_nothing(tmp_path):

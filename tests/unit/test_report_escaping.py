@@ -51,7 +51,7 @@ def test_the_report_holds_only_evidentlys_own_scripts(tmp_path, hostile):
     reference, current, column = frames(hostile)
     report = build_report(reference, current, ["x"], [column])
     raw = report.snapshot.get_html_str(as_iframe=False)
-    report.save(tmp_path / "report.html", tmp_path / "report.json")
+    assert report.save(tmp_path / "report.html", tmp_path / "report.json", 50 * 2**20)
     page = (tmp_path / "report.html").read_text()
     benign = elements(
         inert_data(build_report(*frames(False)[:2], ["x"], ["plain"]).snapshot.get_html_str(False))
@@ -78,3 +78,12 @@ def test_violation_tables_escape_what_comes_from_data():
     )
     assert "<" not in table and "<img" not in table
     assert table.count("\n") == 2 and all(line.count(" | ") == 4 for line in table.splitlines()[2:])
+
+
+def test_a_report_over_the_size_cap_is_replaced_by_a_page_saying_so(tmp_path):
+    reference, current, column = frames(False)
+    report = build_report(reference, current, ["x"], [column])
+    assert not report.save(tmp_path / "report.html", tmp_path / "report.json", 100_000)
+    page = (tmp_path / "report.html").read_text()
+    assert "over the limit of 0.0954 MiB (--max-report-mb)" in page
+    assert "<script" not in page and (tmp_path / "report.json").stat().st_size > 0
