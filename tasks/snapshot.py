@@ -56,17 +56,19 @@ def pin(location: str, files: Sequence[str], datasets_root: str) -> PinnedInput:
                 while chunk := reader.read(_CHUNK):
                     digest.update(chunk)
                     writer.write(chunk)
-        final = f"{inputs}/{digest.hexdigest()}"
+        # by content, then by name: two files with the same bytes under other names are both kept
+        final = f"{inputs}/{digest.hexdigest()}/{name}"
         if not target_fs.exists(final):
+            target_fs.makedirs(str(PurePosixPath(final).parent), exist_ok=True)
             try:
-                target_fs.mv(staging, final, recursive=True)
+                target_fs.mv(f"{staging}/{name}", final, recursive=True)
             except OSError:
                 if not target_fs.exists(final):  # not a concurrent run pinning the same content
                     raise
     finally:
         if target_fs.exists(staging):
             target_fs.rm(staging, recursive=True)
-    uri = target_fs.unstrip_protocol(f"{final}/{name}") if "://" in datasets_root else f"{final}/{name}"
+    uri = target_fs.unstrip_protocol(final) if "://" in datasets_root else final
     return PinnedInput(source=location, uri=uri, digest=digest.hexdigest())
 
 

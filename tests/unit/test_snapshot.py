@@ -63,3 +63,16 @@ def test_a_folder_is_pinned_with_its_file_names_and_errors_name_the_users_file(t
             TableSpec(path=str(folder), target="y", time_column="t"), DataAccess(), str(tmp_path / "d")
         )
     assert str(folder) in caught.value.file and str(tmp_path / "d") not in str(caught.value)
+
+
+def test_the_same_bytes_under_another_name_are_pinned_under_that_name(tmp_path):
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    write(first, 30)
+    second.write_bytes(first.read_bytes())
+    datasets = str(tmp_path / "datasets")
+    refs = [
+        check_table(TableSpec(path=str(f), target="y", time_column="t"), DataAccess(), datasets)
+        for f in (first, second)
+    ]
+    assert refs[0].digest == refs[1].digest and refs[0].uri != refs[1].uri
+    assert all(len(read_table(r).compute(scheduler="sync")) == 30 for r in refs)
