@@ -37,11 +37,21 @@ CASES: dict[str, tuple[str | None, str]] = {
     "constant_target.csv": ("cnt", "the target has one value"),
     "long_category.csv": ("weather", "characters long, over the limit of 1,000 (--max-category-length)"),
     "too_many_columns.csv": (None, "2,011 columns, over the limit of 2,000 (--max-columns)"),
+    "class_only_in_test.csv": ("level", "1 class(es) appear in the validation or test period but never"),
+    "class_absent_from_test.csv": ("level", "1 of 3 classes never appear in the test period"),
     # not a file of its own: a path that climbs out of the allowed data roots (the corpus folder)
     "../../data/bike_sharing_hourly.csv": (None, "outside the allowed data roots"),
 }
 # file -> the step that refuses it, where that is not one of the checks before `prepare`
-STEPS = {"constant_target.csv": "prepare"}
+STEPS = {
+    "constant_target.csv": "prepare",
+    "class_only_in_test.csv": "prepare",
+    "class_absent_from_test.csv": "prepare",
+}
+# file -> flags it is run with besides the corpus's own (a classification target for the class cases;
+# the champion's constraints are for another target, so its violations are only reported)
+LEVEL = ["--target", "level", "--on-quality-violation", "warn"]
+ARGS = {"class_only_in_test.csv": LEVEL, "class_absent_from_test.csv": LEVEL}
 
 
 def good() -> pd.DataFrame:
@@ -93,10 +103,23 @@ def main() -> None:
     wide = rows.head(48)
     extra = pd.DataFrame(0, index=wide.index, columns=[f"sensor_{i}" for i in range(2_011 - wide.shape[1])])
     write("too_many_columns.csv", pd.concat([wide, extra], axis=1))
+    levels = rows.assign(level=(rows["cnt"] > rows["cnt"].median()).map({True: "high", False: "low"}))
+    levels = levels.drop(columns=["cnt"])
+    storm = levels.copy()
+    storm.loc[storm.index[-24:], "level"] = "storm"  # the last day only: in the test period alone
+    write("class_only_in_test.csv", storm)
+    rare = levels.copy()
+    rare.loc[rare.index[:24], "level"] = "rare"  # the first day only: never in the test period
+    write("class_absent_from_test.csv", rare)
     (HERE / "cases.json").write_text(
         json.dumps(
             {
-                k: {"column": c, "rule": r, **({"step": STEPS[k]} if k in STEPS else {})}
+                k: {
+                    "column": c,
+                    "rule": r,
+                    **({"step": STEPS[k]} if k in STEPS else {}),
+                    **({"args": ARGS[k]} if k in ARGS else {}),
+                }
                 for k, (c, r) in CASES.items()
             },
             indent=1,

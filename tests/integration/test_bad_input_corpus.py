@@ -57,7 +57,7 @@ def test_bad_input_stops_before_training(name, champion, dask_cluster, monkeypat
     before = digest(path)
     started = time.time()
 
-    code = main([*FAST, "--data", str(path)])
+    code = main([*FAST, *case.get("args", []), "--data", str(path)])
 
     err = capsys.readouterr().err
     assert code == 2, err
