@@ -103,6 +103,17 @@ def check_csv_ends(path: str, columns: list[str]) -> None:
         )
 
 
+def pinned_table(name: str, location: str, files: list[str], datasets_root: str) -> DatasetRef:
+    """The table pinned once (`tasks.snapshot`) and its header read from that copy; errors name the
+    user's file. An unsupported file type is refused before anything is copied."""
+    fmt = table_format(location)
+    pinned = pin(location, files, datasets_root)
+    ref = DatasetRef(name=name, uri=pinned.uri, digest=pinned.digest, format=fmt, source=location)
+    with reported_as(ref):
+        columns = read_header(pinned.uri, fmt)
+    return ref.model_copy(update={"columns": tuple(columns)})
+
+
 def check_table(table: TableSpec, access: DataAccess, datasets_root: str) -> DatasetRef:
     """Fail fast before any heavy work: the location is allowed (`tasks.access`), exists, reads, is
     whole, and has the columns it must. Checked on the run's pinned copy (`tasks.snapshot`), which is
@@ -110,14 +121,11 @@ def check_table(table: TableSpec, access: DataAccess, datasets_root: str) -> Dat
     location, files = checked_files(table.path, access)
     if not files:
         raise DataValidationError(location, "file does not exist (or the folder holds no data files)")
-    table_format(location)  # an unsupported file type is refused before anything is copied
-    pinned = pin(location, files, datasets_root)
-    unchecked = DatasetRef(name="raw", uri=pinned.uri, digest=pinned.digest, format="csv", source=location)
-    with reported_as(unchecked):
-        fmt = table_format(pinned.uri)
-        columns = read_header(pinned.uri, fmt)
-        if fmt == "csv":
-            for url in file_urls(pinned.uri):
+    ref = pinned_table("raw", location, files, datasets_root)
+    columns = list(ref.columns)
+    if ref.format == "csv":
+        with reported_as(ref):
+            for url in file_urls(ref.uri):
                 check_csv_ends(url, columns)
     for role, column in (("target", table.target), ("time", table.time_column)):
         if column not in columns:
@@ -134,7 +142,7 @@ def check_table(table: TableSpec, access: DataAccess, datasets_root: str) -> Dat
         raise DataValidationError(location, "a key column does not exist", unknown[0])
     if table.target in table.drop_columns or table.time_column in table.drop_columns:
         raise DataValidationError(location, "drop_columns must not name the target or the time column")
-    return unchecked.model_copy(update={"format": fmt, "columns": tuple(columns)})
+    return ref
 
 
 def read_table(ref: DatasetRef):

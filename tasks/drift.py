@@ -24,11 +24,10 @@ from tasks import lineage, markdown, monitoring
 from tasks.access import DataAccess, checked_files
 from tasks.baseline import ChampionBaseline, load_baseline
 from tasks.compute import dask_client
-from tasks.data import read_header, read_table, table_format
+from tasks.data import pinned_table, read_table
 from tasks.errors import DataValidationError, StepFailed
 from tasks.policies import Decision, PolicyContext, PolicySettings, decide
 from tasks.refs import DatasetRef, content_digest
-from tasks.snapshot import pin, reported_as
 from tasks.steps import current_step, processing_step
 from tasks.verdict import Verdict, judge
 
@@ -85,15 +84,8 @@ def batch_files(uri: str, latest: bool, access: DataAccess) -> tuple[str, list[s
 
 
 def batch_ref(location: str, files: list[str], datasets_root: str) -> DatasetRef:
-    """The batch as a reference to the run's pinned copy (`tasks.snapshot`), after cheap checks: it
-    exists and reads (format, header)."""
-    table_format(location)
-    pinned = pin(location, files, datasets_root)
-    batch = DatasetRef(name="batch", uri=pinned.uri, digest=pinned.digest, format="csv", source=location)
-    with reported_as(batch):
-        fmt = table_format(pinned.uri)
-        columns = read_header(pinned.uri, fmt)
-    return batch.model_copy(update={"format": fmt, "columns": tuple(columns)})
+    """The batch as a reference to the run's pinned copy, after cheap checks: it exists and reads."""
+    return pinned_table("batch", location, files, datasets_root)
 
 
 def require_columns(batch: DatasetRef, required: list[str]) -> None:
