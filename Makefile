@@ -35,12 +35,13 @@ lint: install
 test: lint browser
 	$(RUN) -m pytest $(PYTEST_ARGS)
 
-# Headless Chromium for the browser tests (Debian's package, when run as root; otherwise they skip,
-# and fail under CI=true).
+# Headless Chromium and its WebDriver for the browser tests (Debian's packages, when run as root;
+# otherwise they skip, and fail under CI=true).
 browser:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-		echo "chromium is not installed: the browser tests will skip"
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		command -v apt-get >/dev/null && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "chromium or chromedriver is not installed: the browser tests will skip"
 
 unit: install
 	$(RUN) -m pytest -m "not integration and not servers" $(PYTEST_ARGS)

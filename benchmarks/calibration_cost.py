@@ -82,7 +82,12 @@ def main() -> int:
     champion = load_baseline(client_ml, MODEL)
     version = client_ml.get_model_version(MODEL, champion.version)
     spec = champion.profile.features
-    files = {name: file_urls(version.tags[f"dataset.{name}.uri"]) for name in SPLITS}
+    execution = client_ml.get_run(version.run_id)  # the version's source run: the pipeline execution
+    [prepare] = client_ml.search_runs(
+        [execution.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{version.run_id}' and tags.`keel.step` = 'prepare'",
+    )
+    files = {name: file_urls(prepare.data.tags[f"keel.output.output.{name}.uri"]) for name in SPLITS}
     location = monitoring.ModelLocation(
         uri=champion.model_uri, tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri
     )

@@ -135,7 +135,8 @@ def describe_retrain(run: dict, client, model: str, event_id: str) -> str:
     status = tags.get("approval_status")
     verdict = "-> @champion" if status == "Approved" else "(champion kept)"
     compared = (
-        f"; test r2 {float(tags['metric.r2']):.3f} vs v{tags['compared_with']} {float(tags['champion_metric.r2']):.3f}"
+        f"; test r2 {float(tags['metric.r2']):.3f}, judged against v{tags['compared_with']} on the same data "
+        "(its model card, the version's description, has both)"
         if "compared_with" in tags and "metric.r2" in tags
         else ""
     )

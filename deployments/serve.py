@@ -13,6 +13,9 @@
   retrains once.
 
 This process runs the flow runs itself (a Prefect runner): stop it with SIGTERM (Ctrl-C).
+
+Deployments and the automation are updated in place, never re-created: their ids, and so every
+link to them from earlier flow runs, survive restarts and changed settings.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from uuid import UUID
 
 from pydantic import BaseModel, Field
 
@@ -35,6 +39,7 @@ from tasks.registry import MODEL_NAME_HELP, ModelName
 TRAINING = "scheduled"
 MONITOR = "landing-folder"
 RETRAIN = "on-drift"
+AUTOMATION = "retrain on drift"
 
 
 class ServeSettings(BaseModel):
@@ -66,13 +71,27 @@ class ServeSettings(BaseModel):
     )
 
 
-def build_deployments(settings: ServeSettings) -> list:
-    """The three RunnerDeployments (nothing is sent to the server until they are served)."""
-    from prefect.events import DeploymentEventTrigger
-
-    landing = (
+def _landing(settings: ServeSettings) -> str:
+    return (
         settings.landing if "://" in settings.landing else str(Path(settings.landing).expanduser().resolve())
     )
+
+
+def _retrain_params(settings: ServeSettings) -> dict:
+    return RetrainParams(
+        data=_landing(settings),
+        model_name=settings.model_name,
+        window_days=settings.window_days,
+        cooldown_minutes=settings.cooldown_minutes,
+        n_trials=settings.n_trials,
+    ).model_dump(mode="json")
+
+
+def build_deployments(settings: ServeSettings) -> list:
+    """The three RunnerDeployments (nothing is sent to the server until they are applied or served).
+    The retrain deployment's trigger is an automation of its own (`drift_automation`): Prefect
+    deletes and re-creates the triggers a deployment owns each time it is applied."""
+    landing = _landing(settings)
     # Scheduled training runs on a landing folder that grows: data that moved only warns.
     training_params = PipelineParams(
         data=landing,
@@ -83,29 +102,7 @@ def build_deployments(settings: ServeSettings) -> list:
     monitor_params = MonitorParams(
         batch=landing, latest=True, model_name=settings.model_name, policy=settings.policy
     )
-    retrain_params = RetrainParams(
-        data=landing,
-        model_name=settings.model_name,
-        window_days=settings.window_days,
-        cooldown_minutes=settings.cooldown_minutes,
-        n_trials=settings.n_trials,
-    ).model_dump(mode="json")
-    on_drift = DeploymentEventTrigger(
-        name="retrain on drift",
-        description=f"{DRIFT_DETECTED} about any registered model starts retrain/{RETRAIN} for that model",
-        expect={DRIFT_DETECTED},
-        match={"prefect.resource.id": "keel.model.*"},
-        parameters={
-            "params": {
-                **retrain_params,
-                "model_name": "{{ event.resource['keel.model.name'] }}",
-                "reason": "policy {{ event.payload.policy }} on v{{ event.resource['keel.model.version'] }}: "
-                "{{ event.payload.reasons | join('; ') | truncate(420) }}",  # the flow takes 500 characters
-                "event_id": "{{ event.id | string }}",
-                "drift_report": "{{ event.payload.report_uri | default('') }}",  # absent: no report, still a run
-            }
-        },
-    )
+    retrain_params = _retrain_params(settings)
     return [
         training_pipeline.to_deployment(
             name=TRAINING,
@@ -121,12 +118,57 @@ def build_deployments(settings: ServeSettings) -> list:
         ),
         retrain.to_deployment(
             name=RETRAIN,
-            triggers=[on_drift],
             concurrency_limit=settings.max_concurrent_retrains,
             parameters={"params": retrain_params},
             description="Retrain when drift is detected; promote only a better challenger.",
         ),
     ]
+
+
+def drift_automation(settings: ServeSettings, retrain_deployment: UUID):
+    """The automation that runs retrain/on-drift for each `keel.drift.detected` event (EventBridge
+    rule -> target). Not owned by the deployment, so applying the deployment leaves it alone."""
+    from prefect.events import DeploymentEventTrigger
+
+    on_drift = DeploymentEventTrigger(
+        name=AUTOMATION,
+        description=f"{DRIFT_DETECTED} about any registered model starts retrain/{RETRAIN} for that model",
+        expect={DRIFT_DETECTED},
+        match={"prefect.resource.id": "keel.model.*"},
+        parameters={
+            "params": {
+                **_retrain_params(settings),
+                "model_name": "{{ event.resource['keel.model.name'] }}",
+                "reason": "policy {{ event.payload.policy }} on v{{ event.resource['keel.model.version'] }}: "
+                "{{ event.payload.reasons | join('; ') | truncate(420) }}",  # the flow takes 500 characters
+                "event_id": "{{ event.id | string }}",
+                "drift_report": "{{ event.payload.report_uri | default('') }}",  # absent: no report, still a run
+            }
+        },
+    )
+    from prefect.events.schemas.automations import AutomationCore
+
+    on_drift.set_deployment_id(retrain_deployment)
+    # No owner: related to the deployment through its action, not owned by it (the update API
+    # refuses the field altogether).
+    return AutomationCore.model_validate(on_drift.as_automation().model_dump(exclude={"owner_resource"}))
+
+
+def apply_all(settings: ServeSettings, deployments: list) -> UUID:
+    """Create or update the deployments (by name) and the automation (by name); the automation's id."""
+    from prefect.client.orchestration import get_client
+
+    ids = {deployment.name: deployment.apply() for deployment in deployments}
+    automation = drift_automation(settings, ids[RETRAIN])
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(AUTOMATION)
+        if not existing:
+            return client.create_automation(automation)
+        keep, *extra = sorted(existing, key=lambda a: str(a.id))
+        client.update_automation(keep.id, automation)
+        for duplicate in extra:  # left by an older version of this module, or a race of two servers
+            client.delete_automation(duplicate.id)
+        return keep.id
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flows.cli import configure_logging
 
     configure_logging()
-    serve(*build_deployments(settings))
+    deployments = build_deployments(settings)
+    apply_all(settings, deployments)
+    serve(*deployments)
     return 0
 
 

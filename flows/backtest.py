@@ -291,7 +291,9 @@ def backtest(params: BacktestParams = BacktestParams()) -> BacktestResult:  # no
             client_ml.log_artifacts(run.run_id, str(folder), "backtest")
         artifact_uri = client_ml.get_run(run.run_id).info.artifact_uri.rstrip("/")
         plot_uri = f"{artifact_uri}/backtest/metric_over_time.png"
-        link = lineage.artifact_link(run.tracking_uri, run.experiment_id, run.run_id, plot_uri)
+        link = lineage.artifact_link(
+            run.tracking_uri, run.experiment_id, run.run_id, plot_uri, "backtest/metric_over_time.png"
+        )
         lineage.log_metrics(
             client_ml,
             run.run_id,
@@ -321,6 +323,17 @@ def backtest(params: BacktestParams = BacktestParams()) -> BacktestResult:  # no
             link_text=f"{metric} over time per policy, retrains marked",
             description="PNG logged to MLflow with the table and the JSON (backtest/)",
         )
+        lineage.note(
+            "Input",
+            f"{raw.location} (sha256 {raw.digest[:12]}), {len(batches)} batches of {every.describe()}",
+        )
+        for s in summaries:
+            lineage.note(
+                f"Policy {s.policy}",
+                f"mean {metric} {s.mean:.4g}, {s.retrains} retrains, {s.alarms} alarms"
+                + (f", {s.false_alarms} false alarms" if s.false_alarms is not None else ""),
+            )
+        lineage.note("Picture", f"{metric} over time per policy, retrains marked", link)
         print(f"backtest: {len(replay.models)} models trained in {seconds:.0f} s; picture: {link}")
         return BacktestResult(
             metric=metric,

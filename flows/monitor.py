@@ -40,6 +40,7 @@ from tasks.drift import (
     report_drift,
 )
 from tasks.errors import DataValidationError
+from tasks.history import HistoryRef, point_metrics, update_history
 from tasks.policies import PolicySettings, settings_of
 from tasks.prepare import output_location
 from tasks.quality import (
@@ -91,6 +92,7 @@ class MonitorResult(BaseModel):
     report: DriftReportRef
     event: str
     event_id: str | None
+    history: HistoryRef
     mlflow_run_id: str
     prefect_flow_run: dict[str, str]
 
@@ -143,7 +145,7 @@ def monitor(params: MonitorParams) -> MonitorResult:
         event_id = emit_verdict(check, report, checked_at)
         event = check.event
         lineage.set_tags(
-            run.client(),
+            client,
             run.run_id,
             {
                 "keel.model.version": check.version,
@@ -152,11 +154,31 @@ def monitor(params: MonitorParams) -> MonitorResult:
                 "keel.event_id": event_id or "not emitted",
             },
         )
+        lineage.log_metrics(client, run.run_id, point_metrics(check, len(quality.violations)))
+        history = update_history(check, report, checked_at)
+        decision = check.decision
+        lineage.note(
+            "Decision",
+            f"{'retrain' if decision.retrain else 'no retrain'} (policy {decision.policy})"
+            + (f": {'; '.join(decision.reasons)}" if decision.reasons else ""),
+        )
+        lineage.note(
+            "Model version",
+            f"{check.model_name} v{check.version}",
+            lineage.version_link(run.tracking_uri, check.model_name, check.version),
+        )
+        lineage.note(
+            "Batch", f"{check.batch.location} ({check.rows:,} rows, sha256 {check.batch.digest[:12]})"
+        )
+        lineage.note("Data quality", f"{len(quality.violations)} violations of the version's constraints")
+        lineage.note("Drift report", "Evidently report and every column's scores", report.link)
+        lineage.note("Event", f"{event} ({event_id or 'not emitted'})")
         print(f"{event} for {check.model_name} v{check.version} (event {event_id}); report: {report.link}")
         return MonitorResult(
             quality=quality,
             check=check,
             report=report,
+            history=history,
             event=event,
             event_id=event_id,
             mlflow_run_id=run.run_id,
@@ -201,6 +223,8 @@ def summarise(result: MonitorResult) -> str:
             else ""
         ),
         f"Report:          {result.report.link}",
+        f"History:         {result.history.link} ({result.history.checks} check"
+        + ("s)" if result.history.checks != 1 else ")"),
         f"Event:           {result.event} ({result.event_id})",
         f"MLflow run:      {result.mlflow_run_id}",
     ]

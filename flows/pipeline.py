@@ -200,6 +200,7 @@ class PipelineParams(TableParams, QualityRules):
 class PipelineResult(BaseModel):
     mlflow_run_id: str
     tracking_uri: str
+    mlflow_run_link: str | None = None  # the execution's page in MLflow's UI, with a tracking server
     prefect_flow_run: dict[str, str]
     gate: ConditionOutcome
     evaluation: Evaluation
@@ -271,6 +272,7 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
         raw = None
         try:
             raw = validate_input(table, settings.data_access, settings.datasets_root)
+            lineage.note("Input", f"{raw.location} (sha256 {raw.digest[:12]})")
             with reported_as(raw):  # errors about the pinned copy name the user's file
                 quality = check_quality(
                     raw,
@@ -279,8 +281,14 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
                     version_constraints(client, params.model_name, unless_made_from=raw.digest),
                     rules_of(params),
                     table.drop_columns,
+                    not_features=[*table.drop_columns, table.target],
                 )
                 splits = prepare(raw, table, split, output_location(settings.datasets_root, run.run_id))
+            lineage.note(
+                "Data",
+                f"{quality.rows:,} rows checked; train {splits.train.rows or 0:,}, valid {splits.valid.rows or 0:,}, "
+                f"test {splits.test.rows or 0:,} rows ({splits.boundaries['start'][:10]} .. {splits.boundaries['end'][:10]})",
+            )
         except DataValidationError as exc:
             record = record_rejection(
                 settings.rejected_dir, run.run_id, table.path, raw.digest if raw else None, exc
@@ -314,7 +322,12 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
                 baseline.submit(model, splits, params.monitoring_chunk, params.seed),
                 evaluate.submit(model, splits, params.model_name, champion),
             )
+        lineage.note(
+            "Tuning",
+            f"best of {len(best.trials)} trials: trial {best.best_trial}, {best.objective} {best.best_value:.5g}",
+        )
         gate = condition("quality-gate", quality_checks(evaluation, params))
+        lineage.note("Quality gate", gate.message)
         datasets = {"raw": raw, "train": splits.train, "valid": splits.valid, "test": splits.test}
         compared = (
             (evaluation.champion_version, evaluation.champion_metrics)
@@ -337,12 +350,23 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
                 reference,
                 compared,
                 quality,
+                splits.features,
+                splits.boundaries,
+            )
+            lineage.note(
+                "Model version",
+                f"{registered.name} v{registered.version}: {registered.status}"
+                + (", champion" if registered.champion else "")
+                + (" (registered already)" if registered.existing else ""),
+                registered.link,
             )
         else:
+            lineage.note("Model version", "none registered: the quality gate failed")
             fail("quality-gate-failed", gate.message)
         return PipelineResult(
             mlflow_run_id=run.run_id,
             tracking_uri=run.tracking_uri,
+            mlflow_run_link=lineage.run_link(run.tracking_uri, run.experiment_id, run.run_id),
             prefect_flow_run=lineage.prefect_flow_run_tags(),
             gate=gate,
             evaluation=evaluation,

@@ -26,10 +26,10 @@ from pydantic import BaseModel, Field
 
 from flows.cli import run_flow_cli
 from flows.pipeline import PipelineParams, PipelineResult, training_pipeline, where_to_look
-from tasks import lineage, markdown
+from tasks import lineage, markdown, summary
 from tasks.guards import retrain_lock
 from tasks.quality import ON_VIOLATION_HELP, OnViolation
-from tasks.registry import find_champion, last_retrain
+from tasks.registry import RAW_URI_TAG, find_champion, last_retrain
 from tasks.settings import get_settings
 
 
@@ -117,9 +117,71 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
             params.reason,
         )
         result = training_pipeline(pipeline_params)
-    verdict = "promoted to champion" if result.registered and result.registered.champion else "champion kept"
-    print(f"retrain of {params.model_name} ({params.reason}): {verdict}; {result.gate.message}")
+    headline = decide(params, result, str(champion.version))
+    print(f"retrain of {params.model_name} ({params.reason}): {headline}; {result.gate.message}")
     return RetrainResult(model_name=params.model_name, pipeline=result)
+
+
+def _trigger_facts(params: RetrainParams) -> list[summary.Fact]:
+    facts = [summary.Fact("Reason", params.reason)]
+    if params.event_id:
+        facts.append(summary.Fact("Event", params.event_id))
+    if params.drift_report:
+        report = params.drift_report
+        facts.append(summary.Fact("Drift report", report, report if report.startswith("http") else None))
+    return facts
+
+
+def decide(params: RetrainParams, result: PipelineResult, champion: str) -> str:
+    """Say what the retrain decided, with the figures it decided on: a `retrain-decision` artifact
+    and the flow run's summary. Returns the headline."""
+    from prefect.artifacts import create_markdown_artifact
+
+    registered = result.registered
+    if registered is not None and registered.champion and registered.version != champion:
+        outcome, headline = "promoted", f"promoted: v{registered.version} replaces v{champion} as champion"
+    elif registered is not None and registered.status == "PendingManualApproval":
+        outcome, headline = "pending", f"v{registered.version} waits for approval; v{champion} stays champion"
+    else:
+        version = f"v{registered.version} registered as {registered.status}; " if registered else ""
+        outcome, headline = "rejected", f"rejected: {version}v{champion} stays champion"
+    checks = markdown.table(
+        ["check", "challenger", "op", "threshold", "result"],
+        [
+            [
+                c.left_name,
+                f"{c.left:.4g}",
+                c.op,
+                f"{c.right_name} = {c.right:.4g}",
+                "passed" if c.passed else "missed",
+            ]
+            for c in result.gate.checks
+        ],
+    )
+    version_link = (
+        markdown.link(f"{registered.name} v{registered.version}", registered.link)
+        if registered and registered.link
+        else (markdown.text(f"{registered.name} v{registered.version}") if registered else "none")
+    )
+    create_markdown_artifact(
+        key="retrain-decision",
+        markdown=f"### {outcome.capitalize()}: {markdown.text(headline)}\n\n{checks}\n\n"
+        f"Challenger: {version_link}. Reason: {markdown.text(params.reason)}\n",
+        description=headline,
+    )
+    facts = [
+        summary.Fact("Decision", headline),
+        summary.Fact("Quality gate", result.gate.message),
+        summary.Fact(
+            "Model version",
+            f"{registered.name} v{registered.version}: {registered.status}" if registered else "none",
+            registered.link if registered else None,
+        ),
+        summary.Fact("Training execution (MLflow)", result.mlflow_run_id, result.mlflow_run_link),
+        *_trigger_facts(params),
+    ]
+    summary.publish(f"retrain of {params.model_name}: {outcome}", facts, headline)
+    return headline
 
 
 def _ignored(params: RetrainParams, why: str) -> RetrainResult:
@@ -130,6 +192,8 @@ def _ignored(params: RetrainParams, why: str) -> RetrainResult:
     create_markdown_artifact(
         key="retrain-ignored", markdown=f"**Ignored.** {markdown.text(why)}\n", description=message
     )
+    facts = [summary.Fact("Decision", f"ignored: {why}"), *_trigger_facts(params)]
+    summary.publish(f"retrain of {params.model_name}: ignored", facts, message)
     return RetrainResult(model_name=params.model_name, ignored=why)
 
 
@@ -137,7 +201,7 @@ def _champion_data(champion, model_name: str) -> str:
     """The training data of the champion found at the start of the run (its lineage tag)."""
     from tasks.errors import NotInRegistry
 
-    uri = champion.tags.get("dataset.raw.uri")
+    uri = champion.tags.get(RAW_URI_TAG)
     if not uri:
         raise NotInRegistry(
             f"no --data given and {model_name}'s champion v{champion.version} has no recorded training data URI "

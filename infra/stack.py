@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from infra import mlflow_auth
@@ -144,6 +145,9 @@ class Stack:
                     "PREFECT_HOME": str(self.home / "prefect"),
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     "PREFECT_SERVER_API_AUTH_STRING": secrets.prefect_auth_string,
+                    # Where the UI in the browser finds the API; its default is port 4200, whatever
+                    # port the server is on (a dead UI, or another server's data).
+                    "PREFECT_UI_API_URL": env["PREFECT_API_URL"],
                     **({"PREFECT_API_DATABASE_CONNECTION_URL": prefect_db} if prefect_db else {}),
                     **db_env,
                 },
@@ -231,6 +235,7 @@ class Stack:
                 [],
                 self.logs / "worker-0.log",
             )
+            serving_since = datetime.now(UTC) - timedelta(seconds=1)  # the server's clock is this one
             self._start(
                 state,
                 "deployments",
@@ -243,7 +248,7 @@ class Stack:
                     *serve_args,
                 ],
                 {**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
-                lambda: _deployments_ready(env),
+                lambda: _deployments_ready(env, since=serving_since),
                 180,
             )
         except BaseException:
@@ -428,12 +433,21 @@ def prefect_api(env: dict[str, str], timeout: float = 30):
     return httpx.Client(base_url=env["PREFECT_API_URL"], auth=(user, password), timeout=timeout)
 
 
-def _deployments_ready(env: dict[str, str], names: set[str] = DEPLOYMENTS) -> bool:
-    """The API answers our credentials; the deployments exist and the automation is there."""
+def _deployments_ready(
+    env: dict[str, str], names: set[str] = DEPLOYMENTS, since: datetime | None = None
+) -> bool:
+    """The API answers our credentials; the deployments and the automation are there — applied
+    `since` then, when given: ones left from an earlier `up` do not show that this one's settings
+    were applied (a deployments server that failed would pass for ready)."""
+
+    def fresh(item: dict) -> bool:
+        return since is None or datetime.fromisoformat(item["updated"].replace("Z", "+00:00")) >= since
+
     with prefect_api(env, timeout=5) as http:
-        found = {d["name"] for d in http.post("/deployments/filter", json={}).raise_for_status().json()}
+        deployments = http.post("/deployments/filter", json={}).raise_for_status().json()
         automations = http.post("/automations/filter", json={}).raise_for_status().json()
-    return names <= found and (not names or len(automations) >= 1)
+    found = {d["name"] for d in deployments if fresh(d)}
+    return names <= found and (not names or any(fresh(a) for a in automations))
 
 
 def _initdb(pg_bin: Path, data: Path, as_owner: list[str], password: str, log: Path) -> None:

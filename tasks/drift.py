@@ -28,6 +28,7 @@ from tasks.data import pinned_table, read_table
 from tasks.errors import DataValidationError, StepFailed
 from tasks.policies import Decision, PolicyContext, PolicySettings, decide
 from tasks.refs import DatasetRef, content_digest
+from tasks.registry import LAST_REPORT_TAG, LAST_VERDICT_TAG
 from tasks.steps import current_step, processing_step
 from tasks.verdict import Verdict, judge
 
@@ -332,7 +333,11 @@ def report_drift(
     base = run.info.artifact_uri.rstrip("/")
     html_uri, json_uri = f"{base}/drift/report.html", f"{base}/drift/report.json"
     link = lineage.artifact_link(
-        lineage.current_pipeline().tracking_uri, run.info.experiment_id, step.run_id, html_uri
+        lineage.current_pipeline().tracking_uri,
+        run.info.experiment_id,
+        step.run_id,
+        html_uri,
+        "drift/report.html",
     )
     agrees = all(
         report.verdicts[c.column].drifted == c.evidently_drift
@@ -341,10 +346,8 @@ def report_drift(
     )
     step.set_tags({"keel.model.name": check.model_name, "keel.model.version": check.version})
     for key, value in {
-        "drift.last_checked": checked_at,
-        "drift.last_verdict": f"{'retrain' if check.retrain else 'no retrain'} (policy {check.decision.policy})",
-        "drift.last_report": html_uri,
-        "drift.last_run_id": step.run_id,
+        LAST_VERDICT_TAG: f"{'retrain' if check.retrain else 'no retrain'} (policy {check.decision.policy})",
+        LAST_REPORT_TAG: html_uri,
     }.items():
         step.client.set_model_version_tag(check.model_name, check.version, key, value)
     sampled = (
@@ -518,6 +521,15 @@ def emit_verdict(check: DriftCheck, report: DriftReportRef, checked_at: str) -> 
             "keel.model.name": check.model_name,
             "keel.model.version": check.version,
         },
+        # Prefect's event page lists related resources by id (it links only its own kinds, such as
+        # the monitor's flow run, whose summary links the report): the report's link is the id.
+        related=[
+            {
+                "prefect.resource.id": report.link,
+                "prefect.resource.role": "drift-report",
+                "prefect.resource.name": f"drift report of {check.model_name} v{check.version}",
+            }
+        ],
         payload=payload,
     )
     return str(event.id) if event is not None else None

@@ -42,13 +42,36 @@ class DriftReport:
         """Write the self-contained HTML report (its data made inert, `inert_data`) and the JSON of
         metric values; an HTML report over `max_bytes` is replaced by a page saying so (False)."""
         html_path.parent.mkdir(parents=True, exist_ok=True)
-        html = inert_data(self.snapshot.get_html_str(as_iframe=False)).encode("utf-8")
+        html = fit_to_frame(inert_data(self.snapshot.get_html_str(as_iframe=False))).encode("utf-8")
         kept = len(html) <= max_bytes
         if not kept:
             html = TOO_LARGE.format(size=len(html) / 2**20, limit=max_bytes / 2**20).encode()
         html_path.write_bytes(html)
         self.snapshot.save_json(str(json_path))
         return kept
+
+
+# Evidently lays its report out about 1,300 px wide; MLflow's artifact frame is half that, and cuts
+# the right half off. Narrower windows zoom the whole page out instead (Chromium, Firefox >= 126).
+_FIT = "".join(
+    f"@media (max-width:{width}px){{html{{zoom:{zoom}}}}}"
+    for width, zoom in (
+        (1300, 0.9),
+        (1150, 0.8),
+        (1000, 0.7),
+        (860, 0.6),
+        (720, 0.5),
+        (600, 0.42),
+        (500, 0.36),
+    )
+)
+FIT_STYLE = f"<style>{_FIT}</style>"
+
+
+def fit_to_frame(html: str) -> str:
+    """The report with `FIT_STYLE` at the start of its head."""
+    head = html.find("<head>")
+    return html[: head + 6] + FIT_STYLE + html[head + 6 :] if head >= 0 else FIT_STYLE + html
 
 
 TOO_LARGE = (

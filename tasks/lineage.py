@@ -19,10 +19,11 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tasks import summary
 from tasks.errors import NotInRegistry
 from tasks.refs import DatasetRef
 from tasks.settings import Settings
@@ -37,6 +38,10 @@ STEP_KIND_TAG = "keel.step_kind"
 PIPELINE_TAG = "keel.pipeline"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_ARTIFACT = "keel/params.json"
+# MLflow's UI picks an experiment's layout from this tag: without it, ours opens as a GenAI experiment
+# (traces, token usage) with the step runs under "Evaluation runs".
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 ALL_STEPS = "all"
@@ -69,6 +74,7 @@ class PipelineRun:
     registry_uri: str
     name: str
     plan: ExecutionPlan = ExecutionPlan()
+    facts: list[summary.Fact] = field(default_factory=list, compare=False)  # the summary's rows
 
     def client(self) -> MlflowClient:
         import mlflow
@@ -77,6 +83,13 @@ class PipelineRun:
 
 
 _current_pipeline: ContextVar[PipelineRun | None] = ContextVar("keel_pipeline_run", default=None)
+
+
+def note(label: str, value: str, link: str | None = None) -> None:
+    """Add a row to the running execution's summary (its Prefect artifact, published at its end)."""
+    current = _current_pipeline.get()
+    if current is not None:
+        current.facts.append(summary.Fact(label, value, link))
 
 
 def mlflow_client(settings: Settings) -> MlflowClient:
@@ -101,12 +114,17 @@ def mlflow_client(settings: Settings) -> MlflowClient:
 
 
 def ensure_experiment(client: MlflowClient, settings: Settings) -> str:
+    """The experiment's id; created as a model-training experiment (older ones are tagged so)."""
     experiment = client.get_experiment_by_name(settings.experiment_name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     try:
         return client.create_experiment(
-            settings.experiment_name, artifact_location=settings.artifact_location
+            settings.experiment_name,
+            artifact_location=settings.artifact_location,
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
         )
     except Exception:  # created concurrently by another execution
         experiment = client.get_experiment_by_name(settings.experiment_name)
@@ -136,18 +154,24 @@ def prefect_flow_run_tags() -> dict[str, str]:
     from prefect.runtime import flow_run
 
     tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")}
-    if flow_run.ui_url:
+    if str(flow_run.ui_url or "").startswith(
+        ("http://", "https://")
+    ):  # not "None/flow-runs/..." without a UI
         tags["prefect.flow_run_url"] = str(flow_run.ui_url)
     return tags
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested parameters as MLflow params: dotted keys, JSON for lists, 6000 chars at most."""
+    """Nested parameters as MLflow params: dotted keys, JSON for lists of plain values, 6000 chars at
+    most. Lists of records (a tuning job's trials) are results, not parameters: they are left out
+    (the step that made them logs them as a table)."""
     flat: dict[str, str] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, list | tuple) and any(isinstance(v, Mapping) for v in value):
+            continue
         else:
             text = value if isinstance(value, str) else json.dumps(value, default=str)
             flat[name] = text[:6000]
@@ -233,10 +257,18 @@ def pipeline_run(
     current = PipelineRun(
         run.info.run_id, experiment_id, settings.tracking_uri, settings.registry_uri, pipeline, plan
     )
+    current.facts.append(
+        summary.Fact(
+            "MLflow execution run",
+            run.info.run_id,
+            run_link(settings.tracking_uri, experiment_id, run.info.run_id),
+        )
+    )
     token = _current_pipeline.set(current)
     try:
         yield current
     except BaseException as exc:
+        _publish_summary(current, f"{pipeline}: failed", f"{type(exc).__name__}: {exc}")
         try:
             set_tags(client, run.info.run_id, {"keel.error": f"{type(exc).__name__}: {exc}"[:5000]})
             client.set_terminated(run.info.run_id, "FAILED")
@@ -249,8 +281,18 @@ def pipeline_run(
         raise
     else:
         client.set_terminated(run.info.run_id, "FINISHED")
+        _publish_summary(current, f"{pipeline}: completed")
     finally:
         _current_pipeline.reset(token)
+
+
+def _publish_summary(current: PipelineRun, title: str, error: str | None = None) -> None:
+    """Best effort: a summary that cannot be written must not change how the execution ends."""
+    facts = [*current.facts, *([summary.Fact("Error", error[:2000])] if error else [])]
+    try:
+        summary.publish(title, facts, description=error[:500] if error else title)
+    except Exception as exc:
+        logging.getLogger(__name__).warning("could not publish the execution summary: %s", exc)
 
 
 def _alive(pid: int) -> bool:
@@ -351,10 +393,11 @@ def create_child_run(
 
 
 def dataset_entity(ref: DatasetRef):
-    """An MLflow dataset that records where the data is and its content digest, without loading it."""
+    """An MLflow dataset that records where the data is, its content digest, its schema (column types,
+    from a Parquet footer or a CSV's first rows) and its profile (rows, columns), without loading it."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import Dataset
 
     if "://" in ref.uri and not ref.uri.startswith("file://"):
         with warnings.catch_warnings():
@@ -362,7 +405,42 @@ def dataset_entity(ref: DatasetRef):
             source = resolve_dataset_source(ref.uri)
     else:
         source = LocalArtifactDatasetSource(ref.uri)
-    return MetaDataset(source=source, name=ref.name, digest=ref.digest[:36])._to_mlflow_entity()
+    schema = dataset_schema(ref)
+    profile = {"num_rows": ref.rows, "num_columns": len(schema or ref.columns) or None, "sha256": ref.digest}
+    return Dataset(
+        name=ref.name,
+        digest=ref.digest[:36],
+        source_type=source._get_source_type(),
+        source=source.to_json(),
+        schema=json.dumps({"mlflow_colspec": schema}) if schema else None,
+        profile=json.dumps({k: v for k, v in profile.items() if v is not None}),
+    )
+
+
+def dataset_schema(ref: DatasetRef) -> list[dict[str, Any]] | None:
+    """MLflow's column specs of a dataset, read from its first file's Parquet footer or a CSV's first
+    100 rows; None when it cannot be read (the lineage is recorded all the same)."""
+    import fsspec
+    import pandas as pd
+    from mlflow.types.utils import _infer_schema
+
+    from tasks.refs import file_urls
+
+    try:
+        first = file_urls(ref.uri)[0]
+        with fsspec.open(first, "rb") as handle:
+            if ref.format == "parquet":
+                import pyarrow.parquet as pq
+
+                head = pq.read_schema(handle).empty_table().to_pandas()
+            else:
+                head = pd.read_csv(handle, nrows=100)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MLflow's hint about integer columns and missing values
+            return _infer_schema(head).to_dict()
+    except Exception as exc:
+        logging.getLogger(__name__).debug("no schema for dataset %s: %s", ref.uri, exc)
+        return None
 
 
 def log_datasets(client: MlflowClient, run_id: str, refs: Mapping[str, DatasetRef], context: str) -> None:
@@ -387,11 +465,37 @@ def log_datasets(client: MlflowClient, run_id: str, refs: Mapping[str, DatasetRe
     set_tags(client, run_id, tags)
 
 
-def artifact_link(tracking_uri: str, experiment_id: str, run_id: str, artifact_uri: str) -> str:
-    """A link people can open for a run's artifact: the MLflow UI's artifact page with a tracking
-    server, else the file itself."""
+# MLflow's UI opens every experiment in its GenAI layout unless the link (or the browser's memory of
+# an earlier choice) asks for the model-training one.
+MLFLOW_UI_LAYOUT = "workflowType=machine_learning"
+
+
+def mlflow_ui_link(tracking_uri: str, path: str) -> str | None:
+    """A page of MLflow's UI (e.g. `experiments/1/runs/abc`) in its model-training layout, or None
+    without a tracking server."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/artifacts"
+        return f"{tracking_uri.rstrip('/')}/#/{path.lstrip('/')}?{MLFLOW_UI_LAYOUT}"
+    return None
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    return mlflow_ui_link(tracking_uri, f"experiments/{experiment_id}/runs/{run_id}")
+
+
+def version_link(tracking_uri: str, model_name: str, version: str) -> str | None:
+    return mlflow_ui_link(tracking_uri, f"models/{model_name}/versions/{version}")
+
+
+def artifact_link(
+    tracking_uri: str, experiment_id: str, run_id: str, artifact_uri: str, path: str = ""
+) -> str:
+    """A link people can open for a run's artifact (`path` in the run): the MLflow UI's artifact
+    page with a tracking server, else the file itself."""
+    page = mlflow_ui_link(
+        tracking_uri, f"experiments/{experiment_id}/runs/{run_id}/artifacts/{path}".rstrip("/")
+    )
+    if page is not None:
+        return page
     if artifact_uri.startswith("/"):
         return f"file://{artifact_uri}"
     return artifact_uri

@@ -24,7 +24,7 @@ from tasks.compute import dask_client
 from tasks.errors import DataValidationError, read_failure
 from tasks.featurize import parse_time
 from tasks.refs import DatasetRef, file_urls
-from tasks.registry import QUALITY_RUN_TAG, QUALITY_TAG, find_champion
+from tasks.registry import QUALITY_RUN_TAG, QUALITY_TAG, RAW_DIGEST_TAG, find_champion
 from tasks.steps import CacheConfig, RetryPolicy, current_step, processing_step
 
 if TYPE_CHECKING:
@@ -302,9 +302,13 @@ def violations(
     rules: QualityRules,
     optional: list[str],
     required: list[str] | None = None,
+    not_features: list[str] = (),
 ) -> list[Violation]:
     """Rules that need no baseline, then the baseline's (only for columns the baseline knows).
-    A baseline column may be absent if it is `optional`, or if `required` is given and omits it."""
+    A baseline column may be absent if it is `optional`, or if `required` is given and omits it.
+    The baseline's rules (completeness, type, sign, range, categories) hold only for columns the model
+    reads: not for `not_features` (ids, leaky columns, the target), nor, when `required` is given,
+    for columns it omits. An id that grows or a target that moved is not bad data."""
     found: list[Violation] = []
     rows = max((s.rows for s in stats.values()), default=0)
     if rows == 0:
@@ -355,6 +359,8 @@ def violations(
                     )
                 )
             continue
+        if name in not_features or (required is not None and name not in required):
+            continue
         if s.missing == s.rows:
             continue  # said above
         share = s.missing / s.rows
@@ -392,7 +398,10 @@ def violations(
             if want.min is not None and want.max is not None and s.min is not None and s.max is not None:
                 slack = rules.range_tolerance * (want.max - want.min)
                 low, high = want.min - slack, want.max + slack
-                if s.min < low or s.max > high:
+                if want.non_negative:  # a count never was negative: its range does not reach below 0
+                    low = max(low, 0.0)
+                below = s.min < low and not (want.non_negative and s.negative)  # said by the sign rule
+                if below or s.max > high:
                     found.append(
                         Violation(
                             column=name,
@@ -451,10 +460,12 @@ def check_quality(
     rules: QualityRules,
     optional: list[str],
     required: list[str] | None = None,
+    not_features: list[str] = (),
 ) -> QualityReport:
     """Profile the data into constraints, check it against `against` (a version's baseline), report;
     with `on_quality_violation="fail"` a violation ends the run as bad input (file, column, rule).
-    Columns of the baseline may be absent if `optional`, or not in `required` when that is given."""
+    Columns of the baseline may be absent if `optional`, or not in `required` when that is given;
+    the baseline's rules skip `not_features` (see `violations`)."""
     import tempfile
 
     from prefect import get_run_logger
@@ -473,7 +484,9 @@ def check_quality(
     stats, duplicates = table_stats(data, time_column, key_columns)
     check_caps(data, stats, rules)
     baseline = load_constraints(step.client, against) if against else None
-    found = violations(stats, duplicates, key_columns, time_column, baseline, rules, optional, required)
+    found = violations(
+        stats, duplicates, key_columns, time_column, baseline, rules, optional, required, list(not_features)
+    )
     constraints = constraints_from(data, stats, time_column)
     table = violations_table(found)
     with tempfile.TemporaryDirectory() as tmp:
@@ -540,7 +553,7 @@ def version_constraints(
     )
     if found is None or not found.tags.get(QUALITY_RUN_TAG):
         return None
-    if unless_made_from and found.tags.get("dataset.raw.digest") == unless_made_from:
+    if unless_made_from and found.tags.get(RAW_DIGEST_TAG) == unless_made_from:
         return None
     return ConstraintsRef(
         model_name=model_name,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AfterValidator, BaseModel
 
-from tasks import lineage
+from tasks import lineage, model_card
 from tasks.refs import DatasetRef, ModelRef
 from tasks.steps import RetryPolicy, current_step, model_step
 from tasks.steps.model import APPROVAL_TAG, CHAMPION_ALIAS, ApprovalStatus
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
     from tasks.baseline import Baseline
+    from tasks.featurize import FeatureSpec
     from tasks.quality import QualityReport
 
 
@@ -36,10 +37,21 @@ def checked_model_name(name: str) -> str:
 
 ModelName = Annotated[str, AfterValidator(checked_model_name)]
 
+# A version's tags: only what code reads back. What people read is its description, the model card
+# (tasks.model_card), which also holds what the tags hold.
 BASELINE_TAG = "baseline.uri"  # where the version's monitoring baseline is (tasks.baseline)
 BASELINE_RUN_TAG = "baseline.run_id"
 QUALITY_TAG = "quality.uri"  # where the version's data-quality constraints are (tasks.quality)
 QUALITY_RUN_TAG = "quality.run_id"
+RAW_URI_TAG = "dataset.raw.uri"  # the user's training data (a retrain's default data)
+RAW_DIGEST_TAG = "dataset.raw.digest"
+RAW_PINNED_TAG = "dataset.raw.pinned"  # the copy the execution read (tasks.snapshot)
+TRIGGER_TAG_PREFIX = "keel.trigger."  # what started the execution: flow, event_id, drift_report
+COMPARED_WITH_TAG = "compared_with"  # the champion version it was judged against
+METRIC_TAG_PREFIX = "metric."  # test metrics, to sort and filter versions by
+LAST_VERDICT_TAG = "drift.last_verdict"  # the monitor's last decision about this version
+LAST_REPORT_TAG = "drift.last_report"
+HISTORY_TAG = "drift.history"  # the monitoring history picture (tasks.history)
 
 
 class RegisteredVersion(BaseModel):
@@ -50,6 +62,7 @@ class RegisteredVersion(BaseModel):
     previous_champion: str | None = None
     uri: str
     existing: bool = False
+    link: str | None = None  # its page in MLflow's UI, with a tracking server
 
 
 def find_champion(client: MlflowClient, name: str) -> ModelVersion | None:
@@ -100,12 +113,15 @@ def holds(version: ModelVersion, model: ModelRef) -> bool:
     return bool(model.digest and version.tags.get(MODEL_DIGEST_TAG) == model.digest)
 
 
-def registered_version(client: MlflowClient, name: str, model: ModelRef) -> ModelVersion | None:
+def registered_version(
+    client: MlflowClient, name: str, model: ModelRef, execution: str
+) -> ModelVersion | None:
     """The version of `name` that already holds this logged model, if any (registration is idempotent:
-    a resumed, retried or cached execution never registers the same model twice)."""
+    a resumed, retried or cached execution never registers the same model twice). Versions are
+    registered with their execution's run (`execution`); older ones with the training step's."""
     from mlflow.exceptions import MlflowException
 
-    queries = [f"name = '{name}' and run_id = '{model.run_id}'"]
+    queries = [f"name = '{name}' and run_id = '{run_id}'" for run_id in {model.run_id, execution}]
     if model.digest:
         queries.insert(0, f"name = '{name}' and tags.`{MODEL_DIGEST_TAG}` = '{model.digest}'")
     versions = []
@@ -137,7 +153,7 @@ def last_retrain(client: MlflowClient, name: str, look_back: int = 50) -> Versio
             return None
         raise
     for version in versions:
-        if version.tags.get("keel.trigger.flow") == "retrain":
+        if version.tags.get(f"{TRIGGER_TAG_PREFIX}flow") == "retrain":
             created = datetime.fromtimestamp(version.creation_timestamp / 1000, tz=UTC)
             return VersionCreated(version=str(version.version), created=created)
     return None
@@ -154,10 +170,13 @@ def register(
     baseline: Baseline | None = None,
     champion: tuple[str, dict[str, float]] | None = None,
     quality: QualityReport | None = None,
+    features: FeatureSpec | None = None,
+    boundaries: dict[str, str] | None = None,
 ) -> RegisteredVersion:
-    """Register a new version with lineage tags; move `champion` to it only when it is Approved.
-    `champion`: the version it was compared with and that version's metrics on the same test data.
-    `quality`: the input's data-quality constraints, the baseline later data is checked against."""
+    """Register a new version, with its execution as source run and its model card as description;
+    move `champion` to it only when it is Approved. `champion`: the version it was compared with and
+    that version's metrics on the same test data. `quality`: the input's data-quality constraints,
+    the baseline later data is checked against. `features`, `boundaries`: what the card describes."""
     from mlflow.exceptions import MlflowException
     from prefect import get_run_logger
 
@@ -165,22 +184,22 @@ def register(
     client = step.client
     pipeline = lineage.current_pipeline()
     try:
-        client.create_registered_model(model_name, description="Registered by keel training pipelines.")
+        client.create_registered_model(model_name)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     execution = client.get_run(pipeline.run_id).data.tags  # the parent run: Prefect flow run and reason
+    trigger = {k: v for k, v in execution.items() if k.startswith(TRIGGER_TAG_PREFIX)}
+    raw = datasets.get("raw")
     tags = {
         APPROVAL_TAG: status,
-        "approval_reason": reason[:5000],
-        "pipeline_run_id": pipeline.run_id,
-        "reason": execution.get("keel.reason", ""),
-        **{k: v for k, v in execution.items() if k.startswith(("prefect.", "keel.trigger."))},
-        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
-        **{f"dataset.{k}.digest": ref.digest for k, ref in datasets.items()},
-        **{f"dataset.{k}.uri": ref.location for k, ref in datasets.items()},
-        **{f"dataset.{k}.pinned": ref.uri for k, ref in datasets.items() if ref.source},
+        **trigger,
+        **{f"{METRIC_TAG_PREFIX}{k}": f"{v:.6g}" for k, v in metrics.items()},
     }
+    if raw is not None:
+        tags.update({RAW_URI_TAG: raw.location, RAW_DIGEST_TAG: raw.digest})
+        if raw.source:
+            tags[RAW_PINNED_TAG] = raw.uri
     if baseline is not None:
         tags.update({BASELINE_TAG: baseline.uri, BASELINE_RUN_TAG: baseline.run_id})
     if quality is not None:
@@ -188,20 +207,53 @@ def register(
     if model.digest:
         tags[MODEL_DIGEST_TAG] = model.digest
     if champion is not None:  # the champion it was judged against, on the same test data
-        tags["compared_with"] = champion[0]
-        tags.update({f"champion_metric.{k}": f"{v:.6g}" for k, v in champion[1].items()})
-    existing = registered_version(client, model_name, model)
+        tags[COMPARED_WITH_TAG] = champion[0]
+    existing = registered_version(client, model_name, model, pipeline.run_id)
     if existing is not None:  # this model is registered already: keep that version, don't add one
         version, status = existing, existing.tags.get(APPROVAL_TAG, status)
     else:
         version = client.create_model_version(
-            model_name, source=model.uri, run_id=model.run_id, tags=tags, model_id=model.model_id
+            model_name, source=model.uri, run_id=pipeline.run_id, tags=tags, model_id=model.model_id
         )
     previous = find_champion(client, model_name)
     promoted = status == "Approved"
     already = previous is not None and str(previous.version) == str(version.version)
     if promoted and not already:
         client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
+    if existing is None:
+        facts = model_card.CardFacts(
+            model_name=model_name,
+            version=str(version.version),
+            status=status,
+            champion=promoted,
+            previous_champion=str(previous.version) if previous else None,
+            task=features.task if features else model.task,
+            target=features.target if features else "",
+            inputs=features.input_columns if features else [],
+            metrics=metrics,
+            compared=champion,
+            gate_message=reason,
+            datasets=datasets,
+            boundaries=boundaries or {},
+            reason=execution.get("keel.reason", ""),
+            trigger={k.removeprefix(TRIGGER_TAG_PREFIX): v for k, v in trigger.items()},
+            execution_run_id=pipeline.run_id,
+            execution_link=lineage.run_link(pipeline.tracking_uri, pipeline.experiment_id, pipeline.run_id),
+            flow_run_name=execution.get("prefect.flow_run_name", ""),
+            flow_run_link=execution.get("prefect.flow_run_url"),
+            registered_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        card = model_card.render(facts)
+        client.update_model_version(model_name, version.version, description=card)
+        client.log_text(pipeline.run_id, card, model_card.CARD_ARTIFACT)
+        if features is not None:
+            champion_now = version.version if promoted else (previous.version if previous else None)
+            client.update_registered_model(
+                model_name,
+                description=model_card.model_description(
+                    model_name, features.task, features.target, str(champion_now) if champion_now else None
+                ),
+            )
     alias = f"{CHAMPION_ALIAS} unchanged"
     if promoted:
         alias = (
@@ -226,4 +278,5 @@ def register(
         previous_champion=str(previous.version) if previous else None,
         uri=f"models:/{model_name}/{version.version}",
         existing=existing is not None,
+        link=lineage.version_link(pipeline.tracking_uri, model_name, str(version.version)),
     )

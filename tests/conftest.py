@@ -134,6 +134,7 @@ class Servers:
                 "PREFECT_HOME": str(home / "prefect"),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PREFECT_API_URL": "",
+                "PREFECT_UI_API_URL": self.prefect_api,
             },
         )
         self.start_mlflow()

@@ -4,6 +4,7 @@ from tasks.steps.base import Step, StepRun, current_step, results, step_kind
 from tasks.steps.cache import NO_CACHE, CacheConfig
 from tasks.steps.condition import Check, ConditionOutcome, condition
 from tasks.steps.fail import fail
+from tasks.steps.kinds import StepKind
 from tasks.steps.model import model_step
 from tasks.steps.processing import processing_step
 from tasks.steps.retry import NO_RETRY, RetryPolicy
@@ -19,6 +20,7 @@ __all__ = [
     "ParamRange",
     "RetryPolicy",
     "Step",
+    "StepKind",
     "StepRun",
     "TuningResult",
     "TuningSpec",

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from tasks.steps.base import Step, current_step
+from tasks.steps.kinds import StepKind
 
 _OPERATORS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
@@ -46,7 +47,7 @@ class ConditionOutcome(BaseModel):
     def message(self) -> str:
         failed = [c.describe() for c in self.checks if not c.passed]
         if self.passed:
-            return f"{self.name}: all {len(self.checks)} checks passed"
+            return f"{self.name} passed: " + "; ".join(c.describe() for c in self.checks)
         return f"{self.name} failed: " + "; ".join(failed)
 
 
@@ -82,4 +83,4 @@ def _evaluate(checks: list[Check]) -> ConditionOutcome:
 
 def condition(name: str, checks: list[Check]) -> ConditionOutcome:
     """Run a ConditionStep named `name` that passes when every check passes."""
-    return Step(_evaluate, "ConditionStep", name)(checks)
+    return Step(_evaluate, StepKind.CONDITION, name)(checks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tasks.errors import StepFailed
 from tasks.steps.base import Step, current_step
+from tasks.steps.kinds import StepKind
 
 
 def _fail(message: str) -> None:
@@ -13,4 +14,4 @@ def _fail(message: str) -> None:
 
 def fail(name: str, message: str) -> None:
     """Run a FailStep named `name`: its MLflow run records the message, then the flow run fails."""
-    Step(_fail, "FailStep", name)(message)
+    Step(_fail, StepKind.FAIL, name)(message)

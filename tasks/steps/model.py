@@ -3,9 +3,10 @@
 from typing import Literal
 
 from tasks.steps.base import step_kind
+from tasks.steps.kinds import StepKind
 
 ApprovalStatus = Literal["Approved", "PendingManualApproval", "Rejected"]
 APPROVAL_TAG = "approval_status"
 CHAMPION_ALIAS = "champion"
 
-model_step = step_kind("ModelStep")
+model_step = step_kind(StepKind.MODEL)

@@ -28,8 +28,9 @@ from tasks import lineage
 from tasks.compute import dask_client
 from tasks.steps.base import current_step, step_kind
 from tasks.steps.cache import NOT_KEYED
+from tasks.steps.kinds import StepKind
 
-tuning_step = step_kind("TuningStep")
+tuning_step = step_kind(StepKind.TUNING)
 STARTUP_TRIALS = 10  # Optuna's TPE default: random trials before it models the results
 
 
@@ -70,7 +71,7 @@ class TuningSpec(BaseModel):
 
 
 class TrialRecord(BaseModel):
-    number: int
+    number: int = Field(ge=1, description="1 for the first trial asked, as the log and the table count.")
     params: dict[str, float | int]
     metrics: dict[str, float] = Field(default_factory=dict)
     state: Literal["complete", "failed"]
@@ -81,7 +82,7 @@ class TrialRecord(BaseModel):
 class TuningResult(BaseModel):
     best_params: dict[str, float | int]
     best_value: float
-    best_trial: int
+    best_trial: int = Field(ge=1, description="Its number, counted from 1.")
     best_metrics: dict[str, float]
     objective: str
     trials: list[TrialRecord]
@@ -156,10 +157,10 @@ def run_trials(
                     step.client,
                     pipeline.experiment_id,
                     step.run_id,
-                    f"trial-{trial.number}",
+                    f"trial-{trial.number + 1}",
                     {
-                        lineage.STEP_TAG: f"{step.step}/trial-{trial.number}",
-                        lineage.STEP_KIND_TAG: "TuningTrial",
+                        lineage.STEP_TAG: f"{step.step}/trial-{trial.number + 1}",
+                        lineage.STEP_KIND_TAG: StepKind.TUNING_TRIAL,
                     },
                 ),
             )
@@ -194,7 +195,7 @@ def run_trials(
     if not complete:
         raise RuntimeError(f"all {len(records)} tuning trials failed; first error: {records[0].error}")
     best = study.best_trial
-    best_record = next(r for r in records if r.number == best.number)
+    best_record = next(r for r in records if r.number == best.number + 1)
     elapsed = time.perf_counter() - started
     step.log_metrics(
         {
@@ -204,27 +205,49 @@ def run_trials(
         }
     )
     step.set_tags({"keel.best_trial_run_id": best_record.run_id})
+    table = trials_table(records, tuning.objective, best_record.number)
+    step.client.log_table(step.run_id, data=_frame(table), artifact_file="tuning/trials.json")
     create_table_artifact(
         key=f"{step.step}-trials",
-        table=[
-            {
-                "trial": r.number,
-                "state": r.state,
-                tuning.objective: r.metrics.get(tuning.objective),
-                **r.params,
-            }
-            for r in sorted(records, key=lambda r: r.number)
-        ],
-        description=f"{len(complete)}/{len(records)} trials complete in {elapsed:.1f}s; best trial {best.number}",
+        table=table,
+        description=f"{len(complete)}/{len(records)} trials complete in {elapsed:.1f}s; "
+        f"best: trial {best_record.number}, {tuning.objective} {best.value:.5g}",
     )
     return TuningResult(
         best_params=dict(best.params),
         best_value=float(best.value),
-        best_trial=best.number,
+        best_trial=best_record.number,
         best_metrics=best_record.metrics,
         objective=tuning.objective,
         trials=records,
     )
+
+
+def trials_table(records: list[TrialRecord], objective: str, best: int) -> list[dict[str, Any]]:
+    """One row a trial, for people: numbered from 1, the best marked, numbers to 5 significant digits."""
+    return [
+        {
+            "trial": r.number,
+            "best": "best" if r.number == best else "",
+            "state": r.state,
+            objective: _short(r.metrics.get(objective)),
+            **{name: _short(value) for name, value in r.params.items()},
+            "mlflow run": r.run_id,
+        }
+        for r in sorted(records, key=lambda r: r.number)
+    ]
+
+
+def _short(value: float | int | None) -> float | int | None:
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.5g}")
+    return value
+
+
+def _frame(rows: list[dict[str, Any]]):
+    import pandas as pd
+
+    return pd.DataFrame(rows)
 
 
 def _best_value(study) -> float:
@@ -238,7 +261,7 @@ def _tell(study, trial, outcome, run_id: str, spec: TuningSpec) -> tuple[TrialRe
     """Tell Optuna how a trial went; no I/O, so the next batch can be asked at once."""
     import optuna
 
-    base = {"number": trial.number, "params": trial.params, "run_id": run_id}
+    base = {"number": trial.number + 1, "params": trial.params, "run_id": run_id}
     if isinstance(outcome, BaseException):
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return TrialRecord(**base, state="failed", error=f"{type(outcome).__name__}: {outcome}"), {}

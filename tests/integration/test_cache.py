@@ -39,7 +39,7 @@ def prefect_states(result: PipelineResult) -> dict[str, str]:
     flow_run = result.prefect_flow_run["prefect.flow_run_id"]
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run])))
-    return {r.name: r.state.name for r in runs}
+    return {r.name.split(" (")[0]: r.state.name for r in runs}
 
 
 def status(result: PipelineResult) -> dict[str, str]:

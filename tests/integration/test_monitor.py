@@ -62,8 +62,12 @@ def local_path(uri: str) -> Path:
 def test_baseline_is_found_through_the_registry(env):
     champion = load_baseline(mlflow_client(), MODEL, with_reference=True)
     version = mlflow_client().get_model_version(MODEL, champion.version)
-    assert champion.profile.train.uri == version.tags["dataset.train.uri"]
-    assert champion.profile.train.digest == version.tags["dataset.train.digest"]
+    prepare = mlflow_client().search_runs(
+        [mlflow_client().get_run(version.run_id).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{version.run_id}' and tags.`keel.step` = 'prepare'",
+    )[0]
+    assert champion.profile.train.uri == prepare.data.tags["keel.output.output.train.uri"]
+    assert champion.profile.train.digest == prepare.data.tags["keel.output.output.train.digest"]
     assert {"temp", "hr", "cnt", "prediction"} <= set(champion.profile.columns)
     assert champion.profile.columns["temp"].count == champion.profile.train.rows
     assert len(champion.reference) == champion.profile.sample_rows > 1000
@@ -165,6 +169,11 @@ def test_a_shifted_batch_drifts_and_is_linked_to_the_model_version(env, tmp_path
     version = mlflow_client().get_model_version(MODEL, check.version)
     assert version.tags["drift.last_verdict"] == "retrain (policy calibrated-drift)"
     assert version.tags["drift.last_report"] == result.report.html_uri
+    # the monitoring history: a picture redrawn by each check, linked from the version's card
+    assert version.tags["drift.history"] == result.history.uri and result.history.checks >= 1
+    assert local_path(result.history.uri).read_bytes().startswith(b"\x89PNG")
+    assert "**retrain** (policy calibrated-drift)" in version.description
+    assert f"{result.history.checks} check" in version.description and "so far" in version.description
     run = mlflow_client().get_run(result.mlflow_run_id)
     assert run.data.tags["keel.event"] == "keel.drift.detected"
     assert (

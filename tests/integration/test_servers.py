@@ -72,7 +72,8 @@ def test_pipeline_records_to_real_mlflow_and_prefect_servers(servers, served):
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
         )
     assert flow_run.state.is_completed()
-    assert {t.name for t in task_runs} == set(STEPS)
+    assert {t.name.split(" (")[0] for t in task_runs} == set(STEPS)
+    assert all(len(t.tags) == 1 and t.tags[0].endswith("Step") for t in task_runs)
     assert all(t.state.is_completed() for t in task_runs)
 
 

@@ -22,6 +22,7 @@ import pytest
 
 from infra.processes import free_port
 from infra.stack import prefect_api
+from tests.browser import basic_auth, chromium, page_text, screenshot, screenshot_folder, wait_for
 from tests.conftest import BIKE_CSV, ROOT, clean_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.servers, pytest.mark.slow]
@@ -60,7 +61,7 @@ class RunningStack:
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
-    def up(self) -> None:
+    def up(self, cooldown_minutes: int = 30) -> None:
         self.command(
             "up",
             "--workers",
@@ -71,10 +72,14 @@ class RunningStack:
             str(self.batches),
             "--",
             "--cooldown-minutes",
-            "30",
+            str(cooldown_minutes),
             *FAST[:2],
         )
         self.read_env()
+
+    def automations(self) -> list[dict]:
+        with self.api() as http:
+            return http.post("/automations/filter", json={}).raise_for_status().json()
 
     def read_env(self) -> None:
         """What a user's `eval "$(python -m infra.stack env)"` would set."""
@@ -206,7 +211,7 @@ def test_clean_batch_starts_nothing_and_a_drift_event_retrains_through_the_autom
     assert version.tags["keel.trigger.event_id"] == event_id
     assert version.tags["keel.trigger.drift_report"] == params["drift_report"]
     assert version.tags["approval_status"] in {"Approved", "Rejected"}
-    parent = stack.mlflow().get_run(version.tags["pipeline_run_id"])
+    parent = stack.mlflow().get_run(version.run_id)
     assert parent.data.tags["keel.trigger.event_id"] == event_id
 
 
@@ -330,9 +335,14 @@ def test_down_then_up_loses_nothing(stack):
     finished = {"flow_runs": {"state": {"type": {"any_": sorted(TERMINAL)}}}, "limit": 200}
     with stack.api() as http:  # future scheduled runs are re-planned by the server: count finished ones
         runs = {r["id"]: r["state"]["type"] for r in http.post("/flow_runs/filter", json=finished).json()}
+    [automation] = stack.automations()
     stack.command("down", timeout=180)
     assert json.loads((stack.home / "stack.json").read_text())["processes"] == []
-    stack.up()
+    stack.up(cooldown_minutes=45)  # other deployment settings: the automation is updated, not re-created
+    [updated] = stack.automations()
+    assert updated["id"] == automation["id"]  # links to it from earlier retrain runs still open it
+    assert automation["actions"][0]["parameters"]["params"]["cooldown_minutes"] == 30
+    assert updated["actions"][0]["parameters"]["params"]["cooldown_minutes"] == 45
     assert sorted(str(v.version) for v in stack.mlflow().search_model_versions("name='stack-a'")) == versions
     assert str(stack.mlflow().get_model_version_by_alias("stack-a", "champion").version) in versions
     with stack.api() as http:
@@ -388,3 +398,143 @@ def test_postgresql_keeps_mlflow_and_prefect_data_across_restarts():
     finally:
         stack.command("down", timeout=180)
         shutil.rmtree(home, ignore_errors=True)
+
+
+# -- the UIs, in a real browser, after `down` and `up` on non-default ports --------------------------
+
+
+def prefect_login(driver, stack: RunningStack) -> str:
+    """Log in to the Prefect UI as a user does: the auth string in its login form. Its base URL."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    ui = stack.env["PREFECT_API_URL"].removesuffix("/api")
+    driver.get(ui + "/")
+    field = wait_for(
+        driver, lambda: driver.find_element(By.CSS_SELECTOR, "input[type=password]"), "login form"
+    )
+    field.send_keys(stack.env["PREFECT_API_AUTH_STRING"], Keys.ENTER)
+    wait_for(driver, lambda: "/login" not in driver.current_url, "the dashboard after logging in")
+    return ui
+
+
+def links(driver, prefix: str) -> list[str]:
+    hrefs = driver.execute_script("return [...document.querySelectorAll('a[href]')].map(a => a.href)")
+    return [h for h in hrefs if h.startswith(prefix)]
+
+
+def test_the_prefect_and_mlflow_uis_tell_the_story_in_a_browser(stack, tmp_path):
+    """The pipeline execution's flow run with its steps and their kinds, the summary linking to MLflow,
+    the drift automation, the event with its report, the retrain's decision; the MLflow experiment in
+    its model-training layout with parent and child runs, the version with its card and the champion
+    alias. Screenshots of each page go to the test's output folder (or KEEL_SCREENSHOTS/stack)."""
+
+    shots = screenshot_folder(tmp_path, "stack")
+    client = stack.mlflow()
+    champion = client.get_model_version_by_alias("stack-a", "champion")
+    first = client.get_model_version("stack-a", "1")
+    execution = client.get_run(first.run_id)  # the version's source run: its pipeline execution
+    flow_run_id = execution.data.tags["prefect.flow_run_id"]
+    assert execution.data.tags["prefect.flow_run_url"].startswith(
+        stack.env["PREFECT_API_URL"].removesuffix("/api")
+    )
+    with stack.api() as http:  # the UI is told where its API is: this server's port, not 4200
+        ui_settings = httpx.get(stack.env["PREFECT_API_URL"].removesuffix("/api") + "/ui-settings").json()
+        assert ui_settings["api_url"] == stack.env["PREFECT_API_URL"]
+        artifacts = http.post(
+            "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+        ).json()
+        [automation] = http.post("/automations/filter", json={}).json()
+        events = http.post(
+            "/events/filter",
+            json={
+                "filter": {
+                    "event": {"name": ["keel.drift.detected"]},
+                    "resource": {"id_prefix": ["keel.model.stack-a"]},
+                }
+            },
+        ).json()["events"]
+        retrained = [r for r in stack.retrain_runs("stack-a") if r["state"]["type"] == "COMPLETED"]
+        decisions = http.post(
+            "/artifacts/filter", json={"artifacts": {"key": {"any_": ["retrain-decision"]}}}
+        ).json()
+    summary = next(a for a in artifacts if a["key"] == "execution-summary")
+    mlflow_ui = stack.env["MLFLOW_TRACKING_URI"]
+
+    with chromium() as driver:
+        ui = prefect_login(driver, stack)
+        # the pipeline execution: every step drawn, named with its kind; the kind is also a tag
+        driver.get(f"{ui}/runs/flow-run/{flow_run_id}")
+        wait_for(driver, lambda: "Task Runs" in page_text(driver), "the flow run page")
+        time.sleep(2)  # the graph is drawn on a canvas after the page's data arrives
+        screenshot(driver, shots, "prefect-flow-run")
+        driver.execute_script(
+            "[...document.querySelectorAll('li')].find(e => e.textContent.trim() == 'Task Runs').click()"
+        )
+        for step, kind in (("prepare", "Processing"), ("tune", "Tuning"), ("train", "Training"),
+                           ("quality-gate", "Condition"), ("register", "Model")):  # fmt: skip
+            wait_for(
+                driver, lambda s=step, k=kind: f"{s} ({k})" in page_text(driver), f"task run {step} ({kind})"
+            )
+        assert "ProcessingStep" in page_text(driver)  # the tags, shown with each task run
+        assert "NaN" not in page_text(driver)
+        screenshot(driver, shots, "prefect-task-runs")
+
+        # the execution summary: links to the MLflow execution run and the model version
+        driver.get(f"{ui}/artifacts/artifact/{summary['id']}")
+        wait_for(driver, lambda: "Model version" in page_text(driver), "the execution summary")
+        to_mlflow = links(driver, mlflow_ui)
+        assert any(f"/runs/{first.run_id}?workflowType=machine_learning" in h for h in to_mlflow), to_mlflow
+        assert any("/models/stack-a/versions/1?" in h for h in to_mlflow), to_mlflow
+        screenshot(driver, shots, "prefect-execution-summary")
+
+        # the drift automation (its id kept across `down`, `up` and other settings)
+        driver.get(f"{ui}/automations/automation/{automation['id']}")
+        wait_for(driver, lambda: "retrain on drift" in page_text(driver), "the automation page")
+        wait_for(driver, lambda: "keel.drift.detected" in page_text(driver), "the automation's trigger")
+        screenshot(driver, shots, "prefect-automation")
+
+        # the drift event names the report as a related resource, with its link
+        event = events[0]
+        driver.get(f"{ui}/events/event/{event['occurred'][:10]}/{event['id']}")
+        report = event["payload"]["report_link"]
+        assert report.startswith(mlflow_ui) and event["related"][0]["prefect.resource.role"] == "drift-report"
+        wait_for(driver, lambda: report in page_text(driver), "the event's related report")
+        screenshot(driver, shots, "prefect-drift-event")
+
+        # the retrain the event started: its decision, with the figures
+        [decision] = [d for d in decisions if d["flow_run_id"] == retrained[0]["id"]]
+        driver.get(f"{ui}/artifacts/artifact/{decision['id']}")
+        wait_for(driver, lambda: "challenger" in page_text(driver), "the retrain decision")
+        assert any(w in page_text(driver) for w in ("Promoted", "Rejected"))
+        screenshot(driver, shots, "prefect-retrain-decision")
+
+    with chromium() as driver:
+        viewer = (stack.home / "secrets" / "mlflow-viewer-password").read_text().strip()
+        basic_auth(driver, "viewer", viewer)  # the read-only user, as a colleague would log in
+        experiment = execution.info.experiment_id
+        driver.get(f"{mlflow_ui}/#/experiments/{experiment}?workflowType=machine_learning")
+        wait_for(driver, lambda: "training-pipeline/" in page_text(driver), "the parent runs")
+        driver.execute_script(  # MLflow's assistant panel takes a third of the page: close it
+            "const b = document.querySelector('button[aria-label=Close]'); if (b) b.click();"
+        )
+        text = page_text(driver)
+        assert "Token Usage" not in text and "genai" not in driver.current_url  # the model-training layout
+        assert "drift-monitor/" in text
+        screenshot(driver, shots, "mlflow-experiment")
+        # a step's run names its execution as parent
+        [train] = client.search_runs(
+            [experiment], f"tags.`mlflow.parentRunId` = '{first.run_id}' and tags.`keel.step` = 'train'"
+        )
+        driver.get(
+            f"{mlflow_ui}/#/experiments/{experiment}/runs/{train.info.run_id}?workflowType=machine_learning"
+        )
+        wait_for(driver, lambda: execution.info.run_name in page_text(driver), "the step's parent run")
+        screenshot(driver, shots, "mlflow-step-run")
+        # the champion's version: its card, its alias, its execution as source run
+        driver.get(f"{mlflow_ui}/#/models/stack-a/versions/{champion.version}?workflowType=machine_learning")
+        wait_for(driver, lambda: "How it did" in page_text(driver), "the model card")
+        text = page_text(driver)
+        assert f"stack-a v{champion.version}: Approved, champion" in text and "champion" in text
+        assert client.get_run(champion.run_id).info.run_name in text  # Source run: the execution
+        screenshot(driver, shots, "mlflow-model-version")

@@ -96,8 +96,8 @@ def test_models_are_keyed_by_their_id_and_lineage_fields_are_not_keyed():
 
     model = ModelRef(uri="models:/m-1", run_id="r1", model_id="m-1", task="regression")
     assert cache.input_parts("model", model) == {"input:model": "model:m-1"}
-    a = TrialRecord(number=0, params={"x": 1}, state="complete", run_id="run-a")
-    b = TrialRecord(number=0, params={"x": 1}, state="complete", run_id="run-b")
+    a = TrialRecord(number=1, params={"x": 1}, state="complete", run_id="run-a")
+    b = TrialRecord(number=1, params={"x": 1}, state="complete", run_id="run-b")
     assert cache.canonical(a) == cache.canonical(b)
 
 

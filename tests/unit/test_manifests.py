@@ -187,6 +187,17 @@ def test_minio_root_credentials_reach_only_minio_and_its_setup_job(compose, k8s)
     assert writable == ["arn:aws:s3:::keel/datasets/*"]  # flows never write the landing or data folders
 
 
+def test_the_prefect_ui_is_told_the_api_address_the_browser_reaches(compose, k8s):
+    """Without PREFECT_UI_API_URL the UI calls port 4200 of the browser's machine, whatever was published."""
+    prefect = compose["services"]["prefect-server"]
+    published = prefect["ports"][0].rsplit(":", 1)[0]  # 127.0.0.1:4200
+    assert prefect["environment"]["PREFECT_UI_API_URL"] == f"http://{published}/api"
+    env = {e["name"]: e.get("value") for e in containers(k8s)["prefect-server"]["env"]}
+    assert (
+        env["PREFECT_UI_API_URL"] == "http://localhost:4200/api"
+    )  # `kubectl port-forward svc/prefect-server 4200`
+
+
 def test_every_server_requires_credentials(compose, k8s):
     services = compose["services"]
     assert "--app-name=basic-auth" in services["mlflow"]["command"]

@@ -78,6 +78,41 @@ def test_tolerances_and_missing_columns():
     assert optional == []
 
 
+def test_columns_the_model_does_not_read_are_not_held_to_the_baseline():
+    """An id that grows, a target that moved: not bad data. The rules that need no baseline still hold."""
+    baseline = constraints_from(REF, stats_of(frame()), "day")
+    moved = frame(cnt=[str(1000 + i) for i in range(40)], weather=["tornado"] * 40)
+    assert {
+        (v.column, v.rule) for v in violations(stats_of(moved), 0, [], "day", baseline, QualityRules(), [])
+    } == {
+        ("cnt", "range"),
+        ("weather", "categories"),
+    }
+    assert (
+        violations(
+            stats_of(moved), 0, [], "day", baseline, QualityRules(), [], not_features=["cnt", "weather"]
+        )
+        == []
+    )
+    # with the model's columns given (the monitor), only those are held to the baseline
+    assert (
+        violations(stats_of(moved), 0, [], "day", baseline, QualityRules(), [], required=["day", "temp"])
+        == []
+    )
+    broken = frame(cnt=["inf"] + ["3"] * 39)
+    found = violations(stats_of(broken), 0, [], "day", baseline, QualityRules(), [], not_features=["cnt"])
+    assert [(v.column, v.rule) for v in found] == [("cnt", "finite")]
+
+
+def test_the_range_of_a_column_that_never_was_negative_does_not_reach_below_zero():
+    baseline = constraints_from(REF, stats_of(frame()), "day")  # cnt 1 .. 40, never negative
+    [(range_violation)] = violations(
+        stats_of(frame(cnt=["400"] + ["3"] * 39)), 0, [], "day", baseline, QualityRules(), []
+    )
+    assert range_violation.expected.startswith("0 .. 59.5 ")  # not "-18.5 .. 59.5"
+    assert baseline.columns["temp"].non_negative  # 0.1 .. 0.9: its range stops at 0 too
+
+
 def test_a_csv_cut_off_mid_row_is_refused_and_a_missing_final_newline_is_not(tmp_path):
     whole = tmp_path / "whole.csv"
     whole.write_text("a,b,c\n1,2,3\n4,5,6")  # no final newline, but the row is complete

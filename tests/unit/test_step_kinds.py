@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -98,7 +99,14 @@ def test_steps_are_named_task_runs_with_one_mlflow_child_run_each(source):
         task_runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         )
-    assert sorted(t.name for t in task_runs) == ["copy-upper", "flaky", "gate"]
+    # the graph draws each step's kind beside its name; the kind is also a tag to filter by
+    assert sorted(t.name for t in task_runs) == [
+        "copy-upper (Processing)",
+        "flaky (Training)",
+        "gate (Condition)",
+    ]
+    assert {t.name: t.tags for t in task_runs}["copy-upper (Processing)"] == ["ProcessingStep"]
+    assert {t.name: t.empirical_policy.retry_delay for t in task_runs}["flaky (Training)"] == 0  # a number
 
     runs = step_runs(parent_id)
     assert set(runs) == {"copy-upper", "flaky", "gate"}
@@ -239,7 +247,7 @@ def test_a_policy_retries_the_failures_it_names_and_no_others():
     assert runs["loses-a-worker"].info.status == "FINISHED" and runs["has-a-bug"].info.status == "FAILED"
 
 
-@processing_step(name="count-lines", cache=CacheConfig(expire_after=timedelta(seconds=3)))
+@processing_step(name="count-lines", cache=CacheConfig(expire_after=timedelta(seconds=8)))
 def count_lines(source: DatasetRef) -> int:
     CALLS["count-lines"] = CALLS.get("count-lines", 0) + 1
     return len(Path(source.uri).read_text().splitlines())
@@ -252,8 +260,6 @@ def cached_pipeline(source: str) -> tuple[int, str]:
 
 
 def test_a_cached_step_expires(source):
-    import time
-
     from tasks.steps import cache
 
     CALLS.pop("count-lines", None)
@@ -262,8 +268,36 @@ def test_a_cached_step_expires(source):
     assert CALLS["count-lines"] == 1
     hit = step_runs(second)["count-lines"].data.tags
     assert hit[cache.STATUS_TAG] == "hit" and hit[cache.SOURCE_EXECUTION_TAG] == first
-    time.sleep(3.5)
+    time.sleep(8.5)  # long enough apart that a busy machine still hits the second time
     _, third = cached_pipeline(str(source))
     assert CALLS["count-lines"] == 2
     miss = step_runs(third)["count-lines"].data.tags
-    assert miss[cache.STATUS_TAG] == "miss" and "are older than 0:00:03" in miss[cache.REASON_TAG]
+    assert miss[cache.STATUS_TAG] == "miss" and "are older than 0:00:08" in miss[cache.REASON_TAG]
+
+
+ATTEMPTS: dict[str, list[float]] = {}
+
+
+@processing_step(
+    name="backs-off", retry=RetryPolicy(attempts=3, interval_seconds=0.1, backoff_rate=6, retry_on=("any",))
+)
+def backs_off(key: str) -> int:
+    ATTEMPTS.setdefault(key, []).append(time.monotonic())
+    if len(ATTEMPTS[key]) < 3:
+        raise RuntimeError("not yet")
+    return len(ATTEMPTS[key])
+
+
+def test_retries_wait_as_the_policy_says_while_prefect_shows_one_delay():
+    """Waits of 0.1 s then 0.6 s: Prefect holds one number (its UI cannot show a list), the step
+    sleeps the rest of the backoff itself."""
+    key = uuid.uuid4().hex
+
+    @flow
+    def run_backoff() -> int:
+        with lineage.pipeline_run("unit-backoff", {}, get_settings()):
+            return backs_off(key)
+
+    assert run_backoff() == 3
+    first, second, third = ATTEMPTS[key]
+    assert second - first >= 0.1 and third - second >= 0.6
