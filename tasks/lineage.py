@@ -38,8 +38,9 @@ STEP_KIND_TAG = "keel.step_kind"
 PIPELINE_TAG = "keel.pipeline"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_ARTIFACT = "keel/params.json"
-# MLflow's UI picks an experiment's layout from this tag: without it, ours opens as a GenAI experiment
-# (traces, token usage) with the step runs under "Evaluation runs".
+# What MLflow's UI reads to tell a model-training experiment from a GenAI one (without it, it infers
+# the kind, and showed ours with traces and token usage, the step runs under "Evaluation runs").
+# The layout a page opens in is also the browser's last choice: our links ask (MLFLOW_UI_LAYOUT).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
@@ -154,10 +155,9 @@ def prefect_flow_run_tags() -> dict[str, str]:
     from prefect.runtime import flow_run
 
     tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")}
-    if str(flow_run.ui_url or "").startswith(
-        ("http://", "https://")
-    ):  # not "None/flow-runs/..." without a UI
-        tags["prefect.flow_run_url"] = str(flow_run.ui_url)
+    url = str(flow_run.ui_url or "")
+    if url.startswith(("http://", "https://")):  # without a Prefect UI it reads "None/flow-runs/..."
+        tags["prefect.flow_run_url"] = url
     return tags
 
 

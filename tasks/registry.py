@@ -220,7 +220,7 @@ def register(
     already = previous is not None and str(previous.version) == str(version.version)
     if promoted and not already:
         client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
-    if existing is None:
+    if existing is None or not existing.description:  # a retry after the version was created writes it
         facts = model_card.CardFacts(
             model_name=model_name,
             version=str(version.version),

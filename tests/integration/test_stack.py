@@ -454,6 +454,7 @@ def test_the_prefect_and_mlflow_uis_tell_the_story_in_a_browser(stack, tmp_path)
                 }
             },
         ).json()["events"]
+        task_runs = http.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}}).json()
         retrained = [r for r in stack.retrain_runs("stack-a") if r["state"]["type"] == "COMPLETED"]
         decisions = http.post(
             "/artifacts/filter", json={"artifacts": {"key": {"any_": ["retrain-decision"]}}}
@@ -479,6 +480,12 @@ def test_the_prefect_and_mlflow_uis_tell_the_story_in_a_browser(stack, tmp_path)
         assert "ProcessingStep" in page_text(driver)  # the tags, shown with each task run
         assert "NaN" not in page_text(driver)
         screenshot(driver, shots, "prefect-task-runs")
+        # a step with retries (register: 3 attempts): its retry delay is a number, not "NaNs"
+        [register] = [t for t in task_runs if t["name"] == "register (Model)"]
+        driver.get(f"{ui}/runs/task-run/{register['id']}")
+        wait_for(driver, lambda: "Retry Delay" in page_text(driver), "the task run's details")
+        assert "NaN" not in page_text(driver)
+        screenshot(driver, shots, "prefect-task-run")
 
         # the execution summary: links to the MLflow execution run and the model version
         driver.get(f"{ui}/artifacts/artifact/{summary['id']}")
