@@ -126,6 +126,7 @@ def monitor(params: MonitorParams) -> MonitorResult:
                 rules_of(params),
                 [],
                 champion.profile.features.input_columns,
+                target=champion.profile.features.target,
             )
             if quality.rows < params.min_batch_rows:
                 raise DataValidationError(

@@ -281,7 +281,8 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResu
                     version_constraints(client, params.model_name, unless_made_from=raw.digest),
                     rules_of(params),
                     table.drop_columns,
-                    not_features=[*table.drop_columns, table.target],
+                    not_features=table.drop_columns,
+                    target=table.target,
                 )
                 splits = prepare(raw, table, split, output_location(settings.datasets_root, run.run_id))
             lineage.note(

@@ -303,12 +303,14 @@ def violations(
     optional: list[str],
     required: list[str] | None = None,
     not_features: list[str] = (),
+    target: str | None = None,
 ) -> list[Violation]:
     """Rules that need no baseline, then the baseline's (only for columns the baseline knows).
     A baseline column may be absent if it is `optional`, or if `required` is given and omits it.
-    The baseline's rules (completeness, type, sign, range, categories) hold only for columns the model
-    reads: not for `not_features` (ids, leaky columns, the target), nor, when `required` is given,
-    for columns it omits. An id that grows or a target that moved is not bad data."""
+    The baseline's rules (completeness, type, sign, range, categories) hold for the columns the model
+    reads, not for `not_features` (ids, leaky columns) nor, when `required` is given, for columns it
+    omits: an id that grows is not bad data. The `target` is held to all but range and categories:
+    labels that moved are what a retrain is for, labels that are not numbers are broken."""
     found: list[Violation] = []
     rows = max((s.rows for s in stats.values()), default=0)
     if rows == 0:
@@ -359,7 +361,7 @@ def violations(
                     )
                 )
             continue
-        if name in not_features or (required is not None and name not in required):
+        if name != target and (name in not_features or (required is not None and name not in required)):
             continue
         if s.missing == s.rows:
             continue  # said above
@@ -401,7 +403,7 @@ def violations(
                 if want.non_negative:  # a count never was negative: its range does not reach below 0
                     low = max(low, 0.0)
                 below = s.min < low and not (want.non_negative and s.negative)  # said by the sign rule
-                if below or s.max > high:
+                if name != target and (below or s.max > high):
                     found.append(
                         Violation(
                             column=name,
@@ -410,7 +412,7 @@ def violations(
                             expected=f"{low:g} .. {high:g} (baseline {want.min:g} .. {want.max:g} ± {rules.range_tolerance:g} of its range)",
                         )
                     )
-        elif want.kind == "text" and want.categories is not None and s.values is not None:
+        elif want.kind == "text" and want.categories is not None and s.values is not None and name != target:
             unseen = sorted(set(s.values) - set(want.categories))
             if unseen:
                 found.append(
@@ -461,11 +463,12 @@ def check_quality(
     optional: list[str],
     required: list[str] | None = None,
     not_features: list[str] = (),
+    target: str | None = None,
 ) -> QualityReport:
     """Profile the data into constraints, check it against `against` (a version's baseline), report;
     with `on_quality_violation="fail"` a violation ends the run as bad input (file, column, rule).
     Columns of the baseline may be absent if `optional`, or not in `required` when that is given;
-    the baseline's rules skip `not_features` (see `violations`)."""
+    the baseline's rules skip `not_features` and hold the `target` only to its kind (see `violations`)."""
     import tempfile
 
     from prefect import get_run_logger
@@ -485,7 +488,16 @@ def check_quality(
     check_caps(data, stats, rules)
     baseline = load_constraints(step.client, against) if against else None
     found = violations(
-        stats, duplicates, key_columns, time_column, baseline, rules, optional, required, list(not_features)
+        stats,
+        duplicates,
+        key_columns,
+        time_column,
+        baseline,
+        rules,
+        optional,
+        required,
+        list(not_features),
+        target,
     )
     constraints = constraints_from(data, stats, time_column)
     table = violations_table(found)

@@ -104,6 +104,20 @@ def test_columns_the_model_does_not_read_are_not_held_to_the_baseline():
     assert [(v.column, v.rule) for v in found] == [("cnt", "finite")]
 
 
+def test_the_target_may_move_but_not_break():
+    """Labels beyond the champion's range: what a retrain is for. Labels that are not numbers, or
+    negative counts: broken, whether or not the model reads them."""
+    baseline = constraints_from(REF, stats_of(frame()), "day")
+
+    def target_rules(data: pd.DataFrame, **given) -> list[tuple[str | None, str]]:
+        found = violations(stats_of(data), 0, [], "day", baseline, QualityRules(), [], target="cnt", **given)
+        return [(v.column, v.rule) for v in found]
+
+    assert target_rules(frame(cnt=[str(1000 + i) for i in range(40)])) == []
+    assert target_rules(frame(cnt=["many"] + ["3"] * 39)) == [("cnt", "type")]
+    assert target_rules(frame(cnt=["-1"] + ["3"] * 39), required=["day", "temp"]) == [("cnt", "non-negative")]
+
+
 def test_the_range_of_a_column_that_never_was_negative_does_not_reach_below_zero():
     baseline = constraints_from(REF, stats_of(frame()), "day")  # cnt 1 .. 40, never negative
     [(range_violation)] = violations(
