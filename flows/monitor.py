@@ -40,7 +40,7 @@ from tasks.drift import (
     report_drift,
 )
 from tasks.errors import DataValidationError
-from tasks.history import HistoryRef, point_metrics, update_history
+from tasks.history import HistoryRef, checks_text, point_metrics, update_history
 from tasks.policies import PolicySettings, settings_of
 from tasks.prepare import output_location
 from tasks.quality import (
@@ -224,8 +224,7 @@ def summarise(result: MonitorResult) -> str:
             else ""
         ),
         f"Report:          {result.report.link}",
-        f"History:         {result.history.link} ({result.history.checks} check"
-        + ("s)" if result.history.checks != 1 else ")"),
+        f"History:         {result.history.link} ({checks_text(result.history.checks)})",
         f"Event:           {result.event} ({result.event_id})",
         f"MLflow run:      {result.mlflow_run_id}",
     ]

@@ -250,13 +250,20 @@ def _metrics(check: DriftCheck) -> dict[str, float]:
         **{f"drift_threshold.{c.column}": c.threshold for c in verdict.columns if c.threshold is not None},
         **{f"realized_{k}": v for k, v in verdict.realized.items()},
         **{f"estimated_{k}": v for k, v in verdict.estimated.items()},
+        **signal_metrics(verdict),
     }
+    return values  # NaN and missing values are left out when logged (lineage.log_metrics)
+
+
+def signal_metrics(verdict: Verdict) -> dict[str, float]:
+    """Each signal's value and threshold as metrics: `signal.<name>`, `signal.<name>.threshold`."""
+    values: dict[str, float] = {}
     for name, signal in verdict.signals.items():
         if signal.value is not None:
             values[f"signal.{name}"] = signal.value
         if signal.threshold is not None:
             values[f"signal.{name}.threshold"] = signal.threshold
-    return values  # NaN and missing values are left out when logged (lineage.log_metrics)
+    return values
 
 
 def _reject_bad_values(

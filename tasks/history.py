@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from tasks import lineage, markdown, model_card
-from tasks.registry import HISTORY_TAG, TRIGGER_TAG_PREFIX
+from tasks.drift import signal_metrics
+from tasks.registry import HISTORY_TAG, made_by_retrain
 from tasks.steps import current_step, processing_step
+from tasks.steps.model import APPROVAL_TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -50,14 +52,18 @@ class HistoryRef(BaseModel):
 
 def point_metrics(check: DriftCheck, violations: int) -> dict[str, float]:
     """What one check adds to the history, logged on the monitor's parent run."""
-    values: dict[str, float] = {"retrain": float(check.retrain), VIOLATIONS: float(violations)}
-    for name, signal in check.verdict.signals.items():
-        if signal.value is not None and math.isfinite(signal.value):
-            values[f"signal.{name}"] = signal.value
-            values[f"signal.{name}.fired"] = float(signal.fired)
-        if signal.threshold is not None and math.isfinite(signal.threshold):
-            values[f"signal.{name}.threshold"] = signal.threshold
-    return values
+    fired = {
+        f"signal.{name}.fired": float(signal.fired)
+        for name, signal in check.verdict.signals.items()
+        if signal.value is not None and math.isfinite(signal.value)
+    }
+    values = {
+        "retrain": float(check.retrain),
+        VIOLATIONS: float(violations),
+        **signal_metrics(check.verdict),
+        **fired,
+    }
+    return {k: v for k, v in values.items() if math.isfinite(v)}
 
 
 def load_points(
@@ -99,10 +105,10 @@ def retrains(client: MlflowClient, model_name: str) -> list[tuple[datetime, str,
         (
             datetime.fromtimestamp(v.creation_timestamp / 1000, tz=UTC),
             str(v.version),
-            v.tags.get("approval_status", ""),
+            v.tags.get(APPROVAL_TAG, ""),
         )
         for v in versions
-        if v.tags.get(f"{TRIGGER_TAG_PREFIX}flow") == "retrain"
+        if made_by_retrain(v)
     )
 
 
@@ -163,7 +169,7 @@ def draw(points: list[CheckPoint], marks: list[tuple[datetime, str, str]], title
         top.legend(handles, labels, fontsize=7, loc="upper left")
     retrain_checks = sum(p.retrain for p in points)
     fig.suptitle(
-        f"{title}: {_checks(len(points))}, {retrain_checks} called for a retrain, "
+        f"{title}: {checks_text(len(points))}, {retrain_checks} called for a retrain, "
         f"{len(marks)} retrain{'' if len(marks) == 1 else 's'}",
         fontsize=10,
     )
@@ -173,7 +179,8 @@ def draw(points: list[CheckPoint], marks: list[tuple[datetime, str, str]], title
     plt.close(fig)
 
 
-def _checks(count: int) -> str:
+def checks_text(count: int) -> str:
+    """ "1 check", "2 checks"."""
     return f"{count} check" + ("" if count == 1 else "s")
 
 
@@ -197,12 +204,12 @@ def update_history(check: DriftCheck, report: DriftReportRef, checked_at: str) -
         f"Last check {markdown.text(checked_at)}: **{'retrain' if check.retrain else 'no retrain'}** "
         f"(policy {markdown.text(check.decision.policy)}) on {check.rows:,} rows of "
         f"{markdown.text(check.batch.location)}; {markdown.link('drift report', report.link)}. "
-        f"{_checks(len(points))} so far: {markdown.link('monitoring history', link)}."
+        f"{checks_text(len(points))} so far: {markdown.link('monitoring history', link)}."
     )
     client.update_model_version(
         check.model_name,
         check.version,
         description=model_card.with_monitoring(version.description or "", section),
     )
-    lineage.note("Monitoring history", f"{_checks(len(points))} of {check.model_name}", link)
+    lineage.note("Monitoring history", f"{checks_text(len(points))} of {check.model_name}", link)
     return HistoryRef(uri=uri, link=link, checks=len(points))

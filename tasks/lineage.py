@@ -405,7 +405,7 @@ def dataset_entity(ref: DatasetRef):
             source = resolve_dataset_source(ref.uri)
     else:
         source = LocalArtifactDatasetSource(ref.uri)
-    schema = dataset_schema(ref)
+    schema = _schema(ref.uri, ref.format, ref.digest)
     profile = {"num_rows": ref.rows, "num_columns": len(schema or ref.columns) or None, "sha256": ref.digest}
     return Dataset(
         name=ref.name,
@@ -415,6 +415,23 @@ def dataset_entity(ref: DatasetRef):
         schema=json.dumps({"mlflow_colspec": schema}) if schema else None,
         profile=json.dumps({k: v for k, v in profile.items() if v is not None}),
     )
+
+
+_SCHEMAS: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+
+
+def _schema(uri: str, format: str, digest: str) -> list[dict[str, Any]] | None:
+    """`dataset_schema`, read once per content: every step that takes the splits logs them again.
+    Only schemas read are kept (a read that failed is tried again by the next step)."""
+    key = (uri, format, digest)
+    if key not in _SCHEMAS:
+        found = dataset_schema(DatasetRef(name="", uri=uri, format=format, digest=digest))
+        if found is None:
+            return None
+        if len(_SCHEMAS) >= 256:
+            _SCHEMAS.clear()
+        _SCHEMAS[key] = found
+    return _SCHEMAS[key]
 
 
 def dataset_schema(ref: DatasetRef) -> list[dict[str, Any]] | None:

@@ -135,6 +135,11 @@ def registered_version(
     return min(same, key=lambda v: int(v.version)) if same else None
 
 
+def made_by_retrain(version: ModelVersion) -> bool:
+    """Whether a retrain flow registered this version (its execution's trigger says so)."""
+    return version.tags.get(f"{TRIGGER_TAG_PREFIX}flow") == "retrain"
+
+
 class VersionCreated(BaseModel):
     version: str
     created: datetime
@@ -153,7 +158,7 @@ def last_retrain(client: MlflowClient, name: str, look_back: int = 50) -> Versio
             return None
         raise
     for version in versions:
-        if version.tags.get(f"{TRIGGER_TAG_PREFIX}flow") == "retrain":
+        if made_by_retrain(version):
             created = datetime.fromtimestamp(version.creation_timestamp / 1000, tz=UTC)
             return VersionCreated(version=str(version.version), created=created)
     return None
