@@ -67,7 +67,7 @@ def process(data: Path) -> dict[str, int]:
     from tasks import lineage
     from tasks.compute import dask_cluster
     from tasks.data import TableSpec
-    from tasks.prepare import SplitSpec, output_location, prepare, validate_input
+    from tasks.prepare import SplitSpec, prepare, validate_input
     from tasks.quality import QualityRules, check_quality, rules_of
     from tasks.settings import get_settings
 
@@ -76,12 +76,12 @@ def process(data: Path) -> dict[str, int]:
         settings = get_settings()
         table = TableSpec(path=str(data), target="cnt", time_column="dteday", key_columns=["dteday", "hr"])
         with (
-            lineage.pipeline_run("process-larger-than-memory", {}, settings) as parent,
+            lineage.pipeline_run("process-larger-than-memory", {}, settings),
             dask_cluster(settings),
         ):
             raw = validate_input(table)
             check_quality(raw, table.time_column, table.key_columns, None, rules_of(QualityRules()), [])
-            splits = prepare(raw, table, SplitSpec(), output_location(settings.datasets_root, parent.run_id))
+            splits = prepare(raw, table, SplitSpec())
         return {s: getattr(splits, s).rows or 0 for s in ("train", "valid", "test")}
 
     return run()

@@ -46,7 +46,7 @@ def measure(rows: int, repeats: int) -> dict:
         from tasks import lineage
         from tasks.compute import dask_cluster
         from tasks.data import TableSpec
-        from tasks.prepare import SplitSpec, output_location, prepare, validate_input
+        from tasks.prepare import SplitSpec, prepare, validate_input
         from tasks.settings import get_settings
         from tasks.steps import TuningSpec
         from tasks.train import TrainingSpec, default_search_space, tune
@@ -58,17 +58,15 @@ def measure(rows: int, repeats: int) -> dict:
             plan = lineage.ExecutionPlan(force=frozenset({"tune"}))  # every repeat really runs
             timings: dict[str, list[dict]] = {name: [] for name in SCHEDULES}
             with (
-                lineage.pipeline_run("parallel-trials", {}, settings, plan=plan) as parent,
+                lineage.pipeline_run("parallel-trials", {}, settings, plan=plan),
                 dask_cluster(settings),
             ):
                 raw = validate_input(table)
-                splits = prepare(
-                    raw, table, SplitSpec(), output_location(settings.datasets_root, parent.run_id)
-                )
+                splits = prepare(raw, table, SplitSpec())
                 # Warm-up, not timed: each worker reads and bins the splits once, then every schedule
                 # finds them ready (the first schedule timed would otherwise pay for it alone).
                 warm = TuningSpec(space=default_search_space(), n_trials=4, parallel=2, objective="rmse")
-                tune(splits, warm, TrainingSpec())
+                tune(splits.train, splits.valid, splits.features, warm, TrainingSpec())
                 for _ in range(repeats):
                     for name, (parallel, threads, _label) in SCHEDULES.items():
                         spec = TuningSpec(
@@ -80,7 +78,7 @@ def measure(rows: int, repeats: int) -> dict:
                             objective="rmse",
                         )
                         started = time.perf_counter()
-                        result = tune(splits, spec, TrainingSpec())
+                        result = tune(splits.train, splits.valid, splits.features, spec, TrainingSpec())
                         timings[name].append(
                             {
                                 "seconds": time.perf_counter() - started,

@@ -174,8 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import mlflow
     import pandas as pd
 
-    from flows.cli import configure_logging
     from flows.monitor import MonitorParams, monitor
+    from tasks.steps.cli import configure_logging
 
     configure_logging()
     landing = home / "landing"

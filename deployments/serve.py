@@ -34,7 +34,7 @@ from flows.pipeline import PipelineParams, training_pipeline
 from flows.retrain import RetrainParams, retrain
 from tasks.drift import DRIFT_DETECTED
 from tasks.policies import DEFAULT_POLICY, POLICY_HELP, PolicyText
-from tasks.registry import MODEL_NAME_HELP, ModelName
+from tasks.steps.model import MODEL_NAME_HELP, ModelName
 
 TRAINING = "scheduled"
 MONITOR = "landing-folder"
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(settings.landing).expanduser().mkdir(parents=True, exist_ok=True)
     from prefect import serve
 
-    from flows.cli import configure_logging
+    from tasks.steps.cli import configure_logging
 
     configure_logging()
     deployments = build_deployments(settings)

@@ -28,10 +28,9 @@ from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from pydantic import BaseModel, Field, field_validator
 
-from flows.cli import run_flow_cli
 from flows.pipeline import TableParams
 from tasks import lineage, markdown
 from tasks.backtest import (
@@ -46,14 +45,14 @@ from tasks.backtest import (
 )
 from tasks.backtest_report import PolicySummary, plot, results_table, summarise_runs
 from tasks.calibration import parse_chunk
-from tasks.compute import dask_client, dask_cluster
+from tasks.compute import dask_client
 from tasks.data import read_table
 from tasks.errors import DataValidationError
 from tasks.modeling import DEFAULT_OBJECTIVE, MAXIMIZE
 from tasks.policies import SignalSettings, parse_policy
-from tasks.prepare import SplitSpec, output_location, prepare, validate_input
+from tasks.prepare import SplitSpec, prepare, validate_input
 from tasks.settings import get_settings
-from tasks.steps import TuningSpec
+from tasks.steps import TuningSpec, current_pipeline, pipeline
 from tasks.train import TrainingSpec, default_search_space, tune
 
 ALL_POLICIES = [
@@ -153,207 +152,6 @@ class BacktestResult(BaseModel):
     prefect_flow_run: dict[str, str]
 
 
-@flow(name="backtest", log_prints=True, result_serializer="json")
-def backtest(params: BacktestParams = BacktestParams()) -> BacktestResult:  # noqa: B008
-    """Replay the table through time for each policy; compare error against retrains."""
-    from prefect.artifacts import (
-        create_link_artifact,
-        create_markdown_artifact,
-        create_progress_artifact,
-        update_progress_artifact,
-    )
-
-    logger = get_run_logger()
-    settings = get_settings()
-    table = params.table()
-    every = parse_chunk(params.batch_every)
-    delay = parse_delay(params.label_delay)
-    policies = [parse_policy(p) for p in params.policies]
-    started = time.perf_counter()
-    with (
-        lineage.pipeline_run("backtest", params.model_dump(mode="json"), settings) as run,
-        dask_cluster(settings),
-    ):
-        raw = validate_input(table, settings.data_access, settings.datasets_root)
-        frame = load_table(read_table(raw).compute(), table, raw.uri)
-        first_day = frame[table.time_column].iloc[0].normalize()
-        initial_end = (first_day + timedelta(days=params.initial_days)).to_pydatetime()
-        labelled = frame[table.target].notna().to_numpy()
-        batches, inside = plan_batches(
-            frame[table.time_column].to_numpy(), initial_end, every, raw.uri, delay
-        )
-        for batch in batches:
-            if not labelled[batch.lo : batch.hi].any():
-                raise DataValidationError(
-                    raw.uri,
-                    f"the batch {batch.start:%Y-%m-%d %H:%M} .. {batch.end:%Y-%m-%d %H:%M} has no values of the target: "
-                    "the backtest scores the model in service on every batch's labels",
-                    table.target,
-                )
-        split = SplitSpec(
-            end=(initial_end - timedelta(days=1)).date(),
-            valid_fraction=params.valid_fraction,
-            test_fraction=params.test_fraction,
-        )
-        splits = prepare(raw, table, split, output_location(settings.datasets_root, run.run_id))
-        task = splits.features.task
-        objective = DEFAULT_OBJECTIVE[task]
-        training = TrainingSpec(
-            num_boost_round=params.num_boost_round,
-            early_stopping_rounds=params.early_stopping_rounds,
-            seed=params.seed,
-        )
-        best = tune(
-            splits,
-            TuningSpec(
-                space=default_search_space(),
-                n_trials=params.n_trials,
-                parallel=params.parallel_trials,
-                objective=objective,
-                direction="maximize" if objective in MAXIMIZE else "minimize",
-                seed=params.seed,
-            ),
-            training,
-        )
-        rounds = int(best.best_metrics.get("best_iteration", params.num_boost_round))
-        metric = metric_for(task, params)
-        logger.info(
-            "backtest: %d batches of %s after %s (%d inside the initial window), %d policies; every retrain with "
-            "the tuned parameters and %d trees",
-            len(batches),
-            every.describe(),
-            initial_end.date(),
-            len(inside),
-            len(policies),
-            rounds,
-        )
-
-        client = dask_client()
-        shared = client.scatter(frame, broadcast=True)
-
-        def train(ends: list[datetime]) -> dict[str, ReplayModel]:
-            threads = 1 if len(ends) > 1 else 0  # side by side: a thread each; alone: all a worker has
-            futures = [
-                client.submit(
-                    fit_window,
-                    shared,
-                    end,
-                    params.window_days,
-                    table,
-                    task,
-                    split,
-                    best.best_params,
-                    rounds,
-                    params.seed,
-                    every,
-                    threads,
-                    pure=False,
-                )
-                for end in ends
-            ]
-            return {model.key: model for model in client.gather(futures)}
-
-        replay = Replay(
-            frame, table, task, batches, inside, delay, params, metric, params.champion_margin, train
-        )
-        progress = create_progress_artifact(progress=0.0, description=f"backtest: {len(batches)} batches")
-        step = max(1, len(batches) // 10)
-
-        def report(done: int, total: int) -> None:
-            update_progress_artifact(progress, progress=100.0 * done / total)
-            if done % step == 0 or done == total:
-                logger.info("batch %d of %d (%d models trained so far)", done, total, len(replay.models))
-
-        runs = replay.run(policies, report)
-        summaries = summarise_runs(runs, batches, inside, params.change_points, set(DATA_DRIVEN))
-        result_table = results_table(summaries, metric, params.change_points)
-        seconds = time.perf_counter() - started
-        title = (
-            f"{Path(raw.uri).name}: {metric} of the model in service, batches of {every.describe()}, "
-            f"label delay {params.label_delay}"
-        )
-        client_ml = run.client()
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "backtest"
-            plot(summaries, batches, metric, folder / "metric_over_time.png", title, params.change_points)
-            details = {
-                "metric": metric,
-                "batches": [b.model_dump(mode="json") for b in batches],
-                "inside_batches": [b.model_dump(mode="json") for b in inside],
-                "policies": [s.model_dump(mode="json") for s in summaries],
-                "tuned_params": best.best_params,
-                "num_boost_round": rounds,
-                "models_trained": len(replay.models),
-                "seconds": seconds,
-            }
-            (folder / "results.json").write_text(json.dumps(details, indent=1, default=str))
-            (folder / "results.md").write_text(f"# Backtest\n\n{markdown.text(title)}\n\n{result_table}\n")
-            client_ml.log_artifacts(run.run_id, str(folder), "backtest")
-        artifact_uri = client_ml.get_run(run.run_id).info.artifact_uri.rstrip("/")
-        plot_uri = f"{artifact_uri}/backtest/metric_over_time.png"
-        link = lineage.artifact_link(
-            run.tracking_uri, run.experiment_id, run.run_id, plot_uri, "backtest/metric_over_time.png"
-        )
-        lineage.log_metrics(
-            client_ml,
-            run.run_id,
-            {
-                **{f"{s.policy}.mean_{metric}": s.mean for s in summaries},
-                **{f"{s.policy}.retrains": s.retrains for s in summaries},
-                **{
-                    f"{s.policy}.false_alarms": s.false_alarms
-                    for s in summaries
-                    if s.false_alarms is not None
-                },
-                "batches": len(batches),
-                "models_trained": len(replay.models),
-                "seconds": seconds,
-            },
-        )
-        create_markdown_artifact(
-            key="backtest",
-            markdown=f"### Backtest: {len(batches)} batches of {markdown.text(every.describe())}, label delay "
-            f"{markdown.text(params.label_delay)}\n\n{result_table}\n\n"
-            f"Metric over time, retrains marked: {markdown.link('metric_over_time.png', link)}\n",
-            description=f"{len(policies)} policies on {raw.uri}",
-        )
-        create_link_artifact(
-            key="backtest-picture",
-            link=link,
-            link_text=f"{metric} over time per policy, retrains marked",
-            description="PNG logged to MLflow with the table and the JSON (backtest/)",
-        )
-        lineage.note(
-            "Input",
-            f"{raw.location} (sha256 {raw.digest[:12]}), {len(batches)} batches of {every.describe()}",
-        )
-        for s in summaries:
-            lineage.note(
-                f"Policy {s.policy}",
-                f"mean {metric} {s.mean:.4g}, {s.retrains} retrains, {s.alarms} alarms"
-                + (f", {s.false_alarms} false alarms" if s.false_alarms is not None else ""),
-            )
-        lineage.note("Picture", f"{metric} over time per policy, retrains marked", link)
-        print(f"backtest: {len(replay.models)} models trained in {seconds:.0f} s; picture: {link}")
-        return BacktestResult(
-            metric=metric,
-            batches=len(batches),
-            inside_batches=len(inside),
-            first_batch=str(batches[0].start),
-            last_batch=str(batches[-1].start),
-            policies=summaries,
-            table=result_table,
-            models_trained=len(replay.models),
-            tuned_params=best.best_params,
-            num_boost_round=rounds,
-            seconds=seconds,
-            mlflow_run_id=run.run_id,
-            plot_uri=plot_uri,
-            plot_link=link,
-            prefect_flow_run=lineage.prefect_flow_run_tags(),
-        )
-
-
 def summarise(result: BacktestResult) -> str:
     return "\n".join(
         [
@@ -369,16 +167,200 @@ def summarise(result: BacktestResult) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_flow_cli(
-        backtest,
-        BacktestParams,
-        argv,
-        "python -m flows.backtest",
-        __doc__ or "",
-        summarise,
-        "nothing replayed",
+@pipeline(name="backtest", params=BacktestParams, summary=summarise, after_bad_input="nothing replayed")
+def backtest(params: BacktestParams) -> BacktestResult:
+    """Replay the table through time for each policy; compare error against retrains."""
+    from prefect.artifacts import (
+        create_link_artifact,
+        create_markdown_artifact,
+        create_progress_artifact,
+        update_progress_artifact,
     )
+
+    logger = get_run_logger()
+    settings = get_settings()
+    table = params.table()
+    every = parse_chunk(params.batch_every)
+    delay = parse_delay(params.label_delay)
+    policies = [parse_policy(p) for p in params.policies]
+    started = time.perf_counter()
+    run = current_pipeline()
+    raw = validate_input(table, settings.data_access, settings.datasets_root)
+    frame = load_table(read_table(raw).compute(), table, raw.uri)
+    first_day = frame[table.time_column].iloc[0].normalize()
+    initial_end = (first_day + timedelta(days=params.initial_days)).to_pydatetime()
+    labelled = frame[table.target].notna().to_numpy()
+    batches, inside = plan_batches(frame[table.time_column].to_numpy(), initial_end, every, raw.uri, delay)
+    for batch in batches:
+        if not labelled[batch.lo : batch.hi].any():
+            raise DataValidationError(
+                raw.uri,
+                f"the batch {batch.start:%Y-%m-%d %H:%M} .. {batch.end:%Y-%m-%d %H:%M} has no values of the target: "
+                "the backtest scores the model in service on every batch's labels",
+                table.target,
+            )
+    split = SplitSpec(
+        end=(initial_end - timedelta(days=1)).date(),
+        valid_fraction=params.valid_fraction,
+        test_fraction=params.test_fraction,
+    )
+    splits = prepare(raw, table, split)
+    task = splits.features.task
+    objective = DEFAULT_OBJECTIVE[task]
+    training = TrainingSpec(
+        num_boost_round=params.num_boost_round,
+        early_stopping_rounds=params.early_stopping_rounds,
+        seed=params.seed,
+    )
+    best = tune(
+        splits.train,
+        splits.valid,
+        splits.features,
+        TuningSpec(
+            space=default_search_space(),
+            n_trials=params.n_trials,
+            parallel=params.parallel_trials,
+            objective=objective,
+            direction="maximize" if objective in MAXIMIZE else "minimize",
+            seed=params.seed,
+        ),
+        training,
+    )
+    rounds = int(best.best_metrics.get("best_iteration", params.num_boost_round))
+    metric = metric_for(task, params)
+    logger.info(
+        "backtest: %d batches of %s after %s (%d inside the initial window), %d policies; every retrain with "
+        "the tuned parameters and %d trees",
+        len(batches),
+        every.describe(),
+        initial_end.date(),
+        len(inside),
+        len(policies),
+        rounds,
+    )
+
+    client = dask_client()
+    shared = client.scatter(frame, broadcast=True)
+
+    def train(ends: list[datetime]) -> dict[str, ReplayModel]:
+        threads = 1 if len(ends) > 1 else 0  # side by side: a thread each; alone: all a worker has
+        futures = [
+            client.submit(
+                fit_window,
+                shared,
+                end,
+                params.window_days,
+                table,
+                task,
+                split,
+                best.best_params,
+                rounds,
+                params.seed,
+                every,
+                threads,
+                pure=False,
+            )
+            for end in ends
+        ]
+        return {model.key: model for model in client.gather(futures)}
+
+    replay = Replay(frame, table, task, batches, inside, delay, params, metric, params.champion_margin, train)
+    progress = create_progress_artifact(progress=0.0, description=f"backtest: {len(batches)} batches")
+    step = max(1, len(batches) // 10)
+
+    def report(done: int, total: int) -> None:
+        update_progress_artifact(progress, progress=100.0 * done / total)
+        if done % step == 0 or done == total:
+            logger.info("batch %d of %d (%d models trained so far)", done, total, len(replay.models))
+
+    runs = replay.run(policies, report)
+    summaries = summarise_runs(runs, batches, inside, params.change_points, set(DATA_DRIVEN))
+    result_table = results_table(summaries, metric, params.change_points)
+    seconds = time.perf_counter() - started
+    title = (
+        f"{Path(raw.uri).name}: {metric} of the model in service, batches of {every.describe()}, "
+        f"label delay {params.label_delay}"
+    )
+    client_ml = run.client()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "backtest"
+        plot(summaries, batches, metric, folder / "metric_over_time.png", title, params.change_points)
+        details = {
+            "metric": metric,
+            "batches": [b.model_dump(mode="json") for b in batches],
+            "inside_batches": [b.model_dump(mode="json") for b in inside],
+            "policies": [s.model_dump(mode="json") for s in summaries],
+            "tuned_params": best.best_params,
+            "num_boost_round": rounds,
+            "models_trained": len(replay.models),
+            "seconds": seconds,
+        }
+        (folder / "results.json").write_text(json.dumps(details, indent=1, default=str))
+        (folder / "results.md").write_text(f"# Backtest\n\n{markdown.text(title)}\n\n{result_table}\n")
+        client_ml.log_artifacts(run.run_id, str(folder), "backtest")
+    artifact_uri = client_ml.get_run(run.run_id).info.artifact_uri.rstrip("/")
+    plot_uri = f"{artifact_uri}/backtest/metric_over_time.png"
+    link = lineage.artifact_link(
+        run.tracking_uri, run.experiment_id, run.run_id, plot_uri, "backtest/metric_over_time.png"
+    )
+    lineage.log_metrics(
+        client_ml,
+        run.run_id,
+        {
+            **{f"{s.policy}.mean_{metric}": s.mean for s in summaries},
+            **{f"{s.policy}.retrains": s.retrains for s in summaries},
+            **{f"{s.policy}.false_alarms": s.false_alarms for s in summaries if s.false_alarms is not None},
+            "batches": len(batches),
+            "models_trained": len(replay.models),
+            "seconds": seconds,
+        },
+    )
+    create_markdown_artifact(
+        key="backtest",
+        markdown=f"### Backtest: {len(batches)} batches of {markdown.text(every.describe())}, label delay "
+        f"{markdown.text(params.label_delay)}\n\n{result_table}\n\n"
+        f"Metric over time, retrains marked: {markdown.link('metric_over_time.png', link)}\n",
+        description=f"{len(policies)} policies on {raw.uri}",
+    )
+    create_link_artifact(
+        key="backtest-picture",
+        link=link,
+        link_text=f"{metric} over time per policy, retrains marked",
+        description="PNG logged to MLflow with the table and the JSON (backtest/)",
+    )
+    lineage.note(
+        "Input",
+        f"{raw.location} (sha256 {raw.digest[:12]}), {len(batches)} batches of {every.describe()}",
+    )
+    for s in summaries:
+        lineage.note(
+            f"Policy {s.policy}",
+            f"mean {metric} {s.mean:.4g}, {s.retrains} retrains, {s.alarms} alarms"
+            + (f", {s.false_alarms} false alarms" if s.false_alarms is not None else ""),
+        )
+    lineage.note("Picture", f"{metric} over time per policy, retrains marked", link)
+    print(f"backtest: {len(replay.models)} models trained in {seconds:.0f} s; picture: {link}")
+    return BacktestResult(
+        metric=metric,
+        batches=len(batches),
+        inside_batches=len(inside),
+        first_batch=str(batches[0].start),
+        last_batch=str(batches[-1].start),
+        policies=summaries,
+        table=result_table,
+        models_trained=len(replay.models),
+        tuned_params=best.best_params,
+        num_boost_round=rounds,
+        seconds=seconds,
+        mlflow_run_id=run.run_id,
+        plot_uri=plot_uri,
+        plot_link=link,
+        prefect_flow_run=lineage.prefect_flow_run_tags(),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return backtest.main(argv)
 
 
 if __name__ == "__main__":

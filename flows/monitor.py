@@ -22,13 +22,10 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from prefect import flow
 from pydantic import BaseModel, Field
 
-from flows.cli import run_flow_cli
 from tasks import lineage
 from tasks.baseline import load_baseline
-from tasks.compute import dask_cluster
 from tasks.drift import (
     MIN_BATCH_ROWS,
     DriftCheck,
@@ -42,7 +39,6 @@ from tasks.drift import (
 from tasks.errors import DataValidationError
 from tasks.history import HistoryRef, checks_text, point_metrics, update_history
 from tasks.policies import PolicySettings, settings_of
-from tasks.prepare import output_location
 from tasks.quality import (
     ON_VIOLATION_HELP,
     OnViolation,
@@ -52,9 +48,10 @@ from tasks.quality import (
     rules_of,
     version_constraints,
 )
-from tasks.registry import MODEL_NAME_HELP, ModelName
 from tasks.settings import get_settings
 from tasks.snapshot import reported_as
+from tasks.steps import current_pipeline, pipeline
+from tasks.steps.model import MODEL_NAME_HELP, ModelName
 
 
 class MonitorParams(PolicySettings, QualityRules):
@@ -95,96 +92,6 @@ class MonitorResult(BaseModel):
     history: HistoryRef
     mlflow_run_id: str
     prefect_flow_run: dict[str, str]
-
-
-@flow(name="drift-monitor", log_prints=True, result_serializer="json")
-def monitor(params: MonitorParams) -> MonitorResult:
-    """Check one batch for drift against the champion, report it, and emit the verdict as an event."""
-    settings = get_settings()
-    settings_ = settings_of(params)
-    checked_at = datetime.now(UTC).isoformat(timespec="seconds")
-    batch_location, batch_files_ = batch_files(params.batch, params.latest, settings.data_access)
-    with (
-        lineage.pipeline_run(
-            "drift-monitor",
-            params.model_dump(mode="json"),
-            settings,
-            tags={"keel.model.name": params.model_name},
-        ) as run,
-        dask_cluster(settings),
-    ):
-        client = run.client()
-        champion = load_baseline(client, params.model_name, params.version)
-        # pinned once: both checks read the same copy, whatever happens to the file meanwhile
-        batch = batch_ref(batch_location, batch_files_, settings.datasets_root)
-        with reported_as(batch):  # errors about the pinned copy name the user's file
-            quality = check_quality(
-                batch,
-                champion.profile.features.time_column,
-                [],
-                version_constraints(client, params.model_name, champion.version),
-                rules_of(params),
-                [],
-                champion.profile.features.input_columns,
-                target=champion.profile.features.target,
-            )
-            if quality.rows < params.min_batch_rows:
-                raise DataValidationError(
-                    batch.location,
-                    f"too few rows to judge: {quality.rows} (at least {params.min_batch_rows}, --min-batch-rows)"
-                    if quality.rows
-                    else "the batch has no rows",
-                )
-            check = check_drift(
-                batch,
-                params.model_name,
-                champion.version,  # the version the quality check used, even if the alias moved since
-                settings_,
-                output_location(settings.datasets_root, run.run_id, "monitor"),
-            )
-        report = report_drift(check, settings_, checked_at, int(params.max_report_mb * 2**20))
-        event_id = emit_verdict(check, report, checked_at)
-        event = check.event
-        lineage.set_tags(
-            client,
-            run.run_id,
-            {
-                "keel.model.version": check.version,
-                "keel.policy": check.decision.policy,
-                "keel.event": event,
-                "keel.event_id": event_id or "not emitted",
-            },
-        )
-        lineage.log_metrics(client, run.run_id, point_metrics(check, len(quality.violations)))
-        history = update_history(check, report, checked_at)
-        decision = check.decision
-        lineage.note(
-            "Decision",
-            f"{'retrain' if decision.retrain else 'no retrain'} (policy {decision.policy})"
-            + (f": {'; '.join(decision.reasons)}" if decision.reasons else ""),
-        )
-        lineage.note(
-            "Model version",
-            f"{check.model_name} v{check.version}",
-            lineage.version_link(run.tracking_uri, check.model_name, check.version),
-        )
-        lineage.note(
-            "Batch", f"{check.batch.location} ({check.rows:,} rows, sha256 {check.batch.digest[:12]})"
-        )
-        lineage.note("Data quality", f"{len(quality.violations)} violations of the version's constraints")
-        lineage.note("Drift report", "Evidently report and every column's scores", report.link)
-        lineage.note("Event", f"{event} ({event_id or 'not emitted'})")
-        print(f"{event} for {check.model_name} v{check.version} (event {event_id}); report: {report.link}")
-        return MonitorResult(
-            quality=quality,
-            check=check,
-            report=report,
-            history=history,
-            event=event,
-            event_id=event_id,
-            mlflow_run_id=run.run_id,
-            prefect_flow_run=lineage.prefect_flow_run_tags(),
-        )
 
 
 def summarise(result: MonitorResult) -> str:
@@ -235,16 +142,93 @@ def _shown(value: float | None) -> str:
     return "n/a" if value is None or value != value else f"{value:.4g}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_flow_cli(
-        monitor,
-        MonitorParams,
-        argv,
-        "python -m flows.monitor",
-        __doc__ or "",
-        summarise,
-        "nothing checked, no event emitted",
+@pipeline(
+    name="drift-monitor",
+    params=MonitorParams,
+    run_tags=lambda params: {"keel.model.name": params.model_name},
+    summary=summarise,
+    after_bad_input="nothing checked, no event emitted",
+)
+def monitor(params: MonitorParams) -> MonitorResult:
+    """Check one batch for drift against the champion, report it, and emit the verdict as an event."""
+    settings = get_settings()
+    settings_ = settings_of(params)
+    checked_at = datetime.now(UTC).isoformat(timespec="seconds")
+    batch_location, batch_files_ = batch_files(params.batch, params.latest, settings.data_access)
+    run = current_pipeline()
+    client = run.client()
+    champion = load_baseline(client, params.model_name, params.version)
+    # pinned once: both checks read the same copy, whatever happens to the file meanwhile
+    batch = batch_ref(batch_location, batch_files_, settings.datasets_root)
+    with reported_as(batch):  # errors about the pinned copy name the user's file
+        quality = check_quality(
+            batch,
+            champion.profile.features.time_column,
+            [],
+            version_constraints(client, params.model_name, champion.version),
+            rules_of(params),
+            [],
+            champion.profile.features.input_columns,
+            target=champion.profile.features.target,
+        )
+        if quality.rows < params.min_batch_rows:
+            raise DataValidationError(
+                batch.location,
+                f"too few rows to judge: {quality.rows} (at least {params.min_batch_rows}, --min-batch-rows)"
+                if quality.rows
+                else "the batch has no rows",
+            )
+        check = check_drift(
+            batch,
+            params.model_name,
+            champion.version,  # the version the quality check used, even if the alias moved since
+            settings_,
+        )
+    report = report_drift(check, settings_, checked_at, int(params.max_report_mb * 2**20))
+    event_id = emit_verdict(check, report, checked_at)
+    event = check.event
+    lineage.set_tags(
+        client,
+        run.run_id,
+        {
+            "keel.model.version": check.version,
+            "keel.policy": check.decision.policy,
+            "keel.event": event,
+            "keel.event_id": event_id or "not emitted",
+        },
     )
+    lineage.log_metrics(client, run.run_id, point_metrics(check, len(quality.violations)))
+    history = update_history(check, report, checked_at)
+    decision = check.decision
+    lineage.note(
+        "Decision",
+        f"{'retrain' if decision.retrain else 'no retrain'} (policy {decision.policy})"
+        + (f": {'; '.join(decision.reasons)}" if decision.reasons else ""),
+    )
+    lineage.note(
+        "Model version",
+        f"{check.model_name} v{check.version}",
+        lineage.version_link(run.tracking_uri, check.model_name, check.version),
+    )
+    lineage.note("Batch", f"{check.batch.location} ({check.rows:,} rows, sha256 {check.batch.digest[:12]})")
+    lineage.note("Data quality", f"{len(quality.violations)} violations of the version's constraints")
+    lineage.note("Drift report", "Evidently report and every column's scores", report.link)
+    lineage.note("Event", f"{event} ({event_id or 'not emitted'})")
+    print(f"{event} for {check.model_name} v{check.version} (event {event_id}); report: {report.link}")
+    return MonitorResult(
+        quality=quality,
+        check=check,
+        report=report,
+        history=history,
+        event=event,
+        event_id=event_id,
+        mlflow_run_id=run.run_id,
+        prefect_flow_run=lineage.prefect_flow_run_tags(),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return monitor.main(argv)
 
 
 if __name__ == "__main__":

@@ -23,38 +23,37 @@ from datetime import date
 from pathlib import Path
 from typing import Literal
 
-from prefect import flow
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from flows.cli import run_flow_cli
 from tasks import lineage
 from tasks.baseline import baseline
 from tasks.calibration import DEFAULT_CHUNK, parse_chunk
-from tasks.compute import dask_cluster, steps_side_by_side
+from tasks.compute import steps_side_by_side
 from tasks.data import TableSpec
 from tasks.errors import DataValidationError
 from tasks.evaluate import Evaluation, evaluate
 from tasks.modeling import DEFAULT_OBJECTIVE, MAXIMIZE
-from tasks.prepare import SplitSpec, output_location, prepare, validate_input
+from tasks.prepare import SplitSpec, prepare, validate_input
 from tasks.quality import QualityRules, check_quality, record_rejection, rules_of, version_constraints
-from tasks.registry import MODEL_NAME_HELP, ModelName, RegisteredVersion, comparable_champion, register
+from tasks.registry import comparable_champion, register
 from tasks.settings import get_settings
 from tasks.snapshot import reported_as
-from tasks.steps import Check, ConditionOutcome, ParamRange, TuningSpec, condition, fail, results
+from tasks.steps import (
+    Check,
+    ConditionOutcome,
+    ExecutionOptions,
+    ParamRange,
+    TuningSpec,
+    condition,
+    current_pipeline,
+    fail,
+    pipeline,
+    results,
+)
+from tasks.steps.model import MODEL_NAME_HELP, ModelName, RegisteredVersion
 from tasks.train import TrainingSpec, default_search_space, train, tune
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "bike_sharing_hourly.csv"
-STEPS = (
-    "validate-input",
-    "check-quality",
-    "prepare",
-    "tune",
-    "train",
-    "baseline",
-    "evaluate",
-    "quality-gate",
-    "register",
-)
 
 
 class TableParams(BaseModel):
@@ -84,7 +83,7 @@ class TableParams(BaseModel):
         )
 
 
-class PipelineParams(TableParams, QualityRules):
+class PipelineParams(TableParams, QualityRules, ExecutionOptions):
     """Every knob of one execution; shown and editable in the Prefect UI, and as `--flags` here."""
 
     key_columns: list[str] = Field(
@@ -151,19 +150,6 @@ class PipelineParams(TableParams, QualityRules):
         default_factory=dict,
         description="What started this execution (e.g. event id, drift report URI); recorded on the run and version.",
     )
-    force_steps: list[str] = Field(
-        default_factory=list,
-        description="Run these steps even if their outputs are cached; 'all' for every step.",
-    )
-    reuse_from: str | None = Field(
-        default=None,
-        description="An earlier execution (its MLflow run id) to resume or take steps from: its parameters are "
-        "the defaults, and each of its finished steps is reused if its inputs are unchanged.",
-    )
-    selected_steps: list[str] = Field(
-        default_factory=list,
-        description="With --reuse-from: run only these steps (and those whose inputs change as a result).",
-    )
 
     @field_validator("monitoring_chunk")
     @classmethod
@@ -171,27 +157,12 @@ class PipelineParams(TableParams, QualityRules):
         return parse_chunk(value).text
 
     @model_validator(mode="after")
-    def _steps_exist(self) -> PipelineParams:
-        self.plan()
+    def _window(self) -> PipelineParams:
         if self.start and self.end and self.start > self.end:
             raise ValueError(
                 f"--start {self.start} is after --end {self.end}: the data window would be empty"
             )
         return self
-
-    def plan(self) -> lineage.ExecutionPlan:
-        unknown = sorted(set(self.force_steps + self.selected_steps) - {*STEPS, lineage.ALL_STEPS})
-        if unknown:
-            raise ValueError(f"unknown steps {unknown}; the steps are {', '.join(STEPS)} (or 'all')")
-        if self.selected_steps and not self.reuse_from:
-            raise ValueError(
-                "--selected-steps needs --reuse-from: the execution the other steps' outputs come from"
-            )
-        return lineage.ExecutionPlan(
-            reuse_from=self.reuse_from,
-            selected=frozenset(self.selected_steps),
-            force=frozenset(self.force_steps),
-        )
 
     def table(self) -> TableSpec:
         return super().table().model_copy(update={"key_columns": self.key_columns})
@@ -232,158 +203,6 @@ def quality_checks(evaluation: Evaluation, params: PipelineParams) -> list[Check
     return checks
 
 
-@flow(name="training-pipeline", log_prints=True, result_serializer="json")  # failures: JSON, not pickles
-def training_pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:  # noqa: B008
-    """Check, process, tune, train, evaluate, gate and register one model version."""
-    settings = get_settings()
-    plan = params.plan()
-    table = params.table()
-    split = SplitSpec(
-        start=params.start,
-        end=params.end,
-        window_days=params.window_days,
-        valid_fraction=params.valid_fraction,
-        test_fraction=params.test_fraction,
-    )
-    training = TrainingSpec(
-        num_boost_round=params.num_boost_round,
-        early_stopping_rounds=params.early_stopping_rounds,
-        seed=params.seed,
-        mode=params.training_mode,
-    )
-    with (
-        lineage.pipeline_run(
-            "training-pipeline",
-            params.model_dump(mode="json"),
-            settings,
-            tags={
-                "keel.reason": params.reason,
-                **{f"keel.trigger.{k}": v for k, v in params.trigger.items()},
-            },
-            plan=plan,
-        ) as run,
-        dask_cluster(settings),
-    ):
-        client = run.client()
-        ended = lineage.end_stale_runs(client, run.experiment_id, plan.reuse_from)
-        ended += lineage.end_stale_runs(client, run.experiment_id)
-        if ended:
-            print(f"ended {len(ended)} MLflow runs of executions whose process is gone, as KILLED")
-        raw = None
-        try:
-            raw = validate_input(table, settings.data_access, settings.datasets_root)
-            lineage.note("Input", f"{raw.location} (sha256 {raw.digest[:12]})")
-            with reported_as(raw):  # errors about the pinned copy name the user's file
-                quality = check_quality(
-                    raw,
-                    table.time_column,
-                    table.key_columns,
-                    version_constraints(client, params.model_name, unless_made_from=raw.digest),
-                    rules_of(params),
-                    table.drop_columns,
-                    not_features=table.drop_columns,
-                    target=table.target,
-                )
-                splits = prepare(raw, table, split, output_location(settings.datasets_root, run.run_id))
-            lineage.note(
-                "Data",
-                f"{quality.rows:,} rows checked; train {splits.train.rows or 0:,}, valid {splits.valid.rows or 0:,}, "
-                f"test {splits.test.rows or 0:,} rows ({splits.boundaries['start'][:10]} .. {splits.boundaries['end'][:10]})",
-            )
-        except DataValidationError as exc:
-            record = record_rejection(
-                settings.rejected_dir, run.run_id, table.path, raw.digest if raw else None, exc
-            )
-            lineage.set_tags(
-                client,
-                run.run_id,
-                {
-                    "keel.rejected.file": exc.file,
-                    "keel.rejected.column": exc.column or "",
-                    "keel.rejected.rule": exc.rule[:5000],
-                    "keel.rejected.record": str(record),
-                },
-            )
-            print(f"input refused, the reason is kept in {record}")
-            raise
-        objective = params.objective or DEFAULT_OBJECTIVE[splits.features.task]
-        tuning = TuningSpec(
-            space=params.space,
-            n_trials=params.n_trials,
-            parallel=params.parallel_trials,
-            objective=objective,
-            direction="maximize" if objective in MAXIMIZE else "minimize",
-            seed=params.seed,
-        )
-        best = tune(splits, tuning, training)
-        model = train(raw, splits, best, training)
-        champion = comparable_champion(client, params.model_name, model)
-        with steps_side_by_side(2):  # both need only the model and the splits
-            reference, evaluation = results(
-                baseline.submit(model, splits, params.monitoring_chunk, params.seed),
-                evaluate.submit(model, splits, params.model_name, champion),
-            )
-        lineage.note(
-            "Tuning",
-            f"best of {len(best.trials)} trials: trial {best.best_trial}, {best.objective} {best.best_value:.5g}",
-        )
-        gate = condition("quality-gate", quality_checks(evaluation, params))
-        lineage.note("Quality gate", gate.message)
-        datasets = {"raw": raw, "train": splits.train, "valid": splits.valid, "test": splits.test}
-        compared = (
-            (evaluation.champion_version, evaluation.champion_metrics)
-            if evaluation.champion_version and evaluation.champion_metrics
-            else None
-        )
-        registered = None
-        if gate.passed or params.on_gate_failure == "reject":
-            if gate.passed:
-                status = "Approved" if params.approval == "auto" else "PendingManualApproval"
-            else:
-                status = "Rejected"
-            registered = register(
-                model,
-                params.model_name,
-                status,
-                gate.message,
-                evaluation.metrics,
-                datasets,
-                reference,
-                compared,
-                quality,
-                splits.features,
-                splits.boundaries,
-            )
-            lineage.note(
-                "Model version",
-                f"{registered.name} v{registered.version}: {registered.status}"
-                + (", champion" if registered.champion else "")
-                + (" (registered already)" if registered.existing else ""),
-                registered.link,
-            )
-        else:
-            lineage.note("Model version", "none registered: the quality gate failed")
-            fail("quality-gate-failed", gate.message)
-        return PipelineResult(
-            mlflow_run_id=run.run_id,
-            tracking_uri=run.tracking_uri,
-            mlflow_run_link=lineage.run_link(run.tracking_uri, run.experiment_id, run.run_id),
-            prefect_flow_run=lineage.prefect_flow_run_tags(),
-            gate=gate,
-            evaluation=evaluation,
-            registered=registered,
-        )
-
-
-def rerun(execution: str, selected_steps: Sequence[str] = (), **changes) -> PipelineResult:
-    """Resume an execution (no `selected_steps`), or run only `selected_steps` taking the other steps'
-    outputs from it (SageMaker's selective execution). Its parameters, updated with `changes`."""
-    params = PipelineParams.model_validate(
-        {**changes, "reuse_from": execution, "selected_steps": list(selected_steps)}
-    )
-    return training_pipeline(with_stored_params(params))
-
-
 def where_to_look(result: PipelineResult) -> str:
     settings = get_settings()
     flow_run = result.prefect_flow_run
@@ -417,27 +236,145 @@ def where_to_look(result: PipelineResult) -> str:
     return "\n".join(lines)
 
 
-def with_stored_params(params: PipelineParams) -> PipelineParams:
-    """With --reuse-from, the earlier execution's parameters, updated with the flags given now."""
-    if not params.reuse_from:
-        return params
-    from tasks.lineage import execution_params, mlflow_client
+def execution_tags(params: PipelineParams) -> dict[str, str]:
+    """Why the execution runs and what started it, on its MLflow run."""
+    return {"keel.reason": params.reason, **{f"keel.trigger.{k}": v for k, v in params.trigger.items()}}
 
-    stored = execution_params(mlflow_client(get_settings()), params.reuse_from)
-    given = params.model_dump(include=params.model_fields_set)
-    return PipelineParams.model_validate({**stored, "force_steps": [], "selected_steps": [], **given})
+
+@pipeline(
+    name="training-pipeline",
+    params=PipelineParams,
+    run_tags=execution_tags,
+    summary=where_to_look,
+    after_bad_input="nothing trained or registered",
+)
+def training_pipeline(params: PipelineParams) -> PipelineResult:
+    """Check, process, tune, train, evaluate, gate and register one model version."""
+    settings = get_settings()
+    run = current_pipeline()
+    client = run.client()
+    table = params.table()
+    split = SplitSpec(
+        start=params.start,
+        end=params.end,
+        window_days=params.window_days,
+        valid_fraction=params.valid_fraction,
+        test_fraction=params.test_fraction,
+    )
+    training = TrainingSpec(
+        num_boost_round=params.num_boost_round,
+        early_stopping_rounds=params.early_stopping_rounds,
+        seed=params.seed,
+        mode=params.training_mode,
+    )
+    raw = None
+    try:
+        raw = validate_input(table, settings.data_access, settings.datasets_root)
+        lineage.note("Input", f"{raw.location} (sha256 {raw.digest[:12]})")
+        with reported_as(raw):  # errors about the pinned copy name the user's file
+            quality = check_quality(
+                raw,
+                table.time_column,
+                table.key_columns,
+                version_constraints(client, params.model_name, unless_made_from=raw.digest),
+                rules_of(params),
+                table.drop_columns,
+                not_features=table.drop_columns,
+                target=table.target,
+            )
+            splits = prepare(raw, table, split)
+        lineage.note(
+            "Data",
+            f"{quality.rows:,} rows checked; train {splits.train.rows or 0:,}, valid {splits.valid.rows or 0:,}, "
+            f"test {splits.test.rows or 0:,} rows ({splits.boundaries['start'][:10]} .. {splits.boundaries['end'][:10]})",
+        )
+    except DataValidationError as exc:
+        record = record_rejection(
+            settings.rejected_dir, run.run_id, table.path, raw.digest if raw else None, exc
+        )
+        lineage.set_tags(
+            client,
+            run.run_id,
+            {
+                "keel.rejected.file": exc.file,
+                "keel.rejected.column": exc.column or "",
+                "keel.rejected.rule": exc.rule[:5000],
+                "keel.rejected.record": str(record),
+            },
+        )
+        print(f"input refused, the reason is kept in {record}")
+        raise
+    objective = params.objective or DEFAULT_OBJECTIVE[splits.features.task]
+    tuning = TuningSpec(
+        space=params.space,
+        n_trials=params.n_trials,
+        parallel=params.parallel_trials,
+        objective=objective,
+        direction="maximize" if objective in MAXIMIZE else "minimize",
+        seed=params.seed,
+    )
+    best = tune(splits.train, splits.valid, splits.features, tuning, training)
+    model = train(raw, splits.train, splits.valid, splits.features, best, training)
+    champion = comparable_champion(client, params.model_name, model)
+    with steps_side_by_side(2):  # both need only the model and the splits
+        reference, evaluation = results(
+            baseline.submit(model, splits, params.monitoring_chunk, params.seed),
+            evaluate.submit(model, splits, params.model_name, champion),
+        )
+    lineage.note(
+        "Tuning",
+        f"best of {len(best.trials)} trials: trial {best.best_trial}, {best.objective} {best.best_value:.5g}",
+    )
+    gate = condition("quality-gate", quality_checks(evaluation, params))
+    lineage.note("Quality gate", gate.message)
+    datasets = {"raw": raw, "train": splits.train, "valid": splits.valid, "test": splits.test}
+    compared = (
+        (evaluation.champion_version, evaluation.champion_metrics)
+        if evaluation.champion_version and evaluation.champion_metrics
+        else None
+    )
+    registered = None
+    if gate.passed or params.on_gate_failure == "reject":
+        if gate.passed:
+            status = "Approved" if params.approval == "auto" else "PendingManualApproval"
+        else:
+            status = "Rejected"
+        registered = register(
+            model,
+            params.model_name,
+            status,
+            gate.message,
+            evaluation.metrics,
+            datasets,
+            reference,
+            compared,
+            quality,
+            splits.features,
+            splits.boundaries,
+        )
+        lineage.note(
+            "Model version",
+            f"{registered.name} v{registered.version}: {registered.status}"
+            + (", champion" if registered.champion else "")
+            + (" (registered already)" if registered.existing else ""),
+            registered.link,
+        )
+    else:
+        lineage.note("Model version", "none registered: the quality gate failed")
+        fail("quality-gate-failed", gate.message)
+    return PipelineResult(
+        mlflow_run_id=run.run_id,
+        tracking_uri=run.tracking_uri,
+        mlflow_run_link=lineage.run_link(run.tracking_uri, run.experiment_id, run.run_id),
+        prefect_flow_run=lineage.prefect_flow_run_tags(),
+        gate=gate,
+        evaluation=evaluation,
+        registered=registered,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_flow_cli(
-        training_pipeline,
-        PipelineParams,
-        argv,
-        "python -m flows.pipeline",
-        __doc__ or "",
-        where_to_look,
-        prepare_params=with_stored_params,
-    )
+    return training_pipeline.main(argv)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,14 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
-from flows.cli import run_flow_cli
 from flows.pipeline import PipelineParams, PipelineResult, training_pipeline, where_to_look
 from tasks import lineage, markdown, summary
 from tasks.guards import retrain_lock
 from tasks.quality import ON_VIOLATION_HELP, OnViolation
-from tasks.registry import RAW_URI_TAG, find_champion, last_retrain
+from tasks.registry import RAW_URI_TAG, last_retrain
 from tasks.settings import get_settings
+from tasks.steps.cli import run_flow_cli
+from tasks.steps.model import find_champion
 
 
 class RetrainParams(PipelineParams):

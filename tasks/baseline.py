@@ -27,8 +27,9 @@ from tasks.featurize import FeatureSpec
 from tasks.performance import Estimator
 from tasks.prepare import SPLITS, Splits
 from tasks.refs import DatasetRef, ModelRef, file_urls
-from tasks.registry import BASELINE_RUN_TAG, BASELINE_TAG, find_champion
+from tasks.registry import BASELINE_RUN_TAG, BASELINE_TAG
 from tasks.steps import CacheConfig, RetryPolicy, current_step, processing_step
+from tasks.steps.model import find_champion
 
 if TYPE_CHECKING:
     import pandas as pd

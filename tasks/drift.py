@@ -137,7 +137,7 @@ def policy_context(champion: ChampionBaseline, now: datetime) -> PolicyContext:
 
 @processing_step(name="drift-check")
 def check_drift(
-    batch: DatasetRef, model_name: str, version: str | None, settings: PolicySettings, output_uri: str
+    batch: DatasetRef, model_name: str, version: str | None, settings: PolicySettings
 ) -> DriftCheck:
     """Summarise the batch on the workers, judge it against the champion's calibrated baseline and
     let the policy decide."""
@@ -183,6 +183,7 @@ def check_drift(
     context = policy_context(champion, datetime.now(UTC)) if policy.name == "schedule" else PolicyContext()
     decision = decide(policy, verdict.signals, context)
 
+    output_uri = step.output_location()
     sample_uri = f"{output_uri}/sample.parquet"
     if "://" not in output_uri:
         Path(output_uri).mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,14 @@ class PipelineRun:
     registry_uri: str
     name: str
     plan: ExecutionPlan = ExecutionPlan()
+    outputs_root: str = ""  # where steps write data (Settings.datasets_root)
     facts: list[summary.Fact] = field(default_factory=list, compare=False)  # the summary's rows
+
+    def output_location(self, step: str) -> str:
+        """Where this execution's outputs of one step go: `<outputs_root>/<execution>/<step>`."""
+        if "://" in self.outputs_root:
+            return f"{self.outputs_root.rstrip('/')}/{self.run_id}/{step}"
+        return str(Path(self.outputs_root or ".").resolve() / self.run_id / step)
 
     def client(self) -> MlflowClient:
         import mlflow
@@ -134,12 +141,14 @@ def ensure_experiment(client: MlflowClient, settings: Settings) -> str:
         return experiment.experiment_id
 
 
-def git_commit() -> dict[str, str]:
-    """The commit of the code that ran, and whether the work tree had uncommitted changes."""
+def git_commit(source: Path | None = None) -> dict[str, str]:
+    """The commit of the repository the pipeline's code (`source`, a file) is in, and whether its
+    work tree had uncommitted changes: the user's repository, not this project's."""
+    folder = (source.parent if source is not None else PROJECT_ROOT).resolve()
 
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
+            ["git", *args], cwd=folder, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
 
     try:
@@ -230,9 +239,11 @@ def pipeline_run(
     settings: Settings,
     tags: Mapping[str, str] | None = None,
     plan: ExecutionPlan = ExecutionPlan(),
+    source: Path | None = None,
 ) -> Iterator[PipelineRun]:
     """Open the parent run of a pipeline execution; it ends FINISHED or FAILED with the flow.
-    The parameters are also stored whole (`keel/params.json`), so the execution can be resumed."""
+    The parameters are also stored whole (`keel/params.json`), so the execution can be resumed.
+    `source`: the pipeline's file (its repository's commit is recorded)."""
     client = mlflow_client(settings)
     experiment_id = ensure_experiment(client, settings)
     prefect_tags = prefect_flow_run_tags()
@@ -243,7 +254,7 @@ def pipeline_run(
             PIPELINE_TAG: pipeline,
             "mlflow.source.name": pipeline,
             **prefect_tags,
-            **git_commit(),
+            **git_commit(source),
             "keel.host": socket.gethostname(),
             "keel.pid": str(os.getpid()),
             **({"keel.reused_from": plan.reuse_from} if plan.reuse_from else {}),
@@ -255,7 +266,13 @@ def pipeline_run(
     log_params(client, run.info.run_id, params)
     client.log_text(run.info.run_id, json.dumps(params, indent=1, default=str), PARAMS_ARTIFACT)
     current = PipelineRun(
-        run.info.run_id, experiment_id, settings.tracking_uri, settings.registry_uri, pipeline, plan
+        run.info.run_id,
+        experiment_id,
+        settings.tracking_uri,
+        settings.registry_uri,
+        pipeline,
+        plan,
+        settings.datasets_root,
     )
     current.facts.append(
         summary.Fact(
@@ -460,26 +477,17 @@ def dataset_schema(ref: DatasetRef) -> list[dict[str, Any]] | None:
         return None
 
 
-def log_datasets(client: MlflowClient, run_id: str, refs: Mapping[str, DatasetRef], context: str) -> None:
-    """Tag each dataset's URI, full digest and rows (context: 'input' or 'output'); inputs are also
-    logged with `log_input`, so MLflow's UI lists them under the run's datasets."""
+def log_dataset_inputs(client: MlflowClient, run_id: str, refs: Mapping[str, DatasetRef]) -> None:
+    """Datasets a run read, with `log_inputs`, so MLflow's UI lists them under the run's datasets
+    (named by the argument they came in as)."""
     from mlflow.entities import DatasetInput, InputTag
 
-    if not refs:
-        return
-    if context == "input":
+    if refs:
         inputs = [
             DatasetInput(dataset_entity(ref), tags=[InputTag("mlflow.data.context", key)])
             for key, ref in refs.items()
         ]
         client.log_inputs(run_id, datasets=inputs)
-    tags: dict[str, str] = {}
-    for key, ref in refs.items():
-        tags[f"keel.{context}.{key}.uri"] = ref.uri
-        tags[f"keel.{context}.{key}.digest"] = ref.digest
-        if ref.rows is not None:
-            tags[f"keel.{context}.{key}.rows"] = str(ref.rows)
-    set_tags(client, run_id, tags)
 
 
 # MLflow's UI opens every experiment in its GenAI layout unless the link (or the browser's memory of

@@ -18,7 +18,6 @@ from pydantic import BaseModel
 from tasks import markdown
 from tasks.refs import DatasetRef
 
-CARD_ARTIFACT = "model_card.md"
 _MONITORING_START = "<!-- keel:monitoring -->"
 _MONITORING_END = "<!-- /keel:monitoring -->"
 _MONITORING = re.compile(re.escape(_MONITORING_START) + ".*?" + re.escape(_MONITORING_END), re.DOTALL)

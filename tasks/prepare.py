@@ -8,7 +8,6 @@ everything learned from data (categories, classes) is learned from the training 
 from __future__ import annotations
 
 from datetime import date, datetime
-from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -76,11 +75,11 @@ def _infer_task(table: TableSpec, target_dtype, n_distinct: int) -> str:
     return "binary" if n_distinct <= 2 else "multiclass"
 
 
-@processing_step(name="prepare", cache=CacheConfig(ignore=("output_uri",)), retry=RetryPolicy(attempts=3))
-def prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: str) -> Splits:
+@processing_step(name="prepare", cache=CacheConfig(), retry=RetryPolicy(attempts=3))
+def prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec) -> Splits:
     """Clean, featurize and split the raw table on Dask; write the splits as Parquet."""
     try:
-        return _prepare(raw, table, split, output_uri)
+        return _prepare(raw, table, split, current_step().output_location())
     except ValueError as exc:
         if "Mismatched dtypes" not in str(exc):
             raise
@@ -361,10 +360,3 @@ def feature_spec(
         time_parts=[p for p in TIME_PARTS if p != "hour" or hour_varies],
         classes=sorted(map(str, label_values)) if task != "regression" else None,
     )
-
-
-def output_location(root: str, execution_id: str, step: str = "prepare") -> str:
-    """Where one execution's outputs of one step go."""
-    if "://" in root:
-        return f"{root.rstrip('/')}/{execution_id}/{step}"
-    return str(Path(root).resolve() / execution_id / step)

@@ -24,8 +24,9 @@ from tasks.compute import dask_client
 from tasks.errors import DataValidationError, read_failure
 from tasks.featurize import parse_time
 from tasks.refs import DatasetRef, file_urls
-from tasks.registry import QUALITY_RUN_TAG, QUALITY_TAG, RAW_DIGEST_TAG, find_champion
+from tasks.registry import QUALITY_RUN_TAG, QUALITY_TAG, RAW_DIGEST_TAG
 from tasks.steps import CacheConfig, RetryPolicy, current_step, processing_step
+from tasks.steps.model import find_champion
 
 if TYPE_CHECKING:
     import pandas as pd

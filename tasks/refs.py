@@ -2,20 +2,45 @@
 
 A reference names where the data is (a path or fsspec URL the Dask workers can reach) and what it
 is (a content digest), so lineage can record it and a later step can check it is unchanged.
+Every kind answers the same three questions (`Ref`): what it contributes to a cache key, whether
+an earlier one can still be reused, and which tags record it in lineage. A new kind of artifact is
+one new subclass.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
 _CHUNK = 1 << 20
+MODEL_DIGEST_TAG = "model.digest"  # ModelRef.digest, on the run that logged it and on its versions
 
 
-class DatasetRef(BaseModel):
+class Ref(BaseModel):
+    """What every reference a step receives or returns can say about itself."""
+
+    model_config = ConfigDict(frozen=True)
+
+    def key_part(self) -> str:
+        """Its part of a cache key: what it is (content), never where it is."""
+        raise NotImplementedError
+
+    def problem(self, client: MlflowClient) -> str | None:
+        """Why an earlier step's output can no longer be reused (gone, changed), or None."""
+        raise NotImplementedError
+
+    def lineage_tags(self, name: str, context: str) -> dict[str, str]:
+        """The MLflow tags that record it on a step's run (`context`: input or output)."""
+        raise NotImplementedError
+
+
+class DatasetRef(Ref):
     """A table on storage: one file, or a folder of Parquet parts."""
 
     model_config = ConfigDict(frozen=True)
@@ -38,11 +63,47 @@ class DatasetRef(BaseModel):
     def short(self) -> str:
         return f"{self.name} ({self.rows if self.rows is not None else '?'} rows, {self.digest[:12]})"
 
+    def key_part(self) -> str:
+        return f"{self.format}:{self.digest}"  # not the path: rewriting a file in place is a change
 
-class ModelRef(BaseModel):
+    def problem(self, client: MlflowClient) -> str | None:
+        if not data_files(self.uri):
+            return f"{self.uri} is gone"
+        if content_digest(self.uri) != self.digest:
+            return f"{self.uri} was changed after it was written"
+        return None
+
+    def lineage_tags(self, name: str, context: str) -> dict[str, str]:
+        tags = {f"keel.{context}.{name}.uri": self.uri, f"keel.{context}.{name}.digest": self.digest}
+        if self.rows is not None:
+            tags[f"keel.{context}.{name}.rows"] = str(self.rows)
+        return tags
+
+
+class FileRef(Ref):
+    """One file a step wrote (a report, a picture), by location and content."""
+
+    uri: str = Field(description="Path or fsspec URL of the file.")
+    digest: str = Field(description="sha256 of its bytes.")
+
+    def key_part(self) -> str:
+        return f"file:{self.digest}"
+
+    def problem(self, client: MlflowClient) -> str | None:
+        if not data_files(self.uri):
+            return f"{self.uri} is gone"
+        return (
+            None
+            if content_digest(self.uri) == self.digest
+            else f"{self.uri} was changed after it was written"
+        )
+
+    def lineage_tags(self, name: str, context: str) -> dict[str, str]:
+        return {f"keel.{context}.{name}.uri": self.uri, f"keel.{context}.{name}.digest": self.digest}
+
+
+class ModelRef(Ref):
     """A model logged to MLflow, and the run that logged it."""
-
-    model_config = ConfigDict(frozen=True)
 
     uri: str = Field(description="MLflow model URI, e.g. models:/m-... or models:/name/3.")
     run_id: str
@@ -53,6 +114,26 @@ class ModelRef(BaseModel):
         description="sha256 of what the model is (its trees, feature spec and input example): two logged "
         "models with the same digest predict the same, whichever run logged them.",
     )
+
+    def key_part(self) -> str:
+        # by what it is when known: a step that re-made the same model leaves the next ones hits
+        return f"model:{self.digest or self.model_id or self.uri}"
+
+    def problem(self, client: MlflowClient) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        if not self.model_id:
+            return None
+        try:
+            model = client.get_logged_model(self.model_id)
+        except MlflowException:
+            return f"logged model {self.model_id} no longer exists"
+        if str(getattr(model.status, "name", model.status)).upper() not in ("READY", "LOGGED_MODEL_READY"):
+            return f"logged model {self.model_id} is {model.status}"
+        return None
+
+    def lineage_tags(self, name: str, context: str) -> dict[str, str]:
+        return {f"keel.{context}.{name}.model_uri": self.uri}
 
 
 def data_files(uri: str) -> list[str]:

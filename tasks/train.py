@@ -13,8 +13,7 @@ from tasks import modeling
 from tasks.compute import dask_client, threads_per_task
 from tasks.featurize import FeatureSpec, model_matrix, parse_time, predictions_frame
 from tasks.integrity import record_manifest
-from tasks.prepare import Splits
-from tasks.refs import DatasetRef, ModelRef, file_urls
+from tasks.refs import MODEL_DIGEST_TAG, DatasetRef, ModelRef, file_urls
 from tasks.steps import (
     CacheConfig,
     ParamRange,
@@ -84,16 +83,19 @@ def choose_mode(spec: TrainingSpec, rows: int, n_features: int, worker_memory: i
 
 
 @tuning_step(name="tune", cache=CacheConfig(), retry=RetryPolicy(attempts=3))
-def tune(splits: Splits, tuning: TuningSpec, training: TrainingSpec) -> TuningResult:
-    """Search the space with trials on the workers, early-stopped on the validation split."""
+def tune(
+    train: DatasetRef, valid: DatasetRef, features: FeatureSpec, tuning: TuningSpec, training: TrainingSpec
+) -> TuningResult:
+    """Search the space with trials on the workers, early-stopped on the validation split (the test
+    split is not an input: lineage shows the tuner never saw it)."""
     threads = tuning.threads_per_trial or threads_per_task(dask_client(), tuning.parallel)
     current_step().log_params({"threads_per_trial": threads})
     return run_trials(
         tuning,
         modeling.run_trial,
-        train=splits.train,
-        valid=splits.valid,
-        spec=splits.features,
+        train=train,
+        valid=valid,
+        spec=features,
         num_boost_round=training.num_boost_round,
         early_stopping_rounds=training.early_stopping_rounds,
         seed=training.seed,
@@ -102,17 +104,25 @@ def tune(splits: Splits, tuning: TuningSpec, training: TrainingSpec) -> TuningRe
 
 
 @training_step(name="train", cache=CacheConfig(), retry=RetryPolicy(attempts=3))
-def train(raw: DatasetRef, splits: Splits, tuning: TuningResult, training: TrainingSpec) -> ModelRef:
-    """Fit on train + validation with the best parameters and the trees the best trial needed; log the model."""
+def train(
+    raw: DatasetRef,
+    train: DatasetRef,
+    valid: DatasetRef,
+    features: FeatureSpec,
+    tuning: TuningResult,
+    training: TrainingSpec,
+) -> ModelRef:
+    """Fit on train + validation with the best parameters and the trees the best trial needed; log the
+    model. (`raw` gives the model's input example; the test split is not an input.)"""
     from prefect import get_run_logger
 
     step = current_step()
     client = dask_client()
-    refs = [splits.train, splits.valid]
+    refs = [train, valid]
     rows = sum(ref.rows or 0 for ref in refs)
     workers = client.scheduler_info().get("workers", {}).values()
     worker_memory = min((w.get("memory_limit") or 0 for w in workers), default=0)
-    mode, why = choose_mode(training, rows, len(splits.features.feature_names), worker_memory)
+    mode, why = choose_mode(training, rows, len(features.feature_names), worker_memory)
     rounds = int(tuning.best_metrics.get("best_iteration", training.num_boost_round))
     get_run_logger().info("training on %s rows, %d trees, %s (%s)", f"{rows:,}", rounds, mode, why)
     step.log_params({"mode": mode, "mode_reason": why, "num_boost_round": rounds, **tuning.best_params})
@@ -121,19 +131,17 @@ def train(raw: DatasetRef, splits: Splits, tuning: TuningResult, training: Train
             modeling.fit_single,
             tuning.best_params,
             refs,
-            splits.features,
+            features,
             rounds,
             training.seed,
             training.threads,
             pure=False,
         ).result()
     else:
-        fitted = modeling.fit_distributed(
-            client, tuning.best_params, refs, splits.features, rounds, training.seed
-        )
+        fitted = modeling.fit_distributed(client, tuning.best_params, refs, features, rounds, training.seed)
     step.set_tags({k: v for k, v in fitted.items() if k.startswith("dask.")})
     step.log_metrics({"rows_trained": fitted["rows"]})
-    return log_lightgbm_model(fitted["model"], splits, raw)
+    return log_lightgbm_model(fitted["model"], features, raw)
 
 
 def input_example(raw: DatasetRef, spec: FeatureSpec):
@@ -153,7 +161,7 @@ def input_example(raw: DatasetRef, spec: FeatureSpec):
     return rows[spec.input_columns]
 
 
-def log_lightgbm_model(model_text: str, splits: Splits, raw: DatasetRef) -> ModelRef:
+def log_lightgbm_model(model_text: str, features: FeatureSpec, raw: DatasetRef) -> ModelRef:
     """Log LightGBM's text model + feature spec as a pyfunc model (models from code, no pickle)."""
     import importlib.metadata as md
 
@@ -162,14 +170,12 @@ def log_lightgbm_model(model_text: str, splits: Splits, raw: DatasetRef) -> Mode
     from mlflow.models import infer_signature
 
     step = current_step()
-    example = input_example(raw, splits.features)
+    example = input_example(raw, features)
     booster = lgb.Booster(model_str=model_text)
-    output = predictions_frame(booster.predict(model_matrix(example, splits.features)), splits.features)
+    output = predictions_frame(booster.predict(model_matrix(example, features)), features)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "model.txt").write_text(model_text, encoding="utf-8")
-        (Path(tmp) / "feature_spec.json").write_text(
-            splits.features.model_dump_json(indent=2), encoding="utf-8"
-        )
+        (Path(tmp) / "feature_spec.json").write_text(features.model_dump_json(indent=2), encoding="utf-8")
         with mlflow.start_run(run_id=step.run_id, nested=True):
             info = mlflow.pyfunc.log_model(
                 name="model",
@@ -186,16 +192,14 @@ def log_lightgbm_model(model_text: str, splits: Splits, raw: DatasetRef) -> Mode
                 ],
             )
     digest = hashlib.sha256(
-        "\n".join(
-            [model_text, splits.features.model_dump_json(), example.to_json(date_format="iso")]
-        ).encode()
+        "\n".join([model_text, features.model_dump_json(), example.to_json(date_format="iso")]).encode()
     ).hexdigest()
     record_manifest(info.model_id, info.model_uri)
-    step.set_tags({"keel.model_digest": digest})
+    step.set_tags({MODEL_DIGEST_TAG: digest})
     return ModelRef(
         uri=info.model_uri,
         run_id=step.run_id,
         model_id=info.model_id,
-        task=splits.features.task,
+        task=features.task,
         digest=digest,
     )

@@ -1,11 +1,24 @@
-"""The SageMaker step kinds: Processing, Training, Tuning, Condition, Model and Fail steps."""
+"""The pipeline framework: what a pipeline author imports.
 
+    from tasks.steps import pipeline, processing_step, training_step, condition, Check, ...
+
+Step kinds (SageMaker's): Processing, Training, Tuning, Condition, Model and Fail steps; `@pipeline`
+makes a function of steps a Prefect flow with MLflow lineage, a Dask cluster, resume and a command
+line. Steps pass references (`DatasetRef`, `ModelRef`, ...), not data: a DataFrame a step returns is
+stored for it, and `log_model` logs a model and returns its reference.
+"""
+
+from tasks.compute import dask_client
+from tasks.lineage import current_pipeline
+from tasks.refs import DatasetRef, FileRef, ModelRef, Ref
 from tasks.steps.base import Step, StepRun, current_step, results, step_kind
 from tasks.steps.cache import NO_CACHE, CacheConfig
 from tasks.steps.condition import Check, ConditionOutcome, condition
 from tasks.steps.fail import fail
 from tasks.steps.kinds import StepKind
-from tasks.steps.model import model_step
+from tasks.steps.model import ApprovalStatus, ModelName, RegisteredVersion, model_step, register_model
+from tasks.steps.models import log_model
+from tasks.steps.pipeline import ExecutionOptions, Pipeline, pipeline
 from tasks.steps.processing import processing_step
 from tasks.steps.retry import NO_RETRY, RetryPolicy
 from tasks.steps.training import training_step
@@ -14,10 +27,19 @@ from tasks.steps.tuning import ParamRange, TuningResult, TuningSpec, run_trials,
 __all__ = [
     "NO_CACHE",
     "NO_RETRY",
+    "ApprovalStatus",
     "CacheConfig",
     "Check",
     "ConditionOutcome",
+    "DatasetRef",
+    "ExecutionOptions",
+    "FileRef",
+    "ModelName",
+    "ModelRef",
     "ParamRange",
+    "Pipeline",
+    "Ref",
+    "RegisteredVersion",
     "RetryPolicy",
     "Step",
     "StepKind",
@@ -25,10 +47,15 @@ __all__ = [
     "TuningResult",
     "TuningSpec",
     "condition",
+    "current_pipeline",
     "current_step",
+    "dask_client",
     "fail",
+    "log_model",
     "model_step",
+    "pipeline",
     "processing_step",
+    "register_model",
     "results",
     "run_trials",
     "step_kind",

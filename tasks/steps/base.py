@@ -22,18 +22,20 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from pydantic import BaseModel
 
 from tasks import lineage
-from tasks.refs import DatasetRef, ModelRef
+from tasks.refs import DatasetRef, Ref
 from tasks.steps import cache
+from tasks.steps.artifacts import store_frames
 from tasks.steps.cache import NO_CACHE, CacheConfig
 from tasks.steps.kinds import StepKind, task_run_name
 from tasks.steps.retry import NO_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
+    import pandas as pd
     from mlflow import MlflowClient
     from prefect.futures import PrefectFuture
 
@@ -63,6 +65,10 @@ class StepRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def output_location(self) -> str:
+        """Where this step writes data in this execution: `<outputs>/<execution>/<step>`."""
+        return lineage.current_pipeline().output_location(self.step)
+
     def artifact_uri(self, path: str) -> str:
         """Where an artifact of this run is (as the registry's tags point at it)."""
         return f"{self.client.get_run(self.run_id).info.artifact_uri.rstrip('/')}/{path}"
@@ -79,10 +85,10 @@ def current_step() -> StepRun:
     return step
 
 
-def find_refs(value: Any, prefix: str) -> dict[str, DatasetRef | ModelRef]:
+def find_refs(value: Any, prefix: str) -> dict[str, Ref]:
     """Every reference inside a value (plain, in a pydantic model, a list or a dict), by dotted name."""
-    found: dict[str, DatasetRef | ModelRef] = {}
-    if isinstance(value, DatasetRef | ModelRef):
+    found: dict[str, Ref] = {}
+    if isinstance(value, Ref):
         found[prefix] = value
     elif isinstance(value, BaseModel):
         for field in type(value).model_fields:
@@ -239,17 +245,17 @@ class Step(Generic[P, R]):
     def _body(self, *args: Any, **kwargs: Any) -> Any:
         from prefect.states import Completed
 
+        cache.check_output_type(self.fn)  # before any work: a return type that cannot be passed on
         self._backoff()
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        key = cache.step_key(self.name, self.fn, bound.arguments, self.cache.ignore)
+        key = cache.step_key(self.name, self.fn, bound.arguments, self.cache)
         with _step_run(self.name, self.kind) as run:
             run.log_params(plain_params(bound.arguments))
             inputs = {
                 k: v for name, value in bound.arguments.items() for k, v in find_refs(value, name).items()
             }
-            lineage.log_datasets(run.client, run.run_id, _datasets(inputs), "input")
-            _tag_models(run, inputs, "input")
+            _record(run, inputs, "input")
             reuse, status, why = self._reusable(run, key)
             if reuse is not None:
                 result = reuse.value
@@ -269,12 +275,15 @@ class Step(Generic[P, R]):
                 )
                 if status != "off":
                     _log(f"{self.name}: {status}: {why}")
-                result = self.fn(*bound.args, **bound.kwargs)
+                result = store_frames(
+                    self.fn(*bound.args, **bound.kwargs),
+                    self.name,
+                    lineage.current_pipeline().output_location(self.name),
+                )
                 cache.save_output(run.client, run.run_id, self.fn, key, result)
                 run.closing_tags[cache.PRODUCED_TAG] = "true"
             outputs = find_refs(result, "output")
-            lineage.log_datasets(run.client, run.run_id, _datasets(outputs), "output")
-            _tag_models(run, outputs, "output")
+            _record(run, outputs, "output")
         if reuse is not None:
             name = "Cached" if reuse.how == "hit" else "Reused"
             return Completed(name=name, message=reuse.message[:2000], data=result)
@@ -322,28 +331,81 @@ def _log(message: str) -> None:
     get_run_logger().info(message)
 
 
-def _datasets(refs: Mapping[str, Any]) -> dict[str, DatasetRef]:
-    return {k: v for k, v in refs.items() if isinstance(v, DatasetRef)}
+def _record(run: StepRun, refs: Mapping[str, Ref], context: str) -> None:
+    """Lineage of a step's references: tags for each (context: input or output); datasets read are
+    also logged as the run's MLflow dataset inputs."""
+    if context == "input":
+        datasets = {k: v for k, v in refs.items() if isinstance(v, DatasetRef)}
+        lineage.log_dataset_inputs(run.client, run.run_id, datasets)
+    tags = {t: v for name, ref in refs.items() for t, v in ref.lineage_tags(name, context).items()}
+    if tags:
+        run.set_tags(tags)
 
 
-def _tag_models(run: StepRun, refs: Mapping[str, Any], context: str) -> None:
-    models = {f"keel.{context}.{k}.model_uri": v.uri for k, v in refs.items() if isinstance(v, ModelRef)}
-    if models:
-        run.set_tags(models)
+class StepDecorator:
+    """The decorator of one step kind. Bare (`@processing_step`) or with arguments
+    (`@processing_step(name=..., cache=CacheConfig(), retry=RetryPolicy(...))`); the step is named
+    after its function (`make_features` -> `make-features`) unless `name` says otherwise."""
+
+    def __init__(self, kind: StepKind):
+        self.kind = kind
+        self.__doc__ = (
+            f"Mark a typed function as a {kind.value}: a named Prefect task with its own MLflow run."
+        )
+
+    @overload
+    def __call__(self, fn: Callable[P, pd.DataFrame], /) -> Step[P, DatasetRef]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Step[P, R]: ...
+    @overload
+    def __call__(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        retry: RetryPolicy = NO_RETRY,
+        cache: CacheConfig = NO_CACHE,
+    ) -> _Decorate: ...
+
+    def __call__(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        retry: RetryPolicy = NO_RETRY,
+        cache: CacheConfig = NO_CACHE,
+    ) -> Any:
+        if fn is not None and not callable(fn):
+            raise TypeError(
+                f"@{self.kind.label.lower()}_step takes the step's function, or keyword arguments "
+                f"(name=, retry=, cache=); got {fn!r}"
+            )
+
+        def decorate(function: Callable[..., Any]) -> Step[Any, Any]:
+            return Step(function, self.kind, name or step_name(function), retry, cache)
+
+        return decorate(fn) if fn is not None else decorate
+
+    def __repr__(self) -> str:
+        return f"<{self.kind.label.lower()}_step decorator>"
 
 
-def step_kind(kind: StepKind) -> Callable[..., Callable[[Callable[P, R]], Step[P, R]]]:
-    """Make a decorator for one step kind, e.g. `processing_step = step_kind(StepKind.PROCESSING)`."""
+class _Decorate(Protocol):
+    """What `@step_kind(...)` with arguments returns: it turns a function into a step."""
 
-    def decorator_factory(
-        name: str | None = None, *, retry: RetryPolicy = NO_RETRY, cache: CacheConfig = NO_CACHE
-    ) -> Callable[[Callable[P, R]], Step[P, R]]:
-        def decorate(fn: Callable[P, R]) -> Step[P, R]:
-            return Step(fn, kind, name or fn.__name__.replace("_", "-"), retry, cache)
+    @overload
+    def __call__(self, fn: Callable[P, pd.DataFrame], /) -> Step[P, DatasetRef]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Step[P, R]: ...
 
-        return decorate
 
-    decorator_factory.__doc__ = (
-        f"Mark a typed function as a {kind.value}: a named Prefect task with its own MLflow run."
-    )
-    return decorator_factory
+def step_name(fn: Callable[..., Any]) -> str:
+    """A step's default name: its function's, with dashes (`make_features` -> `make-features`)."""
+    return fn.__name__.strip("_").replace("_", "-")
+
+
+def step_kind(kind: StepKind) -> StepDecorator:
+    """Make the decorator of one step kind, e.g. `processing_step = step_kind(StepKind.PROCESSING)`."""
+    return StepDecorator(kind)

@@ -3,13 +3,16 @@
 Every step run records a content key in MLflow (`keel.cache.key`) and its return value
 (`keel/output.json`). The key is built from parts, so a miss can say which part changed:
 
-- `code:<module.function>`: the step's function and every function, class and constant of this
-  project it reaches (followed through globals and module attributes), as ASTs, so a comment or a
-  reformat does not count as a change. Bookkeeping modules (lineage, this one) are left out.
+- `code:<module.function>`: the step's function and every function, class and constant it reaches
+  (followed through globals and module attributes) in the step's own package (the top package of
+  its module, wherever it lives), this project's packages and any the step names
+  (`CacheConfig(code_packages=...)`), as ASTs, so a comment or a reformat does not count as a
+  change. Bookkeeping modules (lineage, this one) are left out.
 - `param:<name>`: each argument, with data references replaced by placeholders;
 - `input:<name>`: the content digest of each `DatasetRef` (not its path: rewriting a file in place
   changes the key) and the id of each logged model (MLflow models are immutable);
-- `lib:<name>`: the versions of the libraries that shape results, and Python's.
+- `lib:<name>`: the versions of the libraries that shape results (`CacheConfig(libraries=...)`;
+  LIBRARIES by default), and Python's.
 
 A step reuses earlier outputs only after checking they are still there: every `DatasetRef` is
 digested again and every logged model must still exist. Prefect's own task cache is not used: it
@@ -40,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from tasks.refs import DatasetRef, ModelRef, content_digest, data_files
+from tasks.refs import Ref
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -84,6 +87,29 @@ class CacheConfig(BaseModel):
         default=(),
         description="Arguments that say where outputs go, not what they are (left out of the key).",
     )
+    code_packages: tuple[str, ...] = Field(
+        default=(),
+        description="More packages whose code the key covers, beside the step's own package and ours "
+        "(e.g. a shared library of your team's that the step calls).",
+    )
+    libraries: tuple[str, ...] = Field(
+        default=LIBRARIES,
+        description="Installed distributions whose versions are part of the key (a new version: a miss).",
+    )
+
+    def packages_of(self, fn: Callable[..., Any]) -> tuple[str, ...]:
+        """The top-level packages whose code the key of `fn`'s step covers."""
+        own = module_name(getattr(fn, "__module__", None)).split(".")[0]
+        return tuple(sorted({own, *OUR_PACKAGES, *self.code_packages}))
+
+
+def module_name(module: str | None) -> str:
+    """A module's import name; `__main__` (run with `python -m pkg.mod`) as `pkg.mod`, so a step keys
+    the same whether its module runs as a program or is imported."""
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        return spec.name if spec is not None else "__main__"
+    return module or "__main__"
 
 
 NO_CACHE = CacheConfig(enabled=False)
@@ -134,10 +160,8 @@ def _fingerprint(text: str) -> str:
 def canonical(value: Any) -> Any:
     """An argument as plain JSON data, with data references replaced by placeholders (they are
     keyed by content as `input:` parts)."""
-    if isinstance(value, DatasetRef):
-        return "<dataset>"
-    if isinstance(value, ModelRef):
-        return "<model>"
+    if isinstance(value, Ref):
+        return f"<{type(value).__name__.removesuffix('Ref').lower()}>"
     if isinstance(value, BaseModel):
         return {
             name: canonical(getattr(value, name))
@@ -159,19 +183,16 @@ def canonical(value: Any) -> Any:
 def input_parts(name: str, value: Any) -> dict[str, str]:
     from tasks.steps.base import find_refs
 
-    parts = {}
-    for path, ref in find_refs(value, name).items():
-        if isinstance(ref, DatasetRef):
-            parts[f"input:{path}"] = f"{ref.format}:{ref.digest}"
-        else:  # by what it is when known: a step that re-made the same model leaves the next ones hits
-            parts[f"input:{path}"] = f"model:{ref.digest or ref.model_id or ref.uri}"
-    return parts
+    return {f"input:{path}": ref.key_part() for path, ref in find_refs(value, name).items()}
 
 
-def step_key(step_name: str, fn: Callable[..., Any], arguments: Mapping[str, Any], ignore=()) -> CacheKey:
-    parts = {"step": step_name, **code_parts(fn), **library_parts()}
+def step_key(
+    step_name: str, fn: Callable[..., Any], arguments: Mapping[str, Any], config: CacheConfig | None = None
+) -> CacheKey:
+    config = config or CacheConfig()
+    parts = {"step": step_name, **code_parts(fn, config.packages_of(fn)), **library_parts(config.libraries)}
     for name, value in arguments.items():
-        if name in ignore:
+        if name in config.ignore:
             continue
         parts.update(input_parts(name, value))
         parts[f"param:{name}"] = json.dumps(canonical(value), sort_keys=True, default=str)
@@ -179,9 +200,9 @@ def step_key(step_name: str, fn: Callable[..., Any], arguments: Mapping[str, Any
 
 
 @functools.cache
-def library_parts() -> dict[str, str]:
+def library_parts(libraries: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
     parts = {"lib:python": platform.python_version()}
-    for name in LIBRARIES:
+    for name in libraries:
         try:
             parts[f"lib:{name}"] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -207,8 +228,8 @@ def _stable_repr(value: Any) -> str:
     return repr(value)
 
 
-def _ours(module: str | None) -> bool:
-    return bool(module) and module.split(".")[0] in OUR_PACKAGES and module not in BOOKKEEPING
+def _covered(module: str | None, packages: tuple[str, ...]) -> bool:
+    return bool(module) and module.split(".")[0] in packages and module not in BOOKKEEPING
 
 
 def _codes(code: types.CodeType):
@@ -225,18 +246,21 @@ _PARSING = threading.Lock()
 
 
 @functools.cache
-def code_parts(fn: Callable[..., Any]) -> dict[str, str]:
-    """Fingerprints of the step function and of the project code it reaches."""
+def code_parts(fn: Callable[..., Any], packages: tuple[str, ...] = OUR_PACKAGES) -> dict[str, str]:
+    """Fingerprints of the step function and of the code it reaches in `packages` (top-level names)."""
     found: dict[str, str] = {}
+
+    def _ours(module: str | None) -> bool:
+        return _covered(module, packages)
 
     def visit(obj: Any) -> None:
         obj = getattr(obj, "fn", obj) if type(obj).__name__ == "Step" else obj
         if isinstance(obj, types.ModuleType) or not (inspect.isfunction(obj) or inspect.isclass(obj)):
             return
         module = getattr(obj, "__module__", None)
-        if not _ours(module):
+        if not _ours(module_name(module)):
             return
-        name = f"code:{module}.{obj.__qualname__}"
+        name = f"code:{module_name(module)}.{obj.__qualname__}"
         if name in found:
             return
         try:
@@ -263,8 +287,8 @@ def code_parts(fn: Callable[..., Any]) -> dict[str, str]:
 
     def visit_named(module: str, name: str, target: Any) -> None:
         if isinstance(target, CONSTANT_TYPES):
-            if _ours(module) and name.isupper():  # module-level constants are UPPER_CASE here
-                found[f"code:{module}.{name}"] = _fingerprint(_stable_repr(target))
+            if _ours(module_name(module)) and name.isupper():  # module-level constants: UPPER_CASE
+                found[f"code:{module_name(module)}.{name}"] = _fingerprint(_stable_repr(target))
         else:
             visit(target)
 
@@ -275,24 +299,55 @@ def code_parts(fn: Callable[..., Any]) -> dict[str, str]:
 # --- outputs: save, load, check -------------------------------------------------------------------
 
 
+class UnstorableOutput(TypeError):
+    """A step returns something that cannot pass between steps (it is not a reference, a model or JSON)."""
+
+
 @functools.cache
 def _adapter(fn: Callable[..., Any]) -> TypeAdapter:
     """A validator for the step's return annotation (only that one is resolved: parameters may name
-    types imported for type checkers alone)."""
+    types imported for type checkers alone). DataFrames are stored and passed on as `DatasetRef`."""
+    from pydantic.errors import PydanticSchemaGenerationError
+
+    from tasks.steps.artifacts import stored_type
+
     annotation = fn.__annotations__.get("return", Any)
     if isinstance(annotation, str):
         annotation = eval(annotation, fn.__globals__)  # what typing.get_type_hints does
-    return TypeAdapter(annotation)
+    try:
+        return TypeAdapter(stored_type(annotation))
+    except PydanticSchemaGenerationError as exc:
+        raise UnstorableOutput(unstorable(fn, annotation)) from exc
+
+
+def unstorable(fn: Callable[..., Any], what: Any) -> str:
+    return (
+        f"step {fn.__qualname__} returns {getattr(what, '__name__', what)}, which cannot be passed to the "
+        "next step: return a reference (DatasetRef, ModelRef), a pydantic model or plain JSON values. "
+        "A pandas or Dask DataFrame is stored as Parquet for you and passed on as a DatasetRef; log a "
+        "model with tasks.steps.log_model, which returns a ModelRef."
+    )
+
+
+def check_output_type(fn: Callable[..., Any]) -> None:
+    """Refuse a step whose return annotation cannot be stored, before its work is done."""
+    _adapter(fn)
 
 
 def save_output(
     client: MlflowClient, run_id: str, fn: Callable[..., Any], key: CacheKey, result: Any
 ) -> None:
     """The step's return value and its key, as artifacts of its run (one upload)."""
+    from pydantic_core import PydanticSerializationError
+
+    try:
+        output = _adapter(fn).dump_json(result)
+    except PydanticSerializationError as exc:
+        raise UnstorableOutput(unstorable(fn, type(result))) from exc
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "keel"
         folder.mkdir()
-        (folder / "output.json").write_bytes(_adapter(fn).dump_json(result))
+        (folder / "output.json").write_bytes(output)
         (folder / "cache_key.json").write_text(json.dumps(key.parts, indent=1, sort_keys=True))
         client.log_artifacts(run_id, str(folder), "keel")
 
@@ -309,26 +364,12 @@ def load_artifact(client: MlflowClient, run_id: str, path: str) -> bytes | None:
 
 def missing_outputs(client: MlflowClient, value: Any) -> str | None:
     """Why earlier outputs cannot be reused (gone or changed), or None if they all check out."""
-    from mlflow.exceptions import MlflowException
-
     from tasks.steps.base import find_refs
 
     for name, ref in find_refs(value, "output").items():
-        if isinstance(ref, DatasetRef):
-            if not data_files(ref.uri):
-                return f"{name} at {ref.uri} is gone"
-            if content_digest(ref.uri) != ref.digest:
-                return f"{name} at {ref.uri} was changed after it was written"
-        elif ref.model_id:
-            try:
-                model = client.get_logged_model(ref.model_id)
-            except MlflowException:
-                return f"{name} (logged model {ref.model_id}) no longer exists"
-            if str(getattr(model.status, "name", model.status)).upper() not in (
-                "READY",
-                "LOGGED_MODEL_READY",
-            ):
-                return f"{name} (logged model {ref.model_id}) is {model.status}"
+        problem = ref.problem(client)
+        if problem is not None:
+            return f"{name}: {problem}"
     return None
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -19,13 +19,21 @@ _OPERATORS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": opera
 
 
 class Check(BaseModel):
-    """One comparison: `left op right`, e.g. `r2 >= min_r2`."""
+    """One comparison: `left op right`, e.g. `Check("test_auc", metrics["auc"], ">=", "min_auc", 0.7)`."""
 
     left_name: str
     left: float
     op: Literal[">=", ">", "<=", "<"]
     right_name: str
     right: float
+
+    def __init__(self, *args: Any, **data: Any) -> None:
+        """Positional (left_name, left, op, right_name, right) or by keyword."""
+        if len(args) > 5:
+            raise TypeError(f"Check takes at most 5 positional arguments, got {len(args)}")
+        super().__init__(
+            **dict(zip(("left_name", "left", "op", "right_name", "right"), args, strict=False)), **data
+        )
 
     @property
     def passed(self) -> bool:

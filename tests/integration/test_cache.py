@@ -9,7 +9,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from flows.pipeline import PipelineParams, PipelineResult, rerun, training_pipeline
+from flows.pipeline import PipelineParams, PipelineResult, training_pipeline
 from tasks.steps import cache
 from tests.conftest import BIKE_CSV, mlflow_client
 
@@ -81,7 +81,7 @@ def test_cache_hits_misses_forcing_and_vanished_outputs(on_cluster, tmp_path):
         assert runs[step][cache.STATUS_TAG] == "miss"
         assert f"input:{argument} changed" in runs[step][cache.REASON_TAG], runs[step][cache.REASON_TAG]
     assert runs["tune"][cache.STATUS_TAG] == "miss"
-    assert "input:splits.train changed" in runs["tune"][cache.REASON_TAG]
+    assert "input:train changed" in runs["tune"][cache.REASON_TAG]
 
     # Forced: only the named step runs again; the rest are hits of the third execution.
     fourth = training_pipeline(
@@ -114,7 +114,7 @@ def test_selective_execution_reruns_the_selected_steps_and_takes_the_rest(on_clu
 
     # train alone, same parameters: it makes the same model again, so the steps after it are
     # taken from the first execution too, and nothing new is registered
-    same = rerun(first.mlflow_run_id, ["train"])
+    same = training_pipeline.rerun(first.mlflow_run_id, ["train"])
     runs = step_runs(same)
     for step in (
         "validate-input",
@@ -128,13 +128,15 @@ def test_selective_execution_reruns_the_selected_steps_and_takes_the_rest(on_clu
         assert runs[step][cache.STATUS_TAG] == "reused", (step, runs[step].get(cache.REASON_TAG))
         assert runs[step][cache.SOURCE_EXECUTION_TAG] == first.mlflow_run_id
     assert runs["train"][cache.STATUS_TAG] == "forced"
-    assert runs["train"]["keel.model_digest"] == step_runs(first)["train"]["keel.model_digest"]
+    assert runs["train"]["model.digest"] == step_runs(first)["train"]["model.digest"]
     assert runs["register"][cache.STATUS_TAG] == "reused"
     assert same.registered and same.registered.version == "1"
     assert len(mlflow_client().search_model_versions("name='bike-cache'")) == 1
 
     # tune and train with other settings: a new model, so the steps after them run
-    result = rerun(first.mlflow_run_id, ["tune", "train"], num_boost_round=20, on_gate_failure="reject")
+    result = training_pipeline.rerun(
+        first.mlflow_run_id, ["tune", "train"], num_boost_round=20, on_gate_failure="reject"
+    )
     runs = step_runs(result)
     for step in ("validate-input", "check-quality", "prepare"):
         assert runs[step][cache.STATUS_TAG] == "reused", (step, runs[step].get(cache.REASON_TAG))

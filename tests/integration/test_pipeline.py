@@ -11,7 +11,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from flows.pipeline import STEPS, PipelineParams, training_pipeline
+from flows.pipeline import PipelineParams, training_pipeline
 from tasks.errors import StepFailed
 from tasks.refs import content_digest
 from tests.conftest import BIKE_CSV, mlflow_client
@@ -52,7 +52,15 @@ def test_registers_a_champion_then_an_impossible_gate_fails_and_registers_nothin
     parent = client.get_run(parent_id)
     assert parent.data.params["model_name"] == "bike-it"
     steps = {r.data.tags["keel.step"]: r for r in children(client, parent_id)}
-    assert set(steps) == set(STEPS)
+    assert set(steps) == set(training_pipeline.steps) - {"quality-gate-failed"}  # the FailStep did not run
+    for step in ("tune", "train"):  # what the step was given, and so recorded: never the test split
+        contexts = {
+            tag.value
+            for inp in steps[step].inputs.dataset_inputs
+            for tag in inp.tags
+            if tag.key == "mlflow.data.context"
+        }
+        assert {"train", "valid"} <= contexts and not any("test" in c for c in contexts), (step, contexts)
     assert steps["register"].data.tags["keel.registered_version"] == "1"
     assert steps["validate-input"].data.tags["keel.output.output.digest"] == content_digest(str(BIKE_CSV))
     assert champion.tags["dataset.raw.digest"] == content_digest(str(BIKE_CSV))
@@ -221,7 +229,7 @@ def test_manual_approval_registers_a_pending_version_and_leaves_champion_alone(o
     version = client.get_model_version("bike-manual", result.registered.version)
     assert version.tags["approval_status"] == "PendingManualApproval"
     assert "champion" not in version.aliases
-    from tasks.registry import find_champion
+    from tasks.steps.model import find_champion
 
     assert find_champion(client, "bike-manual") is None
 

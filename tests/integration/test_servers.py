@@ -3,13 +3,14 @@ here on 127.0.0.1 and stopped by PID; only the ecosystem's environment variables
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
 
-from flows.pipeline import STEPS
+from flows.pipeline import training_pipeline
 from tests.conftest import BIKE_CSV, ROOT, clean_env
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
@@ -72,7 +73,9 @@ def test_pipeline_records_to_real_mlflow_and_prefect_servers(servers, served):
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
         )
     assert flow_run.state.is_completed()
-    assert {t.name.split(" (")[0] for t in task_runs} == set(STEPS)
+    assert {t.name.split(" (")[0] for t in task_runs} == set(training_pipeline.steps) - {
+        "quality-gate-failed"
+    }
     assert all(len(t.tags) == 1 and t.tags[0].endswith("Step") for t in task_runs)
     assert all(t.state.is_completed() for t in task_runs)
 
@@ -211,3 +214,126 @@ def test_the_manifests_mlflow_server_answers_its_service_name_and_its_probes(tmp
         assert status("/health", "attacker.example") == 200  # why /health alone proves nothing
     finally:
         stop([server])
+
+
+def readme_example() -> tuple[str, str]:
+    """The README's "Write your own pipeline" example: its file name and its code, as printed."""
+    text = (ROOT / "README.md").read_text()
+    found = re.search(r"<!-- example: (\S+) -->\n```python\n(.*?)```\n<!-- /example -->", text, re.DOTALL)
+    assert found, "the README lost its example pipeline"
+    return found.group(1), found.group(2)
+
+
+def test_readme_example_pipeline_runs_in_a_package_of_its_own(servers, tmp_path):
+    """A user's pipeline, outside the project: written from the README, run as its README says,
+    against real servers; a cached re-run; a comment that changes nothing; an edit that misses."""
+    import mlflow
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    path, code = readme_example()
+    project = tmp_path / "userproject"
+    module = project / path
+    module.parent.mkdir(parents=True)
+    (module.parent / "__init__.py").write_text("")
+    module.write_text(code)
+    git = ["git", "-c", "user.name=u", "-c", "user.email=u@example.invalid"]
+    subprocess.run([*git, "init", "-q"], cwd=project, check=True)
+    subprocess.run([*git, "add", "."], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "churn"], cwd=project, check=True)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True
+    ).stdout.strip()
+    env = servers.env(KEEL_STATE_DIR=str(project / ".keel"), MLFLOW_EXPERIMENT_NAME="churnlab-it")
+    name = module.with_suffix("").relative_to(project).as_posix().replace("/", ".")
+
+    def run(*flags: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [sys.executable, "-m", name, "--model-name", "churn-it", *flags],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    client = servers.mlflow_client()
+    experiment = client.get_experiment_by_name("churnlab-it")
+
+    def last_execution() -> tuple[object, dict[str, object]]:
+        experiment_id = client.get_experiment_by_name("churnlab-it").experiment_id
+        runs = client.search_runs(
+            [experiment_id], "tags.`keel.pipeline` = 'churn'", order_by=["attributes.start_time DESC"]
+        )
+        parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+        children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        return parent, {c.data.tags["keel.step"]: c for c in children}
+
+    assert experiment is None  # nothing before the first run
+    first = run()
+    assert first.stdout.strip().endswith("models:/churn-it/1")
+    parent, steps = last_execution()
+    assert parent.data.tags.get("mlflow.source.git.commit") == head, parent.data.tags  # the user's repository, not keel's
+    assert set(steps) == {"ingest", "featurize", "train", "evaluate", "quality-gate", "register"}
+
+    def contexts(step: str) -> set[str]:
+        return {
+            t.value
+            for i in steps[step].inputs.dataset_inputs
+            for t in i.tags
+            if t.key == "mlflow.data.context"
+        }
+
+    assert contexts("featurize") == {"raw"} and contexts("train") == {"data"}
+    assert contexts("evaluate") == {"data"}
+    featurized = steps["featurize"].data.tags  # the DataFrames it returned, stored and passed on
+    assert (
+        int(featurized["keel.output.output.train.rows"]) + int(featurized["keel.output.output.test.rows"])
+        == 5000
+    )
+    assert featurized["keel.output.output.train.uri"].endswith("/featurize/train")
+    assert steps["train"].data.tags["keel.input.data.digest"] == featurized["keel.output.output.train.digest"]
+
+    version = client.get_model_version("churn-it", "1")
+    assert version.run_id == parent.info.run_id and version.tags["approval_status"] == "Approved"
+    mlflow.set_tracking_uri(servers.mlflow_uri)
+    mlflow.set_registry_uri(servers.mlflow_uri)
+    model = mlflow.pyfunc.load_model("models:/churn-it@champion")
+    sample = pd.DataFrame({"tenure": [2, 60], "monthly_charges": [110.0, 25.0]})
+    sample["charges_per_tenure_month"] = sample.monthly_charges / sample.tenure
+    assert len(model.predict(sample)) == 2
+
+    with SyncPrefectClient(servers.prefect_api) as prefect:
+        flow_run_id = parent.data.tags["prefect.flow_run_id"]
+        task_runs = prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    assert {t.name for t in task_runs} == {
+        "ingest (Processing)",
+        "featurize (Processing)",
+        "train (Training)",
+        "evaluate (Processing)",
+        "quality-gate (Condition)",
+        "register (Model)",
+    }
+
+    # a comment changes nothing: every cached step is a hit, and the model keeps its version
+    module.write_text(code.replace("# stands for your own source", "# where your data comes from"))
+    again = run()
+    assert again.stdout.strip().endswith("models:/churn-it/1")
+    _, steps = last_execution()
+    for step in ("ingest", "featurize", "train", "evaluate"):
+        assert steps[step].data.tags["keel.cache.status"] == "hit", step
+
+    # an edit of a step's body misses, naming the code that changed; what depends on it runs again
+    module.write_text(code.replace("len(frame) * 0.8", "len(frame) * 0.75"))
+    edited = run()
+    assert edited.stdout.strip().endswith("models:/churn-it/2")
+    _, steps = last_execution()
+    assert steps["ingest"].data.tags["keel.cache.status"] == "hit"
+    featurize = steps["featurize"].data.tags
+    assert featurize["keel.cache.status"] == "miss"
+    assert f"code:{name}.featurize changed" in featurize["keel.cache.reason"], featurize["keel.cache.reason"]
+    assert "input:data changed" in steps["train"].data.tags["keel.cache.reason"]

@@ -77,16 +77,17 @@ def fn(raw: DatasetRef, n: int, output_uri: str) -> int:
     return n
 
 
+IGNORE = cache.CacheConfig(ignore=("output_uri",))
+
+
 def test_inputs_are_keyed_by_content_not_path_and_ignored_arguments_are_left_out():
-    key = cache.step_key("s", fn, {"raw": ref("/a.csv", "d1"), "n": 1, "output_uri": "/x"}, ("output_uri",))
-    moved = cache.step_key("s", fn, {"raw": ref("/b.csv", "d1"), "n": 1, "output_uri": "/y"}, ("output_uri",))
-    rewritten = cache.step_key(
-        "s", fn, {"raw": ref("/a.csv", "d2"), "n": 1, "output_uri": "/x"}, ("output_uri",)
-    )
+    key = cache.step_key("s", fn, {"raw": ref("/a.csv", "d1"), "n": 1, "output_uri": "/x"}, IGNORE)
+    moved = cache.step_key("s", fn, {"raw": ref("/b.csv", "d1"), "n": 1, "output_uri": "/y"}, IGNORE)
+    rewritten = cache.step_key("s", fn, {"raw": ref("/a.csv", "d2"), "n": 1, "output_uri": "/x"}, IGNORE)
     assert key.digest == moved.digest
     assert key.digest != rewritten.digest
     assert rewritten.changes_from(key.parts) == ["input:raw changed (csv:d1 -> csv:d2)"]
-    other = cache.step_key("s", fn, {"raw": ref("/a.csv", "d1"), "n": 2, "output_uri": "/x"}, ("output_uri",))
+    other = cache.step_key("s", fn, {"raw": ref("/a.csv", "d1"), "n": 2, "output_uri": "/x"}, IGNORE)
     assert other.changes_from(key.parts) == ["param:n changed (1 -> 2)"]
     assert key.parts["lib:lightgbm"] and key.parts["lib:python"]
 
@@ -126,3 +127,64 @@ def test_the_code_key_of_every_pipeline_step_is_the_same_in_another_process():
     ]
     assert outputs[0] == outputs[1]
     assert "code:tasks.modeling.run_trial" in outputs[0]  # tune's trials run this on the workers
+
+
+USER_PACKAGE = """
+import json
+
+from churnlib import helpers
+
+THRESHOLD = 0.5
+
+def step(x):
+    # a user's step, outside this project's packages
+    return helpers.scale(x) > THRESHOLD
+"""
+
+
+@pytest.fixture
+def user_package(tmp_path, monkeypatch):
+    """A package of the user's own (not `tasks` or `flows`), rewritten by the test."""
+    root = tmp_path / "churnlib"
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def load(step_source: str, helper_source: str = "def scale(x):\n    return x * 2\n"):
+        (root / "steps.py").write_text(textwrap.dedent(step_source))
+        (root / "helpers.py").write_text(textwrap.dedent(helper_source))
+        for name in ("churnlib", "churnlib.steps", "churnlib.helpers"):
+            sys.modules.pop(name, None)
+        importlib.invalidate_caches()
+        cache.code_parts.cache_clear()
+        step = importlib.import_module("churnlib.steps").step
+        return cache.step_key("s", step, {"x": 1}, cache.CacheConfig())
+
+    yield load
+    for name in ("churnlib", "churnlib.steps", "churnlib.helpers"):
+        sys.modules.pop(name, None)
+
+
+def test_the_key_covers_the_code_of_a_step_in_the_users_own_package(user_package):
+    before = user_package(USER_PACKAGE)
+    assert {
+        "code:churnlib.steps.step",
+        "code:churnlib.steps.THRESHOLD",
+        "code:churnlib.helpers.scale",
+    } <= set(before.parts)
+    assert not any(name.startswith("code:json") for name in before.parts)  # the standard library is not
+    assert user_package(USER_PACKAGE.replace("# a user's step", "# reworded")).digest == before.digest
+    body = user_package(USER_PACKAGE.replace("> THRESHOLD", ">= THRESHOLD"))
+    assert body.changes_from(before.parts) == ["code:churnlib.steps.step changed"]
+    constant = user_package(USER_PACKAGE.replace("0.5", "0.6"))
+    assert constant.changes_from(before.parts) == ["code:churnlib.steps.THRESHOLD changed"]
+    helper = user_package(USER_PACKAGE, "def scale(x):\n    return x * 3\n")
+    assert helper.changes_from(before.parts) == ["code:churnlib.helpers.scale changed"]
+
+
+def test_named_code_packages_and_libraries_are_part_of_the_key():
+    config = cache.CacheConfig(code_packages=("pydantic",), libraries=("pydantic",))
+    own = fn.__module__.split(".")[0]
+    assert {"pydantic", own, "tasks", "flows"} == set(config.packages_of(fn))
+    key = cache.step_key("s", fn, {"raw": ref("/a.csv", "d1"), "n": 1, "output_uri": "/x"}, config)
+    assert "lib:pydantic" in key.parts and "lib:lightgbm" not in key.parts

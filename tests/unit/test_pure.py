@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from flows.cli import parse_params
 from flows.pipeline import PipelineParams, quality_checks
 from tasks.evaluate import Evaluation
 from tasks.featurize import FeatureSpec, encode_target, model_matrix, predictions_frame
 from tasks.refs import content_digest, data_files
+from tasks.steps.cli import parse_params
 from tasks.train import TrainingSpec, choose_mode
 
 

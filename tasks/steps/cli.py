@@ -74,11 +74,13 @@ def run_flow_cli(
     summary: Callable[[R], str],
     after_bad_input: str = "nothing trained or registered",
     prepare_params: Callable[[M], M] | None = None,
+    check_params: Callable[[M], object] | None = None,
 ) -> int:
     """Parse, run the flow, print `summary(result)`. Exit codes: 0 done, 1 failed on purpose (a
     FailStep) or something needed is not in the registry, 2 bad input; anything else propagates
-    with its traceback. `prepare_params`: completes the parsed parameters (e.g. from an earlier run)."""
-    params = parse_params(model, argv, prog, description)
+    with its traceback. `prepare_params`: completes the parsed parameters (e.g. from an earlier run);
+    `check_params`: refuses them with a ValueError (exit 2, before anything runs)."""
+    params = parse_params(model, argv, prog, description, check_params)
     configure_logging()
     open_services_together()
     try:
@@ -151,13 +153,26 @@ def _one_line_for_intended_failures(record: logging.LogRecord) -> bool:
     return True
 
 
-def parse_params(model: type[M], argv: Sequence[str] | None, prog: str, description: str) -> M:
+def parse_params(
+    model: type[M],
+    argv: Sequence[str] | None,
+    prog: str,
+    description: str,
+    check: Callable[[M], object] | None = None,
+) -> M:
     """Parse `argv` into `model`; bad values end the program with the field and the reason."""
     parser = build_parser(model, prog, description)
     values = vars(parser.parse_args(argv))
     try:
-        return model.model_validate(values)
-    except ValidationError as exc:
+        params = model.model_validate(values)
+        if check is not None:
+            check(params)
+        return params
+    except ValueError as exc:
+        if not isinstance(exc, ValidationError):
+            parser.error(str(exc))
+            raise
+
         problems = "; ".join(
             (f"{_flag(str(e['loc'][0]))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
             for e in exc.errors()

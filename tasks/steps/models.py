@@ -1,0 +1,125 @@
+"""Models handled for the author: one call logs a model to the running step's MLflow run.
+
+`log_model(model)` logs a LightGBM booster or estimator, or a scikit-learn estimator (a Pipeline
+too), with MLflow's flavour for it, and returns the `ModelRef` the next steps take. The model's pip
+requirements are the versions installed here (which the lock file pinned), not MLflow's inference:
+that imports and traces the model in a subprocess and cost 14 s of a 48 s run. The files' digests
+are recorded as the model's manifest, so it loads only as it was logged (`tasks.integrity`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import pickle
+import warnings
+from typing import Any, Literal
+
+from tasks.integrity import record_manifest
+from tasks.refs import MODEL_DIGEST_TAG, ModelRef
+from tasks.steps.base import current_step
+
+Task = Literal["regression", "binary", "multiclass"]
+# What a model of each flavour needs to load and predict, beside MLflow itself.
+REQUIREMENTS = {
+    "lightgbm": ("lightgbm", "numpy", "pandas", "scikit-learn", "scipy"),
+    "sklearn": ("scikit-learn", "numpy", "pandas", "scipy", "cloudpickle"),
+}
+
+
+def pinned_requirements(distributions: tuple[str, ...]) -> list[str]:
+    """`name==version` for each installed distribution (MLflow's own first)."""
+    pins = []
+    for name in ("mlflow", *distributions):
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
+def flavour_of(model: Any) -> str:
+    """`lightgbm` for LightGBM's booster and estimators, `sklearn` for other scikit-learn estimators."""
+    module = type(model).__module__.split(".")[0]
+    if module == "lightgbm":
+        return "lightgbm"
+    if hasattr(model, "fit") and hasattr(model, "predict") and hasattr(model, "get_params"):
+        return "sklearn"
+    raise TypeError(
+        f"log_model logs LightGBM and scikit-learn models; got {type(model).__module__}.{type(model).__name__}. "
+        "For anything else, log it with MLflow's own flavour in the step's run (current_step().run_id) "
+        "and return a ModelRef."
+    )
+
+
+def task_of(model: Any) -> Task:
+    """What the model predicts: from its classes (scikit-learn API) or its objective (a booster)."""
+    classes = getattr(model, "classes_", None)
+    if classes is not None:
+        return "binary" if len(classes) == 2 else "multiclass"
+    objective = str(getattr(model, "params", {}).get("objective", ""))
+    if objective.startswith(("binary", "cross_entropy")):
+        return "binary"
+    if objective.startswith(("multiclass", "softmax", "multiclassova")):
+        return "multiclass"
+    return "regression"
+
+
+def skops_form(model: Any) -> tuple[bytes, list[str]]:
+    """A scikit-learn model as skops (MLflow's format for it) writes it, and the types in it that skops
+    does not trust by default. This process made the model, so they are trusted for it; what stops
+    a changed file from being loaded later is the manifest of digests, not skops."""
+    import skops.io
+
+    data = skops.io.dumps(model)
+    return data, list(skops.io.get_untrusted_types(data=data))
+
+
+def model_digest(model: Any, serialized: bytes | None = None) -> str:
+    """What a model is: its trees for LightGBM, else its serialized bytes. A cached training step hands
+    on the same reference, so registration finds the version that holds it already."""
+    booster = getattr(model, "booster_", model)
+    if hasattr(booster, "model_to_string"):
+        return hashlib.sha256(booster.model_to_string().encode()).hexdigest()
+    return hashlib.sha256(serialized if serialized is not None else pickle.dumps(model)).hexdigest()
+
+
+def log_model(
+    model: Any,
+    *,
+    name: str = "model",
+    input_example: Any = None,
+    task: Task | None = None,
+    extra_requirements: tuple[str, ...] = (),
+) -> ModelRef:
+    """Log `model` to the running step's MLflow run (as a logged model named `name`) and return its
+    reference. `input_example` (a few rows of what `predict` takes) gives the model its signature;
+    `task` is inferred from the model when not given."""
+    import mlflow
+
+    flavour = flavour_of(model)
+    step = current_step()
+    requirements = [*pinned_requirements(REQUIREMENTS[flavour]), *extra_requirements]
+    options: dict[str, Any] = {
+        "name": name,
+        "input_example": input_example,
+        "pip_requirements": requirements,
+    }
+    serialized = None
+    with mlflow.start_run(run_id=step.run_id, nested=True), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Integer columns.*")  # MLflow's hint on every int column
+        if flavour == "lightgbm":
+            info = mlflow.lightgbm.log_model(model, **options)
+        else:
+            serialized, trusted = skops_form(model)
+            info = mlflow.sklearn.log_model(model, skops_trusted_types=trusted, **options)
+    record_manifest(info.model_id, info.model_uri)
+    digest = model_digest(model, serialized)
+    step.set_tags({MODEL_DIGEST_TAG: digest})
+    return ModelRef(
+        uri=info.model_uri,
+        run_id=step.run_id,
+        model_id=info.model_id,
+        task=task or task_of(model),
+        digest=digest,
+    )
