@@ -100,7 +100,10 @@ def measure(rows: int, repeats: int) -> dict:
         data = Path(tmp) / "parts"
         start = write_parts(rows, data)
         size = data_size(data)
-        window = ["--data", str(data), "--drop-columns", "--start", start]
+        window = [
+            "--data", str(data), "--drop-columns", "--start", start,
+            "--target", "cnt", "--time-column", "dteday", "--key-columns", "dteday", "hr",
+        ]  # fmt: skip
         for repeat in range(repeats):
             base = Path(tmp) / f"repeat-{repeat}"
             plain = timed(

@@ -111,6 +111,9 @@ def parse(argv: list[str]) -> PipelineParams:
     parser.add_argument("--data", default=PipelineParams().data)
     parser.add_argument("--start", type=date.fromisoformat, default=None)
     parser.add_argument("--drop-columns", nargs="*", default=None)
+    parser.add_argument("--target", default=None)
+    parser.add_argument("--time-column", default=None)
+    parser.add_argument("--key-columns", nargs="*", default=None)
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
     return PipelineParams(**given)

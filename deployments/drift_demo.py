@@ -33,6 +33,7 @@ from infra.processes import free_port
 from infra.stack import Stack, prefect_api
 from tasks import markdown
 from tasks.policies import DEFAULT_POLICY, parse_policy
+from tasks.project import DEMO_TABLE
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "bike_sharing_hourly.csv"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -165,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve_args = [
         "--model-name", args.model_name, "--cooldown-minutes", str(args.cooldown_minutes),
         "--window-days", str(args.window_days), "--n-trials", str(args.n_trials), "--policy", args.policy,
+        "--target", "cnt", "--time-column", "dteday", "--key-columns", "dteday", "hr",
+        "--drop-columns", "instant", "casual", "registered",
     ]  # fmt: skip
     print(f"== starting the stack in {home}", flush=True)
     env = start_stack(home, serve_args)
@@ -193,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         {
             "params": {
                 "data": str(landing),
+                **{k: v for k, v in DEMO_TABLE.items() if k != "model_name"},  # a copy of the demo's table
                 "model_name": args.model_name,
                 "n_trials": args.n_trials,
                 "reason": "drift demo: first champion",

@@ -20,20 +20,22 @@ link to them from earlier flow runs, survive restarts and changed settings.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from flows.monitor import MonitorParams, monitor
 from flows.pipeline import PipelineParams, training_pipeline
 from flows.retrain import RetrainParams, retrain
 from tasks.drift import DRIFT_DETECTED
 from tasks.policies import DEFAULT_POLICY, POLICY_HELP, PolicyText
+from tasks.project import table_defaults
+from tasks.steps.cli import build_parser, parse_params
 from tasks.steps.model import MODEL_NAME_HELP, ModelName
 
 TRAINING = "scheduled"
@@ -47,7 +49,21 @@ class ServeSettings(BaseModel):
 
     landing: str = Field(description="Folder where new labelled batches land (monitored and retrained on).")
     model_name: ModelName = Field(
-        default="bike-demand", description=f"Registered model the deployments look after: {MODEL_NAME_HELP}."
+        default=None,
+        description=f"Registered model the deployments look after (default: keel.toml's): {MODEL_NAME_HELP}.",
+    )
+    target: str | None = Field(
+        default=None,
+        description="The landing data's column to predict, for scheduled training (or keel.toml).",
+    )
+    time_column: str | None = Field(
+        default=None, description="The landing data's time column, for scheduled training (or keel.toml)."
+    )
+    key_columns: list[str] | None = Field(
+        default=None, description="Columns that identify a row (default: keel.toml's, else the time column)."
+    )
+    drop_columns: list[str] | None = Field(
+        default=None, description="Columns never used as features (default: keel.toml's, else none)."
     )
     training_cron: str = Field(
         default="0 3 * * 1", description="When the training pipeline runs (cron, UTC)."
@@ -68,6 +84,28 @@ class ServeSettings(BaseModel):
         ge=1,
         le=64,
         description="Retrain runs at once, over all models; more wait for a slot (a burst of events queues).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _project_model(cls, values: Any) -> Any:
+        return table_defaults(values, {"model_name"}, complete=False) if isinstance(values, dict) else values
+
+    @model_validator(mode="after")
+    def _model_named(self) -> ServeSettings:
+        if not self.model_name:
+            raise ValueError("--model-name is needed: which registered model to look after (or keel.toml)")
+        return self
+
+
+def _table_known(settings: ServeSettings) -> None:
+    """Refuse (before anything starts) a landing folder whose columns are given nowhere."""
+    PipelineParams(
+        data=_landing(settings),
+        model_name=settings.model_name,
+        **settings.model_dump(
+            include={"target", "time_column", "key_columns", "drop_columns"}, exclude_none=True
+        ),
     )
 
 
@@ -92,12 +130,16 @@ def build_deployments(settings: ServeSettings) -> list:
     The retrain deployment's trigger is an automation of its own (`drift_automation`): Prefect
     deletes and re-creates the triggers a deployment owns each time it is applied."""
     landing = _landing(settings)
-    # Scheduled training runs on a landing folder that grows: data that moved only warns.
+    # Scheduled training runs on a landing folder that grows: data that moved only warns. The
+    # table's columns come from the flags or keel.toml; checked here, so a missing one stops serve.
     training_params = PipelineParams(
         data=landing,
         model_name=settings.model_name,
         n_trials=settings.n_trials,
         on_quality_violation="fail-on-broken",
+        **settings.model_dump(
+            include={"target", "time_column", "key_columns", "drop_columns"}, exclude_none=True
+        ),
     )
     monitor_params = MonitorParams(
         batch=landing, latest=True, model_name=settings.model_name, policy=settings.policy
@@ -172,20 +214,10 @@ def apply_all(settings: ServeSettings, deployments: list) -> UUID:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.serve", description=__doc__)
-    for name, field in ServeSettings.model_fields.items():
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            required=field.is_required(),
-            default=argparse.SUPPRESS,
-            help=f"{field.description} (default: {field.default})"
-            if not field.is_required()
-            else field.description,
-        )
-    settings = ServeSettings.model_validate(vars(parser.parse_args(argv)))
+    prog = "python -m deployments.serve"
+    settings = parse_params(ServeSettings, argv, prog, __doc__ or "", check=_table_known)
     if not os.environ.get("PREFECT_API_URL"):
-        parser.error(
+        build_parser(ServeSettings, prog, __doc__ or "").error(
             "PREFECT_API_URL is not set: deployments need a Prefect server "
             "(start the stack with `python -m infra.stack up`, or `prefect server start`)"
         )

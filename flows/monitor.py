@@ -21,8 +21,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from tasks import lineage
 from tasks.baseline import load_baseline
@@ -39,6 +40,7 @@ from tasks.drift import (
 from tasks.errors import DataValidationError
 from tasks.history import HistoryRef, checks_text, point_metrics, update_history
 from tasks.policies import PolicySettings, settings_of
+from tasks.project import table_defaults
 from tasks.quality import (
     ON_VIOLATION_HELP,
     OnViolation,
@@ -60,7 +62,7 @@ class MonitorParams(PolicySettings, QualityRules):
     batch: str = Field(min_length=1, description="CSV or Parquet file, or a folder of them, to check.")
     latest: bool = Field(default=False, description="Check only the last file of the folder, by name.")
     model_name: ModelName = Field(
-        default="bike-demand", description=f"Registered model to monitor: {MODEL_NAME_HELP}."
+        default=None, description=f"Registered model to monitor (default: keel.toml's): {MODEL_NAME_HELP}."
     )
     min_batch_rows: int = Field(
         default=MIN_BATCH_ROWS,
@@ -81,6 +83,19 @@ class MonitorParams(PolicySettings, QualityRules):
         default="warn",
         description=f"A batch that breaks the champion's data-quality constraints (checked before drift). {ON_VIOLATION_HELP}",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _project_model(cls, values: Any) -> Any:
+        return table_defaults(values, {"model_name"}, complete=False) if isinstance(values, dict) else values
+
+    @model_validator(mode="after")
+    def _model_named(self) -> MonitorParams:
+        if not self.model_name:
+            raise ValueError(
+                "--model-name is needed: which registered model to monitor (or model_name in keel.toml)"
+            )
+        return self
 
 
 class MonitorResult(BaseModel):

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -34,6 +34,7 @@ from tasks.errors import DataValidationError
 from tasks.evaluate import Evaluation, evaluate
 from tasks.modeling import DEFAULT_OBJECTIVE, MAXIMIZE
 from tasks.prepare import SplitSpec, prepare, validate_input
+from tasks.project import table_defaults
 from tasks.quality import QualityRules, check_quality, record_rejection, rules_of, version_constraints
 from tasks.registry import comparable_champion, register
 from tasks.settings import get_settings
@@ -53,24 +54,41 @@ from tasks.steps import (
 from tasks.steps.model import MODEL_NAME_HELP, ModelName, RegisteredVersion
 from tasks.train import TrainingSpec, default_search_space, train, tune
 
-DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "bike_sharing_hourly.csv"
-
 
 class TableParams(BaseModel):
-    """The user's table: where it is and which columns matter (the pipeline's and the backtest's)."""
+    """The user's table: where it is and which columns matter (the pipeline's and the backtest's).
+    What is not given comes from the project's `keel.toml` (`tasks.project`); the bike demo's columns
+    are assumed only for the demo data itself."""
 
     data: str = Field(
-        default=str(DEMO_DATA), description="CSV or Parquet file, or a folder of Parquet files."
+        default=None,
+        description="CSV or Parquet file, or a folder of Parquet files (default: keel.toml's data, else the "
+        "bike-sharing demo).",
     )
-    target: str = Field(default="cnt", description="Column to predict.")
-    time_column: str = Field(default="dteday", description="Column that orders rows in time.")
+    target: str = Field(default=None, description="Column to predict (the demo's: cnt).")
+    time_column: str = Field(
+        default=None, description="Column that orders rows in time (the demo's: dteday)."
+    )
     drop_columns: list[str] = Field(
-        default_factory=lambda: ["instant", "casual", "registered"],
-        description="Columns never used as features (ids; casual + registered add up to the target).",
+        default=None,
+        description="Columns never used as features, such as ids (default: none; the demo's: instant, casual, "
+        "registered).",
     )
     task: Literal["auto", "regression", "classification"] = Field(
         default="auto", description="What to learn."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _project_defaults(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        return table_defaults(values, cls.model_fields, complete=cls.completes_table())
+
+    @classmethod
+    def completes_table(cls) -> bool:
+        """Whether columns not given nor in keel.toml are filled in here (`tasks.project.table_defaults`)."""
+        return True
 
     def table(self) -> TableSpec:
         path = self.data if "://" in self.data else str(Path(self.data).expanduser().resolve())
@@ -87,8 +105,9 @@ class PipelineParams(TableParams, QualityRules, ExecutionOptions):
     """Every knob of one execution; shown and editable in the Prefect UI, and as `--flags` here."""
 
     key_columns: list[str] = Field(
-        default_factory=lambda: ["dteday", "hr"],
-        description="Columns that identify a row; duplicated keys are bad input. Empty: no key.",
+        default=None,
+        description="Columns that identify a row; duplicated keys are bad input (default: the time column; "
+        "the demo's: dteday hr). Empty: no key.",
     )
     start: date | None = Field(default=None, description="First day of the data window.")
     end: date | None = Field(default=None, description="Last day of the data window.")
@@ -131,7 +150,9 @@ class PipelineParams(TableParams, QualityRules, ExecutionOptions):
         default=0.001, ge=0, description="A challenger must beat the champion's gate metric by at least this."
     )
     model_name: ModelName = Field(
-        default="bike-demand", description=f"Registered model name in MLflow: {MODEL_NAME_HELP}."
+        default=None,
+        description=f"Registered model name in MLflow (default: keel.toml's, else the data's file name; the "
+        f"demo's: bike-demand): {MODEL_NAME_HELP}.",
     )
     approval: Literal["auto", "manual"] = Field(
         default="auto",

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from flows.pipeline import PipelineParams, PipelineResult, training_pipeline, where_to_look
 from tasks import lineage, markdown, summary
@@ -63,6 +63,18 @@ class RetrainParams(PipelineParams):
     event_id: str | None = Field(default=None, description="The Prefect event that triggered this retrain.")
     drift_report: str | None = Field(default=None, description="URI of the drift report behind the event.")
 
+    @classmethod
+    def completes_table(cls) -> bool:
+        return False  # the table's columns not given are the champion's (`champion_table`)
+
+    @model_validator(mode="after")
+    def _model_named(self) -> RetrainParams:
+        if not self.model_name:
+            raise ValueError(
+                "--model-name is needed: which registered model to retrain (or model_name in keel.toml)"
+            )
+        return self
+
 
 class RetrainResult(BaseModel):
     model_name: str
@@ -71,7 +83,7 @@ class RetrainResult(BaseModel):
 
 
 @flow(name="retrain", log_prints=True, result_serializer="json")
-def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: B008
+def retrain(params: RetrainParams) -> RetrainResult:
     """Train a challenger on the new window; promote it only if it beats the champion."""
     logger = get_run_logger()
     settings = get_settings()
@@ -103,9 +115,11 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
                     f"ago (cooldown {params.cooldown_minutes:g} min, until {until}); use --force to retrain anyway",
                 )
         data = params.data or _champion_data(champion, params.model_name)
+        given = params.model_dump(include=set(PipelineParams.model_fields))
         pipeline_params = PipelineParams.model_validate(
             {
-                **params.model_dump(include=set(PipelineParams.model_fields)),
+                **champion_table(client, champion),
+                **{k: v for k, v in given.items() if v is not None},
                 "data": data,
                 "trigger": {**trigger, "flow": "retrain"},
             }
@@ -196,6 +210,21 @@ def _ignored(params: RetrainParams, why: str) -> RetrainResult:
     facts = [summary.Fact("Decision", f"ignored: {why}"), *_trigger_facts(params)]
     summary.publish(f"retrain of {params.model_name}: ignored", facts, message)
     return RetrainResult(model_name=params.model_name, ignored=why)
+
+
+TABLE_FIELDS = ("target", "time_column", "drop_columns", "key_columns", "task")
+
+
+def champion_table(client, champion) -> dict[str, object]:
+    """The table's columns the champion was trained with (its execution's parameters), so a retrain
+    on new data reads it the same way; empty for a version whose execution stored none."""
+    from tasks.errors import NotInRegistry
+
+    try:
+        stored = lineage.execution_params(client, champion.run_id)
+    except NotInRegistry:
+        return {}
+    return {k: stored[k] for k in TABLE_FIELDS if stored.get(k) is not None}
 
 
 def _champion_data(champion, model_name: str) -> str:

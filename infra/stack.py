@@ -51,6 +51,26 @@ QUIET_WORKERS = {
     "DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL": "2s",
 }
 DEPLOYMENTS = {"scheduled", "landing-folder", "on-drift"}
+# What the deployments look after when neither the flags after `--` nor the project's config
+# (keel.toml, [tool.keel]) name a model: the bike demo, its columns said out loud.
+DEMO_SERVE_ARGS = [
+    "--model-name", "bike-demand", "--target", "cnt", "--time-column", "dteday",
+    "--key-columns", "dteday", "hr", "--drop-columns", "instant", "casual", "registered",
+]  # fmt: skip
+
+
+def serve_args_or_demo(serve_args: list[str], folder: Path | None = None) -> list[str]:
+    """The flags for `deployments.serve`: the demo's first, unless a model is named (later flags win)."""
+    folder = folder or Path.cwd()
+    pyproject = folder / "pyproject.toml"
+    configured = (folder / "keel.toml").is_file() or (
+        pyproject.is_file() and "[tool.keel]" in pyproject.read_text(encoding="utf-8", errors="replace")
+    )
+    if "--model-name" in serve_args or configured:
+        return serve_args
+    return [*DEMO_SERVE_ARGS, *serve_args]
+
+
 STOP_ORDER = ["deployments", "worker", "scheduler", "mlflow", "prefect", "postgres"]
 # PostgreSQL's "fast" shutdown (SIGINT): a clean checkpoint without waiting for idle clients.
 STOP_SIGNAL = {"postgres": signal.SIGINT}
@@ -245,7 +265,7 @@ class Stack:
                     "deployments.serve",
                     "--landing",
                     str(self.home / "landing"),
-                    *serve_args,
+                    *serve_args_or_demo(serve_args),
                 ],
                 {**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
                 lambda: _deployments_ready(env, since=serving_since),

@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -481,13 +482,27 @@ def log_dataset_inputs(client: MlflowClient, run_id: str, refs: Mapping[str, Dat
     """Datasets a run read, with `log_inputs`, so MLflow's UI lists them under the run's datasets
     (named by the argument they came in as)."""
     from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
 
-    if refs:
-        inputs = [
-            DatasetInput(dataset_entity(ref), tags=[InputTag("mlflow.data.context", key)])
-            for key, ref in refs.items()
-        ]
-        client.log_inputs(run_id, datasets=inputs)
+    if not refs:
+        return
+    inputs = [
+        DatasetInput(dataset_entity(ref), tags=[InputTag("mlflow.data.context", key)])
+        for key, ref in refs.items()
+    ]
+    # MLflow's SQL store looks a dataset up, then inserts it: two steps side by side logging the same
+    # new dataset both insert, and one fails on the unique key. One at a time in this process; a
+    # clash with another process is retried once (the row is there by then).
+    with _LOGGING_INPUTS:
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+        except MlflowException as exc:
+            if "UNIQUE constraint" not in str(exc) and "duplicate key" not in str(exc):
+                raise
+            client.log_inputs(run_id, datasets=inputs)
+
+
+_LOGGING_INPUTS = threading.Lock()
 
 
 # MLflow's UI opens every experiment in its GenAI layout unless the link (or the browser's memory of

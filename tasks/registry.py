@@ -11,6 +11,7 @@ from tasks import lineage, model_card
 from tasks.refs import DatasetRef, ModelRef
 from tasks.steps import RetryPolicy, current_step, model_step
 from tasks.steps.model import (
+    CARD_ARTIFACT,
     METRIC_TAG_PREFIX,
     ApprovalStatus,
     RegisteredVersion,
@@ -144,7 +145,7 @@ def register(
         )
         card = model_card.render(facts)
         client.update_model_version(model_name, placed.version, description=card)
-        client.log_text(pipeline.run_id, card, model_card.CARD_ARTIFACT)
+        client.log_text(pipeline.run_id, card, CARD_ARTIFACT)
         if features is not None:
             champion_now = placed.version if placed.promoted else placed.previous_champion
             client.update_registered_model(

@@ -16,6 +16,17 @@ from infra.processes import BIN, free_port, http_ok, start, stop, wait_until
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 ROOT = Path(__file__).resolve().parent.parent
 BIKE_CSV = ROOT / "data" / "bike_sharing_hourly.csv"
+# The demo's columns, for copies of the bike data elsewhere (only the demo file itself assumes them).
+BIKE_TABLE = {
+    "target": "cnt",
+    "time_column": "dteday",
+    "drop_columns": ["instant", "casual", "registered"],
+    "key_columns": ["dteday", "hr"],
+}
+BIKE_FLAGS = [
+    "--target", "cnt", "--time-column", "dteday", "--drop-columns", "instant", "casual", "registered",
+    "--key-columns", "dteday", "hr",
+]  # fmt: skip
 SERVER_VARIABLES = (
     "MLFLOW_TRACKING_URI",
     "MLFLOW_REGISTRY_URI",

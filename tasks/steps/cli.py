@@ -73,19 +73,21 @@ def run_flow_cli(
     description: str,
     summary: Callable[[R], str],
     after_bad_input: str = "nothing trained or registered",
-    prepare_params: Callable[[M], M] | None = None,
+    prepare_params: Callable[[M, dict[str, Any]], M] | None = None,
     check_params: Callable[[M], object] | None = None,
 ) -> int:
     """Parse, run the flow, print `summary(result)`. Exit codes: 0 done, 1 failed on purpose (a
     FailStep) or something needed is not in the registry, 2 bad input; anything else propagates
-    with its traceback. `prepare_params`: completes the parsed parameters (e.g. from an earlier run);
+    with its traceback. `prepare_params`: completes the parsed parameters, given the values the user
+    gave (e.g. from an earlier run);
     `check_params`: refuses them with a ValueError (exit 2, before anything runs)."""
-    params = parse_params(model, argv, prog, description, check_params)
+    given: dict[str, Any] = {}
+    params = parse_params(model, argv, prog, description, check_params, given)
     configure_logging()
     open_services_together()
     try:
         if prepare_params is not None:
-            params = prepare_params(params)
+            params = prepare_params(params, given)
         result = flow_fn(params)
     except DataValidationError as exc:
         print(f"\nbad input, {after_bad_input}: {exc}", file=sys.stderr)
@@ -159,10 +161,14 @@ def parse_params(
     prog: str,
     description: str,
     check: Callable[[M], object] | None = None,
+    given: dict[str, Any] | None = None,
 ) -> M:
-    """Parse `argv` into `model`; bad values end the program with the field and the reason."""
+    """Parse `argv` into `model`; bad values end the program with the field and the reason.
+    `given`: filled with the values as given on the command line."""
     parser = build_parser(model, prog, description)
     values = vars(parser.parse_args(argv))
+    if given is not None:
+        given.update(values)
     try:
         params = model.model_validate(values)
         if check is not None:

@@ -247,5 +247,5 @@ def register_model(
     if not placed.described:
         card = simple_card(name, placed, metrics, datasets or {}, reason)
         step.client.update_model_version(name, placed.version, description=card)
-        step.log_text(card, CARD_ARTIFACT)
+        step.client.log_text(lineage.current_pipeline().run_id, card, CARD_ARTIFACT)  # on the execution
     return registered(name, placed)

@@ -78,19 +78,25 @@ class Pipeline(Flow[..., R], Generic[M, R]):
         self.after_bad_input = after_bad_input
 
         @functools.wraps(fn)
-        def execution(params: M) -> R:
-            return self._execute(params)
+        def execution(params: M | None = None) -> R:
+            return self._execute(params if params is not None else self.params_model())
 
-        default = params() if _constructible(params) else inspect.Parameter.empty
+        # A model whose fields all have defaults may be left out (None: its defaults, made when the
+        # execution starts; not at import, where they may read the project's config).
+        optional = _constructible(params)
+        annotation = params | None if optional else params
         execution.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [
                 inspect.Parameter(
-                    "params", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=params
+                    "params",
+                    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                    default=None if optional else inspect.Parameter.empty,
+                    annotation=annotation,
                 )
             ],
             return_annotation=inspect.signature(fn).return_annotation,
         )
-        execution.__annotations__ = {"params": params, "return": fn.__annotations__.get("return", Any)}
+        execution.__annotations__ = {"params": annotation, "return": fn.__annotations__.get("return", Any)}
         super().__init__(
             execution,
             name=name,
@@ -151,21 +157,19 @@ class Pipeline(Flow[..., R], Generic[M, R]):
                 print(f"ended {len(ended)} MLflow runs of executions whose process is gone, as KILLED")
             return self.pipeline_fn(params)
 
-    def with_stored_params(self, params: M) -> M:
-        """With `reuse_from`, the earlier execution's parameters, updated with those given now."""
+    def with_stored_params(self, params: M, given: Mapping[str, Any]) -> M:
+        """With `reuse_from`, the earlier execution's parameters, updated with those `given` now (the
+        values as the user gave them: defaults filled in by the model must not replace stored ones)."""
         if not isinstance(params, ExecutionOptions) or not params.reuse_from:
             return params
         stored = lineage.execution_params(lineage.mlflow_client(get_settings()), params.reuse_from)
-        given = params.model_dump(include=params.model_fields_set)
         return self.params_model.model_validate({**stored, "force_steps": [], "selected_steps": [], **given})
 
     def rerun(self, execution: str, selected_steps: Sequence[str] = (), **changes: Any) -> R:
         """Resume an execution (no `selected_steps`), or run only `selected_steps` taking the other
         steps' outputs from it (selective execution); its parameters, updated with `changes`."""
-        params = self.params_model.model_validate(
-            {**changes, "reuse_from": execution, "selected_steps": list(selected_steps)}
-        )
-        return self(self.with_stored_params(params))
+        given = {**changes, "reuse_from": execution, "selected_steps": list(selected_steps)}
+        return self(self.with_stored_params(self.params_model.model_validate(given), given))
 
     def main(self, argv: Sequence[str] | None = None) -> int:
         """The pipeline's command line (`python -m your.module --help`); returns the exit code."""

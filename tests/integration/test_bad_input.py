@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 
 from flows.pipeline import main
-from tests.conftest import BIKE_CSV, ROOT, clean_env, mlflow_client
+from tests.conftest import BIKE_CSV, BIKE_FLAGS, ROOT, clean_env, mlflow_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 MODEL = "bike-bad"
-FAST = ["--n-trials", "2", "--num-boost-round", "60", "--model-name", MODEL, "--min-r2", "0.2"]
+FAST = ["--n-trials", "2", "--num-boost-round", "60", "--model-name", MODEL, "--min-r2", "0.2", *BIKE_FLAGS]
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from flows.pipeline import main
-from tests.conftest import ROOT, mlflow_client
+from tests.conftest import BIKE_FLAGS, ROOT, mlflow_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 CORPUS = ROOT / "tests" / "bad_inputs"
 CASES = json.loads((CORPUS / "cases.json").read_text())
 MODEL = "bike-corpus"
-FAST = ["--n-trials", "2", "--num-boost-round", "60", "--model-name", MODEL, "--min-r2", "0.2"]
+FAST = ["--n-trials", "2", "--num-boost-round", "60", "--model-name", MODEL, "--min-r2", "0.2", *BIKE_FLAGS]
 LATER_STEPS = {"prepare", "tune", "train", "baseline", "evaluate", "quality-gate", "register"}
 
 

@@ -11,12 +11,13 @@ import pytest
 
 from flows.pipeline import PipelineParams, PipelineResult, training_pipeline
 from tasks.steps import cache
-from tests.conftest import BIKE_CSV, mlflow_client
+from tests.conftest import BIKE_CSV, BIKE_TABLE, mlflow_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 CACHED = ["check-quality", "prepare", "tune", "train", "baseline", "evaluate"]
 FAST = {
+    **BIKE_TABLE,
     "start": "2011-01-01",
     "end": "2011-06-30",
     "n_trials": 2,

@@ -16,11 +16,21 @@ import pytest
 
 from flows.pipeline import PipelineParams, training_pipeline
 from tasks.steps import cache
-from tests.conftest import ROOT, mlflow_client, running_dask_cluster
+from tests.conftest import BIKE_FLAGS, BIKE_TABLE, ROOT, mlflow_client, running_dask_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.servers, pytest.mark.slow]
 
-CLI_FAST = ["--start", "2011-01-01", "--end", "2011-08-31", "--num-boost-round", "150", "--min-r2", "0.2"]
+CLI_FAST = [
+    "--start",
+    "2011-01-01",
+    "--end",
+    "2011-08-31",
+    "--num-boost-round",
+    "150",
+    "--min-r2",
+    "0.2",
+    *BIKE_FLAGS,
+]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +105,7 @@ def test_workers_killed_during_processing_and_tuning_change_nothing(
 ):
     params = PipelineParams(
         data=str(scaled_csv),
-        drop_columns=[],
+        **{**BIKE_TABLE, "drop_columns": []},
         n_trials=6,
         num_boost_round=120,
         min_r2=0.2,

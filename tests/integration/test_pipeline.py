@@ -14,7 +14,7 @@ import pytest
 from flows.pipeline import PipelineParams, training_pipeline
 from tasks.errors import StepFailed
 from tasks.refs import content_digest
-from tests.conftest import BIKE_CSV, mlflow_client
+from tests.conftest import BIKE_CSV, BIKE_TABLE, mlflow_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -125,7 +125,11 @@ def test_a_binary_target_trains_a_classifier(on_cluster, tmp_path):
     path = tmp_path / "busy.parquet"
     frame.drop(columns=["cnt", "casual", "registered", "weathersit"]).to_parquet(path)
     params = PipelineParams(
-        **FAST, data=str(path), target="busy", drop_columns=["instant"], model_name="busy", min_auc=0.6
+        **FAST,
+        **{**BIKE_TABLE, "target": "busy", "drop_columns": ["instant"]},
+        data=str(path),
+        model_name="busy",
+        min_auc=0.6,
     )
     result = training_pipeline(params)
     assert set(result.evaluation.metrics) == {"auc", "log_loss", "accuracy"}
@@ -252,7 +256,9 @@ def test_the_baseline_predicted_file_by_file_equals_one_prediction_of_the_split(
     for i in range(5):  # in time order: the files after the window give the splits empty files
         frame.iloc[i * size : (i + 1) * size].to_parquet(folder / f"part-{i}.parquet", index=False)
     training_pipeline(
-        PipelineParams(**{**FAST, "n_trials": 2}, data=str(folder), model_name="bike-files", min_r2=0.0)
+        PipelineParams(
+            **{**FAST, **BIKE_TABLE, "n_trials": 2}, data=str(folder), model_name="bike-files", min_r2=0.0
+        )
     )
 
     champion = load_baseline(mlflow_client(), "bike-files")

@@ -275,7 +275,9 @@ def test_readme_example_pipeline_runs_in_a_package_of_its_own(servers, tmp_path)
     first = run()
     assert first.stdout.strip().endswith("models:/churn-it/1")
     parent, steps = last_execution()
-    assert parent.data.tags.get("mlflow.source.git.commit") == head, parent.data.tags  # the user's repository, not keel's
+    assert parent.data.tags.get("mlflow.source.git.commit") == head, (
+        parent.data.tags
+    )  # the user's repository, not keel's
     assert set(steps) == {"ingest", "featurize", "train", "evaluate", "quality-gate", "register"}
 
     def contexts(step: str) -> set[str]:

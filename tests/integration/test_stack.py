@@ -23,7 +23,7 @@ import pytest
 from infra.processes import free_port
 from infra.stack import prefect_api
 from tests.browser import basic_auth, chromium, page_text, screenshot, screenshot_folder, wait_for
-from tests.conftest import BIKE_CSV, ROOT, clean_env
+from tests.conftest import BIKE_CSV, BIKE_FLAGS, ROOT, clean_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.servers, pytest.mark.slow]
 
@@ -164,7 +164,15 @@ def stack(tmp_path_factory):
     try:
         for model in ("stack-a", "stack-b"):
             trained = running.run(
-                "flows.pipeline", "--data", str(landing), "--end", "2011-03-31", "--model-name", model, *FAST
+                "flows.pipeline",
+                "--data",
+                str(landing),
+                "--end",
+                "2011-03-31",
+                "--model-name",
+                model,
+                *FAST,
+                *BIKE_FLAGS,
             )
             assert trained.returncode == 0, trained.stdout + trained.stderr
         yield running

@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from infra.processes import BIN
-from tests.conftest import BIKE_CSV, ROOT
+from tests.conftest import BIKE_CSV, BIKE_TABLE, ROOT
 from tests.topology import Topology, available, interpolate
 
 pytestmark = [pytest.mark.integration, pytest.mark.servers, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -52,7 +52,7 @@ HOSTS = [
     "deployments",
     "client",
 ]
-FAST = {"n_trials": 2, "num_boost_round": 80, "min_r2": 0.3}
+FAST = {"n_trials": 2, "num_boost_round": 80, "min_r2": 0.3, **BIKE_TABLE}
 
 
 def s3_setup_script() -> str:

@@ -1,0 +1,182 @@
+"""The pipeline author's API: decorators bare and with arguments, DataFrames stored as references,
+return values that cannot be passed on refused with a way out, steps read from code, `@pipeline`'s
+command line and plan, the git commit of the author's repository. Against the Prefect test harness
+and a real MLflow store; the Dask cluster is never opened (no step asks for it)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from pydantic import BaseModel
+
+from tasks import lineage
+from tasks.steps import (
+    CacheConfig,
+    Check,
+    DatasetRef,
+    ExecutionOptions,
+    condition,
+    current_pipeline,
+    fail,
+    pipeline,
+    processing_step,
+    training_step,
+)
+from tasks.steps.cache import UnstorableOutput
+from tasks.steps.discover import steps_of
+from tests.conftest import mlflow_client
+
+CALLED: list[str] = []
+
+
+@processing_step
+def make_table(rows: int) -> pd.DataFrame:
+    return pd.DataFrame({"x": range(rows), "y": [i * 2 for i in range(rows)]})
+
+
+@processing_step(cache=CacheConfig())
+def split_table(table: DatasetRef) -> dict[str, pd.DataFrame]:
+    frame = pd.read_parquet(table.uri)
+    return {"head": frame[:3], "tail": frame[3:]}
+
+
+@training_step(name="sum-of-y")
+def total(table: DatasetRef) -> float:
+    return float(pd.read_parquet(table.uri).y.sum())
+
+
+@processing_step
+def returns_an_object(rows: int):
+    CALLED.append("returns_an_object")
+    return object()
+
+
+@processing_step
+def annotated_unstorable(rows: int) -> pd.Series:
+    CALLED.append("annotated_unstorable")
+    return pd.Series(range(rows))
+
+
+class TableParams(ExecutionOptions):
+    rows: int = 5
+    bad: str = ""
+
+
+def helper_that_gates(value: float) -> None:
+    outcome = condition("gate", [Check("total", value, ">=", "zero", 0.0)])
+    if not outcome.passed:
+        fail("gate-failed", outcome.message)
+
+
+@pipeline(name="sdk-pipeline", params=TableParams)
+def sdk_pipeline(params: TableParams) -> dict[str, object]:
+    parts = split_table(make_table(params.rows))
+    value = total(parts["tail"])
+    helper_that_gates(value)
+    if params.bad == "object":
+        returns_an_object(params.rows)
+    elif params.bad == "annotation":
+        annotated_unstorable(params.rows)
+    return {"execution": current_pipeline().run_id, "parts": parts, "total": value}
+
+
+def test_decorators_work_bare_and_with_arguments_and_refuse_anything_else():
+    assert make_table.name == "make-table" and split_table.name == "split-table" and total.name == "sum-of-y"
+    assert split_table.cache.enabled and not make_table.cache.enabled
+    with pytest.raises(TypeError, match="takes the step's function, or keyword arguments"):
+        processing_step("data/x.csv")  # type: ignore[call-overload]
+
+
+def test_the_steps_of_a_pipeline_are_read_from_its_code_in_order():
+    assert sdk_pipeline.steps == (
+        "split-table",
+        "make-table",
+        "sum-of-y",
+        "gate",
+        "gate-failed",
+        "returns-an-object",
+        "annotated-unstorable",
+    )
+    assert steps_of(helper_that_gates) == ("gate", "gate-failed")
+
+
+def test_the_command_line_refuses_unknown_steps_and_selection_without_an_execution(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        sdk_pipeline.main(["--force-steps", "nope"])
+    assert exit_.value.code == 2
+    assert "unknown steps ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        sdk_pipeline.main(["--selected-steps", "make-table"])
+    assert exit_.value.code == 2
+    with pytest.raises(SystemExit) as exit_:
+        sdk_pipeline.main(["--help"])
+    assert exit_.value.code == 0
+    assert "--rows" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("prefect_harness", "state")
+def test_dataframes_are_stored_as_parquet_references_and_recorded_as_lineage():
+    result = sdk_pipeline(TableParams(rows=5))
+    parts = result["parts"]
+    assert set(parts) == {"head", "tail"} and all(isinstance(p, DatasetRef) for p in parts.values())
+    assert parts["head"].rows == 3 and parts["tail"].rows == 2 and parts["tail"].columns == ("x", "y")
+    assert Path(parts["tail"].uri).parent.name == "split-table"
+    assert Path(parts["tail"].uri).parent.parent.name == result["execution"]
+    assert result["total"] == 14.0  # y = 6 + 8
+    client = mlflow_client()
+    runs = client.search_runs(
+        [client.get_run(result["execution"]).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{result['execution']}'",
+    )
+    by_step = {r.data.tags[lineage.STEP_TAG]: r for r in runs}
+    assert by_step["make-table"].data.tags["keel.output.output.rows"] == "5"
+    assert [
+        t.value
+        for i in by_step["sum-of-y"].inputs.dataset_inputs
+        for t in i.tags
+        if t.key == "mlflow.data.context"
+    ] == ["table"]
+    again = sdk_pipeline(TableParams(rows=5))  # the stored frames are checked and reused
+    assert again["parts"] == parts
+
+
+@pytest.mark.usefixtures("prefect_harness", "state")
+def test_a_return_value_that_cannot_be_passed_on_says_what_to_return():
+    CALLED.clear()
+    with pytest.raises(UnstorableOutput, match=r"Series.*return a reference"):
+        sdk_pipeline(TableParams(rows=5, bad="annotation"))
+    assert "annotated_unstorable" not in CALLED  # refused before its work
+    with pytest.raises(UnstorableOutput, match=r"object.*DataFrame is stored as Parquet for you"):
+        sdk_pipeline(TableParams(rows=5, bad="object"))
+
+
+def test_the_git_commit_recorded_is_that_of_the_pipelines_own_repository(tmp_path):
+    git = ["git", "-c", "user.name=u", "-c", "user.email=u@example.invalid"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "flow.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "."], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout
+    tags = lineage.git_commit(tmp_path / "flow.py")
+    assert tags == {"mlflow.source.git.commit": head.strip(), "keel.git_dirty": "False"}
+    (tmp_path / "flow.py").write_text("x = 2\n")
+    assert lineage.git_commit(tmp_path / "flow.py")["keel.git_dirty"] == "True"
+    outside = tmp_path.parent / "not-a-repository"
+    outside.mkdir(exist_ok=True)
+    assert lineage.git_commit(outside / "flow.py")["mlflow.source.git.commit"] == "unknown"
+
+
+class Unconstructible(BaseModel):
+    needed: int
+
+
+def test_a_pipeline_whose_parameters_need_values_has_no_default():
+    @pipeline(params=Unconstructible)
+    def needs(params: Unconstructible) -> int:
+        return params.needed
+
+    assert needs.name == "needs"
+    assert needs.parameters.required == ["params"]
