@@ -17,7 +17,7 @@ fast-shutdown SIGINT), waits for each to exit and only then uses SIGKILL; the da
 cleanly, so `up` again finds every run, model and deployment.
 
 MLflow and Prefect use SQLite by default; `--db postgresql` starts a PostgreSQL server from this
-machine's binaries (initdb, postgres) under the stack folder and keeps both databases there. Lean MLflow settings: one worker, no job runner (2 processes, ~0.5 GB, see STACK.md).
+machine's binaries (initdb, postgres) under the stack folder and keeps both databases there. Lean MLflow settings: one worker, no job runner (2 processes, ~0.5 GB, see infra/README.md).
 """
 
 from __future__ import annotations
