@@ -122,7 +122,7 @@ def _retrain_params(settings: ServeSettings) -> dict:
         window_days=settings.window_days,
         cooldown_minutes=settings.cooldown_minutes,
         n_trials=settings.n_trials,
-    ).model_dump(mode="json")
+    ).model_dump(mode="json", exclude_none=True)  # unset columns: the champion's (not null)
 
 
 def build_deployments(settings: ServeSettings) -> list:

@@ -60,16 +60,16 @@ class TableParams(BaseModel):
     What is not given comes from the project's `keel.toml` (`tasks.project`); the bike demo's columns
     are assumed only for the demo data itself."""
 
-    data: str = Field(
+    data: str | None = Field(
         default=None,
         description="CSV or Parquet file, or a folder of Parquet files (default: keel.toml's data, else the "
         "bike-sharing demo).",
     )
-    target: str = Field(default=None, description="Column to predict (the demo's: cnt).")
-    time_column: str = Field(
+    target: str | None = Field(default=None, description="Column to predict (the demo's: cnt).")
+    time_column: str | None = Field(
         default=None, description="Column that orders rows in time (the demo's: dteday)."
     )
-    drop_columns: list[str] = Field(
+    drop_columns: list[str] | None = Field(
         default=None,
         description="Columns never used as features, such as ids (default: none; the demo's: instant, casual, "
         "registered).",
@@ -91,12 +91,15 @@ class TableParams(BaseModel):
         return True
 
     def table(self) -> TableSpec:
+        """The table as the steps read it (its columns are known once the parameters are made)."""
+        if self.data is None or self.target is None or self.time_column is None:
+            raise ValueError("the table's data, target and time column are not known")
         path = self.data if "://" in self.data else str(Path(self.data).expanduser().resolve())
         return TableSpec(
             path=path,
             target=self.target,
             time_column=self.time_column,
-            drop_columns=self.drop_columns,
+            drop_columns=self.drop_columns or [],
             task=self.task,
         )
 
@@ -104,7 +107,7 @@ class TableParams(BaseModel):
 class PipelineParams(TableParams, QualityRules, ExecutionOptions):
     """Every knob of one execution; shown and editable in the Prefect UI, and as `--flags` here."""
 
-    key_columns: list[str] = Field(
+    key_columns: list[str] | None = Field(
         default=None,
         description="Columns that identify a row; duplicated keys are bad input (default: the time column; "
         "the demo's: dteday hr). Empty: no key.",
@@ -149,7 +152,7 @@ class PipelineParams(TableParams, QualityRules, ExecutionOptions):
     champion_margin: float = Field(
         default=0.001, ge=0, description="A challenger must beat the champion's gate metric by at least this."
     )
-    model_name: ModelName = Field(
+    model_name: ModelName | None = Field(
         default=None,
         description=f"Registered model name in MLflow (default: keel.toml's, else the data's file name; the "
         f"demo's: bike-demand): {MODEL_NAME_HELP}.",
@@ -186,7 +189,7 @@ class PipelineParams(TableParams, QualityRules, ExecutionOptions):
         return self
 
     def table(self) -> TableSpec:
-        return super().table().model_copy(update={"key_columns": self.key_columns})
+        return super().table().model_copy(update={"key_columns": self.key_columns or []})
 
 
 class PipelineResult(BaseModel):

@@ -37,7 +37,7 @@ from tasks.steps.model import find_champion
 class RetrainParams(PipelineParams):
     """The pipeline's parameters with retraining defaults, plus what triggered it and the guards."""
 
-    data: str | None = Field(  # type: ignore[assignment]
+    data: str | None = Field(
         default=None,
         description="New data: a CSV or Parquet file or folder; default: the champion's training data.",
     )

@@ -174,7 +174,16 @@ def test_a_backtest_that_cannot_be_done_exits_2_naming_the_parameter(on_cluster,
     with pytest.raises(SystemExit) as exit_:  # a copy of the demo's data: its columns must be said
         main(["--data", str(gone)])
     assert exit_.value.code == 2 and "--target is needed for" in capsys.readouterr().err
-    columns = ["--target", "cnt", "--time-column", "dteday", "--drop-columns", "instant", "casual", "registered"]
+    columns = [
+        "--target",
+        "cnt",
+        "--time-column",
+        "dteday",
+        "--drop-columns",
+        "instant",
+        "casual",
+        "registered",
+    ]
     err = bad(["--data", str(gone), *columns], capsys)
     assert "column 'cnt'" in err and "has no values of the target" in err
     with pytest.raises(SystemExit) as exit_:

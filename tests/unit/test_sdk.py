@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import dask.dataframe as dd
 import pandas as pd
 import pytest
 from pydantic import BaseModel
@@ -43,6 +44,12 @@ def split_table(table: DatasetRef) -> dict[str, pd.DataFrame]:
     return {"head": frame[:3], "tail": frame[3:]}
 
 
+@processing_step
+def doubled(table: DatasetRef) -> dd.DataFrame:
+    frame = dd.read_parquet(table.uri)
+    return frame.assign(y=frame.y * 2).repartition(npartitions=2)
+
+
 @training_step(name="sum-of-y")
 def total(table: DatasetRef) -> float:
     return float(pd.read_parquet(table.uri).y.sum())
@@ -74,7 +81,7 @@ def helper_that_gates(value: float) -> None:
 @pipeline(name="sdk-pipeline", params=TableParams)
 def sdk_pipeline(params: TableParams) -> dict[str, object]:
     parts = split_table(make_table(params.rows))
-    value = total(parts["tail"])
+    value = total(doubled(parts["tail"]))
     helper_that_gates(value)
     if params.bad == "object":
         returns_an_object(params.rows)
@@ -95,6 +102,7 @@ def test_the_steps_of_a_pipeline_are_read_from_its_code_in_order():
         "split-table",
         "make-table",
         "sum-of-y",
+        "doubled",
         "gate",
         "gate-failed",
         "returns-an-object",
@@ -125,7 +133,7 @@ def test_dataframes_are_stored_as_parquet_references_and_recorded_as_lineage():
     assert parts["head"].rows == 3 and parts["tail"].rows == 2 and parts["tail"].columns == ("x", "y")
     assert Path(parts["tail"].uri).parent.name == "split-table"
     assert Path(parts["tail"].uri).parent.parent.name == result["execution"]
-    assert result["total"] == 14.0  # y = 6 + 8
+    assert result["total"] == 28.0  # y = 6 + 8, doubled by a Dask DataFrame stored as two files
     client = mlflow_client()
     runs = client.search_runs(
         [client.get_run(result["execution"]).info.experiment_id],
@@ -133,6 +141,11 @@ def test_dataframes_are_stored_as_parquet_references_and_recorded_as_lineage():
     )
     by_step = {r.data.tags[lineage.STEP_TAG]: r for r in runs}
     assert by_step["make-table"].data.tags["keel.output.output.rows"] == "5"
+    stored = Path(by_step["doubled"].data.tags["keel.output.output.uri"])
+    assert (
+        len(list(stored.glob("*.parquet"))) == 2
+        and by_step["doubled"].data.tags["keel.output.output.rows"] == "2"
+    )
     assert [
         t.value
         for i in by_step["sum-of-y"].inputs.dataset_inputs
