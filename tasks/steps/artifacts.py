@@ -64,6 +64,9 @@ def write_parquet(frame: Any, name: str, folder: str) -> DatasetRef:
     if fs.exists(path):
         fs.rm(path, recursive=True)
     if type(frame).__module__.split(".")[0] == "dask":
+        from tasks.compute import dask_client
+
+        dask_client()  # written by the execution's cluster (opened now if no step opened it yet)
         frame.to_parquet(folder, write_metadata_file=False)
     else:
         fs.makedirs(path, exist_ok=True)

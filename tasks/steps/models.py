@@ -2,9 +2,9 @@
 
 `log_model(model)` logs a LightGBM booster or estimator, or a scikit-learn estimator (a Pipeline
 too), with MLflow's flavour for it, and returns the `ModelRef` the next steps take. The model's pip
-requirements are the versions installed here (which the lock file pinned), not MLflow's inference:
-that imports and traces the model in a subprocess and cost 14 s of a 48 s run. The files' digests
-are recorded as the model's manifest, so it loads only as it was logged (`tasks.integrity`).
+requirements are the versions installed here (which the lock file pinned), not MLflow's inference
+(which loads the model again in a subprocess to see what it imports). The files' digests are
+recorded as the model's manifest, so it loads only as it was logged (`tasks.integrity`).
 """
 
 from __future__ import annotations
