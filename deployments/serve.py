@@ -34,7 +34,7 @@ from flows.pipeline import PipelineParams, training_pipeline
 from flows.retrain import RetrainParams, retrain
 from tasks.drift import DRIFT_DETECTED
 from tasks.policies import DEFAULT_POLICY, POLICY_HELP, PolicyText
-from tasks.project import table_defaults
+from tasks.project import configured_model_name, require_model_name
 from tasks.steps.cli import build_parser, parse_params
 from tasks.steps.model import MODEL_NAME_HELP, ModelName
 
@@ -89,20 +89,23 @@ class ServeSettings(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _project_model(cls, values: Any) -> Any:
-        return table_defaults(values, {"model_name"}, complete=False) if isinstance(values, dict) else values
+        return configured_model_name(values)
 
     @model_validator(mode="after")
     def _model_named(self) -> ServeSettings:
-        if not self.model_name:
-            raise ValueError("--model-name is needed: which registered model to look after (or keel.toml)")
+        require_model_name(self.model_name, "look after")
         return self
 
 
-def _table_known(settings: ServeSettings) -> None:
-    """Refuse (before anything starts) a landing folder whose columns are given nowhere."""
-    PipelineParams(
+def _training_params(settings: ServeSettings) -> PipelineParams:
+    """The scheduled training's parameters. Scheduled training runs on a landing folder that grows:
+    data that moved only warns. The table's columns come from the flags or keel.toml; made (and so
+    checked) before anything starts, so a missing one stops serve."""
+    return PipelineParams(
         data=_landing(settings),
         model_name=settings.model_name,
+        n_trials=settings.n_trials,
+        on_quality_violation="fail-on-broken",
         **settings.model_dump(
             include={"target", "time_column", "key_columns", "drop_columns"}, exclude_none=True
         ),
@@ -130,17 +133,7 @@ def build_deployments(settings: ServeSettings) -> list:
     The retrain deployment's trigger is an automation of its own (`drift_automation`): Prefect
     deletes and re-creates the triggers a deployment owns each time it is applied."""
     landing = _landing(settings)
-    # Scheduled training runs on a landing folder that grows: data that moved only warns. The
-    # table's columns come from the flags or keel.toml; checked here, so a missing one stops serve.
-    training_params = PipelineParams(
-        data=landing,
-        model_name=settings.model_name,
-        n_trials=settings.n_trials,
-        on_quality_violation="fail-on-broken",
-        **settings.model_dump(
-            include={"target", "time_column", "key_columns", "drop_columns"}, exclude_none=True
-        ),
-    )
+    training_params = _training_params(settings)
     monitor_params = MonitorParams(
         batch=landing, latest=True, model_name=settings.model_name, policy=settings.policy
     )
@@ -215,7 +208,7 @@ def apply_all(settings: ServeSettings, deployments: list) -> UUID:
 
 def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m deployments.serve"
-    settings = parse_params(ServeSettings, argv, prog, __doc__ or "", check=_table_known)
+    settings = parse_params(ServeSettings, argv, prog, __doc__ or "", check=_training_params)
     if not os.environ.get("PREFECT_API_URL"):
         build_parser(ServeSettings, prog, __doc__ or "").error(
             "PREFECT_API_URL is not set: deployments need a Prefect server "

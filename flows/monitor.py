@@ -40,7 +40,7 @@ from tasks.drift import (
 from tasks.errors import DataValidationError
 from tasks.history import HistoryRef, checks_text, point_metrics, update_history
 from tasks.policies import PolicySettings, settings_of
-from tasks.project import table_defaults
+from tasks.project import configured_model_name, require_model_name
 from tasks.quality import (
     ON_VIOLATION_HELP,
     OnViolation,
@@ -87,14 +87,11 @@ class MonitorParams(PolicySettings, QualityRules):
     @model_validator(mode="before")
     @classmethod
     def _project_model(cls, values: Any) -> Any:
-        return table_defaults(values, {"model_name"}, complete=False) if isinstance(values, dict) else values
+        return configured_model_name(values)
 
     @model_validator(mode="after")
     def _model_named(self) -> MonitorParams:
-        if not self.model_name:
-            raise ValueError(
-                "--model-name is needed: which registered model to monitor (or model_name in keel.toml)"
-            )
+        require_model_name(self.model_name, "monitor")
         return self
 
 

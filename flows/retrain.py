@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field, model_validator
 from flows.pipeline import PipelineParams, PipelineResult, training_pipeline, where_to_look
 from tasks import lineage, markdown, summary
 from tasks.guards import retrain_lock
+from tasks.project import require_model_name
 from tasks.quality import ON_VIOLATION_HELP, OnViolation
 from tasks.registry import RAW_URI_TAG, last_retrain
 from tasks.settings import get_settings
@@ -69,10 +70,7 @@ class RetrainParams(PipelineParams):
 
     @model_validator(mode="after")
     def _model_named(self) -> RetrainParams:
-        if not self.model_name:
-            raise ValueError(
-                "--model-name is needed: which registered model to retrain (or model_name in keel.toml)"
-            )
+        require_model_name(self.model_name, "retrain")
         return self
 
 

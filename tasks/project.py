@@ -92,6 +92,20 @@ def model_name_from(data: str) -> str:
     return name or "model"
 
 
+def configured_model_name(values: Any) -> Any:
+    """A flow's raw parameters with `model_name` taken from the project's config when not given (for
+    a `mode="before"` validator of flows that act on a registered model, not on a table)."""
+    return table_defaults(values, {"model_name"}, complete=False) if isinstance(values, dict) else values
+
+
+def require_model_name(name: str | None, job: str) -> None:
+    """Refuse parameters that name no model: nothing can be derived for a flow that `job`s one."""
+    if not name:
+        raise ValueError(
+            f"--model-name is needed: which registered model to {job} (or model_name in keel.toml)"
+        )
+
+
 def table_defaults(values: dict[str, Any], fields: Iterable[str], complete: bool = True) -> dict[str, Any]:
     """Parameters of a tabular flow with what was not given filled in: first from the project's
     config, then — for the demo data only — the demo's columns, else what holds for any table (no
