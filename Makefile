@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine with Python 3.11+:
 #   make demo   create .venv from the lock file and run the training pipeline on the bike data
-#   make test   same set-up, then lint, import-layer contracts and the test suite
+#   make test   same set-up, then lint, import-layer contracts, type checks and the test suite
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 UV := .tools/bin/uv
@@ -31,6 +31,7 @@ lint: install
 	$(VENV)/bin/ruff check flows tasks deployments infra tests benchmarks
 	$(VENV)/bin/ruff format --check flows tasks deployments infra tests benchmarks
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 test: lint browser
 	$(RUN) -m pytest $(PYTEST_ARGS)

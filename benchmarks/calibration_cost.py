@@ -69,13 +69,14 @@ def main() -> int:
     import dask
     from distributed import Client, LocalCluster, wait
 
-    from tasks import lineage, monitoring
-    from tasks.baseline import load_baseline
-    from tasks.calibration import parse_chunk
-    from tasks.compute import QUIET_WORKERS
-    from tasks.prepare import SPLITS
-    from tasks.refs import file_urls
-    from tasks.settings import get_settings
+    from tasks.monitoring import worker
+    from tasks.monitoring.baseline import load_baseline
+    from tasks.monitoring.calibration import parse_chunk
+    from tasks.steps import lineage
+    from tasks.steps.compute import QUIET_WORKERS
+    from tasks.steps.refs import file_urls
+    from tasks.steps.settings import get_settings
+    from tasks.tabular.prepare import SPLITS
 
     settings = get_settings()
     client_ml = lineage.mlflow_client(settings)
@@ -88,7 +89,7 @@ def main() -> int:
         f"tags.`mlflow.parentRunId` = '{version.run_id}' and tags.`keel.step` = 'prepare'",
     )
     files = {name: file_urls(prepare.data.tags[f"keel.output.output.{name}.uri"]) for name in SPLITS}
-    location = monitoring.ModelLocation(
+    location = worker.ModelLocation(
         uri=champion.model_uri, tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri
     )
     chunk = parse_chunk("7D")
@@ -101,15 +102,15 @@ def main() -> int:
             the other splits) on one worker."""
             started = time.perf_counter()
             predicted = [
-                client.submit(monitoring.predict_file, f, spec, location, pure=False) for f in files["train"]
+                client.submit(worker.predict_file, f, spec, location, pure=False) for f in files["train"]
             ]
             wait(predicted)
             if calibrate:  # as the baseline step does: performance beside the profile, on another worker
                 performance = client.submit(
-                    monitoring.performance_from_files, files["test"], spec, location, chunk, 0, pure=False
+                    worker.performance_from_files, files["test"], spec, location, chunk, 0, pure=False
                 )
             drift = client.submit(
-                monitoring.baseline_from_files,
+                worker.baseline_from_files,
                 {n: files[n] for n in names},
                 predicted,
                 spec,
@@ -120,7 +121,7 @@ def main() -> int:
                 pure=False,
             )
             if calibrate:
-                parts = monitoring.with_performance(drift.result(), performance.result(), chunk)
+                parts = worker.with_performance(drift.result(), performance.result(), chunk)
             else:
                 parts = drift.result()
             assert (parts.calibration.drift_chunks > 0) == calibrate

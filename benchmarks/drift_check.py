@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.common import heading, machine, spread, summary, target_row, write_results
-from tasks import drift_stats, monitoring
-from tasks.featurize import FeatureSpec
+from tasks.monitoring import drift_stats, worker
+from tasks.tabular.featurize import FeatureSpec
 
 TARGET = 0.5
 NUMERIC = [f"x{i:02d}" for i in range(20)]
@@ -55,7 +55,7 @@ def make_frame(rows: int, seed: int, shifted: bool) -> pd.DataFrame:
 def naive_evidently(
     reference: pd.DataFrame, current: pd.DataFrame
 ) -> tuple[float, dict[str, bool], dict[str, float]]:
-    from tasks.drift_report import build_report
+    from tasks.monitoring.drift_report import build_report
 
     started = time.perf_counter()
     report = build_report(reference, current, NUMERIC, ["c"])
@@ -73,7 +73,7 @@ def ours(
     import dask.dataframe as dd
 
     started = time.perf_counter()
-    summary = monitoring.summarise_batch(client, dd.read_parquet(batch_uri), profiles, spec, model=None)
+    summary = worker.summarise_batch(client, dd.read_parquet(batch_uri), profiles, spec, model=None)
     verdicts = {c: drift_stats.column_drift(profiles[c], summary.columns[c]) for c in profiles}
     seconds = time.perf_counter() - started
     return seconds, {c: v.drifted for c, v in verdicts.items()}, {c: v.score for c, v in verdicts.items()}

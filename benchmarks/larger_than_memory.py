@@ -64,12 +64,12 @@ def process(data: Path) -> dict[str, int]:
     """validate-input, check-quality and prepare, as in `flows.pipeline`, in one flow run."""
     from prefect import flow
 
-    from tasks import lineage
-    from tasks.compute import dask_cluster
-    from tasks.data import TableSpec
-    from tasks.prepare import SplitSpec, prepare, validate_input
-    from tasks.quality import QualityRules, check_quality, rules_of
-    from tasks.settings import get_settings
+    from tasks.steps import lineage
+    from tasks.steps.compute import dask_cluster
+    from tasks.steps.settings import get_settings
+    from tasks.tabular.data import TableSpec
+    from tasks.tabular.prepare import SplitSpec, prepare, validate_input
+    from tasks.tabular.quality import QualityRules, check_quality
 
     @flow(name="process-larger-than-memory")
     def run() -> dict[str, int]:
@@ -80,7 +80,7 @@ def process(data: Path) -> dict[str, int]:
             dask_cluster(settings),
         ):
             raw = validate_input(table)
-            check_quality(raw, table.time_column, table.key_columns, None, rules_of(QualityRules()), [])
+            check_quality(raw, table.time_column, table.key_columns, None, QualityRules(), [])
             splits = prepare(raw, table, SplitSpec())
         return {s: getattr(splits, s).rows or 0 for s in ("train", "valid", "test")}
 

@@ -43,13 +43,12 @@ def measure(rows: int, repeats: int) -> dict:
         write_parts(rows, data)
         from prefect import flow
 
-        from tasks import lineage
-        from tasks.compute import dask_cluster
-        from tasks.data import TableSpec
-        from tasks.prepare import SplitSpec, prepare, validate_input
-        from tasks.settings import get_settings
-        from tasks.steps import TuningSpec
-        from tasks.train import TrainingSpec, default_search_space, tune
+        from tasks.steps import TuningSpec, lineage
+        from tasks.steps.compute import dask_cluster
+        from tasks.steps.settings import get_settings
+        from tasks.tabular.data import TableSpec
+        from tasks.tabular.prepare import SplitSpec, prepare, validate_input
+        from tasks.tabular.train import TrainingSpec, default_search_space, tune
 
         @flow(name="parallel-trials")
         def run() -> dict[str, list[dict]]:

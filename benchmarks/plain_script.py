@@ -29,9 +29,9 @@ import optuna
 import pandas as pd
 
 from flows.pipeline import PipelineParams
-from tasks.featurize import TIME_PARTS, FeatureSpec, encode_target, model_matrix, parse_time
-from tasks.modeling import booster_params, score
 from tasks.steps.tuning import optuna_distributions
+from tasks.tabular.featurize import TIME_PARTS, FeatureSpec, encode_target, model_matrix, parse_time
+from tasks.tabular.modeling import booster_params, score
 
 
 def read(path: str) -> pd.DataFrame:
@@ -45,13 +45,13 @@ def main(params: PipelineParams) -> dict[str, float]:
     started = time.perf_counter()
     frame = read(params.data).drop(columns=params.drop_columns)
     frame[params.time_column] = parse_time(frame[params.time_column])
-    if params.start:
-        frame = frame[frame[params.time_column] >= pd.Timestamp(params.start)]
+    if params.split.start:
+        frame = frame[frame[params.time_column] >= pd.Timestamp(params.split.start)]
     frame = frame[frame[params.target].notna()]
     t = frame[params.time_column]
     span = t.max() - t.min()
-    valid_start = t.min() + span * (1 - params.valid_fraction - params.test_fraction)
-    test_start = t.min() + span * (1 - params.test_fraction)
+    valid_start = t.min() + span * (1 - params.split.valid_fraction - params.split.test_fraction)
+    test_start = t.min() + span * (1 - params.split.test_fraction)
     parts = {
         "train": frame[t < valid_start],
         "valid": frame[(t >= valid_start) & (t < test_start)],
@@ -72,17 +72,19 @@ def main(params: PipelineParams) -> dict[str, float]:
     }
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=params.seed))
-    distributions = optuna_distributions(params.space)
+    study = optuna.create_study(
+        direction="minimize", sampler=optuna.samplers.TPESampler(seed=params.training.seed)
+    )
+    distributions = optuna_distributions(params.tuning.space)
     best_iteration, trials = {}, []
-    for _ in range(params.n_trials):
+    for _ in range(params.tuning.n_trials):
         trial = study.ask(distributions)
         booster = lgb.train(
-            booster_params(spec, trial.params, params.seed, threads=0),
+            booster_params(spec, trial.params, params.training.seed, threads=0),
             lgb.Dataset(*xs["train"]),
-            num_boost_round=params.num_boost_round,
+            num_boost_round=params.training.num_boost_round,
             valid_sets=[lgb.Dataset(*xs["valid"])],
-            callbacks=[lgb.early_stopping(params.early_stopping_rounds, verbose=False)],
+            callbacks=[lgb.early_stopping(params.training.early_stopping_rounds, verbose=False)],
         )
         predicted = booster.predict(xs["valid"][0], num_iteration=booster.best_iteration)
         best_iteration[trial.number] = booster.best_iteration
@@ -91,7 +93,7 @@ def main(params: PipelineParams) -> dict[str, float]:
     x = pd.concat([xs["train"][0], xs["valid"][0]], ignore_index=True)
     y = np.concatenate([xs["train"][1], xs["valid"][1]])
     final = lgb.train(
-        booster_params(spec, study.best_params, params.seed, threads=0),
+        booster_params(spec, study.best_params, params.training.seed, threads=0),
         lgb.Dataset(x, y),
         num_boost_round=best_iteration[study.best_trial.number],
     )

@@ -36,7 +36,7 @@ from benchmarks.common import (
     timed,
     write_results,
 )
-from tasks.policies import DEFAULT_POLICY
+from tasks.monitoring.policies import DEFAULT_POLICY
 from tests.streams import stream
 
 BIKE = ROOT / "data" / "bike_sharing_hourly.csv"
@@ -70,12 +70,12 @@ def oracle(results: dict) -> dict[int, float]:
     import pandas as pd
     from distributed import Client, LocalCluster
 
-    from tasks.backtest import fit_window, load_table, plan_batches
-    from tasks.calibration import parse_chunk
-    from tasks.data import TableSpec
-    from tasks.monitoring import BoosterModel
-    from tasks.performance import realized_sums
-    from tasks.prepare import SplitSpec
+    from tasks.monitoring.backtest import fit_window, load_table, plan_batches
+    from tasks.monitoring.calibration import parse_chunk
+    from tasks.monitoring.performance import realized_sums
+    from tasks.monitoring.worker import BoosterModel
+    from tasks.tabular.data import TableSpec
+    from tasks.tabular.prepare import SplitSpec
 
     table = TableSpec(
         path=str(BIKE), target="cnt", time_column="dteday", drop_columns=["instant", "casual", "registered"]

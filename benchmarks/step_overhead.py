@@ -33,10 +33,9 @@ def measure(n: int, profile: bool) -> dict:
         go_standalone(state)
         from prefect import flow
 
-        from tasks import lineage
-        from tasks.refs import DatasetRef, content_digest
-        from tasks.settings import get_settings
-        from tasks.steps import CacheConfig, processing_step
+        from tasks.steps import CacheConfig, lineage, processing_step
+        from tasks.steps.refs import DatasetRef, content_digest
+        from tasks.steps.settings import get_settings
 
         source = Path(state) / "input.csv"
         source.write_text("a,b\n1,2\n")

@@ -18,15 +18,15 @@ import pandas as pd
 
 from benchmarks.common import machine, machine_line, summary, write_results
 from benchmarks.scaled_data import scaled_bike
-from tasks.featurize import FeatureSpec
-from tasks.refs import DatasetRef, content_digest
+from tasks.steps.refs import DatasetRef, content_digest
+from tasks.tabular.featurize import FeatureSpec
 
 PARAMS = {"num_leaves": 63, "learning_rate": 0.1, "min_data_in_leaf": 20}
 TREES = 100
 
 
 def time_paths(client, frame: pd.DataFrame, repeats: int) -> dict:
-    from tasks import modeling
+    from tasks.tabular import modeling
 
     numeric = [c for c in frame.columns if c not in ("cnt", "dteday")]
     spec = FeatureSpec(

@@ -26,14 +26,16 @@ import time
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from pydantic import BaseModel
 
 from infra.processes import free_port
 from infra.stack import Stack, prefect_api
-from tasks import markdown
-from tasks.policies import DEFAULT_POLICY, parse_policy
-from tasks.project import DEMO_TABLE
+from tasks.monitoring.policies import DEFAULT_POLICY, parse_policy
+from tasks.steps import markdown
+from tasks.steps.tags import APPROVAL_TAG, CHAMPION_ALIAS, COMPARED_WITH_TAG, METRIC_TAG_PREFIX
+from tasks.tabular.project import DEMO_TABLE
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "bike_sharing_hourly.csv"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -75,10 +77,16 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow import MlflowClient
+    from prefect.client.schemas.objects import FlowRun
+
+
 def run_deployment_and_wait(name: str, parameters: dict, timeout: float = 900) -> str:
     from prefect.deployments import run_deployment
 
-    run = run_deployment(name, parameters=parameters, timeout=timeout)
+    run = cast("FlowRun", run_deployment(name, parameters=parameters, timeout=timeout))  # called in sync code
     if run.state is None or run.state.type.value != "COMPLETED":
         raise RuntimeError(f"{name} ended {run.state}: see the Prefect UI")
     return run.name
@@ -133,18 +141,83 @@ def describe_retrain(run: dict, client, model: str, event_id: str) -> str:
     if not versions:
         return f"retrain '{run['name']}' registered nothing"
     tags = versions[0].tags
-    status = tags.get("approval_status")
+    status = tags.get(APPROVAL_TAG)
     verdict = "-> @champion" if status == "Approved" else "(champion kept)"
     compared = (
-        f"; test r2 {float(tags['metric.r2']):.3f}, judged against v{tags['compared_with']} on the same data "
+        f"; test r2 {float(tags[METRIC_TAG_PREFIX + 'r2']):.3f}, judged against v{tags[COMPARED_WITH_TAG]} on the same data "
         "(its model card, the version's description, has both)"
-        if "compared_with" in tags and "metric.r2" in tags
+        if COMPARED_WITH_TAG in tags and "metric.r2" in tags
         else ""
     )
     return f"retrain '{run['name']}': v{versions[0].version} {status} {verdict}{compared}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    home = args.home.resolve()
+    serve_args = [
+        "--model-name", args.model_name, "--cooldown-minutes", str(args.cooldown_minutes),
+        "--window-days", str(args.window_days), "--n-trials", str(args.n_trials), "--policy", args.policy,
+        "--target", "cnt", "--time-column", "dteday", "--key-columns", "dteday", "hr",
+        "--drop-columns", "instant", "casual", "registered",
+    ]  # fmt: skip
+    print(f"== starting the stack in {home}", flush=True)
+    env = start_stack(home, serve_args)
+    os.environ.update(env)  # before Prefect and MLflow read their settings
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+
+    import mlflow
+    import pandas as pd
+
+    from tasks.steps.cli import configure_logging
+
+    configure_logging()
+    landing = home / "landing"
+    landing.mkdir(parents=True, exist_ok=True)
+    bike = pd.read_csv(DATA)
+    first = pd.Timestamp(args.first_week)
+    bike[pd.to_datetime(bike["dteday"]) < first].to_parquet(
+        landing / f"{bike.dteday.iloc[0]}.parquet", index=False
+    )
+
+    print(
+        f"\n== training the first champion on {bike.dteday.iloc[0]} .. {(first - pd.Timedelta(days=1)).date()}"
+    )
+    name = run_deployment_and_wait(
+        "training-pipeline/scheduled",
+        {
+            "params": {
+                "data": str(landing),
+                **{k: v for k, v in DEMO_TABLE.items() if k != "model_name"},  # a copy of the demo's table
+                "model_name": args.model_name,
+                "tuning": {"n_trials": args.n_trials},
+                "reason": "drift demo: first champion",
+            }
+        },
+    )
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias(args.model_name, CHAMPION_ALIAS)
+    print(
+        f"   flow run '{name}': {args.model_name} v{champion.version} is champion (test r2 {champion.tags[METRIC_TAG_PREFIX + 'r2']})"
+    )
+
+    started = time.monotonic()
+    timeline = _land_and_check_weekly(bike, landing, args, env, client)
+    table = render(timeline, args.model_name, client)
+    (home / "timeline.md").write_text(table + "\n")
+    print(
+        f"\n== timeline ({time.monotonic() - started:.0f} s for {len(timeline)} weeks), also in {home / 'timeline.md'}\n"
+    )
+    print(table)
+    print(
+        f"\nPrefect UI: {env['PREFECT_API_URL'].removesuffix('/api')} (log in with keel:$(cat {home}/secrets/prefect-auth-token))\n"
+        f"MLflow UI:  {env['MLFLOW_TRACKING_URI']} (user viewer, password in {home}/secrets/mlflow-viewer-password)\n"
+        f"Stop the stack: python -m infra.stack down --home {home}"
+    )
+    return 0
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m deployments.drift_demo", description=__doc__)
     parser.add_argument("--home", type=Path, default=Path(".keel/drift-demo"))
     parser.add_argument("--model-name", default="bike-demand")
@@ -162,55 +235,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.policy = parse_policy(args.policy).text
     except ValueError as exc:
         parser.error(str(exc))
-    home = args.home.resolve()
-    serve_args = [
-        "--model-name", args.model_name, "--cooldown-minutes", str(args.cooldown_minutes),
-        "--window-days", str(args.window_days), "--n-trials", str(args.n_trials), "--policy", args.policy,
-        "--target", "cnt", "--time-column", "dteday", "--key-columns", "dteday", "hr",
-        "--drop-columns", "instant", "casual", "registered",
-    ]  # fmt: skip
-    print(f"== starting the stack in {home}", flush=True)
-    env = start_stack(home, serve_args)
-    os.environ.update(env)  # before Prefect and MLflow read their settings
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    return args
 
-    import mlflow
+
+def _land_and_check_weekly(
+    bike: pd.DataFrame, landing: Path, args: argparse.Namespace, env: dict[str, str], client: MlflowClient
+) -> list[Step]:
+    """Land a week at a time; every `check_every` weeks, monitor the latest one, and follow the
+    retrain its event starts (through the stack's automation) to its decision."""
     import pandas as pd
 
     from flows.monitor import MonitorParams, monitor
-    from tasks.steps.cli import configure_logging
 
-    configure_logging()
-    landing = home / "landing"
-    landing.mkdir(parents=True, exist_ok=True)
-    bike = pd.read_csv(DATA)
     days = pd.to_datetime(bike["dteday"])
     first = pd.Timestamp(args.first_week)
-    bike[days < first].to_parquet(landing / f"{bike.dteday.iloc[0]}.parquet", index=False)
-
-    print(
-        f"\n== training the first champion on {bike.dteday.iloc[0]} .. {(first - pd.Timedelta(days=1)).date()}"
-    )
-    name = run_deployment_and_wait(
-        "training-pipeline/scheduled",
-        {
-            "params": {
-                "data": str(landing),
-                **{k: v for k, v in DEMO_TABLE.items() if k != "model_name"},  # a copy of the demo's table
-                "model_name": args.model_name,
-                "n_trials": args.n_trials,
-                "reason": "drift demo: first champion",
-            }
-        },
-    )
-    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
-    champion = client.get_model_version_by_alias(args.model_name, "champion")
-    print(
-        f"   flow run '{name}': {args.model_name} v{champion.version} is champion (test r2 {champion.tags['metric.r2']})"
-    )
-
     timeline: list[Step] = []
-    started = time.monotonic()
     for index in range(args.weeks):
         start = first + pd.Timedelta(days=7 * index)
         week = bike[(days >= start) & (days < start + pd.Timedelta(days=7))]
@@ -238,19 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             step.outcome = describe_retrain(run, client, args.model_name, result.event_id)
         timeline.append(step)
         print(_line(step), flush=True)
-
-    table = render(timeline, args.model_name, client)
-    (home / "timeline.md").write_text(table + "\n")
-    print(
-        f"\n== timeline ({time.monotonic() - started:.0f} s for {len(timeline)} weeks), also in {home / 'timeline.md'}\n"
-    )
-    print(table)
-    print(
-        f"\nPrefect UI: {env['PREFECT_API_URL'].removesuffix('/api')} (log in with keel:$(cat {home}/secrets/prefect-auth-token))\n"
-        f"MLflow UI:  {env['MLFLOW_TRACKING_URI']} (user viewer, password in {home}/secrets/mlflow-viewer-password)\n"
-        f"Stop the stack: python -m infra.stack down --home {home}"
-    )
-    return 0
+    return timeline
 
 
 def _line(step: Step) -> str:
@@ -275,12 +302,12 @@ def render(timeline: list[Step], model: str, client) -> str:
             f"{(s.event_id or '')[:8]} | {markdown.text(s.outcome)} | {markdown.link('report', s.report)} |"
         )
     versions = sorted(client.search_model_versions(f"name='{model}'"), key=lambda v: int(v.version))
-    champion = client.get_model_version_by_alias(model, "champion").version
+    champion = client.get_model_version_by_alias(model, CHAMPION_ALIAS).version
     lines += ["", "| version | status | trigger | test r2 | champion |", "|---|---|---|---|---|"]
     for v in versions:
         trigger = (v.tags.get("keel.trigger.event_id") or "")[:8] or v.tags.get("reason", "")
         lines.append(
-            f"| v{v.version} | {v.tags.get('approval_status')} | {trigger} | {v.tags.get('metric.r2')} | "
+            f"| v{v.version} | {v.tags.get(APPROVAL_TAG)} | {trigger} | {v.tags.get(METRIC_TAG_PREFIX + 'r2')} | "
             f"{'**@champion**' if str(v.version) == str(champion) else ''} |"
         )
     return "\n".join(lines)

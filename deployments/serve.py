@@ -32,11 +32,11 @@ from pydantic import BaseModel, Field, model_validator
 from flows.monitor import MonitorParams, monitor
 from flows.pipeline import PipelineParams, training_pipeline
 from flows.retrain import RetrainParams, retrain
-from tasks.drift import DRIFT_DETECTED
-from tasks.policies import DEFAULT_POLICY, POLICY_HELP, PolicyText
-from tasks.project import configured_model_name, require_model_name
+from tasks.monitoring.policies import DEFAULT_POLICY, POLICY_HELP, PolicyText
 from tasks.steps.cli import build_parser, parse_params
 from tasks.steps.model import MODEL_NAME_HELP, ModelName
+from tasks.steps.tags import DRIFT_DETECTED_EVENT, MODEL_NAME_TAG, MODEL_VERSION_TAG
+from tasks.tabular.project import configured_model_name, require_model_name
 
 TRAINING = "scheduled"
 MONITOR = "landing-folder"
@@ -48,7 +48,7 @@ class ServeSettings(BaseModel):
     """What the three deployments run on; every field is a flag of `python -m deployments.serve`."""
 
     landing: str = Field(description="Folder where new labelled batches land (monitored and retrained on).")
-    model_name: ModelName = Field(
+    model_name: ModelName | None = Field(
         default=None,
         description=f"Registered model the deployments look after (default: keel.toml's): {MODEL_NAME_HELP}.",
     )
@@ -167,14 +167,15 @@ def drift_automation(settings: ServeSettings, retrain_deployment: UUID):
 
     on_drift = DeploymentEventTrigger(
         name=AUTOMATION,
-        description=f"{DRIFT_DETECTED} about any registered model starts retrain/{RETRAIN} for that model",
-        expect={DRIFT_DETECTED},
+        description=f"{DRIFT_DETECTED_EVENT} about any registered model starts retrain/{RETRAIN} for that model",
+        expect={DRIFT_DETECTED_EVENT},
         match={"prefect.resource.id": "keel.model.*"},
         parameters={
             "params": {
                 **_retrain_params(settings),
-                "model_name": "{{ event.resource['keel.model.name'] }}",
-                "reason": "policy {{ event.payload.policy }} on v{{ event.resource['keel.model.version'] }}: "
+                "model_name": f"{{{{ event.resource['{MODEL_NAME_TAG}'] }}}}",
+                "reason": "policy {{ event.payload.policy }} on "
+                f"v{{{{ event.resource['{MODEL_VERSION_TAG}'] }}}}: "
                 "{{ event.payload.reasons | join('; ') | truncate(420) }}",  # the flow takes 500 characters
                 "event_id": "{{ event.id | string }}",
                 "drift_report": "{{ event.payload.report_uri | default('') }}",  # absent: no report, still a run

@@ -27,14 +27,16 @@ import time
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
+from uuid import UUID
 
 from prefect import get_run_logger
 from pydantic import BaseModel, Field, field_validator
 
 from flows.pipeline import TableParams
-from tasks import lineage, markdown
-from tasks.backtest import (
+from tasks.monitoring.backtest import (
     DATA_DRIVEN,
+    Batch,
     Replay,
     ReplayModel,
     fit_window,
@@ -43,17 +45,20 @@ from tasks.backtest import (
     parse_delay,
     plan_batches,
 )
-from tasks.backtest_report import PolicySummary, plot, results_table, summarise_runs
-from tasks.calibration import parse_chunk
-from tasks.compute import dask_client
-from tasks.data import read_table
-from tasks.errors import DataValidationError
-from tasks.modeling import DEFAULT_OBJECTIVE, MAXIMIZE
-from tasks.policies import SignalSettings, parse_policy
-from tasks.prepare import SplitSpec, prepare, validate_input
-from tasks.settings import get_settings
-from tasks.steps import TuningSpec, current_pipeline, pipeline
-from tasks.train import TrainingSpec, default_search_space, tune
+from tasks.monitoring.backtest_report import PolicySummary, plot, results_table, summarise_runs
+from tasks.monitoring.calibration import ChunkSize, parse_chunk
+from tasks.monitoring.policies import SignalSettings, parse_policy
+from tasks.steps import DatasetRef, TuningResult, TuningSpec, current_pipeline, lineage, markdown, pipeline
+from tasks.steps.compute import dask_client
+from tasks.steps.errors import DataValidationError
+from tasks.steps.settings import get_settings
+from tasks.tabular.data import TableSpec, read_table
+from tasks.tabular.modeling import DEFAULT_OBJECTIVE, MAXIMIZE
+from tasks.tabular.prepare import SplitSpec, prepare, validate_input
+from tasks.tabular.train import TrainingSpec, default_search_space, tune
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ALL_POLICIES = [
     "never",
@@ -147,8 +152,8 @@ class BacktestResult(BaseModel):
     num_boost_round: int
     seconds: float
     mlflow_run_id: str
-    plot_uri: str
-    plot_link: str
+    plot_uri: str = ""  # set once the picture is logged
+    plot_link: str = ""
     prefect_flow_run: dict[str, str]
 
 
@@ -170,62 +175,27 @@ def summarise(result: BacktestResult) -> str:
 @pipeline(name="backtest", params=BacktestParams, summary=summarise, after_bad_input="nothing replayed")
 def backtest(params: BacktestParams) -> BacktestResult:
     """Replay the table through time for each policy; compare error against retrains."""
-    from prefect.artifacts import (
-        create_link_artifact,
-        create_markdown_artifact,
-        create_progress_artifact,
-        update_progress_artifact,
-    )
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     logger = get_run_logger()
     settings = get_settings()
     table = params.table()
     every = parse_chunk(params.batch_every)
-    delay = parse_delay(params.label_delay)
     policies = [parse_policy(p) for p in params.policies]
     started = time.perf_counter()
-    run = current_pipeline()
     raw = validate_input(table, settings.data_access, settings.datasets_root)
     frame = load_table(read_table(raw).compute(), table, raw.uri)
-    first_day = frame[table.time_column].iloc[0].normalize()
-    initial_end = (first_day + timedelta(days=params.initial_days)).to_pydatetime()
-    labelled = frame[table.target].notna().to_numpy()
-    batches, inside = plan_batches(frame[table.time_column].to_numpy(), initial_end, every, raw.uri, delay)
-    for batch in batches:
-        if not labelled[batch.lo : batch.hi].any():
-            raise DataValidationError(
-                raw.uri,
-                f"the batch {batch.start:%Y-%m-%d %H:%M} .. {batch.end:%Y-%m-%d %H:%M} has no values of the target: "
-                "the backtest scores the model in service on every batch's labels",
-                table.target,
-            )
+    initial_end = (
+        frame[table.time_column].iloc[0].normalize() + timedelta(days=params.initial_days)
+    ).to_pydatetime()
+    delay = parse_delay(params.label_delay)
+    batches, inside = _labelled_batches(frame, table, initial_end, every, delay, raw.uri)
     split = SplitSpec(
         end=(initial_end - timedelta(days=1)).date(),
         valid_fraction=params.valid_fraction,
         test_fraction=params.test_fraction,
     )
-    splits = prepare(raw, table, split)
-    task = splits.features.task
-    objective = DEFAULT_OBJECTIVE[task]
-    training = TrainingSpec(
-        num_boost_round=params.num_boost_round,
-        early_stopping_rounds=params.early_stopping_rounds,
-        seed=params.seed,
-    )
-    best = tune(
-        splits.train,
-        splits.valid,
-        splits.features,
-        TuningSpec(
-            space=default_search_space(),
-            n_trials=params.n_trials,
-            parallel=params.parallel_trials,
-            objective=objective,
-            direction="maximize" if objective in MAXIMIZE else "minimize",
-            seed=params.seed,
-        ),
-        training,
-    )
+    task, best = _tuned_on_the_first_window(raw, table, split, params)
     rounds = int(best.best_metrics.get("best_iteration", params.num_boost_round))
     metric = metric_for(task, params)
     logger.info(
@@ -269,58 +239,136 @@ def backtest(params: BacktestParams) -> BacktestResult:
     step = max(1, len(batches) // 10)
 
     def report(done: int, total: int) -> None:
-        update_progress_artifact(progress, progress=100.0 * done / total)
+        update_progress_artifact(cast(UUID, progress), progress=100.0 * done / total)
         if done % step == 0 or done == total:
             logger.info("batch %d of %d (%d models trained so far)", done, total, len(replay.models))
 
     runs = replay.run(policies, report)
     summaries = summarise_runs(runs, batches, inside, params.change_points, set(DATA_DRIVEN))
-    result_table = results_table(summaries, metric, params.change_points)
-    seconds = time.perf_counter() - started
+    result = BacktestResult(
+        metric=metric,
+        batches=len(batches),
+        inside_batches=len(inside),
+        first_batch=str(batches[0].start),
+        last_batch=str(batches[-1].start),
+        policies=summaries,
+        table=results_table(summaries, metric, params.change_points),
+        models_trained=len(replay.models),
+        tuned_params=best.best_params,
+        num_boost_round=rounds,
+        seconds=time.perf_counter() - started,
+        mlflow_run_id=current_pipeline().run_id,
+        prefect_flow_run=lineage.prefect_flow_run_tags(),
+    )
     title = (
         f"{Path(raw.uri).name}: {metric} of the model in service, batches of {every.describe()}, "
         f"label delay {params.label_delay}"
     )
-    client_ml = run.client()
+    result = _log_results(result, batches, inside, title, params.change_points)
+    _announce(result, raw, every.describe(), params.label_delay)
+    print(
+        f"backtest: {result.models_trained} models trained in {result.seconds:.0f} s; picture: {result.plot_link}"
+    )
+    return result
+
+
+def _labelled_batches(
+    frame: pd.DataFrame, table: TableSpec, initial_end: datetime, every: ChunkSize, delay: timedelta, uri: str
+) -> tuple[list[Batch], list[Batch]]:
+    """The batches after the first champion's window (and those inside it); each must have labels,
+    since the backtest scores the model in service on them."""
+    labelled = frame[table.target].notna().to_numpy()
+    batches, inside = plan_batches(frame[table.time_column].to_numpy(), initial_end, every, uri, delay)
+    for batch in batches:
+        if not labelled[batch.lo : batch.hi].any():
+            raise DataValidationError(
+                uri,
+                f"the batch {batch.start:%Y-%m-%d %H:%M} .. {batch.end:%Y-%m-%d %H:%M} has no values of the target: "
+                "the backtest scores the model in service on every batch's labels",
+                table.target,
+            )
+    return batches, inside
+
+
+def _tuned_on_the_first_window(
+    raw: DatasetRef, table: TableSpec, split: SplitSpec, params: BacktestParams
+) -> tuple[str, TuningResult]:
+    """The task and the hyperparameters every retrain of the replay uses: tuned once, on the first
+    champion's window, with the pipeline's own steps."""
+    splits = prepare(raw, table, split)
+    task = splits.features.task
+    objective = DEFAULT_OBJECTIVE[task]
+    training = TrainingSpec(
+        num_boost_round=params.num_boost_round,
+        early_stopping_rounds=params.early_stopping_rounds,
+        seed=params.seed,
+    )
+    tuning = TuningSpec(
+        space=default_search_space(),
+        n_trials=params.n_trials,
+        parallel=params.parallel_trials,
+        objective=objective,
+        direction="maximize" if objective in MAXIMIZE else "minimize",
+        seed=params.seed,
+    )
+    return task, tune(splits.train, splits.valid, splits.features, tuning, training)
+
+
+def _log_results(
+    result: BacktestResult, batches: list[Batch], inside: list[Batch], title: str, change_points: list[date]
+) -> BacktestResult:
+    """The picture, the table and the JSON as MLflow artifacts of the execution, its metrics per
+    policy; the result with the picture's URI and link."""
+    run = current_pipeline()
+    client = run.client()
+    metric, summaries = result.metric, result.policies
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "backtest"
-        plot(summaries, batches, metric, folder / "metric_over_time.png", title, params.change_points)
+        plot(summaries, batches, metric, folder / "metric_over_time.png", title, change_points)
         details = {
             "metric": metric,
             "batches": [b.model_dump(mode="json") for b in batches],
             "inside_batches": [b.model_dump(mode="json") for b in inside],
             "policies": [s.model_dump(mode="json") for s in summaries],
-            "tuned_params": best.best_params,
-            "num_boost_round": rounds,
-            "models_trained": len(replay.models),
-            "seconds": seconds,
+            "tuned_params": result.tuned_params,
+            "num_boost_round": result.num_boost_round,
+            "models_trained": result.models_trained,
+            "seconds": result.seconds,
         }
         (folder / "results.json").write_text(json.dumps(details, indent=1, default=str))
-        (folder / "results.md").write_text(f"# Backtest\n\n{markdown.text(title)}\n\n{result_table}\n")
-        client_ml.log_artifacts(run.run_id, str(folder), "backtest")
-    artifact_uri = client_ml.get_run(run.run_id).info.artifact_uri.rstrip("/")
+        (folder / "results.md").write_text(f"# Backtest\n\n{markdown.text(title)}\n\n{result.table}\n")
+        client.log_artifacts(run.run_id, str(folder), "backtest")
+    artifact_uri = client.get_run(run.run_id).info.artifact_uri.rstrip("/")
     plot_uri = f"{artifact_uri}/backtest/metric_over_time.png"
     link = lineage.artifact_link(
         run.tracking_uri, run.experiment_id, run.run_id, plot_uri, "backtest/metric_over_time.png"
     )
     lineage.log_metrics(
-        client_ml,
+        client,
         run.run_id,
         {
             **{f"{s.policy}.mean_{metric}": s.mean for s in summaries},
             **{f"{s.policy}.retrains": s.retrains for s in summaries},
             **{f"{s.policy}.false_alarms": s.false_alarms for s in summaries if s.false_alarms is not None},
             "batches": len(batches),
-            "models_trained": len(replay.models),
-            "seconds": seconds,
+            "models_trained": result.models_trained,
+            "seconds": result.seconds,
         },
     )
+    return result.model_copy(update={"plot_uri": plot_uri, "plot_link": link})
+
+
+def _announce(result: BacktestResult, raw: DatasetRef, every: str, label_delay: str) -> None:
+    """The results where people look in Prefect: the table, a link to the picture, the summary."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    metric, link = result.metric, result.plot_link
     create_markdown_artifact(
         key="backtest",
-        markdown=f"### Backtest: {len(batches)} batches of {markdown.text(every.describe())}, label delay "
-        f"{markdown.text(params.label_delay)}\n\n{result_table}\n\n"
+        markdown=f"### Backtest: {result.batches} batches of {markdown.text(every)}, label delay "
+        f"{markdown.text(label_delay)}\n\n{result.table}\n\n"
         f"Metric over time, retrains marked: {markdown.link('metric_over_time.png', link)}\n",
-        description=f"{len(policies)} policies on {raw.uri}",
+        description=f"{len(result.policies)} policies on {raw.uri}",
     )
     create_link_artifact(
         key="backtest-picture",
@@ -328,35 +376,14 @@ def backtest(params: BacktestParams) -> BacktestResult:
         link_text=f"{metric} over time per policy, retrains marked",
         description="PNG logged to MLflow with the table and the JSON (backtest/)",
     )
-    lineage.note(
-        "Input",
-        f"{raw.location} (sha256 {raw.digest[:12]}), {len(batches)} batches of {every.describe()}",
-    )
-    for s in summaries:
+    lineage.note("Input", f"{raw.location} (sha256 {raw.digest[:12]}), {result.batches} batches of {every}")
+    for s in result.policies:
         lineage.note(
             f"Policy {s.policy}",
             f"mean {metric} {s.mean:.4g}, {s.retrains} retrains, {s.alarms} alarms"
             + (f", {s.false_alarms} false alarms" if s.false_alarms is not None else ""),
         )
     lineage.note("Picture", f"{metric} over time per policy, retrains marked", link)
-    print(f"backtest: {len(replay.models)} models trained in {seconds:.0f} s; picture: {link}")
-    return BacktestResult(
-        metric=metric,
-        batches=len(batches),
-        inside_batches=len(inside),
-        first_batch=str(batches[0].start),
-        last_batch=str(batches[-1].start),
-        policies=summaries,
-        table=result_table,
-        models_trained=len(replay.models),
-        tuned_params=best.best_params,
-        num_boost_round=rounds,
-        seconds=seconds,
-        mlflow_run_id=run.run_id,
-        plot_uri=plot_uri,
-        plot_link=link,
-        prefect_flow_run=lineage.prefect_flow_run_tags(),
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ emitted.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -25,9 +26,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
-from tasks import lineage
-from tasks.baseline import load_baseline
-from tasks.drift import (
+from tasks.monitoring.baseline import load_baseline
+from tasks.monitoring.drift import (
     MIN_BATCH_ROWS,
     DriftCheck,
     DriftReportRef,
@@ -37,31 +37,40 @@ from tasks.drift import (
     emit_verdict,
     report_drift,
 )
-from tasks.errors import DataValidationError
-from tasks.history import HistoryRef, checks_text, point_metrics, update_history
-from tasks.policies import PolicySettings, settings_of
-from tasks.project import configured_model_name, require_model_name
-from tasks.quality import (
+from tasks.monitoring.history import HistoryRef, checks_text, point_metrics, update_history
+from tasks.monitoring.policies import PolicySettings, settings_of
+from tasks.steps import Params, current_pipeline, lineage, pipeline
+from tasks.steps.errors import DataValidationError
+from tasks.steps.model import MODEL_NAME_HELP, ModelName
+from tasks.steps.settings import get_settings
+from tasks.steps.tags import EVENT_ID_TAG, EVENT_TAG, MODEL_NAME_TAG, MODEL_VERSION_TAG, POLICY_TAG
+from tasks.tabular.project import configured_model_name, require_model_name
+from tasks.tabular.quality import (
     ON_VIOLATION_HELP,
     OnViolation,
     QualityReport,
     QualityRules,
     check_quality,
-    rules_of,
     version_constraints,
 )
-from tasks.settings import get_settings
-from tasks.snapshot import reported_as
-from tasks.steps import current_pipeline, pipeline
-from tasks.steps.model import MODEL_NAME_HELP, ModelName
+from tasks.tabular.snapshot import reported_as
 
 
-class MonitorParams(PolicySettings, QualityRules):
+class MonitorQuality(QualityRules):
+    """A batch that breaks the champion's data-quality constraints is reported, not refused, by default."""
+
+    on_quality_violation: OnViolation = Field(
+        default="warn",
+        description=f"A batch that breaks the champion's data-quality constraints (checked before drift). {ON_VIOLATION_HELP}",
+    )
+
+
+class MonitorParams(Params, PolicySettings):
     """What to check, against which model, and which policy decides on a retrain."""
 
     batch: str = Field(min_length=1, description="CSV or Parquet file, or a folder of them, to check.")
     latest: bool = Field(default=False, description="Check only the last file of the folder, by name.")
-    model_name: ModelName = Field(
+    model_name: ModelName | None = Field(
         default=None, description=f"Registered model to monitor (default: keel.toml's): {MODEL_NAME_HELP}."
     )
     min_batch_rows: int = Field(
@@ -79,10 +88,7 @@ class MonitorParams(PolicySettings, QualityRules):
         pattern=r"^[1-9][0-9]{0,9}$",
         description="Version to check against; default: @champion.",
     )
-    on_quality_violation: OnViolation = Field(
-        default="warn",
-        description=f"A batch that breaks the champion's data-quality constraints (checked before drift). {ON_VIOLATION_HELP}",
-    )
+    quality: MonitorQuality = Field(default_factory=MonitorQuality)
 
     @model_validator(mode="before")
     @classmethod
@@ -151,25 +157,26 @@ def summarise(result: MonitorResult) -> str:
 
 
 def _shown(value: float | None) -> str:
-    return "n/a" if value is None or value != value else f"{value:.4g}"
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4g}"
 
 
 @pipeline(
     name="drift-monitor",
     params=MonitorParams,
-    run_tags=lambda params: {"keel.model.name": params.model_name},
+    run_tags=lambda params: {MODEL_NAME_TAG: params.model_name or ""},
     summary=summarise,
     after_bad_input="nothing checked, no event emitted",
 )
 def monitor(params: MonitorParams) -> MonitorResult:
     """Check one batch for drift against the champion, report it, and emit the verdict as an event."""
     settings = get_settings()
+    model_name = require_model_name(params.model_name, "monitor")
     settings_ = settings_of(params)
     checked_at = datetime.now(UTC).isoformat(timespec="seconds")
     batch_location, batch_files_ = batch_files(params.batch, params.latest, settings.data_access)
     run = current_pipeline()
     client = run.client()
-    champion = load_baseline(client, params.model_name, params.version)
+    champion = load_baseline(client, model_name, params.version)
     # pinned once: both checks read the same copy, whatever happens to the file meanwhile
     batch = batch_ref(batch_location, batch_files_, settings.datasets_root)
     with reported_as(batch):  # errors about the pinned copy name the user's file
@@ -177,8 +184,8 @@ def monitor(params: MonitorParams) -> MonitorResult:
             batch,
             champion.profile.features.time_column,
             [],
-            version_constraints(client, params.model_name, champion.version),
-            rules_of(params),
+            version_constraints(client, model_name, champion.version),
+            params.quality,
             [],
             champion.profile.features.input_columns,
             target=champion.profile.features.target,
@@ -192,7 +199,7 @@ def monitor(params: MonitorParams) -> MonitorResult:
             )
         check = check_drift(
             batch,
-            params.model_name,
+            model_name,
             champion.version,  # the version the quality check used, even if the alias moved since
             settings_,
         )
@@ -203,10 +210,10 @@ def monitor(params: MonitorParams) -> MonitorResult:
         client,
         run.run_id,
         {
-            "keel.model.version": check.version,
-            "keel.policy": check.decision.policy,
-            "keel.event": event,
-            "keel.event_id": event_id or "not emitted",
+            MODEL_VERSION_TAG: check.version,
+            POLICY_TAG: check.decision.policy,
+            EVENT_TAG: event,
+            EVENT_ID_TAG: event_id or "not emitted",
         },
     )
     lineage.log_metrics(client, run.run_id, point_metrics(check, len(quality.violations)))

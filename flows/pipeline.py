@@ -19,45 +19,57 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from tasks import lineage
-from tasks.baseline import baseline
-from tasks.calibration import DEFAULT_CHUNK, parse_chunk
-from tasks.compute import steps_side_by_side
-from tasks.data import TableSpec
-from tasks.errors import DataValidationError
-from tasks.evaluate import Evaluation, evaluate
-from tasks.modeling import DEFAULT_OBJECTIVE, MAXIMIZE
-from tasks.prepare import SplitSpec, prepare, validate_input
-from tasks.project import table_defaults
-from tasks.quality import QualityRules, check_quality, record_rejection, rules_of, version_constraints
-from tasks.registry import comparable_champion, register
-from tasks.settings import get_settings
-from tasks.snapshot import reported_as
+from tasks.monitoring.baseline import baseline
+from tasks.monitoring.calibration import DEFAULT_CHUNK, parse_chunk
 from tasks.steps import (
     Check,
     ConditionOutcome,
+    DatasetRef,
     ExecutionOptions,
+    ParamGroup,
     ParamRange,
     TuningSpec,
     condition,
     current_pipeline,
     fail,
+    lineage,
     pipeline,
     results,
 )
-from tasks.steps.model import MODEL_NAME_HELP, ModelName, RegisteredVersion
-from tasks.train import TrainingSpec, default_search_space, train, tune
+from tasks.steps.compute import steps_side_by_side
+from tasks.steps.errors import DataValidationError
+from tasks.steps.model import MODEL_NAME_HELP, ApprovalStatus, ModelName, RegisteredVersion
+from tasks.steps.settings import get_settings
+from tasks.steps.tags import (
+    EXECUTION_REASON_TAG,
+    FLOW_RUN_ID_TAG,
+    FLOW_RUN_NAME_TAG,
+    FLOW_RUN_URL_TAG,
+    REJECTED_COLUMN_TAG,
+    REJECTED_FILE_TAG,
+    REJECTED_RECORD_TAG,
+    REJECTED_RULE_TAG,
+    TRIGGER_TAG_PREFIX,
+)
+from tasks.tabular.data import TableSpec
+from tasks.tabular.evaluate import Evaluation, evaluate
+from tasks.tabular.modeling import DEFAULT_OBJECTIVE, MAXIMIZE
+from tasks.tabular.prepare import SplitSpec, prepare, validate_input
+from tasks.tabular.project import require_model_name, table_defaults
+from tasks.tabular.quality import QualityRules, check_quality, record_rejection, version_constraints
+from tasks.tabular.registry import comparable_champion, register
+from tasks.tabular.snapshot import reported_as
+from tasks.tabular.train import TrainingSpec, default_search_space, train, tune
 
 
 class TableParams(BaseModel):
     """The user's table: where it is and which columns matter (the pipeline's and the backtest's).
-    What is not given comes from the project's `keel.toml` (`tasks.project`); the bike demo's columns
+    What is not given comes from the project's `keel.toml` (`tasks.tabular.project`); the bike demo's columns
     are assumed only for the demo data itself."""
 
     data: str | None = Field(
@@ -87,7 +99,7 @@ class TableParams(BaseModel):
 
     @classmethod
     def completes_table(cls) -> bool:
-        """Whether columns not given nor in keel.toml are filled in here (`tasks.project.table_defaults`)."""
+        """Whether columns not given nor in keel.toml are filled in here (`tasks.tabular.project.table_defaults`)."""
         return True
 
     def table(self) -> TableSpec:
@@ -104,24 +116,9 @@ class TableParams(BaseModel):
         )
 
 
-class PipelineParams(TableParams, QualityRules, ExecutionOptions):
-    """Every knob of one execution; shown and editable in the Prefect UI, and as `--flags` here."""
+class TuningParams(ParamGroup):
+    """The hyperparameter search (SageMaker's HyperparameterTuner)."""
 
-    key_columns: list[str] | None = Field(
-        default=None,
-        description="Columns that identify a row; duplicated keys are bad input (default: the time column; "
-        "the demo's: dteday hr). Empty: no key.",
-    )
-    start: date | None = Field(default=None, description="First day of the data window.")
-    end: date | None = Field(default=None, description="Last day of the data window.")
-    window_days: int | None = Field(
-        default=None,
-        ge=1,
-        le=100_000,
-        description="Train on the last N days only (ending at --end or the newest row).",
-    )
-    valid_fraction: float = Field(default=0.15, gt=0, lt=0.5, description="Time share for validation.")
-    test_fraction: float = Field(default=0.15, gt=0, lt=0.5, description="Time share held out for test.")
     n_trials: int = Field(default=16, ge=1, le=10_000, description="Tuning trials in all.")
     parallel_trials: int = Field(default=2, ge=1, le=256, description="Tuning trials at once on the workers.")
     objective: str | None = Field(
@@ -130,6 +127,22 @@ class PipelineParams(TableParams, QualityRules, ExecutionOptions):
     space: dict[str, ParamRange] = Field(
         default_factory=default_search_space, description="LightGBM search space, as JSON."
     )
+
+    def spec(self, task: str, seed: int) -> TuningSpec:
+        objective = self.objective or DEFAULT_OBJECTIVE[task]
+        return TuningSpec(
+            space=self.space,
+            n_trials=self.n_trials,
+            parallel=self.parallel_trials,
+            objective=objective,
+            direction="maximize" if objective in MAXIMIZE else "minimize",
+            seed=seed,
+        )
+
+
+class TrainingParams(ParamGroup):
+    """How each model is fit (SageMaker's Estimator settings)."""
+
     num_boost_round: int = Field(default=400, ge=1, le=100_000, description="Most trees a trial may grow.")
     early_stopping_rounds: int = Field(
         default=30, ge=1, description="Rounds without gain before a trial stops."
@@ -138,11 +151,19 @@ class PipelineParams(TableParams, QualityRules, ExecutionOptions):
         default="auto", description="single worker, lightgbm.dask, or chosen by data size."
     )
     seed: int = Field(default=42, description="Seed of the tuner and of LightGBM.")
-    monitoring_chunk: str = Field(
-        default=DEFAULT_CHUNK,
-        description="The size of the batches the model will be monitored on (a period such as 7D or 1D, or a "
-        "number of rows): its drift and performance thresholds are calibrated on chunks of this size.",
-    )
+
+    def spec(self) -> TrainingSpec:
+        return TrainingSpec(
+            num_boost_round=self.num_boost_round,
+            early_stopping_rounds=self.early_stopping_rounds,
+            seed=self.seed,
+            mode=self.training_mode,
+        )
+
+
+class RegistryParams(ParamGroup):
+    """What may be registered (the quality gate), and with which approval status."""
+
     min_r2: float = Field(
         default=0.6, ge=-1e9, le=1, description="Quality gate for regression: test R² at least."
     )
@@ -152,23 +173,44 @@ class PipelineParams(TableParams, QualityRules, ExecutionOptions):
     champion_margin: float = Field(
         default=0.001, ge=0, description="A challenger must beat the champion's gate metric by at least this."
     )
-    model_name: ModelName | None = Field(
-        default=None,
-        description=f"Registered model name in MLflow (default: keel.toml's, else the data's file name; the "
-        f"demo's: bike-demand): {MODEL_NAME_HELP}.",
+    on_gate_failure: Literal["fail", "reject"] = Field(
+        default="fail", description="fail: FailStep, nothing registered; reject: register as Rejected."
     )
     approval: Literal["auto", "manual"] = Field(
         default="auto",
         description="auto: a passing model is Approved and becomes champion; "
         "manual: it waits as PendingManualApproval.",
     )
+
+
+class PipelineParams(TableParams, ExecutionOptions):
+    """Every knob of one execution, in groups; shown and editable in the Prefect UI (a section per
+    group), and as flat `--flags` here (`--n-trials`, as `PipelineParams(n_trials=...)` also takes)."""
+
+    key_columns: list[str] | None = Field(
+        default=None,
+        description="Columns that identify a row; duplicated keys are bad input (default: the time column; "
+        "the demo's: dteday hr). Empty: no key.",
+    )
+    model_name: ModelName | None = Field(
+        default=None,
+        description=f"Registered model name in MLflow (default: keel.toml's, else the data's file name; the "
+        f"demo's: bike-demand): {MODEL_NAME_HELP}.",
+    )
+    quality: QualityRules = Field(default_factory=QualityRules)
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    tuning: TuningParams = Field(default_factory=TuningParams)
+    training: TrainingParams = Field(default_factory=TrainingParams)
+    registry: RegistryParams = Field(default_factory=RegistryParams)
+    monitoring_chunk: str = Field(
+        default=DEFAULT_CHUNK,
+        description="The size of the batches the model will be monitored on (a period such as 7D or 1D, or a "
+        "number of rows): its drift and performance thresholds are calibrated on chunks of this size.",
+    )
     reason: str = Field(
         default="manual",
         max_length=500,
         description="Why this execution runs; recorded on the MLflow run and the model version.",
-    )
-    on_gate_failure: Literal["fail", "reject"] = Field(
-        default="fail", description="fail: FailStep, nothing registered; reject: register as Rejected."
     )
     trigger: dict[str, str] = Field(
         default_factory=dict,
@@ -179,14 +221,6 @@ class PipelineParams(TableParams, QualityRules, ExecutionOptions):
     @classmethod
     def _chunk(cls, value: str) -> str:
         return parse_chunk(value).text
-
-    @model_validator(mode="after")
-    def _window(self) -> PipelineParams:
-        if self.start and self.end and self.start > self.end:
-            raise ValueError(
-                f"--start {self.start} is after --end {self.end}: the data window would be empty"
-            )
-        return self
 
     def table(self) -> TableSpec:
         return super().table().model_copy(update={"key_columns": self.key_columns or []})
@@ -204,7 +238,8 @@ class PipelineResult(BaseModel):
 
 def quality_checks(evaluation: Evaluation, params: PipelineParams) -> list[Check]:
     metric = evaluation.gate_metric
-    threshold_name, threshold = ("min_r2", params.min_r2) if metric == "r2" else ("min_auc", params.min_auc)
+    gate = params.registry
+    threshold_name, threshold = ("min_r2", gate.min_r2) if metric == "r2" else ("min_auc", gate.min_auc)
     checks = [
         Check(
             left_name=f"test_{metric}",
@@ -220,8 +255,8 @@ def quality_checks(evaluation: Evaluation, params: PipelineParams) -> list[Check
                 left_name=f"test_{metric}",
                 left=evaluation.metrics[metric],
                 op=">=",
-                right_name=f"champion v{evaluation.champion_version} {metric} + margin {params.champion_margin:g}",
-                right=evaluation.champion_metrics[metric] + params.champion_margin,
+                right_name=f"champion v{evaluation.champion_version} {metric} + margin {gate.champion_margin:g}",
+                right=evaluation.champion_metrics[metric] + gate.champion_margin,
             )
         )
     return checks
@@ -231,7 +266,7 @@ def where_to_look(result: PipelineResult) -> str:
     settings = get_settings()
     flow_run = result.prefect_flow_run
     lines = [
-        f"Prefect run:     {flow_run.get('prefect.flow_run_name')} ({flow_run.get('prefect.flow_run_id')})",
+        f"Prefect run:     {flow_run.get(FLOW_RUN_NAME_TAG)} ({flow_run.get(FLOW_RUN_ID_TAG)})",
         f"MLflow run:      {result.mlflow_run_id} (tracking URI {result.tracking_uri})",
     ]
     if result.registered:
@@ -252,7 +287,7 @@ def where_to_look(result: PipelineResult) -> str:
             f"MLflow UI:       .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri}  (or: make mlflow-ui)"
         )
     if settings.prefect_api_url:
-        lines.append(f"Prefect UI:      {flow_run.get('prefect.flow_run_url') or settings.prefect_api_url}")
+        lines.append(f"Prefect UI:      {flow_run.get(FLOW_RUN_URL_TAG) or settings.prefect_api_url}")
     else:
         lines.append(
             "Prefect UI:      .venv/bin/prefect server start  (the flow run is in Prefect's local database)"
@@ -262,7 +297,10 @@ def where_to_look(result: PipelineResult) -> str:
 
 def execution_tags(params: PipelineParams) -> dict[str, str]:
     """Why the execution runs and what started it, on its MLflow run."""
-    return {"keel.reason": params.reason, **{f"keel.trigger.{k}": v for k, v in params.trigger.items()}}
+    return {
+        EXECUTION_REASON_TAG: params.reason,
+        **{f"{TRIGGER_TAG_PREFIX}{k}": v for k, v in params.trigger.items()},
+    }
 
 
 @pipeline(
@@ -274,23 +312,12 @@ def execution_tags(params: PipelineParams) -> dict[str, str]:
 )
 def training_pipeline(params: PipelineParams) -> PipelineResult:
     """Check, process, tune, train, evaluate, gate and register one model version."""
+    model_name = require_model_name(params.model_name, "register")
     settings = get_settings()
     run = current_pipeline()
     client = run.client()
     table = params.table()
-    split = SplitSpec(
-        start=params.start,
-        end=params.end,
-        window_days=params.window_days,
-        valid_fraction=params.valid_fraction,
-        test_fraction=params.test_fraction,
-    )
-    training = TrainingSpec(
-        num_boost_round=params.num_boost_round,
-        early_stopping_rounds=params.early_stopping_rounds,
-        seed=params.seed,
-        mode=params.training_mode,
-    )
+    training = params.training.spec()
     raw = None
     try:
         raw = validate_input(table, settings.data_access, settings.datasets_root)
@@ -300,50 +327,29 @@ def training_pipeline(params: PipelineParams) -> PipelineResult:
                 raw,
                 table.time_column,
                 table.key_columns,
-                version_constraints(client, params.model_name, unless_made_from=raw.digest),
-                rules_of(params),
+                version_constraints(client, model_name, unless_made_from=raw.digest),
+                params.quality,
                 table.drop_columns,
                 not_features=table.drop_columns,
                 target=table.target,
             )
-            splits = prepare(raw, table, split)
+            splits = prepare(raw, table, params.split)
         lineage.note(
             "Data",
             f"{quality.rows:,} rows checked; train {splits.train.rows or 0:,}, valid {splits.valid.rows or 0:,}, "
             f"test {splits.test.rows or 0:,} rows ({splits.boundaries['start'][:10]} .. {splits.boundaries['end'][:10]})",
         )
     except DataValidationError as exc:
-        record = record_rejection(
-            settings.rejected_dir, run.run_id, table.path, raw.digest if raw else None, exc
-        )
-        lineage.set_tags(
-            client,
-            run.run_id,
-            {
-                "keel.rejected.file": exc.file,
-                "keel.rejected.column": exc.column or "",
-                "keel.rejected.rule": exc.rule[:5000],
-                "keel.rejected.record": str(record),
-            },
-        )
-        print(f"input refused, the reason is kept in {record}")
+        _keep_rejection(exc, table.path, raw)
         raise
-    objective = params.objective or DEFAULT_OBJECTIVE[splits.features.task]
-    tuning = TuningSpec(
-        space=params.space,
-        n_trials=params.n_trials,
-        parallel=params.parallel_trials,
-        objective=objective,
-        direction="maximize" if objective in MAXIMIZE else "minimize",
-        seed=params.seed,
-    )
+    tuning = params.tuning.spec(splits.features.task, training.seed)
     best = tune(splits.train, splits.valid, splits.features, tuning, training)
     model = train(raw, splits.train, splits.valid, splits.features, best, training)
-    champion = comparable_champion(client, params.model_name, model)
+    champion = comparable_champion(client, model_name, model)
     with steps_side_by_side(2):  # both need only the model and the splits
         reference, evaluation = results(
-            baseline.submit(model, splits, params.monitoring_chunk, params.seed),
-            evaluate.submit(model, splits, params.model_name, champion),
+            baseline.submit(model, splits, params.monitoring_chunk, training.seed),
+            evaluate.submit(model, splits, model_name, champion),
         )
     lineage.note(
         "Tuning",
@@ -358,15 +364,11 @@ def training_pipeline(params: PipelineParams) -> PipelineResult:
         else None
     )
     registered = None
-    if gate.passed or params.on_gate_failure == "reject":
-        if gate.passed:
-            status = "Approved" if params.approval == "auto" else "PendingManualApproval"
-        else:
-            status = "Rejected"
+    if gate.passed or params.registry.on_gate_failure == "reject":
         registered = register(
             model,
-            params.model_name,
-            status,
+            model_name,
+            version_status(gate.passed, params.registry.approval),
             gate.message,
             evaluation.metrics,
             datasets,
@@ -395,6 +397,32 @@ def training_pipeline(params: PipelineParams) -> PipelineResult:
         evaluation=evaluation,
         registered=registered,
     )
+
+
+def version_status(passed: bool, approval: Literal["auto", "manual"]) -> ApprovalStatus:
+    """A passing model is Approved (or waits for a person, with manual approval); a failing one,
+    registered anyway, is Rejected."""
+    if not passed:
+        return "Rejected"
+    return "Approved" if approval == "auto" else "PendingManualApproval"
+
+
+def _keep_rejection(exc: DataValidationError, path: str, raw: DatasetRef | None) -> None:
+    """Refused input: the reason kept in the rejected folder and on the execution's run."""
+    settings = get_settings()
+    run = current_pipeline()
+    record = record_rejection(settings.rejected_dir, run.run_id, path, raw.digest if raw else None, exc)
+    lineage.set_tags(
+        run.client(),
+        run.run_id,
+        {
+            REJECTED_FILE_TAG: exc.file,
+            REJECTED_COLUMN_TAG: exc.column or "",
+            REJECTED_RULE_TAG: exc.rule[:5000],
+            REJECTED_RECORD_TAG: str(record),
+        },
+    )
+    print(f"input refused, the reason is kept in {record}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

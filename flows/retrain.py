@@ -24,15 +24,34 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field, model_validator
 
-from flows.pipeline import PipelineParams, PipelineResult, training_pipeline, where_to_look
-from tasks import lineage, markdown, summary
-from tasks.guards import retrain_lock
-from tasks.project import require_model_name
-from tasks.quality import ON_VIOLATION_HELP, OnViolation
-from tasks.registry import RAW_URI_TAG, last_retrain
-from tasks.settings import get_settings
+from flows.pipeline import PipelineParams, PipelineResult, RegistryParams, training_pipeline, where_to_look
+from tasks.monitoring.guards import retrain_lock
+from tasks.steps import lineage, markdown, summary
 from tasks.steps.cli import run_flow_cli
 from tasks.steps.model import find_champion
+from tasks.steps.settings import get_settings
+from tasks.steps.tags import RAW_URI_TAG
+from tasks.tabular.project import require_model_name
+from tasks.tabular.quality import ON_VIOLATION_HELP, OnViolation, QualityRules
+from tasks.tabular.registry import last_retrain
+
+
+class RetrainQuality(QualityRules):
+    """New data that breaks the champion's constraints stops a retrain; data that moved does not."""
+
+    on_quality_violation: OnViolation = Field(
+        default="fail-on-broken",
+        description="New data that breaks the champion's constraints. A retrain is for data that moved, so "
+        f"by default only broken data stops it. {ON_VIOLATION_HELP}",
+    )
+
+
+class RetrainRegistry(RegistryParams):
+    """A challenger that loses is registered as Rejected, with the reason: the retrain is on record."""
+
+    on_gate_failure: Literal["fail", "reject"] = Field(
+        default="reject", description="reject: register a losing challenger as Rejected; fail: FailStep."
+    )
 
 
 class RetrainParams(PipelineParams):
@@ -42,21 +61,9 @@ class RetrainParams(PipelineParams):
         default=None,
         description="New data: a CSV or Parquet file or folder; default: the champion's training data.",
     )
-    window_days: int | None = Field(
-        default=None,
-        ge=1,
-        le=100_000,
-        description="Train on the last N days only (ending at the newest row).",
-    )
+    quality: RetrainQuality = Field(default_factory=RetrainQuality)
+    registry: RetrainRegistry = Field(default_factory=RetrainRegistry)
     reason: str = Field(default="scheduled retrain", max_length=500, description="Why this retrain runs.")
-    on_gate_failure: Literal["fail", "reject"] = Field(
-        default="reject", description="reject: register a losing challenger as Rejected; fail: FailStep."
-    )
-    on_quality_violation: OnViolation = Field(
-        default="fail-on-broken",
-        description="New data that breaks the champion's constraints. A retrain is for data that moved, so "
-        f"by default only broken data stops it. {ON_VIOLATION_HELP}",
-    )
     force: bool = Field(default=False, description="Run even inside the cooldown window.")
     cooldown_minutes: float = Field(
         default=60, ge=0, description="Ignore requests this soon after the last retrain of the model."
@@ -84,23 +91,24 @@ class RetrainResult(BaseModel):
 def retrain(params: RetrainParams) -> RetrainResult:
     """Train a challenger on the new window; promote it only if it beats the champion."""
     logger = get_run_logger()
+    model_name = require_model_name(params.model_name, "retrain")
     settings = get_settings()
     trigger = {
         k: v for k, v in {"event_id": params.event_id, "drift_report": params.drift_report}.items() if v
     }
     client = lineage.mlflow_client(settings)
-    champion = find_champion(client, params.model_name)
+    champion = find_champion(client, model_name)
     if champion is None:
         # Checked before a lock is made for the name: a stream of made-up names costs nothing.
         return _ignored(
             params,
-            f"{params.model_name} has no champion: only a registered model with a champion is retrained "
+            f"{model_name} has no champion: only a registered model with a champion is retrained "
             "(train it first with python -m flows.pipeline)",
         )
-    with retrain_lock(params.model_name) as holder:
+    with retrain_lock(model_name) as holder:
         if holder is not None:
-            return _ignored(params, f"a retrain of {params.model_name} is already running ({holder})")
-        last = last_retrain(client, params.model_name)
+            return _ignored(params, f"a retrain of {model_name} is already running ({holder})")
+        last = last_retrain(client, model_name)
         if last is not None and not params.force:
             since = datetime.now(UTC) - last.created
             if since < timedelta(minutes=params.cooldown_minutes):
@@ -109,10 +117,10 @@ def retrain(params: RetrainParams) -> RetrainResult:
                 )
                 return _ignored(
                     params,
-                    f"cooldown: {params.model_name} v{last.version} was retrained {since.total_seconds() / 60:.1f} min "
+                    f"cooldown: {model_name} v{last.version} was retrained {since.total_seconds() / 60:.1f} min "
                     f"ago (cooldown {params.cooldown_minutes:g} min, until {until}); use --force to retrain anyway",
                 )
-        data = params.data or _champion_data(champion, params.model_name)
+        data = params.data or _champion_data(champion, model_name)
         given = params.model_dump(include=set(PipelineParams.model_fields))
         pipeline_params = PipelineParams.model_validate(
             {
@@ -124,15 +132,15 @@ def retrain(params: RetrainParams) -> RetrainResult:
         )
         logger.info(
             "retraining %s on %s%s (%s)",
-            params.model_name,
+            model_name,
             data,
-            f", last {params.window_days} days" if params.window_days else "",
+            f", last {params.split.window_days} days" if params.split.window_days else "",
             params.reason,
         )
         result = training_pipeline(pipeline_params)
     headline = decide(params, result, str(champion.version))
-    print(f"retrain of {params.model_name} ({params.reason}): {headline}; {result.gate.message}")
-    return RetrainResult(model_name=params.model_name, pipeline=result)
+    print(f"retrain of {model_name} ({params.reason}): {headline}; {result.gate.message}")
+    return RetrainResult(model_name=model_name, pipeline=result)
 
 
 def _trigger_facts(params: RetrainParams) -> list[summary.Fact]:
@@ -216,7 +224,7 @@ TABLE_FIELDS = ("target", "time_column", "drop_columns", "key_columns", "task")
 def champion_table(client, champion) -> dict[str, object]:
     """The table's columns the champion was trained with (its execution's parameters), so a retrain
     on new data reads it the same way; empty for a version whose execution stored none."""
-    from tasks.errors import NotInRegistry
+    from tasks.steps.errors import NotInRegistry
 
     try:
         stored = lineage.execution_params(client, champion.run_id)
@@ -227,7 +235,7 @@ def champion_table(client, champion) -> dict[str, object]:
 
 def _champion_data(champion, model_name: str) -> str:
     """The training data of the champion found at the start of the run (its lineage tag)."""
-    from tasks.errors import NotInRegistry
+    from tasks.steps.errors import NotInRegistry
 
     uri = champion.tags.get(RAW_URI_TAG)
     if not uri:

@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 from pathlib import Path
 
 ADMIN = "admin"
@@ -48,12 +49,12 @@ def ensure_users(tracking_uri: str, passwords: Mapping[str, str]) -> list[str]:
     with httpx.Client(base_url=tracking_uri, auth=(ADMIN, passwords[ADMIN]), timeout=30) as admin:
         for user, permission in USERS.items():
             found = admin.get("/api/2.0/mlflow/users/get", params={"username": user})
-            if found.status_code == 401:
+            if found.status_code == HTTPStatus.UNAUTHORIZED:
                 raise SystemExit(
                     "MLflow refuses the admin password: its user database was created with another "
                     "one (restore that password, or start with an empty user database)"
                 )
-            if found.status_code == 200:
+            if found.status_code == HTTPStatus.OK:
                 continue
             admin.post(
                 "/api/2.0/mlflow/users/create", json={"username": user, "password": passwords[user]}
@@ -91,7 +92,7 @@ def api_answers(tracking_uri: str, user: str, password: str, host_header: str | 
         headers={"Host": host_header} if host_header else None,
         timeout=5,
     )
-    return response.status_code == 200
+    return response.status_code == HTTPStatus.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

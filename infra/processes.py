@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from http import HTTPStatus
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -60,7 +61,7 @@ def wait_until(
 
 def http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=2) as response:
-        return response.status == 200
+        return response.status == HTTPStatus.OK
 
 
 def stop(procs: list[subprocess.Popen], timeout: float = 20) -> None:

@@ -43,7 +43,7 @@ from infra.secrets import StackSecrets
 
 PROJECT = Path(__file__).resolve().parent.parent  # the checkout: its data/ folder holds the demo data
 PORTS = {"prefect": 4200, "mlflow": 5000, "dask": 8786, "dask_dashboard": 8787, "postgres": 5433}
-# tasks.compute.QUIET_WORKERS as environment variables: no 10 ms self-profiling or 20 ms event-loop
+# tasks.steps.compute.QUIET_WORKERS as environment variables: no 10 ms self-profiling or 20 ms event-loop
 # tick in the workers, which cost CPU-bound tasks ~20% on a 2-core machine.
 QUIET_WORKERS = {
     "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
@@ -146,135 +146,156 @@ class Stack:
         }
         self.save(state)
         secrets = StackSecrets.ensure(self.home)
-        env = self.env(state)
         try:
             backend, prefect_db, db_env = self._start_databases(state, db, secrets)
-            self._start(
-                state,
-                "prefect",
-                [
-                    str(BIN / "prefect"),
-                    "server",
-                    "start",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(ports["prefect"]),
-                ],
-                {
-                    "PREFECT_HOME": str(self.home / "prefect"),
-                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    "PREFECT_SERVER_API_AUTH_STRING": secrets.prefect_auth_string,
-                    # Where the UI in the browser finds the API; its default is port 4200, whatever
-                    # port the server is on (a dead UI, or another server's data).
-                    "PREFECT_UI_API_URL": env["PREFECT_API_URL"],
-                    **({"PREFECT_API_DATABASE_CONNECTION_URL": prefect_db} if prefect_db else {}),
-                    **db_env,
-                },
-                lambda: http_ok(f"http://127.0.0.1:{ports['prefect']}/api/health"),
-                120,
-            )
-            (self.home / "mlflow").mkdir(exist_ok=True)
-            self._start(
-                state,
-                "mlflow",
-                [
-                    str(BIN / "mlflow"),
-                    "server",
-                    "--app-name",
-                    "basic-auth",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(ports["mlflow"]),
-                    "--workers",
-                    "1",
-                    "--backend-store-uri",
-                    backend,
-                    "--artifacts-destination",
-                    str(self.home / "mlflow" / "artifacts"),
-                ],
-                {
-                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-                    **self._mlflow_auth_env(secrets),
-                    **db_env,
-                },
-                lambda: http_ok(f"http://127.0.0.1:{ports['mlflow']}/health"),
-                120,
-            )
-            mlflow_auth.ensure_users(env["MLFLOW_TRACKING_URI"], secrets.mlflow_passwords())
-            self._start(
-                state,
-                "scheduler",
-                [
-                    str(BIN / "dask"),
-                    "scheduler",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(ports["dask"]),
-                    "--protocol",
-                    "tls",
-                    *secrets.dask_tls_flags(),
-                    "--dashboard-address",
-                    f"127.0.0.1:{ports['dask_dashboard']}",
-                ],
-                {},
-                lambda: _tcp_ok(ports["dask"]),
-                60,
-            )
-            for index in range(workers):
-                self._start(
-                    state,
-                    "worker",
-                    [
-                        str(BIN / "dask"),
-                        "worker",
-                        env["DASK_SCHEDULER_ADDRESS"],
-                        "--host",
-                        "127.0.0.1",
-                        *secrets.dask_tls_flags(),
-                        "--nthreads",
-                        "1",
-                        "--memory-limit",
-                        worker_memory,
-                        "--dashboard-address",
-                        "127.0.0.1:0",
-                        "--name",
-                        f"worker-{index}",
-                    ],
-                    {**env, **QUIET_WORKERS},
-                    None,
-                    0,
-                    log_name=f"worker-{index}",
-                )
-            wait_until(
-                lambda: _dask_workers(env) >= workers,
-                f"{workers} Dask workers",
-                120,
-                [],
-                self.logs / "worker-0.log",
-            )
-            serving_since = datetime.now(UTC) - timedelta(seconds=1)  # the server's clock is this one
-            self._start(
-                state,
-                "deployments",
-                [
-                    str(BIN / "python"),
-                    "-m",
-                    "deployments.serve",
-                    "--landing",
-                    str(self.home / "landing"),
-                    *serve_args_or_demo(serve_args),
-                ],
-                {**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
-                lambda: _deployments_ready(env, since=serving_since),
-                180,
-            )
+            self._start_prefect(state, secrets, prefect_db, db_env)
+            self._start_mlflow(state, secrets, backend, db_env)
+            self._start_dask(state, secrets, workers, worker_memory)
+            self._start_deployments(state, serve_args)
         except BaseException:
             self.down()
             raise
         return state
+
+    def _start_prefect(
+        self, state: dict, secrets: StackSecrets, prefect_db: str | None, db_env: dict[str, str]
+    ) -> None:
+        """The Prefect server (API and UI), behind its auth string."""
+        ports, env = state["ports"], self.env(state)
+        self._start(
+            state,
+            "prefect",
+            [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports["prefect"]),
+            ],
+            {
+                "PREFECT_HOME": str(self.home / "prefect"),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_SERVER_API_AUTH_STRING": secrets.prefect_auth_string,
+                # Where the UI in the browser finds the API; its default is port 4200, whatever
+                # port the server is on (a dead UI, or another server's data).
+                "PREFECT_UI_API_URL": env["PREFECT_API_URL"],
+                **({"PREFECT_API_DATABASE_CONNECTION_URL": prefect_db} if prefect_db else {}),
+                **db_env,
+            },
+            lambda: http_ok(f"http://127.0.0.1:{ports['prefect']}/api/health"),
+            120,
+        )
+
+    def _start_mlflow(self, state: dict, secrets: StackSecrets, backend: str, db_env: dict[str, str]) -> None:
+        """The MLflow tracking server with its basic-auth app and the stack's users."""
+        ports, env = state["ports"], self.env(state)
+        (self.home / "mlflow").mkdir(exist_ok=True)
+        self._start(
+            state,
+            "mlflow",
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--app-name",
+                "basic-auth",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports["mlflow"]),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                backend,
+                "--artifacts-destination",
+                str(self.home / "mlflow" / "artifacts"),
+            ],
+            {
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                **self._mlflow_auth_env(secrets),
+                **db_env,
+            },
+            lambda: http_ok(f"http://127.0.0.1:{ports['mlflow']}/health"),
+            120,
+        )
+        mlflow_auth.ensure_users(env["MLFLOW_TRACKING_URI"], secrets.mlflow_passwords())
+
+    def _start_dask(self, state: dict, secrets: StackSecrets, workers: int, worker_memory: str) -> None:
+        """The Dask scheduler and its workers, over TLS; returns once every worker has joined."""
+        ports, env = state["ports"], self.env(state)
+        self._start(
+            state,
+            "scheduler",
+            [
+                str(BIN / "dask"),
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports["dask"]),
+                "--protocol",
+                "tls",
+                *secrets.dask_tls_flags(),
+                "--dashboard-address",
+                f"127.0.0.1:{ports['dask_dashboard']}",
+            ],
+            {},
+            lambda: _tcp_ok(ports["dask"]),
+            60,
+        )
+        for index in range(workers):
+            self._start(
+                state,
+                "worker",
+                [
+                    str(BIN / "dask"),
+                    "worker",
+                    env["DASK_SCHEDULER_ADDRESS"],
+                    "--host",
+                    "127.0.0.1",
+                    *secrets.dask_tls_flags(),
+                    "--nthreads",
+                    "1",
+                    "--memory-limit",
+                    worker_memory,
+                    "--dashboard-address",
+                    "127.0.0.1:0",
+                    "--name",
+                    f"worker-{index}",
+                ],
+                {**env, **QUIET_WORKERS},
+                None,
+                0,
+                log_name=f"worker-{index}",
+            )
+        wait_until(
+            lambda: _dask_workers(env) >= workers,
+            f"{workers} Dask workers",
+            120,
+            [],
+            self.logs / "worker-0.log",
+        )
+
+    def _start_deployments(self, state: dict, serve_args: list[str]) -> None:
+        """`python -m deployments.serve`: the deployments, served until the stack stops."""
+        env = self.env(state)
+        serving_since = datetime.now(UTC) - timedelta(seconds=1)  # the server's clock is this one
+        self._start(
+            state,
+            "deployments",
+            [
+                str(BIN / "python"),
+                "-m",
+                "deployments.serve",
+                "--landing",
+                str(self.home / "landing"),
+                *serve_args_or_demo(serve_args),
+            ],
+            {**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+            lambda: _deployments_ready(env, since=serving_since),
+            180,
+        )
 
     def _mlflow_auth_env(self, secrets: StackSecrets) -> dict[str, str]:
         """MLflow's basic-auth app, its users in `mlflow/auth.db` (infra/mlflow_auth.py)."""
@@ -325,6 +346,7 @@ class Stack:
                     [str(pg_bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
                     capture_output=True,
                     env={**os.environ, **login},
+                    check=False,  # not ready yet is an answer
                 ).returncode
                 == 0
             ),
@@ -336,6 +358,7 @@ class Stack:
                 capture_output=True,
                 text=True,
                 env={**os.environ, **login},
+                check=False,  # "already exists" is fine
             )
             if created.returncode and "already exists" not in created.stderr:
                 raise RuntimeError(f"createdb {database} failed: {created.stderr}")

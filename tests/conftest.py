@@ -228,7 +228,7 @@ def clean_env(**overrides: str) -> dict[str, str]:
 def mlflow_client():
     import mlflow
 
-    from tasks.settings import get_settings
+    from tasks.steps.settings import get_settings
 
     uri = get_settings().tracking_uri
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -8,18 +8,19 @@ line. Steps pass references (`DatasetRef`, `ModelRef`, ...), not data: a DataFra
 stored for it, and `log_model` logs a model and returns its reference.
 """
 
-from tasks.compute import dask_client
-from tasks.lineage import current_pipeline
-from tasks.refs import DatasetRef, FileRef, ModelRef, Ref
 from tasks.steps.base import Step, StepRun, current_step, results, step_kind
 from tasks.steps.cache import NO_CACHE, CacheConfig
+from tasks.steps.compute import dask_client
 from tasks.steps.condition import Check, ConditionOutcome, condition
 from tasks.steps.fail import fail
 from tasks.steps.kinds import StepKind
+from tasks.steps.lineage import current_pipeline
 from tasks.steps.model import ApprovalStatus, ModelName, RegisteredVersion, model_step, register_model
 from tasks.steps.models import log_model
+from tasks.steps.params import ParamGroup, Params
 from tasks.steps.pipeline import ExecutionOptions, Pipeline, pipeline
 from tasks.steps.processing import processing_step
+from tasks.steps.refs import DatasetRef, FileRef, ModelRef, Ref
 from tasks.steps.retry import NO_RETRY, RetryPolicy
 from tasks.steps.training import training_step
 from tasks.steps.tuning import ParamRange, TuningResult, TuningSpec, run_trials, tuning_step
@@ -36,7 +37,9 @@ __all__ = [
     "FileRef",
     "ModelName",
     "ModelRef",
+    "ParamGroup",
     "ParamRange",
+    "Params",
     "Pipeline",
     "Ref",
     "RegisteredVersion",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import typing
 from typing import Any
 
-from tasks.refs import DatasetRef, content_digest, data_files
+from tasks.steps.refs import DatasetRef, content_digest, data_files
 
 FRAME_PACKAGES = ("pandas", "dask")
 
@@ -37,7 +37,7 @@ def stored_type(annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin is dict:
         key, value = typing.get_args(annotation) or (str, Any)
-        return dict[key, stored_type(value)]  # type: ignore[valid-type]
+        return dict[key, stored_type(value)]  # type: ignore[misc, valid-type]  # a type made at run time
     return annotation
 
 
@@ -64,7 +64,7 @@ def write_parquet(frame: Any, name: str, folder: str) -> DatasetRef:
     if fs.exists(path):
         fs.rm(path, recursive=True)
     if type(frame).__module__.split(".")[0] == "dask":
-        from tasks.compute import dask_client
+        from tasks.steps.compute import dask_client
 
         dask_client()  # written by the execution's cluster (opened now if no step opened it yet)
         frame.to_parquet(folder, write_metadata_file=False)

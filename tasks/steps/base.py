@@ -26,13 +26,26 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, ov
 
 from pydantic import BaseModel
 
-from tasks import lineage
-from tasks.refs import DatasetRef, Ref
-from tasks.steps import cache
+from tasks.steps import cache, lineage
 from tasks.steps.artifacts import store_frames
 from tasks.steps.cache import NO_CACHE, CacheConfig
 from tasks.steps.kinds import StepKind, task_run_name
+from tasks.steps.refs import DatasetRef, Ref
 from tasks.steps.retry import NO_RETRY, RetryPolicy
+from tasks.steps.tags import (
+    ATTEMPTS_TAG,
+    ERROR_TAG,
+    KEY_TAG,
+    PIPELINE_TAG,
+    PRODUCED_TAG,
+    REASON_TAG,
+    SOURCE_EXECUTION_TAG,
+    SOURCE_RUN_TAG,
+    STATUS_TAG,
+    STEP_KIND_TAG,
+    STEP_TAG,
+    TASK_RUN_ID_TAG,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -128,7 +141,7 @@ def _step_run(step: str, kind: StepKind) -> Iterator[StepRun]:
     if attempt > 1:
         existing = client.search_runs(
             [pipeline.experiment_id],
-            filter_string=f"tags.`prefect.task_run_id` = '{task_run_id}'",
+            filter_string=f"tags.`{TASK_RUN_ID_TAG}` = '{task_run_id}'",
             max_results=1,
         )
         run_id = existing[0].info.run_id if existing else None
@@ -139,24 +152,24 @@ def _step_run(step: str, kind: StepKind) -> Iterator[StepRun]:
             pipeline.run_id,
             step,
             {
-                lineage.STEP_TAG: step,
-                lineage.STEP_KIND_TAG: kind,
-                lineage.PIPELINE_TAG: pipeline.name,
-                "prefect.task_run_id": task_run_id,
-                "keel.attempts": "1",
+                STEP_TAG: step,
+                STEP_KIND_TAG: kind,
+                PIPELINE_TAG: pipeline.name,
+                TASK_RUN_ID_TAG: task_run_id,
+                ATTEMPTS_TAG: "1",
             },
         )
         run = StepRun(client, run_id, step, kind)
     else:
         client.update_run(run_id, status="RUNNING")
         run = StepRun(client, run_id, step, kind)
-        run.set_tags({"keel.attempts": attempt})
+        run.set_tags({ATTEMPTS_TAG: attempt})
     token = _current_step.set(run)
     started = time.perf_counter()
     try:
         yield run
     except BaseException as exc:
-        run.set_tags({"keel.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        run.set_tags({ERROR_TAG: f"{type(exc).__name__}: {exc}"[:5000]})
         client.set_terminated(run_id, "FAILED")
         raise
     else:
@@ -215,7 +228,7 @@ class Step(Generic[P, R]):
         self.retry = retry
         self.cache = cache
         self._signature = inspect.signature(fn)
-        self._task = task(
+        self._task = task(  # type: ignore[call-overload]  # Prefect's overloads miss a bound method of P
             self._body,
             name=name,
             task_run_name=task_run_name(name, kind),  # the graph draws the kind beside the name
@@ -261,18 +274,16 @@ class Step(Generic[P, R]):
                 result = reuse.value
                 run.set_tags(
                     {
-                        cache.KEY_TAG: key.digest,
-                        cache.STATUS_TAG: reuse.how,
-                        cache.SOURCE_RUN_TAG: reuse.run_id,
-                        cache.SOURCE_EXECUTION_TAG: reuse.execution,
-                        cache.REASON_TAG: reuse.message[:5000],
+                        KEY_TAG: key.digest,
+                        STATUS_TAG: reuse.how,
+                        SOURCE_RUN_TAG: reuse.run_id,
+                        SOURCE_EXECUTION_TAG: reuse.execution,
+                        REASON_TAG: reuse.message[:5000],
                     }
                 )
                 _log(f"{self.name}: {reuse.how}: {reuse.message}")
             else:
-                run.set_tags(
-                    {cache.KEY_TAG: key.digest, cache.STATUS_TAG: status, cache.REASON_TAG: why[:5000]}
-                )
+                run.set_tags({KEY_TAG: key.digest, STATUS_TAG: status, REASON_TAG: why[:5000]})
                 if status != "off":
                     _log(f"{self.name}: {status}: {why}")
                 result = store_frames(
@@ -281,7 +292,7 @@ class Step(Generic[P, R]):
                     lineage.current_pipeline().output_location(self.name),
                 )
                 cache.save_output(run.client, run.run_id, self.fn, key, result)
-                run.closing_tags[cache.PRODUCED_TAG] = "true"
+                run.closing_tags[PRODUCED_TAG] = "true"
             outputs = find_refs(result, "output")
             _record(run, outputs, "output")
         if reuse is not None:

@@ -43,33 +43,37 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from tasks.refs import Ref
+from tasks.steps.refs import Ref
+from tasks.steps.tags import (
+    KEY_TAG,
+    PARENT_TAG,
+    PRODUCED_TAG,
+    SOURCE_EXECUTION_TAG,
+    SOURCE_RUN_TAG,
+    STEP_TAG,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
 NOT_KEYED = "not_keyed"  # Field(json_schema_extra={NOT_KEYED: True}): lineage only, not content
-KEY_TAG = "keel.cache.key"
-STATUS_TAG = "keel.cache.status"  # hit, reused, miss, rerun, forced, off (see Step._reusable)
-PRODUCED_TAG = "keel.cache.produced"  # "true" on runs whose function ran and finished
-SOURCE_RUN_TAG = "keel.cache.source_run_id"
-SOURCE_EXECUTION_TAG = "keel.cache.source_execution"
-REASON_TAG = "keel.cache.reason"
 OUTPUT_ARTIFACT = "keel/output.json"
 KEY_ARTIFACT = "keel/cache_key.json"
 
 LIBRARIES = ("lightgbm", "numpy", "pandas", "pyarrow", "dask", "optuna", "mlflow", "scikit-learn")
 OUR_PACKAGES = ("tasks", "flows")
 # Record what ran and where; never change what a step computes.
+SHOWN_CHARS = 60  # a value in a cache reason, at most
+SHOWN_CHANGES = 4  # changed key parts a miss names, at most
 BOOKKEEPING = frozenset(
     {
-        "tasks.lineage",
+        "tasks.steps.lineage",
         "tasks.steps.base",
         "tasks.steps.cache",
         "tasks.steps.retry",
-        "tasks.compute",
-        "tasks.settings",
+        "tasks.steps.compute",
+        "tasks.steps.settings",
     }
 )
 
@@ -147,7 +151,11 @@ def _rank(name: str, order: tuple[str, ...]) -> int:
 
 
 def _short(value: str) -> str:
-    return value if len(value) <= 60 else value[:28] + "..." + value[-28:]
+    return (
+        value
+        if len(value) <= SHOWN_CHARS
+        else value[: SHOWN_CHARS // 2 - 2] + "..." + value[-(SHOWN_CHARS // 2 - 2) :]
+    )
 
 
 def _fingerprint(text: str) -> str:
@@ -173,11 +181,8 @@ def canonical(value: Any) -> Any:
     if isinstance(value, list | tuple | set | frozenset):
         items = [canonical(v) for v in value]
         return sorted(items, key=json.dumps) if isinstance(value, set | frozenset) else items
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, date | timedelta | Path):
-        return str(value)
-    return value
+    plain = value.value if isinstance(value, Enum) else value
+    return str(plain) if isinstance(plain, date | timedelta | Path) else plain
 
 
 def input_parts(name: str, value: Any) -> dict[str, str]:
@@ -229,7 +234,7 @@ def _stable_repr(value: Any) -> str:
 
 
 def _covered(module: str | None, packages: tuple[str, ...]) -> bool:
-    return bool(module) and module.split(".")[0] in packages and module not in BOOKKEEPING
+    return module is not None and module.split(".")[0] in packages and module not in BOOKKEEPING
 
 
 def _codes(code: types.CodeType):
@@ -250,50 +255,55 @@ def code_parts(fn: Callable[..., Any], packages: tuple[str, ...] = OUR_PACKAGES)
     """Fingerprints of the step function and of the code it reaches in `packages` (top-level names)."""
     found: dict[str, str] = {}
 
-    def _ours(module: str | None) -> bool:
-        return _covered(module, packages)
-
     def visit(obj: Any) -> None:
         obj = getattr(obj, "fn", obj) if type(obj).__name__ == "Step" else obj
         if isinstance(obj, types.ModuleType) or not (inspect.isfunction(obj) or inspect.isclass(obj)):
             return
         module = getattr(obj, "__module__", None)
-        if not _ours(module_name(module)):
+        if module is None or not _covered(module_name(module), packages):
             return
         name = f"code:{module_name(module)}.{obj.__qualname__}"
-        if name in found:
-            return
-        try:
-            with _PARSING:
-                source = textwrap.dedent(inspect.getsource(obj))
-                found[name] = _fingerprint(ast.dump(ast.parse(source)))
-        except (OSError, TypeError, SyntaxError):
-            found[name] = "unavailable"
-        namespace = sys.modules[module].__dict__ if module in sys.modules else {}
-        functions = (
-            [obj] if inspect.isfunction(obj) else [v for v in vars(obj).values() if inspect.isfunction(v)]
-        )
-        for function in functions:
-            names = {n for code in _codes(function.__code__) for n in code.co_names}
-            scope = {**namespace, **function.__globals__}
-            for n in names:
-                target = scope.get(n)
-                if isinstance(target, types.ModuleType):
-                    if _ours(target.__name__):
-                        for attr in names:
-                            visit_named(target.__name__, attr, getattr(target, attr, None))
-                else:
-                    visit_named(module, n, target)
+        if name not in found:
+            found[name] = _source_fingerprint(obj)
+            for owner, attr, target in _reached(obj, module, packages):
+                visit_named(owner, attr, target)
 
     def visit_named(module: str, name: str, target: Any) -> None:
-        if isinstance(target, CONSTANT_TYPES):
-            if _ours(module_name(module)) and name.isupper():  # module-level constants: UPPER_CASE
-                found[f"code:{module_name(module)}.{name}"] = _fingerprint(_stable_repr(target))
-        else:
+        if not isinstance(target, CONSTANT_TYPES):
             visit(target)
+        elif _covered(module_name(module), packages) and name.isupper():  # module constants: UPPER_CASE
+            found[f"code:{module_name(module)}.{name}"] = _fingerprint(_stable_repr(target))
 
     visit(fn)
     return found
+
+
+def _source_fingerprint(obj: Any) -> str:
+    """A function's or class's syntax tree, hashed: comments and layout do not count."""
+    try:
+        with _PARSING:
+            source = textwrap.dedent(inspect.getsource(obj))
+            return _fingerprint(ast.dump(ast.parse(source)))
+    except (OSError, TypeError, SyntaxError):
+        return "unavailable"
+
+
+def _reached(obj: Any, module: str, packages: tuple[str, ...]) -> list[tuple[str, str, Any]]:
+    """(module, name, value) of every global a function (or a class's methods) uses; through a module
+    of `packages`, each of its attributes the code names."""
+    namespace = sys.modules[module].__dict__ if module in sys.modules else {}
+    functions = [obj] if inspect.isfunction(obj) else [v for v in vars(obj).values() if inspect.isfunction(v)]
+    reached = []
+    for function in functions:
+        names = {n for code in _codes(function.__code__) for n in code.co_names}
+        scope = {**namespace, **function.__globals__}
+        for n in names:
+            target = scope.get(n)
+            if not isinstance(target, types.ModuleType):
+                reached.append((module, n, target))
+            elif _covered(target.__name__, packages):
+                reached += [(target.__name__, attr, getattr(target, attr, None)) for attr in names]
+    return reached
 
 
 # --- outputs: save, load, check -------------------------------------------------------------------
@@ -392,7 +402,7 @@ def _source(run: Run) -> tuple[str, str]:
     tags = run.data.tags
     return (
         tags.get(SOURCE_RUN_TAG, run.info.run_id),
-        tags.get(SOURCE_EXECUTION_TAG, tags.get("mlflow.parentRunId", "")),
+        tags.get(SOURCE_EXECUTION_TAG, tags.get(PARENT_TAG, "")),
     )
 
 
@@ -444,7 +454,7 @@ def explain_miss(
     step = key.parts["step"]
     runs = client.search_runs(
         [experiment_id],
-        f"tags.`keel.step` = '{step}' and tags.`{PRODUCED_TAG}` = 'true' and attributes.status = 'FINISHED'",
+        f"tags.`{STEP_TAG}` = '{step}' and tags.`{PRODUCED_TAG}` = 'true' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -457,7 +467,7 @@ def explain_miss(
     if raw is None:
         return f"the last run of {step!r} ({earlier.info.run_id}) recorded no key"
     changes = key.changes_from(json.loads(raw))
-    more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
+    more = f" and {len(changes) - SHOWN_CHANGES} more" if len(changes) > SHOWN_CHANGES else ""
     return f"since run {earlier.info.run_id}: " + "; ".join(changes[:4]) + more
 
 
@@ -468,7 +478,7 @@ def find_in_execution(
     step = key.parts["step"]
     runs = client.search_runs(
         [experiment_id],
-        f"tags.`mlflow.parentRunId` = '{execution}' and tags.`keel.step` = '{step}' "
+        f"tags.`{PARENT_TAG}` = '{execution}' and tags.`{STEP_TAG}` = '{step}' "
         "and attributes.status = 'FINISHED'",
         max_results=1,
     )

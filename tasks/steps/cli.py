@@ -10,12 +10,14 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
-from tasks.errors import DataValidationError, NotInRegistry, StepFailed
+from tasks.steps.errors import DataValidationError, NotInRegistry, StepFailed
+from tasks.steps.params import flat_fields, groups, nest
 
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R")
@@ -33,45 +35,59 @@ def _unwrap(annotation: Any) -> Any:
 
 
 def build_parser(model: type[BaseModel], prog: str, description: str) -> argparse.ArgumentParser:
+    """One flag per field; the fields of a parameter group (`tasks.steps.params`) are flags of their
+    own names, listed under the group's title in `--help`."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    for name, field in model.model_fields.items():
-        kind = _unwrap(field.annotation)
-        default = field.get_default(call_default_factory=True)
+    sections = {
+        name: parser.add_argument_group(name, group.__doc__.split("\n")[0] if group.__doc__ else None)
+        for name, group in groups(model).items()
+    }
+    for name, (group, field) in flat_fields(model).items():
+        kwargs, default = _argument(field)
         help_text = field.description or ""
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is Literal:
-            kwargs["choices"] = [str(c) for c in typing.get_args(kind)]
-        elif typing.get_origin(kind) in (list, tuple):
-            kwargs["nargs"] = "*"
-            kwargs["metavar"] = "VALUE"
-        elif typing.get_origin(kind) is dict or (isinstance(kind, type) and issubclass(kind, BaseModel)):
-            kwargs["type"] = json.loads
-            kwargs["metavar"] = "JSON"
-            default = json.dumps(
-                default.model_dump(mode="json")
-                if isinstance(default, BaseModel)
-                else {
-                    k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
-                    for k, v in (default or {}).items()
-                }
-            )
         help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
-        parser.add_argument(_flag(name), help=help_text.replace("%", "%%"), **kwargs)
+        target = sections[group] if group else parser
+        target.add_argument(_flag(name), dest=name, help=help_text.replace("%", "%%"), **kwargs)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
-def run_flow_cli(
+def _argument(field: FieldInfo) -> tuple[dict[str, Any], Any]:
+    """argparse's keywords for a field, and its default as `--help` shows it."""
+    kind = _unwrap(field.annotation)
+    default = field.get_default(call_default_factory=True)
+    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS}
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(kind) is Literal:
+        kwargs["choices"] = [str(c) for c in typing.get_args(kind)]
+    elif typing.get_origin(kind) in (list, tuple):
+        kwargs["nargs"] = "*"
+        kwargs["metavar"] = "VALUE"
+    elif typing.get_origin(kind) is dict or (isinstance(kind, type) and issubclass(kind, BaseModel)):
+        kwargs["type"] = json.loads
+        kwargs["metavar"] = "JSON"
+        default = json.dumps(
+            default.model_dump(mode="json")
+            if isinstance(default, BaseModel)
+            else {
+                k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+                for k, v in (default or {}).items()
+            }
+        )
+    return kwargs, default
+
+
+def run_flow_cli(  # noqa: PLR0913  # the command line's whole description, the optional part by keyword
     flow_fn: Callable[[M], R],
     model: type[M],
     argv: Sequence[str] | None,
     prog: str,
     description: str,
     summary: Callable[[R], str],
+    *,
     after_bad_input: str = "nothing trained or registered",
     prepare_params: Callable[[M, dict[str, Any]], M] | None = None,
     check_params: Callable[[M], object] | None = None,
@@ -112,8 +128,8 @@ def open_services_together() -> None:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    from tasks.lineage import mlflow_client
-    from tasks.settings import get_settings
+    from tasks.steps.lineage import mlflow_client
+    from tasks.steps.settings import get_settings
 
     def start_prefect() -> None:
         with contextlib.suppress(Exception), get_client(sync_client=True):
@@ -170,7 +186,7 @@ def parse_params(
     if given is not None:
         given.update(values)
     try:
-        params = model.model_validate(values)
+        params = model.model_validate(nest(model, values))
         if check is not None:
             check(params)
         return params
@@ -179,9 +195,21 @@ def parse_params(
             parser.error(str(exc))
             raise
 
+        grouped = groups(model)
         problems = "; ".join(
-            (f"{_flag(str(e['loc'][0]))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+            (f"{_flag(name)}: " if (name := _flat_name(e["loc"], grouped)) else "")
+            + e["msg"].removeprefix("Value error, ")
             for e in exc.errors()
         )
         parser.error(problems)
         raise  # unreachable: parser.error exits
+
+
+def _flat_name(loc: tuple[int | str, ...], grouped: Mapping[str, Any]) -> str | None:
+    """The flag a validation error is about: a group's field by its own (flat) name; none for an
+    error about the whole model or a whole group (its message names the flags)."""
+    if not loc:
+        return None
+    if loc[0] in grouped:
+        return str(loc[1]) if len(loc) > 1 else None
+    return str(loc[0])

@@ -14,8 +14,12 @@ from pydantic import BaseModel, Field
 
 from tasks.steps.base import Step, current_step
 from tasks.steps.kinds import StepKind
+from tasks.steps.tags import OUTCOME_MESSAGE_TAG, OUTCOME_TAG
 
 _OPERATORS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+_POSITIONAL = ("left_name", "left", "op", "right_name", "right")
 
 
 class Check(BaseModel):
@@ -29,11 +33,9 @@ class Check(BaseModel):
 
     def __init__(self, *args: Any, **data: Any) -> None:
         """Positional (left_name, left, op, right_name, right) or by keyword."""
-        if len(args) > 5:
-            raise TypeError(f"Check takes at most 5 positional arguments, got {len(args)}")
-        super().__init__(
-            **dict(zip(("left_name", "left", "op", "right_name", "right"), args, strict=False)), **data
-        )
+        if len(args) > len(_POSITIONAL):
+            raise TypeError(f"Check takes at most {len(_POSITIONAL)} positional arguments, got {len(args)}")
+        super().__init__(**dict(zip(_POSITIONAL, args, strict=False)), **data)
 
     @property
     def passed(self) -> bool:
@@ -72,7 +74,7 @@ def _evaluate(checks: list[Check]) -> ConditionOutcome:
         run.log_params({f"check.{index}": f"{check.left_name} {check.op} {check.right_name}"})
         run.log_metrics({f"check.{index}.left": check.left, f"check.{index}.right": check.right})
     run.set_tags(
-        {"keel.outcome": "passed" if outcome.passed else "failed", "keel.outcome_message": outcome.message}
+        {OUTCOME_TAG: "passed" if outcome.passed else "failed", OUTCOME_MESSAGE_TAG: outcome.message}
     )
     rows = "\n".join(
         f"| {c.left_name} | {c.left:.4f} | `{c.op}` | {c.right_name} | {c.right:.4f} | "

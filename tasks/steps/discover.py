@@ -28,51 +28,60 @@ def steps_of(fn: Callable[..., Any]) -> tuple[str, ...]:
     found: list[str] = []
     seen: set[Any] = set()
 
-    def add(name: str) -> None:
-        if name not in found:
-            found.append(name)
-
-    def resolve(node: ast.expr, scope: dict[str, Any]) -> Any:
-        if isinstance(node, ast.Name):
-            return scope.get(node.id)
-        if isinstance(node, ast.Attribute):
-            owner = resolve(node.value, scope)
-            if isinstance(owner, types.ModuleType | Step):
-                return getattr(owner, node.attr, None)
-        return None
-
     def walk(function: Any) -> None:
         if function in seen or not inspect.isfunction(function):
             return
         seen.add(function)
-        if (function.__module__ or "").split(".")[0] not in packages:
-            return
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
-        except (OSError, TypeError, SyntaxError):
+        tree = _parsed(function) if (function.__module__ or "").split(".")[0] in packages else None
+        if tree is None:
             return
         scope = {**vars(inspect.getmodule(function) or types.ModuleType("_")), **function.__globals__}
         for node in _in_order(tree):
             if isinstance(node, ast.Call):
-                called = resolve(node.func, scope)
-                name = getattr(called, "__name__", None)
-                if (
-                    name in NAMED_BY_ARGUMENT
-                    and (called.__module__ or "").startswith("tasks.steps")
-                    and node.args
-                    and isinstance(node.args[0], ast.Constant)
-                    and isinstance(node.args[0].value, str)
-                ):
-                    add(node.args[0].value)
+                named = _named_by_argument(node, scope)
+                if named and named not in found:
+                    found.append(named)
             elif isinstance(node, ast.Name | ast.Attribute) and isinstance(node.ctx, ast.Load):
-                target = resolve(node, scope)
+                target = _resolve(node, scope)
                 if isinstance(target, Step):
-                    add(target.name)
+                    if target.name not in found:
+                        found.append(target.name)
                 elif inspect.isfunction(target) and getattr(target, "__name__", "") not in NAMED_BY_ARGUMENT:
                     walk(target)
 
     walk(inspect.unwrap(fn))
     return tuple(found)
+
+
+def _parsed(function: Any) -> ast.AST | None:
+    try:
+        return ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+
+
+def _resolve(node: ast.expr, scope: dict[str, Any]) -> Any:
+    """What a name or a dotted name (through modules and steps: `step.submit`) stands for."""
+    from tasks.steps.base import Step
+
+    if isinstance(node, ast.Name):
+        return scope.get(node.id)
+    if isinstance(node, ast.Attribute):
+        owner = _resolve(node.value, scope)
+        if isinstance(owner, types.ModuleType | Step):
+            return getattr(owner, node.attr, None)
+    return None
+
+
+def _named_by_argument(call: ast.Call, scope: dict[str, Any]) -> str | None:
+    """The step a framework `condition("name", ...)` or `fail("name", ...)` call names, if literal."""
+    called = _resolve(call.func, scope)
+    if getattr(called, "__name__", None) not in NAMED_BY_ARGUMENT:
+        return None
+    if not (getattr(called, "__module__", None) or "").startswith("tasks.steps"):
+        return None
+    first = call.args[0] if call.args else None
+    return first.value if isinstance(first, ast.Constant) and isinstance(first.value, str) else None
 
 
 def _in_order(tree: ast.AST):

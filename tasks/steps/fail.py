@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from tasks.errors import StepFailed
 from tasks.steps.base import Step, current_step
+from tasks.steps.errors import StepFailed
 from tasks.steps.kinds import StepKind
+from tasks.steps.tags import FAIL_MESSAGE_TAG
 
 
 def _fail(message: str) -> None:
-    current_step().set_tags({"keel.fail_message": message[:5000]})
+    current_step().set_tags({FAIL_MESSAGE_TAG: message[:5000]})
     raise StepFailed(message)
 
 

@@ -1,7 +1,7 @@
 """ModelStep: registers a model version in the MLflow registry with its approval status.
 
 `register_model` is the step a pipeline author calls; the tabular pipeline's `register`
-(`tasks.registry`) adds its own tags and model card on the same functions. Registration is
+(`tasks.tabular.registry`) adds its own tags and model card on the same functions. Registration is
 idempotent: a model already registered (the same logged model, or one with the same digest handed
 on by a cached step) keeps its version, so a resumed or cached execution never adds a second one.
 """
@@ -10,24 +10,28 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, cast
 
 from pydantic import AfterValidator, BaseModel
 
-from tasks import lineage, markdown
-from tasks.refs import MODEL_DIGEST_TAG, DatasetRef, ModelRef
+from tasks.steps import lineage, markdown
 from tasks.steps.base import current_step, step_kind
 from tasks.steps.kinds import StepKind
+from tasks.steps.refs import DatasetRef, ModelRef
 from tasks.steps.retry import RetryPolicy
+from tasks.steps.tags import (
+    APPROVAL_TAG,
+    CHAMPION_ALIAS,
+    METRIC_TAG_PREFIX,
+    MODEL_DIGEST_TAG,
+    REGISTERED_VERSION_TAG,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
 ApprovalStatus = Literal["Approved", "PendingManualApproval", "Rejected"]
-APPROVAL_TAG = "approval_status"
-CHAMPION_ALIAS = "champion"
-METRIC_TAG_PREFIX = "metric."  # a version's metrics, to sort and filter versions by
 CARD_ARTIFACT = "model_card.md"  # the version's description, also kept on its execution's run
 
 model_step = step_kind(StepKind.MODEL)
@@ -105,7 +109,7 @@ def registered_version(
     queries = [f"name = '{name}' and run_id = '{run_id}'" for run_id in {model.run_id, execution}]
     if model.digest:
         queries.insert(0, f"name = '{name}' and tags.`{MODEL_DIGEST_TAG}` = '{model.digest}'")
-    versions = []
+    versions: list[ModelVersion] = []
     for query in queries:
         try:
             versions += client.search_model_versions(query)
@@ -150,7 +154,7 @@ def place_version(
     tags = {APPROVAL_TAG: status, **tags, **({MODEL_DIGEST_TAG: model.digest} if model.digest else {})}
     existing = registered_version(client, name, model, execution)
     if existing is not None:  # this model is registered already: keep that version, don't add one
-        version, status = existing, existing.tags.get(APPROVAL_TAG, status)
+        version, status = existing, cast(ApprovalStatus, existing.tags.get(APPROVAL_TAG, status))
     else:
         version = client.create_model_version(
             name, source=model.uri, run_id=execution, tags=tags, model_id=model.model_id
@@ -184,7 +188,7 @@ def registered(name: str, placed: Placed) -> RegisteredVersion:
         placed.status,
         placed.alias_text(),
     )
-    current_step().set_tags({"keel.registered_version": placed.version, APPROVAL_TAG: placed.status})
+    current_step().set_tags({REGISTERED_VERSION_TAG: placed.version, APPROVAL_TAG: placed.status})
     return RegisteredVersion(
         name=name,
         version=placed.version,

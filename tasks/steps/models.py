@@ -4,7 +4,7 @@
 too), with MLflow's flavour for it, and returns the `ModelRef` the next steps take. The model's pip
 requirements are the versions installed here (which the lock file pinned), not MLflow's inference
 (which loads the model again in a subprocess to see what it imports). The files' digests are
-recorded as the model's manifest, so it loads only as it was logged (`tasks.integrity`).
+recorded as the model's manifest, so it loads only as it was logged (`tasks.steps.integrity`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import pickle
 import warnings
 from typing import Any, Literal
 
-from tasks.integrity import record_manifest
-from tasks.refs import MODEL_DIGEST_TAG, ModelRef
 from tasks.steps.base import current_step
+from tasks.steps.integrity import record_manifest
+from tasks.steps.refs import ModelRef
+from tasks.steps.tags import MODEL_DIGEST_TAG
 
 Task = Literal["regression", "binary", "multiclass"]
+BINARY = 2  # classes of a binary classifier
 # What a model of each flavour needs to load and predict, beside MLflow itself.
 REQUIREMENTS = {
     "lightgbm": ("lightgbm", "numpy", "pandas", "scikit-learn", "scipy"),
@@ -56,7 +58,7 @@ def task_of(model: Any) -> Task:
     """What the model predicts: from its classes (scikit-learn API) or its objective (a booster)."""
     classes = getattr(model, "classes_", None)
     if classes is not None:
-        return "binary" if len(classes) == 2 else "multiclass"
+        return "binary" if len(classes) == BINARY else "multiclass"
     objective = str(getattr(model, "params", {}).get("objective", ""))
     if objective.startswith(("binary", "cross_entropy")):
         return "binary"

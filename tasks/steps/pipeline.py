@@ -30,17 +30,18 @@ from typing import Any, Generic, TypeVar
 from prefect import Flow
 from pydantic import BaseModel, Field
 
-from tasks import lineage
-from tasks.compute import dask_cluster
-from tasks.settings import get_settings
+from tasks.steps import lineage
 from tasks.steps.cli import run_flow_cli
+from tasks.steps.compute import dask_cluster
 from tasks.steps.discover import steps_of
+from tasks.steps.params import Params, flatten, nest
+from tasks.steps.settings import get_settings
 
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R")
 
 
-class ExecutionOptions(BaseModel):
+class ExecutionOptions(Params):
     """Resume and selective execution (SageMaker's "retry pipeline execution" and
     `SelectiveExecutionConfig`): a pipeline's parameters model subclasses this to offer them."""
 
@@ -163,7 +164,9 @@ class Pipeline(Flow[..., R], Generic[M, R]):
         if not isinstance(params, ExecutionOptions) or not params.reuse_from:
             return params
         stored = lineage.execution_params(lineage.mlflow_client(get_settings()), params.reuse_from)
-        return self.params_model.model_validate({**stored, "force_steps": [], "selected_steps": [], **given})
+        model = self.params_model
+        fresh: dict[str, list[str]] = {"force_steps": [], "selected_steps": []}
+        return model.model_validate(nest(model, {**flatten(model, stored), **fresh, **flatten(model, given)}))
 
     def rerun(self, execution: str, selected_steps: Sequence[str] = (), **changes: Any) -> R:
         """Resume an execution (no `selected_steps`), or run only `selected_steps` taking the other
@@ -174,11 +177,8 @@ class Pipeline(Flow[..., R], Generic[M, R]):
     def main(self, argv: Sequence[str] | None = None) -> int:
         """The pipeline's command line (`python -m your.module --help`); returns the exit code."""
         module = sys.modules.get(self.pipeline_fn.__module__)
-        prog = (
-            f"python -m {module.__spec__.name}"
-            if module is not None and getattr(module, "__spec__", None) is not None
-            else Path(sys.argv[0]).name
-        )
+        spec = getattr(module, "__spec__", None)
+        prog = f"python -m {spec.name}" if spec is not None else Path(sys.argv[0]).name
         description = (module.__doc__ if module is not None else None) or self.description or ""
         return run_flow_cli(
             self,
@@ -187,7 +187,7 @@ class Pipeline(Flow[..., R], Generic[M, R]):
             prog,
             description,
             self.summary,
-            self.after_bad_input,
+            after_bad_input=self.after_bad_input,
             prepare_params=self.with_stored_params,
             check_params=self.plan,
         )

@@ -7,11 +7,12 @@ cannot fix the data. Attempts resume the step's one MLflow run (see `tasks.steps
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.errors import DataValidationError, NotInRegistry, StepFailed
+from tasks.steps.errors import DataValidationError, NotInRegistry, StepFailed
 
 Failure = Literal["worker-lost", "tracking-unavailable", "any"]
 NEVER_RETRIED: tuple[type[BaseException], ...] = (DataValidationError, StepFailed, NotInRegistry)
@@ -62,7 +63,7 @@ def tracking_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, requests.ConnectionError | requests.Timeout):
         return True
     if isinstance(exc, RestException):  # the server answered, with an error of its own
-        return exc.get_http_status_code() >= 500
+        return exc.get_http_status_code() >= HTTPStatus.INTERNAL_SERVER_ERROR
     if isinstance(exc, MlflowException):  # the client gave up reaching it (after its own retries)
         message = str(exc.message)
         return message.startswith("API request to") and "failed with" in message

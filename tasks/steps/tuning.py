@@ -20,15 +20,17 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
+from uuid import UUID
 
 from pydantic import BaseModel, Field, model_validator
 
-from tasks import lineage
-from tasks.compute import dask_client
+from tasks.steps import lineage
 from tasks.steps.base import current_step, step_kind
 from tasks.steps.cache import NOT_KEYED
+from tasks.steps.compute import dask_client
 from tasks.steps.kinds import StepKind
+from tasks.steps.tags import BEST_TRIAL_RUN_TAG, ERROR_TAG, STEP_KIND_TAG, STEP_TAG
 
 tuning_step = step_kind(StepKind.TUNING)
 STARTUP_TRIALS = 10  # Optuna's TPE default: random trials before it models the results
@@ -107,22 +109,15 @@ def run_trials(
     `trial_fn` runs on a Dask worker and returns a dict of metrics that includes `tuning.objective`
     (other str values, such as the worker's address, are recorded as tags of the trial's run).
     """
-    import optuna
     from distributed import as_completed
     from prefect import get_run_logger
-    from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     logger = get_run_logger()
     step = current_step()
     pipeline = lineage.current_pipeline()
     client = dask_client()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        direction=tuning.direction,
-        sampler=optuna.samplers.TPESampler(seed=tuning.seed, n_startup_trials=STARTUP_TRIALS)
-        if tuning.strategy == "bayesian"
-        else optuna.samplers.RandomSampler(seed=tuning.seed),
-    )
+    study = _new_study(tuning)
     startup = STARTUP_TRIALS if tuning.strategy == "bayesian" else tuning.n_trials
     distributions = optuna_distributions(tuning.space)
     progress = create_progress_artifact(progress=0.0, description=f"{step.step}: {tuning.n_trials} trials")
@@ -133,7 +128,7 @@ def run_trials(
     asked: dict[int, tuple[Any, str]] = {}  # trial number -> (Optuna trial, MLflow run id)
     outcomes: dict[int, dict[str, Any] | BaseException] = {}  # finished, not told yet
     running = as_completed()
-    numbers: dict[str, int] = {}  # Dask key -> trial number
+    numbers: dict[object, int] = {}  # Dask key -> trial number
 
     def ask_allowed() -> None:
         """Ask and submit every trial the schedule (module docstring) allows now."""
@@ -159,8 +154,8 @@ def run_trials(
                     step.run_id,
                     f"trial-{trial.number + 1}",
                     {
-                        lineage.STEP_TAG: f"{step.step}/trial-{trial.number + 1}",
-                        lineage.STEP_KIND_TAG: StepKind.TUNING_TRIAL,
+                        STEP_TAG: f"{step.step}/trial-{trial.number + 1}",
+                        STEP_KIND_TAG: StepKind.TUNING_TRIAL,
                     },
                 ),
             )
@@ -189,22 +184,42 @@ def run_trials(
                 tuning.objective,
                 _best_value(study),
             )
-        update_progress_artifact(progress, progress=100.0 * len(records) / tuning.n_trials)
+        update_progress_artifact(cast(UUID, progress), progress=100.0 * len(records) / tuning.n_trials)
 
+    return _result(study, records, tuning, time.perf_counter() - started)
+
+
+def _new_study(tuning: TuningSpec):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(
+        direction=tuning.direction,
+        sampler=optuna.samplers.TPESampler(seed=tuning.seed, n_startup_trials=STARTUP_TRIALS)
+        if tuning.strategy == "bayesian"
+        else optuna.samplers.RandomSampler(seed=tuning.seed),
+    )
+
+
+def _result(study, records: list[TrialRecord], tuning: TuningSpec, elapsed: float) -> TuningResult:
+    """The best trial, recorded on the step's run (metrics, its trial's run, the trials' table) and
+    as a Prefect table artifact; every trial failing fails the step."""
+    from prefect.artifacts import create_table_artifact
+
+    step = current_step()
     complete = [r for r in records if r.state == "complete"]
     if not complete:
         raise RuntimeError(f"all {len(records)} tuning trials failed; first error: {records[0].error}")
     best = study.best_trial
     best_record = next(r for r in records if r.number == best.number + 1)
-    elapsed = time.perf_counter() - started
     step.log_metrics(
         {
-            f"best_{tuning.objective}": float(best.value),
+            f"best_{tuning.objective}": _best_value(study),
             "trials_failed": len(records) - len(complete),
             "tuning_seconds": elapsed,
         }
     )
-    step.set_tags({"keel.best_trial_run_id": best_record.run_id})
+    step.set_tags({BEST_TRIAL_RUN_TAG: best_record.run_id})
     table = trials_table(records, tuning.objective, best_record.number)
     step.client.log_table(step.run_id, data=_frame(table), artifact_file="tuning/trials.json")
     create_table_artifact(
@@ -215,7 +230,7 @@ def run_trials(
     )
     return TuningResult(
         best_params=dict(best.params),
-        best_value=float(best.value),
+        best_value=_best_value(study),
         best_trial=best_record.number,
         best_metrics=best_record.metrics,
         objective=tuning.objective,
@@ -284,7 +299,7 @@ def _log_trial(client, record: TrialRecord, tags: dict[str, str]) -> None:
 
     now = int(time.time() * 1000)
     if record.error:
-        tags = {**tags, "keel.error": record.error[:5000]}
+        tags = {**tags, ERROR_TAG: record.error[:5000]}
     client.log_batch(
         record.run_id,
         metrics=[Metric(k, v, now, 0) for k, v in record.metrics.items()],

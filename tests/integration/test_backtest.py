@@ -13,7 +13,7 @@ import pytest
 from flows.backtest import ALL_POLICIES, BacktestParams, backtest, main
 from flows.monitor import MonitorParams, monitor
 from flows.pipeline import PipelineParams, training_pipeline
-from tasks.policies import PERFORMANCE
+from tasks.monitoring.policies import PERFORMANCE
 from tests.conftest import BIKE_CSV, mlflow_client
 from tests.streams import stream
 

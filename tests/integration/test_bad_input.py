@@ -142,7 +142,7 @@ def test_odd_column_names_train_and_are_monitored(champion_state, monkeypatch, t
     [run] = client.search_runs(["1"], "tags.`keel.step` = 'drift-check'", max_results=1)
     scores = [k for k in run.data.metrics if k.startswith("drift_score.")]
     assert any(k.startswith("drift_score.temp __C_") for k in scores), scores
-    from tasks.baseline import load_baseline
+    from tasks.monitoring.baseline import load_baseline
 
     assert set(odd.values()) <= set(load_baseline(client, "bike-odd").profile.features.numeric)
 

@@ -93,4 +93,6 @@ def test_bad_input_stops_before_training(name, champion, dask_cluster, monkeypat
     storage = Path(get_current_settings().results.local_storage_path)
     stored = [json.loads(f.read_text()) for f in storage.iterdir() if f.stat().st_mtime >= started]
     failures = [s if "__exc_type__" in s else json.loads(s["result"]) for s in stored]  # bare, or a record
-    assert failures and all(f["__exc_type__"] == "tasks.errors.DataValidationError" for f in failures), stored
+    assert failures and all(
+        f["__exc_type__"] == "tasks.steps.errors.DataValidationError" for f in failures
+    ), stored

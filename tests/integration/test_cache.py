@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from flows.pipeline import PipelineParams, PipelineResult, training_pipeline
-from tasks.steps import cache
+from tasks.steps.tags import KEY_TAG, REASON_TAG, SOURCE_EXECUTION_TAG, SOURCE_RUN_TAG, STATUS_TAG
 from tests.conftest import BIKE_CSV, BIKE_TABLE, mlflow_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -44,7 +44,7 @@ def prefect_states(result: PipelineResult) -> dict[str, str]:
 
 
 def status(result: PipelineResult) -> dict[str, str]:
-    return {step: tags.get(cache.STATUS_TAG, "") for step, tags in step_runs(result).items()}
+    return {step: tags.get(STATUS_TAG, "") for step, tags in step_runs(result).items()}
 
 
 def test_cache_hits_misses_forcing_and_vanished_outputs(on_cluster, tmp_path):
@@ -61,10 +61,10 @@ def test_cache_hits_misses_forcing_and_vanished_outputs(on_cluster, tmp_path):
     second = training_pipeline(params)
     runs, made = step_runs(second), step_runs(first)
     for step in CACHED:
-        assert runs[step][cache.STATUS_TAG] == "hit", (step, runs[step].get(cache.REASON_TAG))
-        assert runs[step][cache.SOURCE_RUN_TAG] == _run_id(first, step)
-        assert runs[step][cache.SOURCE_EXECUTION_TAG] == first.mlflow_run_id
-        assert runs[step][cache.KEY_TAG] == made[step][cache.KEY_TAG]
+        assert runs[step][STATUS_TAG] == "hit", (step, runs[step].get(REASON_TAG))
+        assert runs[step][SOURCE_RUN_TAG] == _run_id(first, step)
+        assert runs[step][SOURCE_EXECUTION_TAG] == first.mlflow_run_id
+        assert runs[step][KEY_TAG] == made[step][KEY_TAG]
     states = prefect_states(second)
     assert all(states[step] == "Cached" for step in CACHED), states
     assert second.registered and second.registered.version == "1" and second.registered.existing
@@ -76,18 +76,16 @@ def test_cache_hits_misses_forcing_and_vanished_outputs(on_cluster, tmp_path):
     frame = pd.read_csv(data)
     frame.loc[100, "cnt"] += 1
     frame.to_csv(data, index=False)
-    third = training_pipeline(params.model_copy(update={"on_gate_failure": "reject"}))
+    third = training_pipeline(params.updated(on_gate_failure="reject"))
     runs = step_runs(third)
     for step, argument in (("check-quality", "data"), ("prepare", "raw")):
-        assert runs[step][cache.STATUS_TAG] == "miss"
-        assert f"input:{argument} changed" in runs[step][cache.REASON_TAG], runs[step][cache.REASON_TAG]
-    assert runs["tune"][cache.STATUS_TAG] == "miss"
-    assert "input:train changed" in runs["tune"][cache.REASON_TAG]
+        assert runs[step][STATUS_TAG] == "miss"
+        assert f"input:{argument} changed" in runs[step][REASON_TAG], runs[step][REASON_TAG]
+    assert runs["tune"][STATUS_TAG] == "miss"
+    assert "input:train changed" in runs["tune"][REASON_TAG]
 
     # Forced: only the named step runs again; the rest are hits of the third execution.
-    fourth = training_pipeline(
-        params.model_copy(update={"force_steps": ["tune"], "on_gate_failure": "reject"})
-    )
+    fourth = training_pipeline(params.updated(force_steps=["tune"], on_gate_failure="reject"))
     current = status(fourth)
     assert current["tune"] == "forced"
     assert all(current[s] == "hit" for s in CACHED if s != "tune"), current
@@ -95,11 +93,11 @@ def test_cache_hits_misses_forcing_and_vanished_outputs(on_cluster, tmp_path):
     # Outputs that vanished are not reused: prepare runs again (and writes the same splits, so the
     # steps after it are hits again).
     shutil.rmtree(runs["prepare"]["keel.output.output.train.uri"].rsplit("/", 1)[0])
-    fifth = training_pipeline(params.model_copy(update={"on_gate_failure": "reject"}))
+    fifth = training_pipeline(params.updated(on_gate_failure="reject"))
     runs = step_runs(fifth)
-    assert runs["prepare"][cache.STATUS_TAG] == "miss"
-    assert "is gone" in runs["prepare"][cache.REASON_TAG]
-    assert runs["train"][cache.STATUS_TAG] == "hit"
+    assert runs["prepare"][STATUS_TAG] == "miss"
+    assert "is gone" in runs["prepare"][REASON_TAG]
+    assert runs["train"][STATUS_TAG] == "hit"
 
 
 def _run_id(result: PipelineResult, step: str) -> str:
@@ -126,11 +124,11 @@ def test_selective_execution_reruns_the_selected_steps_and_takes_the_rest(on_clu
         "evaluate",
         "quality-gate",
     ):
-        assert runs[step][cache.STATUS_TAG] == "reused", (step, runs[step].get(cache.REASON_TAG))
-        assert runs[step][cache.SOURCE_EXECUTION_TAG] == first.mlflow_run_id
-    assert runs["train"][cache.STATUS_TAG] == "forced"
+        assert runs[step][STATUS_TAG] == "reused", (step, runs[step].get(REASON_TAG))
+        assert runs[step][SOURCE_EXECUTION_TAG] == first.mlflow_run_id
+    assert runs["train"][STATUS_TAG] == "forced"
     assert runs["train"]["model.digest"] == step_runs(first)["train"]["model.digest"]
-    assert runs["register"][cache.STATUS_TAG] == "reused"
+    assert runs["register"][STATUS_TAG] == "reused"
     assert same.registered and same.registered.version == "1"
     assert len(mlflow_client().search_model_versions("name='bike-cache'")) == 1
 
@@ -140,12 +138,12 @@ def test_selective_execution_reruns_the_selected_steps_and_takes_the_rest(on_clu
     )
     runs = step_runs(result)
     for step in ("validate-input", "check-quality", "prepare"):
-        assert runs[step][cache.STATUS_TAG] == "reused", (step, runs[step].get(cache.REASON_TAG))
-    assert runs["tune"][cache.STATUS_TAG] == runs["train"][cache.STATUS_TAG] == "forced"
-    assert runs["baseline"][cache.STATUS_TAG] == "miss"
-    assert "its inputs differ" in runs["baseline"][cache.REASON_TAG]
+        assert runs[step][STATUS_TAG] == "reused", (step, runs[step].get(REASON_TAG))
+    assert runs["tune"][STATUS_TAG] == runs["train"][STATUS_TAG] == "forced"
+    assert runs["baseline"][STATUS_TAG] == "miss"
+    assert "its inputs differ" in runs["baseline"][REASON_TAG]
     parent = mlflow_client().get_run(result.mlflow_run_id)
     assert parent.data.tags["keel.reused_from"] == first.mlflow_run_id
     assert parent.data.tags["keel.selected_steps"] == "train,tune"
-    assert parent.data.params["num_boost_round"] == "20"
+    assert parent.data.params["training.num_boost_round"] == "20"
     assert result.registered and result.registered.version == "2"  # Approved or Rejected, a new version

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flows.pipeline import PipelineParams, training_pipeline
-from tasks.steps import cache
+from tasks.steps.tags import REASON_TAG, STATUS_TAG
 from tests.conftest import BIKE_FLAGS, BIKE_TABLE, ROOT, mlflow_client, running_dask_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.servers, pytest.mark.slow]
@@ -195,12 +195,10 @@ def test_a_killed_flow_resumes_with_only_its_unfinished_steps(servers, dask_clus
         r.data.tags.get("keel.step"): r for r in tree(client, execution_of(client, resumed.pid).info.run_id)
     }
     for step in ("validate-input", "check-quality", "prepare"):
-        assert runs[step].data.tags[cache.STATUS_TAG] == "reused", step
+        assert runs[step].data.tags[STATUS_TAG] == "reused", step
     for step in ("tune", "train", "baseline", "evaluate"):
-        assert runs[step].data.tags[cache.STATUS_TAG] == "miss", step
-        assert (
-            f"it did not finish in execution {killed.info.run_id}" in runs[step].data.tags[cache.REASON_TAG]
-        )
+        assert runs[step].data.tags[STATUS_TAG] == "miss", step
+        assert f"it did not finish in execution {killed.info.run_id}" in runs[step].data.tags[REASON_TAG]
     assert [v.version for v in client.search_model_versions("name='bike-resume'")] == ["1"]
     statuses = {r.info.status for r in tree(client, killed.info.run_id)}
     assert statuses == {"FINISHED", "KILLED"}, statuses  # no run left RUNNING

@@ -13,9 +13,15 @@ import pytest
 
 from flows.monitor import MonitorParams, main, monitor
 from flows.pipeline import PipelineParams, training_pipeline
-from tasks.baseline import load_baseline
-from tasks.calibration import DRIFT_SD, Calibration
-from tasks.policies import DATA_DRIFT, EVIDENTLY_SHARE, MUST_NOT_DRIFT, PERFORMANCE, PREDICTION_DRIFT
+from tasks.monitoring.baseline import load_baseline
+from tasks.monitoring.calibration import DRIFT_SD, Calibration
+from tasks.monitoring.policies import (
+    DATA_DRIFT,
+    EVIDENTLY_SHARE,
+    MUST_NOT_DRIFT,
+    PERFORMANCE,
+    PREDICTION_DRIFT,
+)
 from tests.conftest import BIKE_CSV, mlflow_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from flows.pipeline import PipelineParams, training_pipeline
-from tasks.errors import StepFailed
-from tasks.refs import content_digest
+from tasks.steps.errors import StepFailed
+from tasks.steps.refs import content_digest
 from tests.conftest import BIKE_CSV, BIKE_TABLE, mlflow_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -113,7 +113,7 @@ def test_registers_a_champion_then_an_impossible_gate_fails_and_registers_nothin
 
     # second execution: an impossible threshold fails at the gate, registers nothing
     with pytest.raises(StepFailed, match=r"test_r2 = [0-9.]+ >= min_r2 = 0\.9999: missed"):
-        training_pipeline(params.model_copy(update={"min_r2": 0.9999}))
+        training_pipeline(params.updated(min_r2=0.9999))
     assert [str(v.version) for v in client.search_model_versions("name='bike-it'")] == ["1"]
     assert str(client.get_model_version_by_alias("bike-it", "champion").version) == "1"
 
@@ -197,9 +197,9 @@ def first_version_data(client) -> str:
 def test_distributed_fit_pairs_features_and_labels_across_many_partitions(on_cluster, tmp_path):
     from distributed import Client
 
-    from tasks import modeling
-    from tasks.featurize import FeatureSpec
-    from tasks.refs import DatasetRef
+    from tasks.steps.refs import DatasetRef
+    from tasks.tabular import modeling
+    from tasks.tabular.featurize import FeatureSpec
 
     frame = pd.read_csv(BIKE_CSV).drop(columns=["instant", "casual", "registered"])
     frame["dteday"] = pd.to_datetime(frame["dteday"])
@@ -241,13 +241,13 @@ def test_manual_approval_registers_a_pending_version_and_leaves_champion_alone(o
 def test_the_baseline_predicted_file_by_file_equals_one_prediction_of_the_split(on_cluster, tmp_path):
     """The baseline step predicts the training split a file at a time on the workers: its prediction
     profile must be that of the whole split predicted at once, empty files included. (A folder of
-    small files also once broke `prepare`: see `tasks.compute.SAME_PARTITIONS`.)"""
-    from tasks import monitoring
-    from tasks.baseline import load_baseline
-    from tasks.drift_stats import profile_column
-    from tasks.integrity import load_verified
-    from tasks.refs import file_urls
-    from tasks.settings import get_settings
+    small files also once broke `prepare`: see `tasks.steps.compute.SAME_PARTITIONS`.)"""
+    from tasks.monitoring import worker
+    from tasks.monitoring.baseline import load_baseline
+    from tasks.monitoring.drift_stats import profile_column
+    from tasks.steps.integrity import load_verified
+    from tasks.steps.refs import file_urls
+    from tasks.steps.settings import get_settings
 
     frame = pd.read_csv(BIKE_CSV)
     folder = tmp_path / "parts"
@@ -269,6 +269,6 @@ def test_the_baseline_predicted_file_by_file_equals_one_prediction_of_the_split(
     settings = get_settings()
     model = load_verified(champion.model_uri, settings.tracking_uri, settings.registry_uri)
     spec = champion.profile.features
-    whole = monitoring.monitored_prediction(model.predict(split[spec.input_columns]), spec, split.index)
-    expected = profile_column(whole, monitoring.PREDICTION, "numeric")
-    assert champion.profile.columns[monitoring.PREDICTION] == expected
+    whole = worker.monitored_prediction(model.predict(split[spec.input_columns]), spec, split.index)
+    expected = profile_column(whole, worker.PREDICTION, "numeric")
+    assert champion.profile.columns[worker.PREDICTION] == expected

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.drift_report import build_report
+from tasks.monitoring.drift_report import build_report
 from tests.browser import browser_binaries, chromium, screenshot, screenshot_folder, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

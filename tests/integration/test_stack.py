@@ -467,6 +467,9 @@ def test_the_prefect_and_mlflow_uis_tell_the_story_in_a_browser(stack, tmp_path)
         decisions = http.post(
             "/artifacts/filter", json={"artifacts": {"key": {"any_": ["retrain-decision"]}}}
         ).json()
+        [scheduled] = http.post(
+            "/deployments/filter", json={"deployments": {"name": {"any_": ["scheduled"]}}}
+        ).json()
     summary = next(a for a in artifacts if a["key"] == "execution-summary")
     mlflow_ui = stack.env["MLFLOW_TRACKING_URI"]
 
@@ -494,6 +497,13 @@ def test_the_prefect_and_mlflow_uis_tell_the_story_in_a_browser(stack, tmp_path)
         wait_for(driver, lambda: "Retry Delay" in page_text(driver), "the task run's details")
         assert "NaN" not in page_text(driver)
         screenshot(driver, shots, "prefect-task-run")
+
+        # the scheduled training's run form: a section per parameter group, with the deployment's values
+        assert scheduled["parameters"]["params"]["tuning"]["n_trials"] == 2
+        driver.get(f"{ui}/deployments/deployment/{scheduled['id']}/run")
+        for section in ("Quality", "Split", "Tuning", "Training", "Registry", "N Trials", "Min R2"):
+            wait_for(driver, lambda s=section: s in page_text(driver), f"the run form's {section}")
+        screenshot(driver, shots, "prefect-run-form")
 
         # the execution summary: links to the MLflow execution run and the model version
         driver.get(f"{ui}/artifacts/artifact/{summary['id']}")

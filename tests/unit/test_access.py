@@ -1,4 +1,4 @@
-"""The data-access policy (`tasks.access`) and the refusals that must never quote a file's content."""
+"""The data-access policy (`tasks.steps.access`) and the refusals that must never quote a file's content."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.access import DataAccess, checked_files, normalise
-from tasks.data import TableSpec, check_table, read_table
-from tasks.errors import DataValidationError, read_failure
-from tasks.quality import record_rejection
+from tasks.steps.access import DataAccess, checked_files, normalise
+from tasks.steps.errors import DataValidationError, read_failure
+from tasks.tabular.data import TableSpec, check_table, read_table
+from tasks.tabular.quality import record_rejection
 
 SECRET = "hunter2-db-password"
 
@@ -53,7 +53,7 @@ def test_a_link_inside_an_allowed_folder_to_a_file_outside_is_refused_by_name(tr
     error = refusal(lambda: check_table(table(tree["allowed"]), access, str(tree["root"] / "datasets")))
     assert error.file == str(link) and "resolves outside" in error.rule
     # the monitor applies the same policy
-    from tasks.drift import batch_files
+    from tasks.monitoring.drift import batch_files
 
     refusal(lambda: batch_files(str(tree["allowed"]), True, access))
     link.unlink()

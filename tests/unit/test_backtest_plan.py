@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.backtest import Batch, PolicyRun, detection_delays, parse_delay, plan_batches
-from tasks.calibration import parse_chunk
-from tasks.errors import DataValidationError
+from tasks.monitoring.backtest import Batch, PolicyRun, detection_delays, parse_delay, plan_batches
+from tasks.monitoring.calibration import parse_chunk
+from tasks.steps.errors import DataValidationError
 
 TIMES = (pd.Timestamp("2024-01-01") + pd.to_timedelta(np.arange(100 * 24), unit="h")).to_numpy()
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.refs import DatasetRef, ModelRef
 from tasks.steps import cache
+from tasks.steps.refs import DatasetRef, ModelRef
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 PROBE = "tasks._cache_probe"
@@ -37,7 +37,7 @@ def probe_module():
 
 
 BASE = """
-from tasks import featurize
+from tasks.tabular import featurize
 
 SCALE = 2
 
@@ -53,7 +53,7 @@ def step(x):
 def test_code_parts_follow_helpers_constants_and_module_attributes(probe_module):
     parts = cache.code_parts(probe_module(BASE).step)
     assert {f"code:{PROBE}.step", f"code:{PROBE}.helper", f"code:{PROBE}.SCALE"} <= set(parts)
-    assert "code:tasks.featurize.TIME_PARTS" in parts
+    assert "code:tasks.tabular.featurize.TIME_PARTS" in parts
     assert not any("lineage" in name for name in parts)  # bookkeeping is not part of the key
 
 
@@ -109,7 +109,8 @@ def test_the_code_key_of_every_pipeline_step_is_the_same_in_another_process():
     script = (
         "import json, flows.pipeline as p\n"
         "from tasks.steps import cache\n"
-        "from tasks import train, prepare, baseline, evaluate, quality\n"
+        "from tasks.tabular import train, prepare, evaluate, quality\n"
+        "from tasks.monitoring import baseline\n"
         "steps = [prepare.prepare, train.tune, train.train, baseline.baseline, evaluate.evaluate,"
         " quality.check_quality]\n"
         "print(json.dumps({s.name: cache.code_parts(s.fn) for s in steps}, sort_keys=True))\n"
@@ -126,7 +127,7 @@ def test_the_code_key_of_every_pipeline_step_is_the_same_in_another_process():
         for seed in ("1", "2")
     ]
     assert outputs[0] == outputs[1]
-    assert "code:tasks.modeling.run_trial" in outputs[0]  # tune's trials run this on the workers
+    assert "code:tasks.tabular.modeling.run_trial" in outputs[0]  # tune's trials run this on the workers
 
 
 USER_PACKAGE = """

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import drift_stats
-from tasks.calibration import (
+from tasks.monitoring import drift_stats
+from tasks.monitoring.calibration import (
     DRIFT_SD,
     MAX_CHUNKS,
     Normal,

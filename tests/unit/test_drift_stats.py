@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import drift_stats
-from tasks.drift_report import build_report
+from tasks.monitoring import drift_stats
+from tasks.monitoring.drift_report import build_report
 from tests.conftest import BIKE_CSV
 
 BIKE_NUMERIC = [

@@ -94,7 +94,7 @@ def test_same_variables_everywhere_and_the_code_reads_them(compose, k8s, monkeyp
         assert local[variable].split(":")[-1] == config[variable].split(":")[-1]
     for name, value in config.items():
         monkeypatch.setenv(name, value)
-    from tasks.settings import Settings
+    from tasks.steps.settings import Settings
 
     settings = Settings()
     assert settings.tracking_uri == config["MLFLOW_TRACKING_URI"] and not settings.embedded_mlflow

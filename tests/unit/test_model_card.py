@@ -3,9 +3,10 @@ they link to, and that values from data or users stay text."""
 
 from __future__ import annotations
 
-from tasks import model_card, summary
-from tasks.lineage import flatten, mlflow_ui_link, run_link
-from tasks.refs import DatasetRef
+from tasks.steps import summary
+from tasks.steps.lineage import flatten, mlflow_ui_link, run_link
+from tasks.steps.refs import DatasetRef
+from tasks.tabular import model_card
 
 HOSTILE = '<img src=x onerror="alert(1)">|x'
 

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from sklearn import metrics
 
-from tasks.calibration import parse_chunk
-from tasks.featurize import FeatureSpec, model_matrix
-from tasks.performance import Sums, calibrate_performance, fit_estimator, realized_sums
+from tasks.monitoring.calibration import parse_chunk
+from tasks.monitoring.performance import Sums, calibrate_performance, fit_estimator, realized_sums
+from tasks.tabular.featurize import FeatureSpec, model_matrix
 
 BINARY = FeatureSpec(
     target="y",

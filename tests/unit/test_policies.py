@@ -7,10 +7,9 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from tasks import drift_stats
-from tasks.calibration import Calibration, normal_of
-from tasks.featurize import FeatureSpec
-from tasks.policies import (
+from tasks.monitoring import drift_stats
+from tasks.monitoring.calibration import Calibration, normal_of
+from tasks.monitoring.policies import (
     DATA_DRIFT,
     EVIDENTLY_SHARE,
     PERFORMANCE,
@@ -21,7 +20,8 @@ from tasks.policies import (
     decide,
     parse_policy,
 )
-from tasks.verdict import judge
+from tasks.monitoring.verdict import judge
+from tasks.tabular.featurize import FeatureSpec
 
 
 @pytest.mark.parametrize(
@@ -187,9 +187,9 @@ def test_performance_is_realized_with_labels_else_estimated_against_its_range():
 
 
 def test_the_columns_table_escapes_values_from_data():
-    from tasks.drift import DriftCheck, drift_table
-    from tasks.policies import decide as decide_
-    from tasks.refs import DatasetRef
+    from tasks.monitoring.drift import DriftCheck, drift_table
+    from tasks.monitoring.policies import decide as decide_
+    from tasks.steps.refs import DatasetRef
 
     hostile = "<img src=x onerror=alert(1)>|[link](javascript:x)"
     spec = SPEC.model_copy(update={"numeric": [hostile]})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.project import ProjectConfigError, project_config
+from tasks.tabular.project import ProjectConfigError, project_config
 
 
 def test_keel_toml_is_read_and_relative_data_is_taken_from_its_folder(tmp_path):
@@ -41,7 +41,7 @@ def test_a_config_that_cannot_be_used_is_refused_with_the_file_and_the_reason(tm
 
 def test_the_demos_columns_are_assumed_for_the_demo_data_only(tmp_path, monkeypatch):
     from flows.pipeline import PipelineParams
-    from tasks.project import DEMO_DATA
+    from tasks.tabular.project import DEMO_DATA
 
     monkeypatch.chdir(tmp_path)  # no keel.toml here
     demo = PipelineParams()
@@ -88,8 +88,8 @@ def test_keel_toml_fills_what_flags_leave_out_for_every_flow(tmp_path, monkeypat
 
 def test_a_resumed_execution_keeps_its_own_table_not_the_demos(state, tmp_path, monkeypatch):
     from flows.pipeline import PipelineParams, training_pipeline
-    from tasks import lineage
-    from tasks.settings import get_settings
+    from tasks.steps import lineage
+    from tasks.steps.settings import get_settings
 
     monkeypatch.chdir(tmp_path)
     stored = PipelineParams(data=str(tmp_path / "other.csv"), target="y", time_column="t", n_trials=5)
@@ -98,4 +98,4 @@ def test_a_resumed_execution_keeps_its_own_table_not_the_demos(state, tmp_path, 
     given = {"reuse_from": run.run_id, "n_trials": 3}  # as on the command line: the rest is the execution's
     params = training_pipeline.with_stored_params(PipelineParams.model_validate(given), given)
     assert (params.data, params.target, params.time_column) == (str(tmp_path / "other.csv"), "y", "t")
-    assert params.n_trials == 3 and params.reuse_from == run.run_id and params.model_name == "other"
+    assert params.tuning.n_trials == 3 and params.reuse_from == run.run_id and params.model_name == "other"

@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 
 from flows.pipeline import PipelineParams, quality_checks
-from tasks.evaluate import Evaluation
-from tasks.featurize import FeatureSpec, encode_target, model_matrix, predictions_frame
-from tasks.refs import content_digest, data_files
 from tasks.steps.cli import parse_params
-from tasks.train import TrainingSpec, choose_mode
+from tasks.steps.params import flat_fields
+from tasks.steps.refs import content_digest, data_files
+from tasks.tabular.evaluate import Evaluation
+from tasks.tabular.featurize import FeatureSpec, encode_target, model_matrix, predictions_frame
+from tasks.tabular.train import TrainingSpec, choose_mode
 
 
 def test_digest_follows_content_not_path(tmp_path):
@@ -92,8 +93,19 @@ def test_cli_lists_and_parses_every_parameter(capsys):
     with pytest.raises(SystemExit):
         parse_params(PipelineParams, ["--help"], "prog", "")
     help_text = capsys.readouterr().out
-    for name in PipelineParams.model_fields:
-        assert "--" + name.replace("_", "-") in help_text
+    flags = {"--" + name.replace("_", "-") for name in flat_fields(PipelineParams)}
+    assert flags >= {
+        "--data",
+        "--n-trials",
+        "--valid-fraction",
+        "--min-r2",
+        "--on-quality-violation",
+        "--approval",
+    }
+    for flag in flags:
+        assert flag in help_text
+    for group in ("quality:", "split:", "tuning:", "training:", "registry:"):
+        assert group in help_text  # a section per parameter group
     params = parse_params(
         PipelineParams,
         [
@@ -110,8 +122,12 @@ def test_cli_lists_and_parses_every_parameter(capsys):
         "prog",
         "",
     )
-    assert params.n_trials == 3 and params.drop_columns == ["a", "b"] and str(params.start) == "2011-02-01"
-    assert params.space["num_leaves"].high == 8
+    assert (
+        params.tuning.n_trials == 3
+        and params.drop_columns == ["a", "b"]
+        and str(params.split.start) == "2011-02-01"
+    )
+    assert params.tuning.space["num_leaves"].high == 8
 
 
 def test_cli_rejects_bad_values_with_the_flag_name(capsys):
@@ -139,8 +155,8 @@ def test_retry_policy_waits_and_failure_kinds():
     from distributed import KilledWorker
     from mlflow.exceptions import MlflowException, RestException
 
-    from tasks.errors import DataValidationError
     from tasks.steps import RetryPolicy
+    from tasks.steps.errors import DataValidationError
 
     policy = RetryPolicy(attempts=4, interval_seconds=2, backoff_rate=3)
     assert policy.delays() == [2, 6, 18]

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.data import check_csv_ends
-from tasks.errors import DataValidationError
-from tasks.quality import QualityRules, constraints_from, partition_stats, violations
-from tasks.refs import DatasetRef
+from tasks.steps.errors import DataValidationError
+from tasks.steps.refs import DatasetRef
+from tasks.tabular.data import check_csv_ends
+from tasks.tabular.quality import QualityRules, constraints_from, partition_stats, violations
 
 REF = DatasetRef(name="raw", uri="/data/x.csv", digest="d", format="csv")
 

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.drift_report import ReportLayoutChanged, build_report, inert_data
-from tasks.quality import Violation, violations_table
+from tasks.monitoring.drift_report import ReportLayoutChanged, build_report, inert_data
+from tasks.tabular.quality import Violation, violations_table
 
 HOSTILE = "</script><script>alert(document.cookie)</script>"
 HOSTILE_COLUMN = "<img src=x onerror=alert(1)>|x"

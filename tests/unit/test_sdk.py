@@ -11,9 +11,8 @@ from pathlib import Path
 import dask.dataframe as dd
 import pandas as pd
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError
 
-from tasks import lineage
 from tasks.steps import (
     CacheConfig,
     Check,
@@ -22,12 +21,14 @@ from tasks.steps import (
     condition,
     current_pipeline,
     fail,
+    lineage,
     pipeline,
     processing_step,
     training_step,
 )
 from tasks.steps.cache import UnstorableOutput
 from tasks.steps.discover import steps_of
+from tasks.steps.tags import STEP_TAG
 from tests.conftest import mlflow_client
 
 CALLED: list[str] = []
@@ -139,7 +140,7 @@ def test_dataframes_are_stored_as_parquet_references_and_recorded_as_lineage():
         [client.get_run(result["execution"]).info.experiment_id],
         f"tags.`mlflow.parentRunId` = '{result['execution']}'",
     )
-    by_step = {r.data.tags[lineage.STEP_TAG]: r for r in runs}
+    by_step = {r.data.tags[STEP_TAG]: r for r in runs}
     assert by_step["make-table"].data.tags["keel.output.output.rows"] == "5"
     stored = Path(by_step["doubled"].data.tags["keel.output.output.uri"])
     assert (
@@ -193,3 +194,52 @@ def test_a_pipeline_whose_parameters_need_values_has_no_default():
 
     assert needs.name == "needs"
     assert needs.parameters.required == ["params"]
+
+
+def test_parameter_groups_are_nested_in_the_model_and_flat_everywhere_else(capsys):
+    """Groups are sections in the Prefect UI (nested JSON schema) and plain flags on the command
+    line; flat names route into their group wherever parameters are made, and resumed parameters
+    (stored nested, or flat by an earlier version) merge with new flat values."""
+    from tasks.steps import ParamGroup, Params
+    from tasks.steps.cli import parse_params
+    from tasks.steps.params import flatten, nest
+
+    class Split(ParamGroup):
+        """The split."""
+
+        valid_fraction: float = Field(default=0.2, gt=0, lt=0.5)
+
+    class Fit(ParamGroup):
+        """The fit."""
+
+        trees: int = Field(default=100, ge=1)
+        seed: int = 1
+
+    class Knobs(Params):
+        name: str = "m"
+        split: Split = Field(default_factory=Split)
+        fit: Fit = Field(default_factory=Fit)
+
+    schema = Knobs.model_json_schema()
+    assert set(schema["properties"]) == {"name", "split", "fit"}  # nested: one form section each
+    made = Knobs(trees=7, valid_fraction=0.3)
+    assert made.fit.trees == 7 and made.fit.seed == 1 and made.split.valid_fraction == 0.3
+    assert Knobs(fit={"trees": 5}, seed=9).fit == Fit(trees=5, seed=9)  # a flat value joins its group
+    assert made.updated(seed=3).fit == Fit(trees=7, seed=3)
+    with pytest.raises(ValidationError):
+        made.updated(trees=0)  # checked like new parameters
+    stored = made.model_dump()
+    assert Knobs.model_validate(nest(Knobs, {**flatten(Knobs, stored), "trees": 8})).fit.trees == 8
+    assert Knobs.model_validate({"trees": 2, "name": "old"}).fit.trees == 2  # stored flat, before groups
+
+    parsed = parse_params(Knobs, ["--trees", "3", "--valid-fraction", "0.1"], "prog", "")
+    assert parsed.fit.trees == 3 and parsed.split.valid_fraction == 0.1
+    with pytest.raises(SystemExit):
+        parse_params(Knobs, ["--trees", "0"], "prog", "")
+    assert "--trees:" in capsys.readouterr().err  # the flag, not fit.trees
+
+    with pytest.raises(TypeError, match="'trees' is both in fit and in other"):
+
+        class Ambiguous(Params):  # every field in two groups: --trees would mean either
+            fit: Fit = Field(default_factory=Fit)
+            other: Fit = Field(default_factory=Fit)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from tasks import lineage
-from tasks.settings import get_settings
+from tasks.steps import lineage
+from tasks.steps.settings import get_settings
 
 
 def test_embedded_defaults_live_under_the_state_dir(tmp_path, monkeypatch):

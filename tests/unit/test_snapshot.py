@@ -1,4 +1,4 @@
-"""The input is pinned once (`tasks.snapshot`): what a run checks, digests and trains on is one copy,
+"""The input is pinned once (`tasks.tabular.snapshot`): what a run checks, digests and trains on is one copy,
 whatever happens to the user's file meanwhile."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tasks.access import DataAccess
-from tasks.data import TableSpec, check_table, read_table
-from tasks.errors import DataValidationError
-from tasks.refs import content_digest
-from tasks.snapshot import reported_as
+from tasks.steps.access import DataAccess
+from tasks.steps.errors import DataValidationError
+from tasks.steps.refs import content_digest
+from tasks.tabular.data import TableSpec, check_table, read_table
+from tasks.tabular.snapshot import reported_as
 
 
 def write(path, rows: int) -> None:

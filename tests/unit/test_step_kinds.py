@@ -14,10 +14,6 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from tasks import lineage
-from tasks.errors import DataValidationError, StepFailed
-from tasks.refs import DatasetRef, content_digest
-from tasks.settings import get_settings
 from tasks.steps import (
     CacheConfig,
     Check,
@@ -25,9 +21,14 @@ from tasks.steps import (
     condition,
     current_step,
     fail,
+    lineage,
     processing_step,
     training_step,
 )
+from tasks.steps.errors import DataValidationError, StepFailed
+from tasks.steps.refs import DatasetRef, content_digest
+from tasks.steps.settings import get_settings
+from tasks.steps.tags import REASON_TAG, SOURCE_EXECUTION_TAG, STATUS_TAG, STEP_KIND_TAG, STEP_TAG
 from tests.conftest import mlflow_client
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "state")
@@ -80,7 +81,7 @@ def step_runs(parent_run_id: str) -> dict[str, object]:
     client = mlflow_client()
     parent = client.get_run(parent_run_id)
     runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    return {run.data.tags[lineage.STEP_TAG]: run for run in runs}
+    return {run.data.tags[STEP_TAG]: run for run in runs}
 
 
 @pytest.fixture
@@ -110,8 +111,8 @@ def test_steps_are_named_task_runs_with_one_mlflow_child_run_each(source):
 
     runs = step_runs(parent_id)
     assert set(runs) == {"copy-upper", "flaky", "gate"}
-    assert runs["copy-upper"].data.tags[lineage.STEP_KIND_TAG] == "ProcessingStep"
-    assert runs["gate"].data.tags[lineage.STEP_KIND_TAG] == "ConditionStep"
+    assert runs["copy-upper"].data.tags[STEP_KIND_TAG] == "ProcessingStep"
+    assert runs["gate"].data.tags[STEP_KIND_TAG] == "ConditionStep"
     assert all(r.info.status == "FINISHED" for r in runs.values())
     parent = mlflow_client().get_run(parent_id)
     assert parent.data.tags["prefect.flow_run_id"] == str(flow_run_id)
@@ -135,7 +136,7 @@ def test_inputs_are_logged_with_digest_and_outputs_tagged(source):
 
 def test_a_retried_step_leaves_one_run_with_its_attempts(source):
     parent_id = unit_pipeline(str(source), uuid.uuid4().hex, 1.0)
-    flaky_runs = [r for r in step_runs(parent_id).values() if r.data.tags[lineage.STEP_TAG] == "flaky"]
+    flaky_runs = [r for r in step_runs(parent_id).values() if r.data.tags[STEP_TAG] == "flaky"]
     client = mlflow_client()
     all_flaky = client.search_runs(
         [flaky_runs[0].info.experiment_id],
@@ -260,19 +261,18 @@ def cached_pipeline(source: str) -> tuple[int, str]:
 
 
 def test_a_cached_step_expires(source):
-    from tasks.steps import cache
 
     CALLS.pop("count-lines", None)
     _, first = cached_pipeline(str(source))
     _, second = cached_pipeline(str(source))
     assert CALLS["count-lines"] == 1
     hit = step_runs(second)["count-lines"].data.tags
-    assert hit[cache.STATUS_TAG] == "hit" and hit[cache.SOURCE_EXECUTION_TAG] == first
+    assert hit[STATUS_TAG] == "hit" and hit[SOURCE_EXECUTION_TAG] == first
     time.sleep(8.5)  # long enough apart that a busy machine still hits the second time
     _, third = cached_pipeline(str(source))
     assert CALLS["count-lines"] == 2
     miss = step_runs(third)["count-lines"].data.tags
-    assert miss[cache.STATUS_TAG] == "miss" and "are older than 0:00:08" in miss[cache.REASON_TAG]
+    assert miss[STATUS_TAG] == "miss" and "are older than 0:00:08" in miss[REASON_TAG]
 
 
 ATTEMPTS: dict[str, list[float]] = {}

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.featurize import FeatureSpec, encode_target, model_matrix
-from tasks.modeling import booster_params, run_trial, score
-from tasks.refs import DatasetRef
+from tasks.steps.refs import DatasetRef
+from tasks.tabular.featurize import FeatureSpec, encode_target, model_matrix
+from tasks.tabular.modeling import booster_params, run_trial, score
 
 PARAMS = {"num_leaves": 15, "learning_rate": 0.1, "min_data_in_leaf": 20, "bagging_fraction": 0.8}
 

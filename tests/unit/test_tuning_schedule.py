@@ -11,10 +11,9 @@ import pytest
 from distributed import LocalCluster
 from prefect import flow
 
-from tasks import lineage
-from tasks.compute import dask_cluster
-from tasks.settings import get_settings
-from tasks.steps import ParamRange, TuningResult, TuningSpec, run_trials, tuning_step
+from tasks.steps import ParamRange, TuningResult, TuningSpec, lineage, run_trials, tuning_step
+from tasks.steps.compute import dask_cluster
+from tasks.steps.settings import get_settings
 from tasks.steps.tuning import STARTUP_TRIALS, optuna_distributions
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "state")

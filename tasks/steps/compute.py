@@ -1,0 +1,141 @@
+"""The one place that decides where heavy work runs.
+
+`DASK_SCHEDULER_ADDRESS` set: connect to that scheduler (a warm pool). Unset: start a LocalCluster
+for this run and close it afterwards. Steps get the client with `dask_client()`; the cluster is
+opened on that first call, so a run whose steps are all reused never starts one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from tasks.steps.settings import Settings
+
+if TYPE_CHECKING:
+    import distributed
+
+log = logging.getLogger(__name__)
+
+# Dask's workers wake every 10 ms to profile themselves and every 20 ms to check their event loop.
+# On a small machine that costs CPU-bound tasks dearly: a 2-thread LightGBM trial ran ~20% slower in
+# a worker than in a plain process on 2 cores, and as fast with these (README: Performance).
+QUIET_WORKERS = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+}
+
+# dask-expr fuses small Parquet files into fewer partitions, by how many of their columns an
+# expression reads. A row count reads none and can get other partitions than a column read of the
+# same files, so a filter on a folder of small files failed ("boolean index did not match indexed
+# array", dask/dask-expr#1118). Our computations run with that fusion off.
+SAME_PARTITIONS = {"optimization.tune.active": False}
+
+
+_open_cluster: ContextVar[Callable[[], distributed.Client] | None] = ContextVar("keel_dask", default=None)
+
+
+@contextmanager
+def dask_cluster(settings: Settings) -> Iterator[None]:
+    """Make a Dask cluster available to the steps of a run: connected to (or, for a LocalCluster,
+    started) when a step first asks for `dask_client()`, so an execution whose steps are all cached
+    never pays for it; closed at the end."""
+    opened: list[Any] = []
+    lock = threading.Lock()  # steps side by side may ask at once: one cluster
+
+    def open_client() -> distributed.Client:
+        with lock:
+            if not opened:
+                opened.extend(_connect(settings))
+            return opened[0]
+
+    import dask
+
+    token = _open_cluster.set(open_client)
+    try:
+        with dask.config.set(SAME_PARTITIONS):
+            yield
+    finally:
+        _open_cluster.reset(token)
+        for item in opened:
+            if item is not None:
+                item.close()
+
+
+def _connect(settings: Settings) -> tuple[distributed.Client, distributed.LocalCluster | None]:
+    import dask
+    import distributed
+
+    if settings.dask_scheduler_address:
+        client = distributed.Client(settings.dask_scheduler_address, set_as_default=True)
+        log.info("Dask: connected to %s (%d workers)", client.scheduler.address, _n_workers(client))
+        return client, None
+    with dask.config.set(QUIET_WORKERS):  # the nannies hand this to the workers they start
+        cluster = distributed.LocalCluster(
+            n_workers=settings.dask_local_workers,
+            threads_per_worker=settings.dask_threads_per_worker,
+            memory_limit=settings.dask_worker_memory,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+        )
+    client = distributed.Client(cluster, set_as_default=True)
+    log.info(
+        "Dask: started LocalCluster %s, %d workers x %d threads, dashboard %s",
+        cluster.scheduler_address,
+        settings.dask_local_workers,
+        settings.dask_threads_per_worker,
+        client.dashboard_link,
+    )
+    return client, cluster
+
+
+def dask_client() -> distributed.Client:
+    """The run's client (opening the cluster on first use); also the default for `dask.compute`."""
+    open_client = _open_cluster.get()
+    if open_client is None:
+        raise RuntimeError("no Dask cluster is open: run steps inside `dask_cluster(...)`")
+    return open_client()
+
+
+def worker_identity() -> dict[str, str]:
+    """Called on a worker: which worker and process did the work (recorded in lineage)."""
+    import os
+    import socket
+
+    from distributed import get_worker
+
+    worker = get_worker()
+    return {"dask.worker": worker.address, "dask.worker_pid": str(os.getpid()), "host": socket.gethostname()}
+
+
+_steps_side_by_side: ContextVar[int] = ContextVar("keel_steps_side_by_side", default=1)
+
+
+@contextmanager
+def steps_side_by_side(n: int) -> Iterator[None]:
+    """Steps submitted inside this block run at the same time as `n` - 1 others: they share the
+    cluster's threads out (`threads_per_task`) instead of each taking all of them."""
+    token = _steps_side_by_side.set(max(1, n))
+    try:
+        yield
+    finally:
+        _steps_side_by_side.reset(token)
+
+
+def threads_per_task(client: distributed.Client, tasks_at_once: int) -> int:
+    """Threads each of `tasks_at_once` concurrent tasks of a step may use: the cluster's worker
+    threads, shared out among them and the steps running beside it (so one trial at a time uses
+    every core, as LightGBM would in a plain script)."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    total = sum(w.get("nthreads", 1) for w in workers)
+    return max(1, total // (tasks_at_once * _steps_side_by_side.get()))
+
+
+def _n_workers(client) -> int:
+    return len(client.scheduler_info().get("workers", {}))
