@@ -24,7 +24,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -175,8 +175,6 @@ def summarise(result: BacktestResult) -> str:
 @pipeline(name="backtest", params=BacktestParams, summary=summarise, after_bad_input="nothing replayed")
 def backtest(params: BacktestParams) -> BacktestResult:
     """Replay the table through time for each policy; compare error against retrains."""
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
     logger = get_run_logger()
     settings = get_settings()
     table = params.table()
@@ -235,15 +233,7 @@ def backtest(params: BacktestParams) -> BacktestResult:
         return {model.key: model for model in client.gather(futures)}
 
     replay = Replay(frame, table, task, batches, inside, delay, params, metric, params.champion_margin, train)
-    progress = create_progress_artifact(progress=0.0, description=f"backtest: {len(batches)} batches")
-    step = max(1, len(batches) // 10)
-
-    def report(done: int, total: int) -> None:
-        update_progress_artifact(cast(UUID, progress), progress=100.0 * done / total)
-        if done % step == 0 or done == total:
-            logger.info("batch %d of %d (%d models trained so far)", done, total, len(replay.models))
-
-    runs = replay.run(policies, report)
+    runs = replay.run(policies, _progress(replay, len(batches)))
     summaries = summarise_runs(runs, batches, inside, params.change_points, set(DATA_DRIVEN))
     result = BacktestResult(
         metric=metric,
@@ -270,6 +260,22 @@ def backtest(params: BacktestParams) -> BacktestResult:
         f"backtest: {result.models_trained} models trained in {result.seconds:.0f} s; picture: {result.plot_link}"
     )
     return result
+
+
+def _progress(replay: Replay, batches: int) -> Callable[[int, int], None]:
+    """A Prefect progress artifact for the replay, and a log line every tenth of the batches."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    logger = get_run_logger()
+    progress = create_progress_artifact(progress=0.0, description=f"backtest: {batches} batches")
+    every = max(1, batches // 10)
+
+    def report(done: int, total: int) -> None:
+        update_progress_artifact(cast(UUID, progress), progress=100.0 * done / total)
+        if done % every == 0 or done == total:
+            logger.info("batch %d of %d (%d models trained so far)", done, total, len(replay.models))
+
+    return report
 
 
 def _labelled_batches(

@@ -17,6 +17,7 @@ import tempfile
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
@@ -43,6 +44,9 @@ from tasks.steps.tags import (
     RETRAIN_TAG,
 )
 from tasks.tabular.data import pinned_table, read_table
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Fewer rows say nothing about a distribution: such a batch is refused rather than judged.
 MIN_BATCH_ROWS = 30
@@ -191,18 +195,6 @@ def check_drift(
     context = policy_context(champion, datetime.now(UTC)) if policy.name == "schedule" else PolicyContext()
     decision = decide(policy, verdict.signals, context)
 
-    output_uri = step.output_location()
-    sample_uri = f"{output_uri}/sample.parquet"
-    if "://" not in output_uri:
-        Path(output_uri).mkdir(parents=True, exist_ok=True)
-    summary.sample.to_parquet(sample_uri, index=False)
-    sample = DatasetRef(
-        name="batch-sample",
-        uri=sample_uri,
-        digest=content_digest(sample_uri),
-        format="parquet",
-        rows=len(summary.sample),
-    )
     check = DriftCheck(
         model_name=model_name,
         version=champion.version,
@@ -213,7 +205,7 @@ def check_drift(
         champion_quality={k: v for k, v in champion.metrics.items() if k in verdict.realized},
         calibration_chunk=profile.calibration.chunk if profile.calibration else None,
         notes=_notes(champion, summary.rows),
-        sample=sample,
+        sample=_stored_sample(summary.sample),
     )
     step.log_metrics(_metrics(check))
     step.set_tags(
@@ -223,6 +215,31 @@ def check_drift(
             DRIFT_REASONS_TAG: "; ".join(decision.reasons)[:5000],
         }
     )
+    _log_decision(check)
+    return check
+
+
+def _stored_sample(sample: pd.DataFrame) -> DatasetRef:
+    """The bounded row sample behind the Evidently report, as the step's Parquet output."""
+    output_uri = current_step().output_location()
+    sample_uri = f"{output_uri}/sample.parquet"
+    if "://" not in output_uri:
+        Path(output_uri).mkdir(parents=True, exist_ok=True)
+    sample.to_parquet(sample_uri, index=False)
+    return DatasetRef(
+        name="batch-sample",
+        uri=sample_uri,
+        digest=content_digest(sample_uri),
+        format="parquet",
+        rows=len(sample),
+    )
+
+
+def _log_decision(check: DriftCheck) -> None:
+    from prefect import get_run_logger
+
+    logger = get_run_logger()
+    verdict, decision = check.verdict, check.decision
     logger.info(
         "%s (policy %s)%s; %d of %d inputs beyond calibrated thresholds (importance-weighted %.2f), "
         "Evidently's rule: %d (share %.2f)",
@@ -237,7 +254,6 @@ def check_drift(
     )
     for note in check.notes:
         logger.warning("drift check: %s", note)
-    return check
 
 
 def _notes(champion: ChampionBaseline, rows: int) -> list[str]:
@@ -313,7 +329,6 @@ def report_drift(
     with the verdict; Prefect artifacts."""
     import pandas as pd
     from prefect import get_run_logger
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
     from tasks.monitoring import drift_report
 
@@ -365,13 +380,30 @@ def report_drift(
         LAST_REPORT_TAG: html_uri,
     }.items():
         step.client.set_model_version_tag(check.model_name, check.version, key, value)
-    sampled = (
-        check.rows > current.shape[0] or (champion.profile.train.rows or 0) > champion.reference.shape[0]
+    reference_rows = (len(champion.reference), champion.profile.train.rows or 0)
+    _announce_report(check, link, table, reference_rows, len(current))
+    return DriftReportRef(
+        html_uri=html_uri,
+        json_uri=json_uri,
+        link=link,
+        run_id=step.run_id,
+        evidently_share=report.drifted_share,
+        evidently_agrees=agrees,
     )
+
+
+def _announce_report(
+    check: DriftCheck, link: str, table: str, reference_rows: tuple[int, int], batch_rows: int
+) -> None:
+    """The report's link and the columns table as Prefect artifacts, saying whether the report was
+    drawn from samples (`reference_rows`: sampled, and in the training data)."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    sampled_reference, training_rows = reference_rows
     note = (
-        f"\n\nThe Evidently report is drawn from {len(champion.reference):,} reference and {len(current):,} "
+        f"\n\nThe Evidently report is drawn from {sampled_reference:,} reference and {batch_rows:,} "
         "batch rows (uniform samples) and shows Evidently's fixed thresholds; the verdicts above use every row."
-        if sampled
+        if check.rows > batch_rows or training_rows > sampled_reference
         else "\n\nThe Evidently report shows Evidently's fixed thresholds; the calibrated ones are above."
     )
     create_link_artifact(
@@ -388,14 +420,6 @@ def report_drift(
         + note
         + f"\n\n{markdown.link('Evidently report', link)}\n",
         description=f"{check.rows:,} rows against {check.model_name} v{check.version}",
-    )
-    return DriftReportRef(
-        html_uri=html_uri,
-        json_uri=json_uri,
-        link=link,
-        run_id=step.run_id,
-        evidently_share=report.drifted_share,
-        evidently_agrees=agrees,
     )
 
 

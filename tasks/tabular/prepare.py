@@ -113,9 +113,7 @@ def mismatched_columns(message: str) -> list[str]:
 
 def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: str) -> Splits:
     import dask
-    from prefect import get_run_logger
 
-    step = current_step()
     dask_client()  # the cluster runs every compute below
     frame = read_table(raw).drop(columns=table.drop_columns)
     time_column, target = table.time_column, table.target
@@ -187,25 +185,36 @@ def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: st
             time_column,
         )
     refs = _write_splits(parts, output_uri, rows)
-    step.log_params({"task": task, "boundaries": boundaries, "features": features.feature_names})
+    splits = Splits(**refs, features=features, boundaries=boundaries)
+    _log_prepared(splits, counts)
+    return splits
+
+
+def _log_prepared(splits: Splits, counts: InputCounts) -> None:
+    from prefect import get_run_logger
+
+    features, rows = splits.features, {s: getattr(splits, s).rows or 0 for s in SPLITS}
+    step = current_step()
+    step.log_params(
+        {"task": features.task, "boundaries": splits.boundaries, "features": features.feature_names}
+    )
     step.log_metrics(
         {
-            "rows_input": total,
-            "rows_window": window_rows,
-            "rows_dropped_null_target": null_targets,
+            "rows_input": counts.rows,
+            "rows_window": counts.window_rows,
+            "rows_dropped_null_target": counts.null_targets,
             **{f"rows_{s}": rows[s] for s in SPLITS},
         }
     )
     get_run_logger().info(
         "prepared %s rows -> train %d / valid %d / test %d (%s task, %d features)",
-        f"{window_rows:,}",
+        f"{counts.window_rows:,}",
         rows["train"],
         rows["valid"],
         rows["test"],
-        task,
+        features.task,
         len(features.feature_names),
     )
-    return Splits(**refs, features=features, boundaries=boundaries)
 
 
 def _window(frame: dd.DataFrame, table: TableSpec, split: SplitSpec, uri: str) -> dd.DataFrame:

@@ -491,8 +491,6 @@ def check_quality(  # noqa: PLR0913, PLR0917  # a step's inputs are what its lin
     with `on_quality_violation="fail"` a violation ends the run as bad input (file, column, rule).
     Columns of the baseline may be absent if `optional`, or not in `required` when that is given;
     the baseline's rules skip `not_features` and hold the `target` only to its kind (see `violations`)."""
-    import tempfile
-
     from prefect import get_run_logger
     from prefect.artifacts import create_markdown_artifact
 
@@ -523,13 +521,7 @@ def check_quality(  # noqa: PLR0913, PLR0917  # a step's inputs are what its lin
     )
     constraints = constraints_from(data, stats, time_column)
     table = violations_table(found)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / ARTIFACT_DIR
-        folder.mkdir()
-        (folder / "constraints.json").write_text(constraints.model_dump_json(indent=1))
-        (folder / "violations.json").write_text(json.dumps([v.model_dump() for v in found], indent=1))
-        (folder / "violations.md").write_text(table + "\n")
-        step.client.log_artifacts(step.run_id, str(folder), ARTIFACT_DIR)
+    _log_check(constraints, found, table)
     against_text = f"{against.model_name} v{against.version}" if against else "no baseline (first model)"
     step.log_metrics({"rows_checked": constraints.rows, "violations": len(found)})
     step.set_tags({QUALITY_AGAINST_TAG: against_text, QUALITY_VIOLATIONS_TAG: len(found)})
@@ -541,20 +533,7 @@ def check_quality(  # noqa: PLR0913, PLR0917  # a step's inputs are what its lin
             description=f"{len(found)} violations ({rules.on_quality_violation})",
         )
         logger.warning("%d data quality violations in %s:\n%s", len(found), data.location, table)
-        stopping = [
-            v
-            for v in found
-            if rules.on_quality_violation == "fail"
-            or (rules.on_quality_violation == "fail-on-broken" and v.rule not in MOVED)
-        ]
-        if stopping:
-            first = stopping[0]
-            more = f" (and {len(found) - 1} more violations, see the table)" if len(found) > 1 else ""
-            raise DataValidationError(
-                data.location,
-                f"{first.rule}: {first.observed}, expected {first.expected}{more}",
-                first.column,
-            )
+        _stop_if_called_for(found, rules, data.location)
     else:
         logger.info(
             "data quality: %s rows x %d columns pass (against %s)",
@@ -570,6 +549,37 @@ def check_quality(  # noqa: PLR0913, PLR0917  # a step's inputs are what its lin
         violations=found,
         rows=constraints.rows,
     )
+
+
+def _log_check(constraints: Constraints, found: list[Violation], table: str) -> None:
+    """The input's constraints (the next baseline) and its violations, as the step run's artifacts."""
+    import tempfile
+
+    step = current_step()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / ARTIFACT_DIR
+        folder.mkdir()
+        (folder / "constraints.json").write_text(constraints.model_dump_json(indent=1))
+        (folder / "violations.json").write_text(json.dumps([v.model_dump() for v in found], indent=1))
+        (folder / "violations.md").write_text(table + "\n")
+        step.client.log_artifacts(step.run_id, str(folder), ARTIFACT_DIR)
+
+
+def _stop_if_called_for(found: list[Violation], rules: QualityRules, location: str) -> None:
+    """End the run as bad input when the policy says a violation stops it: any (`fail`), or one
+    that is broken data rather than data that moved (`fail-on-broken`)."""
+    stopping = [
+        v
+        for v in found
+        if rules.on_quality_violation == "fail"
+        or (rules.on_quality_violation == "fail-on-broken" and v.rule not in MOVED)
+    ]
+    if stopping:
+        first = stopping[0]
+        more = f" (and {len(found) - 1} more violations, see the table)" if len(found) > 1 else ""
+        raise DataValidationError(
+            location, f"{first.rule}: {first.observed}, expected {first.expected}{more}", first.column
+        )
 
 
 # --- baselines in the registry, and rejected inputs -------------------------------------------------

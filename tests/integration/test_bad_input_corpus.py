@@ -48,7 +48,15 @@ def digest(path: Path) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_stops_before_training(name, champion, dask_cluster, monkeypatch, capsys):
+def test_bad_input_stops_before_training(name, champion, dask_cluster, monkeypatch, capsys, tmp_path):
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    # This run's Prefect results only (the default folder is the user's, shared with any other run).
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "results"}):
+        _bad_input_stops_before_training(name, champion, dask_cluster, monkeypatch, capsys)
+
+
+def _bad_input_stops_before_training(name, champion, dask_cluster, monkeypatch, capsys):
     monkeypatch.setenv("KEEL_STATE_DIR", str(champion))
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", dask_cluster.address)
     monkeypatch.setenv("KEEL_DATA_ROOTS", str(CORPUS))
