@@ -146,22 +146,28 @@ class Stack:
         }
         self.save(state)
         secrets = StackSecrets.ensure(self.home)
+        env = {**self.addresses(state), **secrets.client_env()}  # what `self.env(state)` reads back
         try:
             backend, prefect_db, db_env = self._start_databases(state, db, secrets)
-            self._start_prefect(state, secrets, prefect_db, db_env)
-            self._start_mlflow(state, secrets, backend, db_env)
-            self._start_dask(state, secrets, workers, worker_memory)
-            self._start_deployments(state, serve_args)
+            self._start_prefect(state, env, secrets, prefect_db, db_env)
+            self._start_mlflow(state, env, secrets, backend, db_env)
+            self._start_dask(state, env, secrets, workers, worker_memory)
+            self._start_deployments(state, env, serve_args)
         except BaseException:
             self.down()
             raise
         return state
 
     def _start_prefect(
-        self, state: dict, secrets: StackSecrets, prefect_db: str | None, db_env: dict[str, str]
+        self,
+        state: dict,
+        env: dict[str, str],
+        secrets: StackSecrets,
+        prefect_db: str | None,
+        db_env: dict[str, str],
     ) -> None:
         """The Prefect server (API and UI), behind its auth string."""
-        ports, env = state["ports"], self.env(state)
+        ports = state["ports"]
         self._start(
             state,
             "prefect",
@@ -188,9 +194,11 @@ class Stack:
             120,
         )
 
-    def _start_mlflow(self, state: dict, secrets: StackSecrets, backend: str, db_env: dict[str, str]) -> None:
+    def _start_mlflow(
+        self, state: dict, env: dict[str, str], secrets: StackSecrets, backend: str, db_env: dict[str, str]
+    ) -> None:
         """The MLflow tracking server with its basic-auth app and the stack's users."""
-        ports, env = state["ports"], self.env(state)
+        ports = state["ports"]
         (self.home / "mlflow").mkdir(exist_ok=True)
         self._start(
             state,
@@ -221,9 +229,11 @@ class Stack:
         )
         mlflow_auth.ensure_users(env["MLFLOW_TRACKING_URI"], secrets.mlflow_passwords())
 
-    def _start_dask(self, state: dict, secrets: StackSecrets, workers: int, worker_memory: str) -> None:
+    def _start_dask(
+        self, state: dict, env: dict[str, str], secrets: StackSecrets, workers: int, worker_memory: str
+    ) -> None:
         """The Dask scheduler and its workers, over TLS; returns once every worker has joined."""
-        ports, env = state["ports"], self.env(state)
+        ports = state["ports"]
         self._start(
             state,
             "scheduler",
@@ -277,9 +287,8 @@ class Stack:
             self.logs / "worker-0.log",
         )
 
-    def _start_deployments(self, state: dict, serve_args: list[str]) -> None:
+    def _start_deployments(self, state: dict, env: dict[str, str], serve_args: list[str]) -> None:
         """`python -m deployments.serve`: the deployments, served until the stack stops."""
-        env = self.env(state)
         serving_since = datetime.now(UTC) - timedelta(seconds=1)  # the server's clock is this one
         self._start(
             state,

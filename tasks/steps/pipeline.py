@@ -34,7 +34,7 @@ from tasks.steps import lineage
 from tasks.steps.cli import run_flow_cli
 from tasks.steps.compute import dask_cluster
 from tasks.steps.discover import steps_of
-from tasks.steps.params import Params, flatten, nest
+from tasks.steps.params import Params, flatten
 from tasks.steps.settings import get_settings
 
 M = TypeVar("M", bound=BaseModel)
@@ -166,7 +166,9 @@ class Pipeline(Flow[..., R], Generic[M, R]):
         stored = lineage.execution_params(lineage.mlflow_client(get_settings()), params.reuse_from)
         model = self.params_model
         fresh: dict[str, list[str]] = {"force_steps": [], "selected_steps": []}
-        return model.model_validate(nest(model, {**flatten(model, stored), **fresh, **flatten(model, given)}))
+        return model.model_validate(
+            {**flatten(model, stored), **fresh, **flatten(model, given)}
+        )  # Params nests
 
     def rerun(self, execution: str, selected_steps: Sequence[str] = (), **changes: Any) -> R:
         """Resume an execution (no `selected_steps`), or run only `selected_steps` taking the other
