@@ -1,4 +1,4 @@
-"""Register the three deployments with the Prefect server at PREFECT_API_URL and serve them.
+"""Register the four deployments with the Prefect server at PREFECT_API_URL and serve them.
 
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m deployments.serve --landing landing/
 
@@ -11,6 +11,10 @@
   The event's model name, id, policy, reasons and report URI become the flow's parameters; the flow
   itself keeps one retrain per model at a time and honours the cooldown, so a burst of events
   retrains once.
+- `await-approval/on-pending`: started by an automation on every `keel.model.pending-approval` event
+  (a pipeline registered a version as PendingManualApproval). The flow run pauses with a form in
+  Prefect's UI (approve or reject, and why) for `--approval-timeout-minutes`; the answer is applied as
+  `python -m flows.approve` applies it (SageMaker Studio's approval, with its state-change event).
 
 This process runs the flow runs itself (a Prefect runner): stop it with SIGTERM (Ctrl-C).
 
@@ -29,19 +33,22 @@ from uuid import UUID
 
 from pydantic import BaseModel, Field, model_validator
 
+from flows.approve import DEFAULT_TIMEOUT_MINUTES, await_approval
 from flows.monitor import MonitorParams, monitor
 from flows.pipeline import PipelineParams, training_pipeline
 from flows.retrain import RetrainParams, retrain
 from tasks.monitoring.policies import DEFAULT_POLICY, POLICY_HELP, PolicyText
 from tasks.steps.cli import build_parser, parse_params
 from tasks.steps.model import MODEL_NAME_HELP, ModelName
-from tasks.steps.tags import DRIFT_DETECTED_EVENT, MODEL_NAME_TAG, MODEL_VERSION_TAG
+from tasks.steps.tags import DRIFT_DETECTED_EVENT, MODEL_NAME_TAG, MODEL_PENDING_EVENT, MODEL_VERSION_TAG
 from tasks.tabular.project import configured_model_name, require_model_name
 
 TRAINING = "scheduled"
 MONITOR = "landing-folder"
 RETRAIN = "on-drift"
+APPROVAL = "on-pending"
 AUTOMATION = "retrain on drift"
+APPROVAL_AUTOMATION = "ask for approval"
 
 
 class ServeSettings(BaseModel):
@@ -79,6 +86,12 @@ class ServeSettings(BaseModel):
     )
     n_trials: int = Field(default=16, ge=1, description="Tuning trials of scheduled trainings and retrains.")
     policy: PolicyText = Field(default=DEFAULT_POLICY, description=f"Of the monitor. {POLICY_HELP}")
+    approval_timeout_minutes: float = Field(
+        default=DEFAULT_TIMEOUT_MINUTES,
+        gt=0,
+        le=60 * 24 * 30,
+        description="How long an approval form waits; then the version stays PendingManualApproval.",
+    )
     max_concurrent_retrains: int = Field(
         default=2,
         ge=1,
@@ -129,8 +142,8 @@ def _retrain_params(settings: ServeSettings) -> dict:
 
 
 def build_deployments(settings: ServeSettings) -> list:
-    """The three RunnerDeployments (nothing is sent to the server until they are applied or served).
-    The retrain deployment's trigger is an automation of its own (`drift_automation`): Prefect
+    """The four RunnerDeployments (nothing is sent to the server until they are applied or served).
+    The retrain and approval deployments are triggered by automations of their own (`_unowned`): Prefect
     deletes and re-creates the triggers a deployment owns each time it is applied."""
     landing = _landing(settings)
     training_params = _training_params(settings)
@@ -157,54 +170,99 @@ def build_deployments(settings: ServeSettings) -> list:
             parameters={"params": retrain_params},
             description="Retrain when drift is detected; promote only a better challenger.",
         ),
+        await_approval.to_deployment(
+            name=APPROVAL,
+            description="A form in Prefect's UI for a version waiting for approval: approve or reject it.",
+        ),
     ]
 
 
 def drift_automation(settings: ServeSettings, retrain_deployment: UUID):
     """The automation that runs retrain/on-drift for each `keel.drift.detected` event (EventBridge
-    rule -> target). Not owned by the deployment, so applying the deployment leaves it alone."""
+    rule -> target)."""
     from prefect.events import DeploymentEventTrigger
 
-    on_drift = DeploymentEventTrigger(
-        name=AUTOMATION,
-        description=f"{DRIFT_DETECTED_EVENT} about any registered model starts retrain/{RETRAIN} for that model",
-        expect={DRIFT_DETECTED_EVENT},
-        match={"prefect.resource.id": "keel.model.*"},
-        parameters={
-            "params": {
-                **_retrain_params(settings),
-                "model_name": f"{{{{ event.resource['{MODEL_NAME_TAG}'] }}}}",
-                "reason": "policy {{ event.payload.policy }} on "
-                f"v{{{{ event.resource['{MODEL_VERSION_TAG}'] }}}}: "
-                "{{ event.payload.reasons | join('; ') | truncate(420) }}",  # the flow takes 500 characters
-                "event_id": "{{ event.id | string }}",
-                "drift_report": "{{ event.payload.report_uri | default('') }}",  # absent: no report, still a run
-            }
-        },
+    return _unowned(
+        DeploymentEventTrigger(
+            name=AUTOMATION,
+            description=f"{DRIFT_DETECTED_EVENT} about any registered model starts retrain/{RETRAIN} for that model",
+            expect={DRIFT_DETECTED_EVENT},
+            match={"prefect.resource.id": "keel.model.*"},
+            parameters={
+                "params": {
+                    **_retrain_params(settings),
+                    "model_name": _FROM_EVENT_NAME,
+                    "reason": "policy {{ event.payload.policy }} on "
+                    f"v{_FROM_EVENT_VERSION}: "
+                    "{{ event.payload.reasons | join('; ') | truncate(420) }}",  # the flow takes 500 characters
+                    "event_id": "{{ event.id | string }}",
+                    "drift_report": "{{ event.payload.report_uri | default('') }}",  # absent: no report, still a run
+                }
+            },
+        ),
+        retrain_deployment,
     )
+
+
+def approval_automation(settings: ServeSettings, approval_deployment: UUID):
+    """The automation that runs await-approval/on-pending for each version registered as
+    PendingManualApproval."""
+    from prefect.events import DeploymentEventTrigger
+
+    return _unowned(
+        DeploymentEventTrigger(
+            name=APPROVAL_AUTOMATION,
+            description=f"{MODEL_PENDING_EVENT} about any registered model starts await-approval/{APPROVAL}",
+            expect={MODEL_PENDING_EVENT},
+            match={"prefect.resource.id": "keel.model.*"},
+            parameters={
+                "params": {
+                    "model_name": _FROM_EVENT_NAME,
+                    "version": _FROM_EVENT_VERSION,
+                    "timeout_minutes": settings.approval_timeout_minutes,
+                }
+            },
+        ),
+        approval_deployment,
+    )
+
+
+_FROM_EVENT_NAME = f"{{{{ event.resource['{MODEL_NAME_TAG}'] }}}}"
+_FROM_EVENT_VERSION = f"{{{{ event.resource['{MODEL_VERSION_TAG}'] }}}}"
+
+
+def _unowned(trigger, deployment: UUID):
+    """The trigger as an automation of its own, related to the deployment through its action but not
+    owned by it: Prefect deletes and re-creates the triggers a deployment owns each time it is
+    applied (and the update API refuses the owner field altogether)."""
     from prefect.events.schemas.automations import AutomationCore
 
-    on_drift.set_deployment_id(retrain_deployment)
-    # No owner: related to the deployment through its action, not owned by it (the update API
-    # refuses the field altogether).
-    return AutomationCore.model_validate(on_drift.as_automation().model_dump(exclude={"owner_resource"}))
+    trigger.set_deployment_id(deployment)
+    return AutomationCore.model_validate(trigger.as_automation().model_dump(exclude={"owner_resource"}))
 
 
-def apply_all(settings: ServeSettings, deployments: list) -> UUID:
-    """Create or update the deployments (by name) and the automation (by name); the automation's id."""
+def apply_all(settings: ServeSettings, deployments: list) -> dict[str, UUID]:
+    """Create or update the deployments (by name) and the automations (by name); the automations' ids."""
     from prefect.client.orchestration import get_client
 
     ids = {deployment.name: deployment.apply() for deployment in deployments}
-    automation = drift_automation(settings, ids[RETRAIN])
+    automations = {
+        AUTOMATION: drift_automation(settings, ids[RETRAIN]),
+        APPROVAL_AUTOMATION: approval_automation(settings, ids[APPROVAL]),
+    }
+    out: dict[str, UUID] = {}
     with get_client(sync_client=True) as client:
-        existing = client.read_automations_by_name(AUTOMATION)
-        if not existing:
-            return client.create_automation(automation)
-        keep, *extra = sorted(existing, key=lambda a: str(a.id))
-        client.update_automation(keep.id, automation)
-        for duplicate in extra:  # left by an older version of this module, or a race of two servers
-            client.delete_automation(duplicate.id)
-        return keep.id
+        for name, automation in automations.items():
+            existing = client.read_automations_by_name(name)
+            if not existing:
+                out[name] = client.create_automation(automation)
+                continue
+            keep, *extra = sorted(existing, key=lambda a: str(a.id))
+            client.update_automation(keep.id, automation)
+            for duplicate in extra:  # left by an older version of this module, or a race of two servers
+                client.delete_automation(duplicate.id)
+            out[name] = keep.id
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

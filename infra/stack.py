@@ -50,7 +50,7 @@ QUIET_WORKERS = {
     "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "1s",
     "DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL": "2s",
 }
-DEPLOYMENTS = {"scheduled", "landing-folder", "on-drift"}
+DEPLOYMENTS = {"scheduled", "landing-folder", "on-drift", "on-pending"}
 # What the deployments look after when neither the flags after `--` nor the project's config
 # (keel.toml, [tool.keel]) name a model: the bike demo, its columns said out loud.
 DEMO_SERVE_ARGS = [

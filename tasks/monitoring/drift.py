@@ -29,6 +29,7 @@ from tasks.steps import current_step, lineage, markdown, processing_step
 from tasks.steps.access import DataAccess, checked_files
 from tasks.steps.compute import dask_client
 from tasks.steps.errors import DataValidationError, StepFailed
+from tasks.steps.events import emit_about_version
 from tasks.steps.refs import DatasetRef, content_digest
 from tasks.steps.tags import (
     DRIFT_DETECTED_EVENT,
@@ -548,30 +549,19 @@ def verdict_id(check: DriftCheck) -> uuid.UUID:
 
 def emit_verdict(check: DriftCheck, report: DriftReportRef, checked_at: str) -> str | None:
     """Emit the decision as a Prefect event about the model version; returns the event id."""
-    from prefect.events import emit_event
-
     payload = finite(event_payload(check, report, checked_at))
-    event = emit_event(
-        id=verdict_id(check),
-        event=check.event,
-        resource={
-            "prefect.resource.id": f"keel.model.{check.model_name}.v{check.version}",
-            "prefect.resource.name": f"{check.model_name} v{check.version}",
-            MODEL_NAME_TAG: check.model_name,
-            MODEL_VERSION_TAG: check.version,
-        },
-        # Prefect's event page lists related resources by id (it links only its own kinds, such as
-        # the monitor's flow run, whose summary links the report): the report's link is the id.
-        related=[
-            {
-                "prefect.resource.id": report.link,
-                "prefect.resource.role": "drift-report",
-                "prefect.resource.name": f"drift report of {check.model_name} v{check.version}",
-            }
-        ],
-        payload=payload,
+    # Prefect's event page lists related resources by id (it links only its own kinds, such as the
+    # monitor's flow run, whose summary links the report): the report's link is the id.
+    related = [
+        {
+            "prefect.resource.id": report.link,
+            "prefect.resource.role": "drift-report",
+            "prefect.resource.name": f"drift report of {check.model_name} v{check.version}",
+        }
+    ]
+    return emit_about_version(
+        check.event, check.model_name, check.version, payload, related, event_id=verdict_id(check)
     )
-    return str(event.id) if event is not None else None
 
 
 def finite(value):

@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel
 
 from tasks.steps import lineage, markdown
 from tasks.steps.base import current_step, step_kind
+from tasks.steps.events import emit_about_version
 from tasks.steps.kinds import StepKind
 from tasks.steps.refs import DatasetRef, ModelRef
 from tasks.steps.retry import RetryPolicy
@@ -24,6 +25,7 @@ from tasks.steps.tags import (
     CHAMPION_ALIAS,
     METRIC_TAG_PREFIX,
     MODEL_DIGEST_TAG,
+    MODEL_PENDING_EVENT,
     REGISTERED_VERSION_TAG,
 )
 
@@ -189,6 +191,21 @@ def registered(name: str, placed: Placed) -> RegisteredVersion:
         placed.alias_text(),
     )
     current_step().set_tags({REGISTERED_VERSION_TAG: placed.version, APPROVAL_TAG: placed.status})
+    link = lineage.version_link(pipeline.tracking_uri, name, placed.version)
+    if placed.status == "PendingManualApproval" and not placed.existing:
+        # A person decides now: `deployments.serve` answers this event with a form in Prefect's UI.
+        emit_about_version(
+            MODEL_PENDING_EVENT,
+            name,
+            placed.version,
+            {
+                "status": placed.status,
+                "champion": placed.previous_champion,
+                "pipeline": pipeline.name,
+                "execution_run_id": pipeline.run_id,
+                "link": link,
+            },
+        )
     return RegisteredVersion(
         name=name,
         version=placed.version,
@@ -197,7 +214,7 @@ def registered(name: str, placed: Placed) -> RegisteredVersion:
         previous_champion=placed.previous_champion,
         uri=f"models:/{name}/{placed.version}",
         existing=placed.existing,
-        link=lineage.version_link(pipeline.tracking_uri, name, placed.version),
+        link=link,
     )
 
 

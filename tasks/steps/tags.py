@@ -70,6 +70,13 @@ RAW_PINNED_TAG = "dataset.raw.pinned"  # the copy the execution read (tasks.tabu
 LAST_VERDICT_TAG = "drift.last_verdict"  # the monitor's last decision about it
 LAST_REPORT_TAG = "drift.last_report"
 HISTORY_TAG = "drift.history"  # the monitoring history picture (tasks.monitoring.history)
+APPROVED_BY_TAG = "approval.by"  # the last approval decision: who, when, why (tasks.steps.approval)
+APPROVAL_AT_TAG = "approval.at"
+APPROVAL_REASON_TAG = "approval.reason"
+APPROVAL_PREVIOUS_STATUS_TAG = "approval.previous_status"
+APPROVAL_PREVIOUS_CHAMPION_TAG = "approval.previous_champion"  # the champion it replaced (or that stayed)
+APPROVAL_EVENT_TAG = "approval.event_id"
+APPROVAL_WAIT_TAG = "approval.waiting"  # a flow run waits for a decision in Prefect's UI, or waited in vain
 
 # --- a monitoring check's run ------------------------------------------------------------------------
 MODEL_NAME_TAG = "keel.model.name"  # the model and version it checked
@@ -85,3 +92,6 @@ DRIFT_DETECTED_EVENT = (
     "keel.drift.detected"  # the policy calls for a retrain (data, predictions or performance moved)
 )
 DRIFT_NOT_DETECTED_EVENT = "keel.drift.not-detected"  # checked: no retrain called for
+MODEL_PENDING_EVENT = "keel.model.pending-approval"  # registered as PendingManualApproval: a person decides
+MODEL_APPROVED_EVENT = "keel.model.approved"  # a person approved it (SageMaker: Model Package State Change)
+MODEL_REJECTED_EVENT = "keel.model.rejected"

@@ -262,6 +262,59 @@ def test_a_forged_event_about_a_model_without_a_champion_trains_nothing(stack):
     assert stack.mlflow().search_model_versions("name='forged'") == []
 
 
+def test_a_version_pending_approval_gets_a_form_in_prefect_whose_answer_moves_the_champion(stack):
+    """A pipeline with manual approval -> keel.model.pending-approval -> the automation starts
+    await-approval/on-pending, which pauses with a form; answered as Prefect's UI sends it, the
+    version is approved, becomes champion, and keel.model.approved is emitted."""
+    model = "stack-approval"
+    trained = stack.run(
+        "flows.pipeline", "--data", str(stack.home / "landing"), "--end", "2011-03-31", "--model-name", model,
+        "--approval", "manual", *FAST, *BIKE_FLAGS,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert stack.mlflow().get_model_version(model, "1").tags["approval_status"] == "PendingManualApproval"
+    deadline = time.monotonic() + 180
+    with stack.api() as http:
+        deployment = http.get("/deployments/name/await-approval/on-pending").json()["id"]
+        while True:
+            runs = http.post(
+                "/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment]}}, "limit": 50}
+            ).json()
+            [run] = [r for r in runs if r["parameters"]["params"]["model_name"] == model] or [None]
+            if (
+                run
+                and run["state"]["type"] == "PAUSED"
+                and run["state"]["state_details"].get("run_input_keyset")
+            ):
+                break
+            assert time.monotonic() < deadline, run
+            time.sleep(1)
+        assert run["parameters"]["params"]["version"] == "1"
+        keyset = run["state"]["state_details"]["run_input_keyset"]
+        schema = http.get(f"/flow_runs/{run['id']}/input/{keyset['schema']}").raise_for_status().json()
+        assert schema["properties"]["decision"]["enum"] == ["approve", "reject"]
+        answer = {
+            "decision": "approve",
+            "reason": "checked on the stack",
+            "decided_by": "Bo",
+            "promote": True,
+        }
+        resumed = http.post(f"/flow_runs/{run['id']}/resume", json={"run_input": answer}).json()
+        assert resumed["status"] == "ACCEPT", resumed
+        while http.get(f"/flow_runs/{run['id']}").json()["state"]["type"] not in TERMINAL:
+            assert time.monotonic() < deadline
+            time.sleep(1)
+        assert http.get(f"/flow_runs/{run['id']}").json()["state"]["type"] == "COMPLETED"
+        found = http.post(
+            "/events/filter", json={"filter": {"event": {"name": ["keel.model.approved"]}}}
+        ).json()["events"]
+    [event] = [e for e in found if e["resource"]["keel.model.name"] == model]
+    assert event["payload"]["reason"] == "checked on the stack" and event["payload"]["champion"] == "1"
+    version = stack.mlflow().get_model_version(model, "1")
+    assert version.tags["approval_status"] == "Approved" and version.tags["approval.by"].startswith("Bo ")
+    assert str(stack.mlflow().get_model_version_by_alias(model, "champion").version) == "1"
+
+
 ATTACK = "open('/tmp/keel-attack-ran', 'w').write('ran')\n"
 
 
@@ -343,12 +396,15 @@ def test_down_then_up_loses_nothing(stack):
     finished = {"flow_runs": {"state": {"type": {"any_": sorted(TERMINAL)}}}, "limit": 200}
     with stack.api() as http:  # future scheduled runs are re-planned by the server: count finished ones
         runs = {r["id"]: r["state"]["type"] for r in http.post("/flow_runs/filter", json=finished).json()}
-    [automation] = stack.automations()
+    automations = {a["name"]: a for a in stack.automations()}
+    assert set(automations) == {"retrain on drift", "ask for approval"}
+    automation = automations["retrain on drift"]
     stack.command("down", timeout=180)
     assert json.loads((stack.home / "stack.json").read_text())["processes"] == []
-    stack.up(cooldown_minutes=45)  # other deployment settings: the automation is updated, not re-created
-    [updated] = stack.automations()
-    assert updated["id"] == automation["id"]  # links to it from earlier retrain runs still open it
+    stack.up(cooldown_minutes=45)  # other deployment settings: the automations are updated, not re-created
+    again = {a["name"]: a for a in stack.automations()}
+    assert {name: a["id"] for name, a in again.items()} == {name: a["id"] for name, a in automations.items()}
+    updated = again["retrain on drift"]  # links to it from earlier retrain runs still open it
     assert automation["actions"][0]["parameters"]["params"]["cooldown_minutes"] == 30
     assert updated["actions"][0]["parameters"]["params"]["cooldown_minutes"] == 45
     assert sorted(str(v.version) for v in stack.mlflow().search_model_versions("name='stack-a'")) == versions
@@ -357,7 +413,7 @@ def test_down_then_up_loses_nothing(stack):
         after = {r["id"]: r["state"]["type"] for r in http.post("/flow_runs/filter", json=finished).json()}
         assert after == runs
         names = {d["name"] for d in http.post("/deployments/filter", json={}).json()}
-    assert {"scheduled", "landing-folder", "on-drift"} <= names
+    assert {"scheduled", "landing-folder", "on-drift", "on-pending"} <= names
     status = stack.command("status")
     assert "prefect      answers" in status and "mlflow       answers" in status
 
