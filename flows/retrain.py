@@ -162,7 +162,13 @@ def decide(params: RetrainParams, result: PipelineResult, champion: str) -> str:
     if registered is not None and registered.champion and registered.version != champion:
         outcome, headline = "promoted", f"promoted: v{registered.version} replaces v{champion} as champion"
     elif registered is not None and registered.status == "PendingManualApproval":
-        outcome, headline = "pending", f"v{registered.version} waits for approval; v{champion} stays champion"
+        outcome, headline = (
+            "pending",
+            (
+                f"v{registered.version} waits for approval (python -m flows.approve {registered.name} "
+                f"{registered.version} --approve|--reject --reason ...); v{champion} stays champion"
+            ),
+        )
     else:
         version = f"v{registered.version} registered as {registered.status}; " if registered else ""
         outcome, headline = "rejected", f"rejected: {version}v{champion} stays champion"
