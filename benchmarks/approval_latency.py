@@ -20,12 +20,9 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from benchmarks.common import ROOT, heading, machine, spread, summary, target_row, write_results
-from benchmarks.event_latency import stack
+from benchmarks.common import ROOT, heading, local_stack, machine, spread, summary, target_row, write_results
 
 TARGET_S = 2.0
 
@@ -36,25 +33,10 @@ def main() -> None:
     )
     parser.add_argument("--decisions", type=int, default=5)
     args = parser.parse_args()
-    from infra.processes import free_port
-    from infra.stack import Stack
-
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp) / "stack"
-        ports = [
-            a
-            for n in ("prefect", "mlflow", "dask", "dask-dashboard")
-            for a in (f"--{n}-port", str(free_port()))
-        ]
-        stack(home, "up", *ports)
-        env = Stack(home).recorded_env()
-        try:
-            os.environ.update(env)
-            cli = [decide_on_the_command_line(env, i) for i in range(args.decisions)]
-            form = [decide_in_the_form(env, i) for i in range(args.decisions)]
-            process = [approve_as_a_process(env, i) for i in range(args.decisions)]
-        finally:
-            stack(home, "down")
+    with local_stack() as (env, _):
+        cli = [decide_on_the_command_line(env, i) for i in range(args.decisions)]
+        form = [decide_in_the_form(env, i) for i in range(args.decisions)]
+        process = [approve_as_a_process(env, i) for i in range(args.decisions)]
     write(cli, form, process, args.decisions)
 
 

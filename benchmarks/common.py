@@ -10,7 +10,8 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,3 +132,40 @@ def target_row(
         "target": target,
         "met": met,
     }
+
+
+def stack(home: Path, command: str, *extra: str) -> str:
+    """`python -m infra.stack COMMAND --home HOME ...`; its output."""
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "infra.stack", command, "--home", str(home), *extra],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+@contextmanager
+def local_stack() -> Iterator[tuple[dict[str, str], float]]:
+    """The local stack up in a temporary folder on free ports, its settings in `os.environ`: its
+    environment and how long `up` took. Stopped afterwards."""
+    from infra.processes import free_port
+    from infra.stack import Stack
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "stack"
+        ports = [
+            a
+            for n in ("prefect", "mlflow", "dask", "dask-dashboard")
+            for a in (f"--{n}-port", str(free_port()))
+        ]
+        started = time.perf_counter()
+        stack(home, "up", *ports)
+        up_seconds = time.perf_counter() - started
+        env = Stack(home).recorded_env()
+        try:
+            os.environ.update(env)
+            yield env, up_seconds
+        finally:
+            stack(home, "down")

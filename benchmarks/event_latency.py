@@ -13,26 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from datetime import datetime
-from pathlib import Path
 
-from benchmarks.common import heading, machine, spread, summary, target_row, write_results
+from benchmarks.common import heading, local_stack, machine, spread, summary, target_row, write_results
 
 TARGET_S = 10.0
-
-
-def stack(home: Path, command: str, *extra: str) -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "infra.stack", command, "--home", str(home), *extra],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
 
 
 def main() -> None:
@@ -42,25 +28,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=10)
     parser.add_argument("--gap", type=float, default=12.0, help="Seconds between events.")
     args = parser.parse_args()
-    from infra.processes import free_port
-    from infra.stack import Stack
-
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp) / "stack"
-        ports = [
-            a
-            for n in ("prefect", "mlflow", "dask", "dask-dashboard")
-            for a in (f"--{n}-port", str(free_port()))
-        ]
-        started = time.perf_counter()
-        stack(home, "up", *ports)
-        up_seconds = time.perf_counter() - started
-        env = Stack(home).recorded_env()
-        try:
-            os.environ.update(env)
-            samples = measure(env, args.events, args.gap)
-        finally:
-            stack(home, "down")
+    with local_stack() as (env, up_seconds):
+        samples = measure(env, args.events, args.gap)
     write(samples, up_seconds, args.events, args.gap)
 
 

@@ -33,7 +33,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, Field, model_validator
 
-from flows.approve import DEFAULT_TIMEOUT_MINUTES, await_approval
+from flows.approve import DEFAULT_TIMEOUT_MINUTES, MAX_TIMEOUT_MINUTES, await_approval
 from flows.monitor import MonitorParams, monitor
 from flows.pipeline import PipelineParams, training_pipeline
 from flows.retrain import RetrainParams, retrain
@@ -89,7 +89,7 @@ class ServeSettings(BaseModel):
     approval_timeout_minutes: float = Field(
         default=DEFAULT_TIMEOUT_MINUTES,
         gt=0,
-        le=60 * 24 * 30,
+        le=MAX_TIMEOUT_MINUTES,
         description="How long an approval form waits; then the version stays PendingManualApproval.",
     )
     max_concurrent_retrains: int = Field(

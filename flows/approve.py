@@ -39,6 +39,7 @@ from tasks.steps.tags import APPROVAL_TAG, APPROVAL_WAIT_TAG
 
 PROG = "python -m flows.approve"
 DEFAULT_TIMEOUT_MINUTES = 24 * 60.0
+MAX_TIMEOUT_MINUTES = 30 * 24 * 60.0
 POLL_SECONDS = 1  # how soon a decision in the UI is applied (Prefect's default is 10 s)
 
 
@@ -64,7 +65,7 @@ class AwaitApprovalParams(BaseModel):
     timeout_minutes: float = Field(
         default=DEFAULT_TIMEOUT_MINUTES,
         gt=0,
-        le=60 * 24 * 30,
+        le=MAX_TIMEOUT_MINUTES,
         description="How long the form waits; then the version stays PendingManualApproval.",
     )
 

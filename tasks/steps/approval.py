@@ -178,25 +178,15 @@ def decide_version(
     client.update_model_version(name, version, description=with_decision(current.description or "", record))
     if record.champion != previous_champion:
         client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
-    if _prefect_listens():
-        record.event_id = emit_about_version(
-            MODEL_APPROVED_EVENT if decision == "approve" else MODEL_REJECTED_EVENT,
-            name,
-            version,
-            record.model_dump(mode="json", exclude={"event_id"}),
-        )
+    record.event_id = emit_about_version(
+        MODEL_APPROVED_EVENT if decision == "approve" else MODEL_REJECTED_EVENT,
+        name,
+        version,
+        record.model_dump(mode="json", exclude={"event_id"}),
+    )
     if record.event_id:
         client.set_model_version_tag(name, version, APPROVAL_EVENT_TAG, record.event_id)
     return record
-
-
-def _prefect_listens() -> bool:
-    """A Prefect server will keep the event: one is configured, or this runs in a flow run (whose
-    server it is). Otherwise Prefect would start a temporary server only to drop the event with it."""
-    from prefect.context import FlowRunContext
-    from prefect.settings import PREFECT_API_URL
-
-    return bool(PREFECT_API_URL.value()) or FlowRunContext.get() is not None
 
 
 def with_decision(card: str, record: ApprovalRecord) -> str:

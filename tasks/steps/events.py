@@ -29,6 +29,8 @@ def emit_about_version(
     """Emit `event` about a model version; its id, or None where no Prefect server takes events."""
     from prefect.events import emit_event
 
+    if not prefect_keeps_events():
+        return None
     emitted = emit_event(
         event=event,
         resource=version_resource(name, version),
@@ -37,3 +39,15 @@ def emit_about_version(
         **({"id": event_id} if event_id is not None else {}),
     )
     return str(emitted.id) if emitted is not None else None
+
+
+def prefect_keeps_events() -> bool:
+    """A Prefect server will keep an event: one is configured, or this runs in a flow or task run
+    (whose server it is). Otherwise Prefect would start a temporary server only to drop the event
+    with it."""
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.settings import PREFECT_API_URL
+
+    return (
+        bool(PREFECT_API_URL.value()) or FlowRunContext.get() is not None or TaskRunContext.get() is not None
+    )
