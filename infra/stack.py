@@ -187,6 +187,10 @@ class Stack:
                 # Where the UI in the browser finds the API; its default is port 4200, whatever
                 # port the server is on (a dead UI, or another server's data).
                 "PREFECT_UI_API_URL": env["PREFECT_API_URL"],
+                # Events are written to the database every 5 s by default: an approval or a drift
+                # event then takes seconds to show in the UI and the API. Automations do not wait
+                # for it (they read the event stream); people and scripts do.
+                "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.5",
                 **({"PREFECT_API_DATABASE_CONNECTION_URL": prefect_db} if prefect_db else {}),
                 **db_env,
             },
@@ -477,12 +481,32 @@ def _dask_workers(env: dict[str, str]) -> int:
         return len(client.scheduler_info().get("workers", {}))
 
 
+PREFECT_API_ATTEMPTS = 5
+
+
 def prefect_api(env: dict[str, str], timeout: float = 30):
-    """An HTTP client of the stack's Prefect API, logged in with the stack's basic-auth string."""
+    """An HTTP client of the stack's Prefect API, logged in with the stack's basic-auth string. Like
+    Prefect's own client, it retries a 503: the server's answer to a retryable database error (SQLite
+    busy with another writer), sent for the client to try again."""
+    from http import HTTPStatus
+
     import httpx
 
+    class RetryUnavailable(httpx.HTTPTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            attempt = 0
+            while True:
+                response = super().handle_request(request)
+                attempt += 1
+                if response.status_code != HTTPStatus.SERVICE_UNAVAILABLE or attempt == PREFECT_API_ATTEMPTS:
+                    return response
+                response.close()
+                time.sleep(0.2 * 2**attempt)
+
     user, _, password = env["PREFECT_API_AUTH_STRING"].partition(":")
-    return httpx.Client(base_url=env["PREFECT_API_URL"], auth=(user, password), timeout=timeout)
+    return httpx.Client(
+        base_url=env["PREFECT_API_URL"], auth=(user, password), timeout=timeout, transport=RetryUnavailable()
+    )
 
 
 def _deployments_ready(

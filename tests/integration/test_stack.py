@@ -305,10 +305,14 @@ def test_a_version_pending_approval_gets_a_form_in_prefect_whose_answer_moves_th
             assert time.monotonic() < deadline
             time.sleep(1)
         assert http.get(f"/flow_runs/{run['id']}").json()["state"]["type"] == "COMPLETED"
-        found = http.post(
-            "/events/filter", json={"filter": {"event": {"name": ["keel.model.approved"]}}}
-        ).json()["events"]
-    [event] = [e for e in found if e["resource"]["keel.model.name"] == model]
+        approved = {
+            "event": {"name": ["keel.model.approved"]},
+            "resource": {"id": [f"keel.model.{model}.v1"]},
+        }
+        while not (found := http.post("/events/filter", json={"filter": approved}).json()["events"]):
+            assert time.monotonic() < deadline, "no keel.model.approved event"  # persisted in batches
+            time.sleep(0.5)
+    [event] = found
     assert event["payload"]["reason"] == "checked on the stack" and event["payload"]["champion"] == "1"
     version = stack.mlflow().get_model_version(model, "1")
     assert version.tags["approval_status"] == "Approved" and version.tags["approval.by"].startswith("Bo ")
@@ -508,7 +512,8 @@ def test_the_prefect_and_mlflow_uis_tell_the_story_in_a_browser(stack, tmp_path)
         artifacts = http.post(
             "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
         ).json()
-        [automation] = http.post("/automations/filter", json={}).json()
+        automations = {a["name"]: a for a in http.post("/automations/filter", json={}).json()}
+        automation = automations["retrain on drift"]
         events = http.post(
             "/events/filter",
             json={

@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from infra.processes import BIN
+from infra.stack import DEPLOYMENTS as SERVED
 from tests.conftest import BIKE_CSV, BIKE_TABLE, ROOT
 from tests.topology import Topology, available, interpolate
 
@@ -239,7 +240,11 @@ class Cluster:
             self.start("dask-worker", worker)
         self.wait("two Dask workers", lambda: self.probe("client", DASK_WORKERS).stdout.strip() == "2")
         self.start("deployments", extra=["--n-trials", "2", "--cooldown-minutes", "1"])
-        self.wait("the deployments", lambda: self.probe("client", DEPLOYMENTS).stdout.strip() == "3", 300)
+        self.wait(
+            "the deployments",
+            lambda: self.probe("client", DEPLOYMENTS).stdout.strip() == str(len(SERVED)),
+            300,
+        )
 
     def translate_list(self, args: list[str]) -> list[str]:
         return [sys.executable if a == "python" else self.translate(a) for a in args]
