@@ -36,7 +36,7 @@ from tasks.monitoring.performance import (
     calibrate_performance,
     realized_sums,
 )
-from tasks.steps.integrity import load_verified
+from tasks.steps.integrity import ModelLocation
 from tasks.tabular.featurize import FeatureSpec, as_labels, model_matrix, parse_time, predictions_frame
 from tasks.tabular.modeling import importance, openmp_threads
 
@@ -62,18 +62,6 @@ class BoosterModel:
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         return predictions_frame(self.booster.predict(model_matrix(frame, self.spec)), self.spec)
-
-
-class ModelLocation(BaseModel):
-    """Where a worker loads the monitored model from."""
-
-    uri: str
-    tracking_uri: str
-    registry_uri: str
-
-    def load(self):
-        """The model as a user loads it (`mlflow.pyfunc`), its files verified, once per worker process."""
-        return load_verified(self.uri, self.tracking_uri, self.registry_uri)
 
 
 def monitored_prediction(predicted: pd.DataFrame, spec: FeatureSpec, index: pd.Index) -> pd.Series:

@@ -2,7 +2,7 @@
 
     from tasks.steps import pipeline, processing_step, training_step, condition, Check, ...
 
-Step kinds (SageMaker's): Processing, Training, Tuning, Condition, Model and Fail steps; `@pipeline`
+Step kinds (SageMaker's): Processing, Training, Tuning, Transform, Condition, Model and Fail steps; `@pipeline`
 makes a function of steps a Prefect flow with MLflow lineage, a Dask cluster, resume and a command
 line. Steps pass references (`DatasetRef`, `ModelRef`, ...), not data: a DataFrame a step returns is
 stored for it, and `log_model` logs a model and returns its reference.
@@ -23,6 +23,7 @@ from tasks.steps.processing import processing_step
 from tasks.steps.refs import DatasetRef, FileRef, ModelRef, Ref
 from tasks.steps.retry import NO_RETRY, RetryPolicy
 from tasks.steps.training import training_step
+from tasks.steps.transform import transform_step
 from tasks.steps.tuning import ParamRange, TuningResult, TuningSpec, run_trials, tuning_step
 
 __all__ = [
@@ -63,5 +64,6 @@ __all__ = [
     "run_trials",
     "step_kind",
     "training_step",
+    "transform_step",
     "tuning_step",
 ]

@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from tasks.steps.tags import MANIFEST_TAG
 
 # Written by MLflow itself into the copy when a registered model is downloaded (its name and version,
@@ -174,3 +176,15 @@ def _load_logged(model_id: str, tracking_uri: str, registry_uri: str) -> Any:
     import mlflow
 
     return mlflow.pyfunc.load_model(str(verified_copy(model_id, _private_folder())))
+
+
+class ModelLocation(BaseModel):
+    """Where a Dask worker loads a model from (the URI and the stores that resolve it)."""
+
+    uri: str
+    tracking_uri: str
+    registry_uri: str
+
+    def load(self) -> Any:
+        """The model as a user loads it (`mlflow.pyfunc`), its files verified, once per worker process."""
+        return load_verified(self.uri, self.tracking_uri, self.registry_uri)

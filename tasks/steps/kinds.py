@@ -12,6 +12,7 @@ class StepKind(StrEnum):
     CONDITION = "ConditionStep"
     MODEL = "ModelStep"
     FAIL = "FailStep"
+    TRANSFORM = "TransformStep"
     TUNING_TRIAL = "TuningTrial"  # a trial's MLflow run under its TuningStep (not a Prefect task)
 
     @property

@@ -83,6 +83,7 @@ MODEL_NAME_TAG = "keel.model.name"  # the model and version it checked
 MODEL_VERSION_TAG = "keel.model.version"
 POLICY_TAG = "keel.policy"  # the retrain policy that decided
 RETRAIN_TAG = "keel.retrain"  # whether the policy called for a retrain
+SCORED_ROWS_TAG = "keel.scored.rows"  # rows a batch transform scored
 DRIFT_REASONS_TAG = "keel.drift.reasons"
 EVENT_TAG = "keel.event"  # the Prefect event it emitted, and its id
 EVENT_ID_TAG = "keel.event_id"

@@ -1,0 +1,178 @@
+"""Batch scoring (flows.transform) on a real Dask cluster with a real MLflow store: the output against
+`mlflow.pyfunc` predictions, stable inference ids, kept columns, lineage, a whole-or-nothing output,
+and bad input that writes nothing (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from flows.pipeline import PipelineParams, training_pipeline
+from flows.transform import TransformParams, main, transform
+from tasks.steps.integrity import logged_model_id
+from tasks.steps.transform import ADDED_COLUMNS, INFERENCE_ID, row_ids
+from tests.conftest import BIKE_CSV, mlflow_client
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+MODEL = "bike-transform"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dask_cluster, prefect_harness):
+    """Two versions trained on January-March and January-April 2011, in their own state directory."""
+    state = tmp_path_factory.mktemp("transform") / ".keel"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KEEL_STATE_DIR", str(state))
+        patch.setenv("DASK_SCHEDULER_ADDRESS", dask_cluster.address)
+        for end in ("2011-03-31", "2011-04-30"):
+            result = training_pipeline(
+                PipelineParams(
+                    data=str(BIKE_CSV), end=end, n_trials=2, num_boost_round=60, model_name=MODEL, min_r2=0.3
+                )
+            )
+            assert result.registered and result.registered.champion
+        yield state
+
+
+@pytest.fixture
+def env(trained, dask_cluster, monkeypatch):
+    monkeypatch.setenv("KEEL_STATE_DIR", str(trained))
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", dask_cluster.address)
+
+
+def may(tmp_path: Path) -> tuple[pd.DataFrame, Path]:
+    rows = pd.read_csv(BIKE_CSV)
+    rows = rows[(rows.dteday >= "2011-05-01") & (rows.dteday < "2011-06-01")].reset_index(drop=True)
+    path = tmp_path / "may.csv"
+    rows.to_csv(path, index=False)
+    return rows, path
+
+
+def pyfunc_predictions(version: str, rows: pd.DataFrame) -> pd.Series:
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}")
+    return model.predict(rows)["prediction"]
+
+
+def test_scores_every_row_as_pyfunc_does_with_ids_kept_columns_and_lineage(env, tmp_path):
+    rows, path = may(tmp_path)
+    out = tmp_path / "scored"
+    result = transform(TransformParams(model_name=MODEL, data=str(path), output=str(out)))
+    champion = mlflow_client().get_model_version_by_alias(MODEL, "champion")
+    assert result.version == str(champion.version) == "2"
+    scored = pd.read_parquet(out).sort_values(["dteday", "hr"]).reset_index(drop=True)
+    assert len(scored) == len(rows) == result.output.rows
+    # default kept columns: the version's key columns
+    assert list(scored.columns) == [INFERENCE_ID, "dteday", "hr", "prediction", *ADDED_COLUMNS[1:]]
+    expected = pyfunc_predictions("2", rows.sort_values(["dteday", "hr"]).reset_index(drop=True))
+    pd.testing.assert_series_equal(scored["prediction"], expected, check_names=False, rtol=1e-9)
+    assert set(scored["model_version"]) == {"2"} and set(scored["model_name"]) == {MODEL}
+    assert scored["scored_at"].nunique() == 1
+    assert scored[INFERENCE_ID].is_unique
+    # the same rows from a Parquet file, scored again: the same ids
+    parquet = tmp_path / "may.parquet"
+    rows.to_parquet(parquet, index=False)
+    again = transform(
+        TransformParams(model_name=MODEL, data=str(parquet), output=str(tmp_path / "again"), version="1")
+    )
+    assert again.version == "1"
+    second = pd.read_parquet(tmp_path / "again").sort_values(["dteday", "hr"]).reset_index(drop=True)
+    assert second[INFERENCE_ID].tolist() == scored[INFERENCE_ID].tolist()
+    assert not (second["prediction"] == scored["prediction"]).all()  # another version, other predictions
+    # lineage: one run with both datasets, the logged model and the version's tags
+    run = mlflow_client().get_run(result.mlflow_run_id)
+    assert run.data.tags["keel.model.version"] == "2" and run.data.tags["keel.pipeline"] == "batch-transform"
+    datasets = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert datasets == {"data": result.input.digest[:36], "scored": result.output.digest[:36]}
+    assert [m.model_id for m in run.inputs.model_inputs] == [logged_model_id(f"models:/{MODEL}/2")]
+    found = mlflow_client().search_runs(
+        [run.info.experiment_id],
+        f"tags.`keel.pipeline` = 'batch-transform' and tags.`keel.model.name` = '{MODEL}' "
+        "and tags.`keel.model.version` = '2'",
+    )
+    assert result.mlflow_run_id in {r.info.run_id for r in found}
+
+
+def test_id_and_kept_columns_are_the_users(env, tmp_path):
+    rows, path = may(tmp_path)
+    out = tmp_path / "scored"
+    transform(
+        TransformParams(
+            model_name=MODEL,
+            data=str(path),
+            output=str(out),
+            id_columns=["instant"],
+            keep_columns=["instant", "cnt"],
+        )
+    )
+    scored = pd.read_parquet(out).sort_values("instant").reset_index(drop=True)
+    assert scored[INFERENCE_ID].tolist() == rows["instant"].astype(str).tolist()
+    assert scored["cnt"].tolist() == rows["cnt"].tolist()
+    ids = row_ids(rows, ["dteday", "hr"])
+    assert ids.is_unique and ids.str.fullmatch(r"[0-9a-f]{16}").all()
+
+
+def test_a_failed_run_leaves_no_output_and_an_existing_one_is_kept(env, tmp_path, capsys):
+    rows, _ = may(tmp_path)
+    folder = tmp_path / "batches"
+    folder.mkdir()
+    rows.iloc[:300].to_csv(folder / "a.csv", index=False)
+    broken = rows.iloc[300:].copy()
+    broken["temp"] = "warm"  # a feature the model cannot read
+    broken.to_csv(folder / "b.csv", index=False)
+    out = tmp_path / "scored"
+    assert main(["--model-name", MODEL, "--data", str(folder), "--output", str(out)]) == 2
+    assert "column 'temp'" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".scored*"))
+    # a good run, then the same output again: refused without --overwrite, replaced with it
+    good = tmp_path / "good.csv"
+    rows.iloc[:200].to_csv(good, index=False)
+    assert main(["--model-name", MODEL, "--data", str(good), "--output", str(out)]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["--model-name", MODEL, "--data", str(good), "--output", str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == before
+    args = ["--model-name", MODEL, "--data", str(good), "--output", str(out), "--overwrite", "--version", "1"]
+    assert main(args) == 0
+    assert set(pd.read_parquet(out)["model_version"]) == {"1"}
+    assert not list(tmp_path.glob(".scored*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model-name", "no-such-model"], "no alias @champion"),
+        (["--version", "9"], "no version 9"),
+        (["--keep-columns", "nope"], "'nope'"),
+        (["--id-columns", "nope"], "'nope'"),
+        (["--keep-columns", "prediction"], "the scoring adds"),
+        (["--version", "1", "--alias", "champion"], "not both"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(env, tmp_path, capsys, args, message):
+    _, path = may(tmp_path)
+    out = tmp_path / "scored"
+    base = ["--data", str(path), "--output", str(out)]
+    if "--model-name" not in args:
+        base += ["--model-name", MODEL]
+    try:
+        code = main([*base, *args])
+    except SystemExit as exc:  # refused while parsing, as argparse does
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_model_input_and_output_inside_the_data_are_refused(env, tmp_path, capsys):
+    rows, _ = may(tmp_path)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows.drop(columns=["temp"]).to_csv(folder / "a.csv", index=False)
+    assert main(["--model-name", MODEL, "--data", str(folder), "--output", str(tmp_path / "out")]) == 2
+    assert "'temp'" in capsys.readouterr().err
+    rows.to_csv(folder / "a.csv", index=False)
+    assert main(["--model-name", MODEL, "--data", str(folder), "--output", str(folder)]) == 2
+    assert "must not be the data" in capsys.readouterr().err
