@@ -36,14 +36,17 @@ from tasks.monitoring.drift import (
     check_drift,
     emit_verdict,
     report_drift,
+    scored_by,
 )
 from tasks.monitoring.history import HistoryRef, checks_text, point_metrics, update_history
 from tasks.monitoring.policies import PolicySettings, settings_of
 from tasks.steps import Params, current_pipeline, lineage, pipeline
 from tasks.steps.errors import DataValidationError
 from tasks.steps.model import MODEL_NAME_HELP, ModelName
+from tasks.steps.refs import DatasetRef
 from tasks.steps.settings import get_settings
 from tasks.steps.tags import EVENT_ID_TAG, EVENT_TAG, MODEL_NAME_TAG, MODEL_VERSION_TAG, POLICY_TAG
+from tasks.steps.transform import MODEL_VERSION_COLUMN
 from tasks.tabular.project import configured_model_name, require_model_name
 from tasks.tabular.quality import (
     ON_VIOLATION_HELP,
@@ -176,9 +179,9 @@ def monitor(params: MonitorParams) -> MonitorResult:
     batch_location, batch_files_ = batch_files(params.batch, params.latest, settings.data_access)
     run = current_pipeline()
     client = run.client()
-    champion = load_baseline(client, model_name, params.version)
     # pinned once: both checks read the same copy, whatever happens to the file meanwhile
     batch = batch_ref(batch_location, batch_files_, settings.datasets_root)
+    champion = load_baseline(client, model_name, checked_version(batch, model_name, params.version))
     with reported_as(batch):  # errors about the pinned copy name the user's file
         quality = check_quality(
             batch,
@@ -244,6 +247,22 @@ def monitor(params: MonitorParams) -> MonitorResult:
         mlflow_run_id=run.run_id,
         prefect_flow_run=lineage.prefect_flow_run_tags(),
     )
+
+
+def checked_version(batch: DatasetRef, model_name: str, version: str | None) -> str | None:
+    """The version to check against: the one asked for; for a scoring output, the one that scored
+    it (its predictions are that version's), which must then be the one asked for, if any."""
+    scored = scored_by(batch, model_name)
+    if scored is None:
+        return version
+    if version is not None and version != scored:
+        raise DataValidationError(
+            batch.location,
+            f"scored by {model_name} v{scored}, not v{version}: its predictions are v{scored}'s "
+            f"(check it against v{scored}, or score it again with v{version})",
+            MODEL_VERSION_COLUMN,
+        )
+    return scored
 
 
 def main(argv: Sequence[str] | None = None) -> int:

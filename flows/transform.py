@@ -65,6 +65,10 @@ class TransformParams(Params):
     keep_columns: list[str] | None = Field(
         default=None, description="Input columns to copy to the output (default: the version's key columns)."
     )
+    keep_inputs: bool = Field(
+        default=False,
+        description="Keep every input column too: the capture the monitor checks (flows.monitor --batch OUT).",
+    )
     id_columns: list[str] = Field(
         default_factory=list,
         description="Columns that identify a row: its inference_id (default: a hash of every input column).",
@@ -150,7 +154,9 @@ def check_columns(batch: DatasetRef, keep: list[str], ids: list[str], inputs: li
     taken = [c for c in keep if c in (*ADDED_COLUMNS, PREDICTION_COLUMN)]
     if taken:
         raise DataValidationError(
-            batch.location, "--keep-columns names a column the scoring adds: rename it first", taken[0]
+            batch.location,
+            "a kept column has the name of a column the scoring adds: rename it first",
+            taken[0],
         )
     for what, columns in (
         ("--keep-columns names", keep),
@@ -237,6 +243,8 @@ def transform(params: TransformParams) -> TransformResult:
         if params.keep_columns is not None
         else default_keep_columns(client, version.run_id)
     )
+    if params.keep_inputs:  # the kept columns first, then the rest in the data's order
+        keep = [*keep, *(c for c in batch.columns if c not in keep)]
     inputs = model_inputs(model_uri)
     check_columns(batch, keep, params.id_columns, inputs)
     spec = ScoringSpec(

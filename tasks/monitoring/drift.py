@@ -44,6 +44,7 @@ from tasks.steps.tags import (
     POLICY_TAG,
     RETRAIN_TAG,
 )
+from tasks.steps.transform import INFERENCE_ID, MODEL_NAME_COLUMN, MODEL_VERSION_COLUMN, PREDICTION_COLUMN
 from tasks.tabular.data import pinned_table, read_table
 
 if TYPE_CHECKING:
@@ -105,9 +106,51 @@ def batch_ref(location: str, files: list[str], datasets_root: str) -> DatasetRef
 def require_columns(batch: DatasetRef, required: list[str]) -> None:
     missing = [c for c in required if c not in batch.columns]
     if missing:
-        raise DataValidationError(
-            batch.uri, f"required columns are missing: {missing} (the model needs {required})", missing[0]
+        hint = (
+            " — a scoring output holds them when scored with --keep-inputs"
+            if captured_output(batch) is not None
+            else ""
         )
+        raise DataValidationError(
+            batch.uri,
+            f"required columns are missing: {missing} (the model needs {required}){hint}",
+            missing[0],
+        )
+
+
+def captured_output(batch: DatasetRef) -> worker.CapturedOutput | None:
+    """The model-output columns of a scoring output (`flows.transform`), or None for other data."""
+    if not {INFERENCE_ID, MODEL_NAME_COLUMN, MODEL_VERSION_COLUMN, PREDICTION_COLUMN} <= set(batch.columns):
+        return None
+    probabilities = tuple(c for c in batch.columns if c.startswith("probability_"))
+    return worker.CapturedOutput(columns=(PREDICTION_COLUMN, *probabilities))
+
+
+def scored_by(batch: DatasetRef, model_name: str) -> str | None:
+    """The version that scored a scoring output (None for other data). Rows of another model, or of
+    several versions, are refused: their predictions are not one version's."""
+    import pyarrow.dataset as ds
+
+    if captured_output(batch) is None:
+        return None
+    table = ds.dataset(batch.uri, format="parquet").to_table(
+        columns=[MODEL_NAME_COLUMN, MODEL_VERSION_COLUMN]
+    )
+    unique = table.group_by([MODEL_NAME_COLUMN, MODEL_VERSION_COLUMN]).aggregate([]).to_pylist()
+    pairs = sorted((str(row[MODEL_NAME_COLUMN]), str(row[MODEL_VERSION_COLUMN])) for row in unique)
+    if [name for name, _ in pairs] != [model_name] * len(pairs):
+        raise DataValidationError(
+            batch.location,
+            f"scored by another model than {model_name} (see its model_name column)",
+            MODEL_NAME_COLUMN,
+        )
+    if len(pairs) != 1:
+        raise DataValidationError(
+            batch.location,
+            f"scored by {len(pairs)} versions of {model_name}: check each version's rows on their own",
+            MODEL_VERSION_COLUMN,
+        )
+    return str(pairs[0][1])
 
 
 def check_settings(settings: PolicySettings, champion: ChampionBaseline, model_name: str) -> None:
@@ -166,7 +209,14 @@ def check_drift(
     step.set_tags({MODEL_NAME_TAG: model_name, MODEL_VERSION_TAG: champion.version})
     check_settings(settings, champion, model_name)
 
-    model = worker.ModelLocation(
+    captured = captured_output(batch)
+    if captured is not None and scored_by(batch, model_name) != champion.version:
+        raise DataValidationError(
+            batch.location,
+            f"scored by another version than {model_name} v{champion.version}, which it is checked against",
+            MODEL_VERSION_COLUMN,
+        )
+    model = captured or worker.ModelLocation(
         uri=champion.model_uri, tracking_uri=pipeline.tracking_uri, registry_uri=pipeline.registry_uri
     )
     summary = worker.summarise_batch(
@@ -174,12 +224,13 @@ def check_drift(
     )
     _reject_bad_values(batch, summary, spec.time_column, spec.target)
     logger.info(
-        "drift check of %s rows of %s against %s v%s (policy %s)",
+        "drift check of %s rows of %s against %s v%s (policy %s; predictions %s)",
         f"{summary.rows:,}",
         batch.uri,
         model_name,
         champion.version,
         settings.policy,
+        "captured by the scoring" if captured else "made now",
     )
     verdict = judge(
         summary.columns,
@@ -205,7 +256,12 @@ def check_drift(
         decision=decision,
         champion_quality={k: v for k, v in champion.metrics.items() if k in verdict.realized},
         calibration_chunk=profile.calibration.chunk if profile.calibration else None,
-        notes=_notes(champion, summary.rows),
+        notes=_notes(champion, summary.rows)
+        + (
+            ["the predictions are those the scoring captured (flows.transform), not made again"]
+            if captured
+            else []
+        ),
         sample=_stored_sample(summary.sample),
     )
     step.log_metrics(_metrics(check))

@@ -292,12 +292,13 @@ def summarise_batch(
     frame,
     profiles: dict[str, ColumnProfile],
     spec: FeatureSpec,
-    model: ModelLocation | None,
+    model: ModelLocation | CapturedOutput | None,
     estimator: Estimator | None = None,
     sample_rows: int = SAMPLE_ROWS,
 ) -> BatchSummary:
     """One pass over a dask.dataframe on the cluster: a summary per partition, merged on a worker.
-    `model` None: no predictions (and no performance), the features and target only."""
+    `model` None: no predictions (and no performance), the features and target only; a
+    CapturedOutput: the predictions are the batch's own columns."""
     import dask
 
     shared = dask.delayed((profiles, estimator), pure=True)  # one copy in the graph, not one per partition
@@ -308,11 +309,34 @@ def summarise_batch(
     return client.compute(dask.delayed(merge_summaries)(parts, sample_rows)).result()
 
 
-def _summarise_part(frame, shared, spec, model: ModelLocation | None, sample_rows: int, seed: int):
+class CapturedOutput(BaseModel):
+    """The batch is a scoring output (`flows.transform`): these of its columns are the model's
+    output for its rows, used instead of predicting again."""
+
+    columns: tuple[str, ...]
+
+
+class _Replay:
+    """A Predictor that answers with the output captured next to the rows."""
+
+    def __init__(self, frame: pd.DataFrame, columns: tuple[str, ...]) -> None:
+        self.output = frame[list(columns)].reset_index(drop=True)
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        if len(frame) != len(self.output):  # never: the rows asked for are the partition's, in order
+            raise RuntimeError("captured output and rows differ in length")
+        return self.output
+
+
+def _summarise_part(
+    frame, shared, spec, model: ModelLocation | CapturedOutput | None, sample_rows: int, seed: int
+):
     profiles, estimator = shared
-    return summarise_partition(
-        frame, profiles, spec, model.load() if model else None, sample_rows, seed, estimator
-    )
+    if isinstance(model, CapturedOutput):
+        predictor: Predictor | None = _Replay(frame, model.columns)
+    else:
+        predictor = model.load() if model else None
+    return summarise_partition(frame, profiles, spec, predictor, sample_rows, seed, estimator)
 
 
 def summarise_partition(

@@ -1,6 +1,7 @@
 """Batch scoring (flows.transform) on a real Dask cluster with a real MLflow store: the output against
 `mlflow.pyfunc` predictions, stable inference ids, kept columns, lineage, a whole-or-nothing output,
-and bad input that writes nothing (exit 2)."""
+bad input that writes nothing (exit 2), and the capture checked by the monitor with its own
+predictions."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import mlflow
 import pandas as pd
 import pytest
 
+from flows.monitor import MonitorParams, monitor
+from flows.monitor import main as monitor_main
 from flows.pipeline import PipelineParams, training_pipeline
 from flows.transform import TransformParams, main, transform
 from tasks.steps.integrity import logged_model_id
@@ -176,3 +179,37 @@ def test_missing_model_input_and_output_inside_the_data_are_refused(env, tmp_pat
     rows.to_csv(folder / "a.csv", index=False)
     assert main(["--model-name", MODEL, "--data", str(folder), "--output", str(folder)]) == 2
     assert "must not be the data" in capsys.readouterr().err
+
+
+def test_the_monitor_checks_a_capture_with_its_own_predictions(env, tmp_path, capsys):
+    _, path = may(tmp_path)
+    out = tmp_path / "captured"
+    transform(TransformParams(model_name=MODEL, data=str(path), output=str(out), keep_inputs=True))
+    captured = monitor(MonitorParams(model_name=MODEL, batch=str(out)))
+    fresh = monitor(MonitorParams(model_name=MODEL, batch=str(path)))
+    scores = {c.column: c.score for c in fresh.check.verdict.columns}
+    assert {c.column: c.score for c in captured.check.verdict.columns} == pytest.approx(scores)
+    assert captured.check.verdict.realized == pytest.approx(fresh.check.verdict.realized)
+    assert any("captured" in note for note in captured.check.notes)
+    assert captured.quality.violations == fresh.quality.violations  # the added columns are no violation
+    # the predictions are the capture's, not made again: changed ones change the prediction's score
+    changed = pd.read_parquet(out)
+    changed["prediction"] = changed["prediction"] * 3
+    (tmp_path / "changed").mkdir()
+    changed.to_parquet(tmp_path / "changed" / "part-00000.parquet", index=False)
+    odd = monitor(MonitorParams(model_name=MODEL, batch=str(tmp_path / "changed")))
+    assert odd.check.verdict.column("prediction").score != pytest.approx(scores["prediction"])
+    assert odd.check.verdict.column("temp").score == pytest.approx(scores["temp"])
+    # scored by v1: checked against v1, and refused against another version
+    old = tmp_path / "by-v1"
+    transform(
+        TransformParams(model_name=MODEL, data=str(path), output=str(old), keep_inputs=True, version="1")
+    )
+    assert monitor(MonitorParams(model_name=MODEL, batch=str(old))).check.version == "1"
+    assert monitor_main(["--model-name", MODEL, "--batch", str(old), "--version", "2"]) == 2
+    assert "scored by bike-transform v1, not v2" in capsys.readouterr().err
+    # a capture without the inputs cannot be checked, and says how to make one that can
+    bare = tmp_path / "bare"
+    transform(TransformParams(model_name=MODEL, data=str(path), output=str(bare)))
+    assert monitor_main(["--model-name", MODEL, "--batch", str(bare)]) == 2
+    assert "--keep-inputs" in capsys.readouterr().err
