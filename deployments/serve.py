@@ -1,4 +1,4 @@
-"""Register the four deployments with the Prefect server at PREFECT_API_URL and serve them.
+"""Register the six deployments with the Prefect server at PREFECT_API_URL and serve them.
 
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m deployments.serve --landing landing/
 
@@ -15,6 +15,12 @@
   (a pipeline registered a version as PendingManualApproval). The flow run pauses with a form in
   Prefect's UI (approve or reject, and why) for `--approval-timeout-minutes`; the answer is applied as
   `python -m flows.approve` applies it (SageMaker Studio's approval, with its state-change event).
+
+- `score-pending/hourly`: the batches waiting in the scoring inbox (`--scoring-inbox`) scored with
+  the champion, on a schedule (`--scoring-cron`); outputs under `--scoring-outbox` (SageMaker's
+  batch transform on a schedule).
+- `score-pending/on-approval`: the same, started by an automation on every `keel.model.approved`
+  event, so an approved version scores what waits at once (deploy on approval).
 
 This process runs the flow runs itself (a Prefect runner): stop it with SIGTERM (Ctrl-C).
 
@@ -37,10 +43,17 @@ from flows.approve import DEFAULT_TIMEOUT_MINUTES, MAX_TIMEOUT_MINUTES, await_ap
 from flows.monitor import MonitorParams, monitor
 from flows.pipeline import PipelineParams, training_pipeline
 from flows.retrain import RetrainParams, retrain
+from flows.score_pending import ScorePendingParams, score_pending
 from tasks.monitoring.policies import DEFAULT_POLICY, POLICY_HELP, PolicyText
 from tasks.steps.cli import build_parser, parse_params
 from tasks.steps.model import MODEL_NAME_HELP, ModelName
-from tasks.steps.tags import DRIFT_DETECTED_EVENT, MODEL_NAME_TAG, MODEL_PENDING_EVENT, MODEL_VERSION_TAG
+from tasks.steps.tags import (
+    DRIFT_DETECTED_EVENT,
+    MODEL_APPROVED_EVENT,
+    MODEL_NAME_TAG,
+    MODEL_PENDING_EVENT,
+    MODEL_VERSION_TAG,
+)
 from tasks.tabular.project import configured_model_name, require_model_name
 
 TRAINING = "scheduled"
@@ -49,10 +62,13 @@ RETRAIN = "on-drift"
 APPROVAL = "on-pending"
 AUTOMATION = "retrain on drift"
 APPROVAL_AUTOMATION = "ask for approval"
+SCORING = "hourly"
+SCORING_ON_APPROVAL = "on-approval"
+SCORING_AUTOMATION = "score with the approved version"
 
 
 class ServeSettings(BaseModel):
-    """What the three deployments run on; every field is a flag of `python -m deployments.serve`."""
+    """What the deployments run on; every field is a flag of `python -m deployments.serve`."""
 
     landing: str = Field(description="Folder where new labelled batches land (monitored and retrained on).")
     model_name: ModelName | None = Field(
@@ -92,6 +108,15 @@ class ServeSettings(BaseModel):
         le=MAX_TIMEOUT_MINUTES,
         description="How long an approval form waits; then the version stays PendingManualApproval.",
     )
+    scoring_inbox: str | None = Field(
+        default=None,
+        description="Folder of batches the champion scores (default: to-score/ beside the landing folder).",
+    )
+    scoring_outbox: str | None = Field(
+        default=None,
+        description="Folder the scored batches go to (default: scored/ beside the landing folder).",
+    )
+    scoring_cron: str = Field(default="30 * * * *", description="When the waiting batches are scored (cron).")
     max_concurrent_retrains: int = Field(
         default=2,
         ge=1,
@@ -131,6 +156,25 @@ def _landing(settings: ServeSettings) -> str:
     )
 
 
+def _scoring_params(settings: ServeSettings) -> dict | None:
+    """The scoring deployments' parameters, or None when they cannot run here: their outputs must be
+    a local folder the Dask workers share (an object store has no atomic rename), so with a landing
+    folder that is a URL and no `--scoring-inbox`/`--scoring-outbox`, there are none."""
+    beside = None if "://" in settings.landing else Path(_landing(settings)).parent
+    inbox = settings.scoring_inbox or (str(beside / "to-score") if beside else None)
+    outbox = settings.scoring_outbox or (str(beside / "scored") if beside else None)
+    if inbox is None or outbox is None:
+        return None
+    for flag, folder in (("--scoring-inbox", inbox), ("--scoring-outbox", outbox)):
+        if "://" in folder:
+            raise ValueError(f"{flag} must be a local folder (shared with the Dask workers), not {folder!r}")
+    return ScorePendingParams(
+        model_name=settings.model_name,
+        inbox=str(Path(inbox).expanduser().resolve()),
+        outbox=str(Path(outbox).expanduser().resolve()),
+    ).model_dump(mode="json")
+
+
 def _retrain_params(settings: ServeSettings) -> dict:
     return RetrainParams(
         data=_landing(settings),
@@ -151,7 +195,7 @@ def build_deployments(settings: ServeSettings) -> list:
         batch=landing, latest=True, model_name=settings.model_name, policy=settings.policy
     )
     retrain_params = _retrain_params(settings)
-    return [
+    deployments = [
         training_pipeline.to_deployment(
             name=TRAINING,
             cron=settings.training_cron,
@@ -173,6 +217,23 @@ def build_deployments(settings: ServeSettings) -> list:
         await_approval.to_deployment(
             name=APPROVAL,
             description="A form in Prefect's UI for a version waiting for approval: approve or reject it.",
+        ),
+    ]
+    scoring = _scoring_params(settings)
+    if scoring is None:
+        return deployments
+    return [
+        *deployments,
+        score_pending.to_deployment(
+            name=SCORING,
+            cron=settings.scoring_cron,
+            parameters={"params": {**scoring, "trigger": "schedule"}},
+            description="The batches waiting in the scoring inbox, scored with the champion.",
+        ),
+        score_pending.to_deployment(
+            name=SCORING_ON_APPROVAL,
+            parameters={"params": scoring},
+            description="The batches waiting in the scoring inbox, scored with a version just approved.",
         ),
     ]
 
@@ -227,6 +288,30 @@ def approval_automation(settings: ServeSettings, approval_deployment: UUID):
     )
 
 
+def scoring_automation(scoring: dict, scoring_deployment: UUID):
+    """The automation that runs score-pending/on-approval for each approved version (the model it
+    names; the flow scores with that model's champion, which an approval without --no-promote is)."""
+    from prefect.events import DeploymentEventTrigger
+
+    return _unowned(
+        DeploymentEventTrigger(
+            name=SCORING_AUTOMATION,
+            description=f"{MODEL_APPROVED_EVENT} about any registered model starts score-pending/{SCORING_ON_APPROVAL}",
+            expect={MODEL_APPROVED_EVENT},
+            match={"prefect.resource.id": "keel.model.*"},
+            parameters={
+                "params": {
+                    **scoring,
+                    "model_name": _FROM_EVENT_NAME,
+                    "trigger": f"v{_FROM_EVENT_VERSION} approved: "
+                    "{{ event.payload.reason | truncate(300) }}",
+                }
+            },
+        ),
+        scoring_deployment,
+    )
+
+
 _FROM_EVENT_NAME = f"{{{{ event.resource['{MODEL_NAME_TAG}'] }}}}"
 _FROM_EVENT_VERSION = f"{{{{ event.resource['{MODEL_VERSION_TAG}'] }}}}"
 
@@ -250,6 +335,9 @@ def apply_all(settings: ServeSettings, deployments: list) -> dict[str, UUID]:
         AUTOMATION: drift_automation(settings, ids[RETRAIN]),
         APPROVAL_AUTOMATION: approval_automation(settings, ids[APPROVAL]),
     }
+    scoring = _scoring_params(settings)
+    if scoring is not None:
+        automations[SCORING_AUTOMATION] = scoring_automation(scoring, ids[SCORING_ON_APPROVAL])
     out: dict[str, UUID] = {}
     with get_client(sync_client=True) as client:
         for name, automation in automations.items():
@@ -267,7 +355,9 @@ def apply_all(settings: ServeSettings, deployments: list) -> dict[str, UUID]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m deployments.serve"
-    settings = parse_params(ServeSettings, argv, prog, __doc__ or "", check=_training_params)
+    settings = parse_params(
+        ServeSettings, argv, prog, __doc__ or "", check=lambda s: (_training_params(s), _scoring_params(s))
+    )
     if not os.environ.get("PREFECT_API_URL"):
         build_parser(ServeSettings, prog, __doc__ or "").error(
             "PREFECT_API_URL is not set: deployments need a Prefect server "
@@ -275,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if "://" not in settings.landing:
         Path(settings.landing).expanduser().mkdir(parents=True, exist_ok=True)
+    scoring = _scoring_params(settings)
+    for folder in (scoring["inbox"], scoring["outbox"]) if scoring else ():
+        Path(folder).mkdir(parents=True, exist_ok=True)
     from prefect import serve
 
     from tasks.steps.cli import configure_logging

@@ -37,8 +37,11 @@ from tasks.steps.tags import MODEL_NAME_TAG, MODEL_VERSION_TAG, SCORED_ROWS_TAG
 from tasks.steps.transform import (
     ADDED_COLUMNS,
     PREDICTION_COLUMN,
+    RECORD_FILE,
+    ScoringRecord,
     ScoringSpec,
     score_table,
+    source_fingerprint,
     transform_step,
     written_whole,
 )
@@ -173,8 +176,9 @@ def check_columns(batch: DatasetRef, keep: list[str], ids: list[str], inputs: li
 
 
 @transform_step(name="score")
-def score(batch: DatasetRef, spec: ScoringSpec, output: str, overwrite: bool) -> DatasetRef:
-    """Score the batch on the workers into `output`, whole or not at all."""
+def score(batch: DatasetRef, spec: ScoringSpec, output: str, overwrite: bool, fingerprint: str) -> DatasetRef:
+    """Score the batch on the workers into `output`, whole or not at all, with its record
+    (`_scoring.json`: the version, and the input's fingerprint as it was)."""
     from prefect import get_run_logger
 
     logger = get_run_logger()
@@ -191,7 +195,18 @@ def score(batch: DatasetRef, spec: ScoringSpec, output: str, overwrite: bool) ->
         parts = score_table(dask_client(), frame, spec, staging, batch.location, progress)
         if not any(p.file for p in parts):
             raise DataValidationError(batch.location, "the data has no rows to score")
-    rows = sum(p.rows for p in parts)
+        record = ScoringRecord(
+            model_name=spec.model_name,
+            model_version=spec.model_version,
+            source=batch.location,
+            source_fingerprint=fingerprint,
+            input_digest=batch.digest,
+            rows=sum(p.rows for p in parts),
+            mlflow_run_id=current_pipeline().run_id,
+            scored_at=spec.scored_at.isoformat(),
+        )
+        (staging / RECORD_FILE).write_text(record.model_dump_json(indent=1))
+    rows = record.rows
     columns = pd.read_parquet(next(target.glob("part-*.parquet"))).columns
     scored = DatasetRef(
         name="scored",
@@ -256,7 +271,7 @@ def transform(params: TransformParams) -> TransformResult:
         id_columns=tuple(params.id_columns),
         scored_at=pd.Timestamp(datetime.now(UTC)),
     )
-    scored = score(batch, spec, output, params.overwrite)
+    scored = score(batch, spec, output, params.overwrite, source_fingerprint(files))
     lineage.set_tags(client, run.run_id, {MODEL_VERSION_TAG: number, SCORED_ROWS_TAG: str(scored.rows)})
     lineage.log_dataset_inputs(client, run.run_id, {"data": batch, "scored": scored})
     client.log_inputs(run.run_id, models=[LoggedModelInput(logged_model_id(model_uri))])

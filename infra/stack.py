@@ -8,7 +8,8 @@
 
 Everything lives under one folder (`--home`, default `.keel/stack`): the Prefect database
 (`prefect/`), the MLflow store and artifacts (`mlflow/`), the landing folder for new data
-(`landing/`), pipeline outputs (`state/`), every process's log (`logs/`) and `stack.json` (ports and
+(`landing/`), batches waiting to be scored (`to-score/`) and their outputs (`scored/`), pipeline
+outputs (`state/`), every process's log (`logs/`) and `stack.json` (ports and
 PIDs), and `secrets/` (0600: the generated credentials every server requires, see infra/secrets.py).
 Each part is started only after the previous one answers its health check. `down` sends
 SIGTERM to each process group (the deployments server first, so no flow run is cut off mid-write by
@@ -50,7 +51,7 @@ QUIET_WORKERS = {
     "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "1s",
     "DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL": "2s",
 }
-DEPLOYMENTS = {"scheduled", "landing-folder", "on-drift", "on-pending"}
+DEPLOYMENTS = {"scheduled", "landing-folder", "on-drift", "on-pending", "hourly", "on-approval"}
 # What the deployments look after when neither the flags after `--` nor the project's config
 # (keel.toml, [tool.keel]) name a model: the bike demo, its columns said out loud.
 DEMO_SERVE_ARGS = [
@@ -120,8 +121,10 @@ class Stack:
         }
 
     def default_data_roots(self) -> list[str]:
-        """The landing folder and the project's data folder."""
-        return [str(self.home.resolve() / "landing"), str(PROJECT / "data")]
+        """The landing folder, the scoring inbox and outbox, and the project's data folder."""
+        return [str(self.home.resolve() / f) for f in ("landing", "to-score", "scored")] + [
+            str(PROJECT / "data")
+        ]
 
     # -- up -----------------------------------------------------------------------------------------
     def up(

@@ -67,6 +67,47 @@ class ScoringSpec(BaseModel):
     model_config = {"arbitrary_types_allowed": True}
 
 
+RECORD_FILE = "_scoring.json"  # beside the parts; readers and digests skip `_` files
+
+
+class ScoringRecord(BaseModel):
+    """What made an output, kept in it: which version scored which input (as it was then)."""
+
+    model_name: str
+    model_version: str
+    source: str = Field(description="The data as the user named it.")
+    source_fingerprint: str = Field(description="Names, sizes and modification times of its files.")
+    input_digest: str = Field(description="sha256 of the bytes scored.")
+    rows: int
+    mlflow_run_id: str
+    scored_at: str
+
+
+def source_fingerprint(files: Sequence[str]) -> str:
+    """A cheap stand-in for the content of `files`: their names, sizes and modification times (a
+    changed file changes it without being read)."""
+    import hashlib
+
+    import fsspec
+
+    digest = hashlib.sha256()
+    for url in sorted(files):
+        fs, path = fsspec.core.url_to_fs(url)
+        info = fs.info(path)
+        digest.update(
+            f"{path}\0{info.get('size')}\0{info.get('mtime') or info.get('LastModified')}\n".encode()
+        )
+    return digest.hexdigest()
+
+
+def read_record(output: Path) -> ScoringRecord | None:
+    """The record of an output, or None when there is none (not written by a transform, or unreadable)."""
+    try:
+        return ScoringRecord.model_validate_json((output / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class ScoredPart(BaseModel):
     file: str | None
     rows: int
@@ -192,7 +233,7 @@ def unreadable(exc: BaseException, number: int, location: str) -> BaseException:
     if isinstance(exc, DataValidationError) or not isinstance(exc, ValueError | TypeError | MlflowException):
         return exc
     text = str(exc)
-    named = re.search(r"for column '?([^'\s.]+)", text)  # MLflow's schema enforcement
+    named = re.search(r"(?:for|convert) column '?([^'\s.]+)", text)  # MLflow's schema enforcement
     table = [  # Dask's table of mismatched dtypes: | column | found | expected |
         row.group(1)
         for row in re.finditer(r"^\|\s*(\S+)\s*\|\s*\S+\s*\|\s*\S+\s*\|\s*$", text, re.MULTILINE)

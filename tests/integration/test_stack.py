@@ -98,19 +98,22 @@ class RunningStack:
     def api(self) -> httpx.Client:
         return prefect_api(self.env)
 
-    def retrain_runs(self, model: str) -> list[dict]:
+    def retrain_runs(self, model: str, deployment: str = "retrain/on-drift") -> list[dict]:
+        """The runs of a deployment (by default the retrain's) for a model."""
         with self.api() as http:
-            deployment = http.get("/deployments/name/retrain/on-drift").json()["id"]
+            found = http.get(f"/deployments/name/{deployment}").json()["id"]
             runs = http.post(
-                "/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment]}}, "limit": 100}
+                "/flow_runs/filter", json={"deployments": {"id": {"any_": [found]}}, "limit": 100}
             ).json()
         return [r for r in runs if r["parameters"]["params"]["model_name"] == model]
 
-    def wait_for_runs(self, model: str, count: int, timeout: float = 420) -> list[dict]:
+    def wait_for_runs(
+        self, model: str, count: int, timeout: float = 420, deployment: str = "retrain/on-drift"
+    ) -> list[dict]:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                runs = self.retrain_runs(model)
+                runs = self.retrain_runs(model, deployment)
             except httpx.TransportError:  # a busy 2-core machine: the server may answer slowly
                 runs = []
             if len(runs) >= count and all(r["state"]["type"] in TERMINAL for r in runs):
@@ -265,8 +268,13 @@ def test_a_forged_event_about_a_model_without_a_champion_trains_nothing(stack):
 def test_a_version_pending_approval_gets_a_form_in_prefect_whose_answer_moves_the_champion(stack):
     """A pipeline with manual approval -> keel.model.pending-approval -> the automation starts
     await-approval/on-pending, which pauses with a form; answered as Prefect's UI sends it, the
-    version is approved, becomes champion, and keel.model.approved is emitted."""
+    version is approved, becomes champion, and keel.model.approved is emitted, which starts
+    score-pending/on-approval: the batch waiting in the scoring inbox is scored by the new champion."""
     model = "stack-approval"
+    bike = pd.read_csv(BIKE_CSV)
+    (stack.home / "to-score").mkdir(exist_ok=True)
+    waiting = bike[(bike.dteday >= "2011-04-04") & (bike.dteday < "2011-04-11")]
+    waiting.to_csv(stack.home / "to-score" / "april-week.csv", index=False)
     trained = stack.run(
         "flows.pipeline", "--data", str(stack.home / "landing"), "--end", "2011-03-31", "--model-name", model,
         "--approval", "manual", *FAST, *BIKE_FLAGS,
@@ -317,6 +325,14 @@ def test_a_version_pending_approval_gets_a_form_in_prefect_whose_answer_moves_th
     version = stack.mlflow().get_model_version(model, "1")
     assert version.tags["approval_status"] == "Approved" and version.tags["approval.by"].startswith("Bo ")
     assert str(stack.mlflow().get_model_version_by_alias(model, "champion").version) == "1"
+    [scoring] = stack.wait_for_runs(model, 1, deployment="score-pending/on-approval")
+    assert scoring["state"]["type"] == "COMPLETED", scoring["state"]
+    assert scoring["parameters"]["params"]["trigger"].startswith("v1 approved: checked on the stack")
+    scored = stack.home / "scored" / model / "april-week-csv"
+    assert json.loads((scored / "_scoring.json").read_text())["model_version"] == "1"
+    assert set(pd.read_parquet(scored)["model_version"]) == {"1"} and len(pd.read_parquet(scored)) == len(
+        waiting
+    )
 
 
 ATTACK = "open('/tmp/keel-attack-ran', 'w').write('ran')\n"
@@ -401,7 +417,7 @@ def test_down_then_up_loses_nothing(stack):
     with stack.api() as http:  # future scheduled runs are re-planned by the server: count finished ones
         runs = {r["id"]: r["state"]["type"] for r in http.post("/flow_runs/filter", json=finished).json()}
     automations = {a["name"]: a for a in stack.automations()}
-    assert set(automations) == {"retrain on drift", "ask for approval"}
+    assert set(automations) == {"retrain on drift", "ask for approval", "score with the approved version"}
     automation = automations["retrain on drift"]
     stack.command("down", timeout=180)
     assert json.loads((stack.home / "stack.json").read_text())["processes"] == []

@@ -14,9 +14,11 @@ import pytest
 from flows.monitor import MonitorParams, monitor
 from flows.monitor import main as monitor_main
 from flows.pipeline import PipelineParams, training_pipeline
+from flows.score_pending import ScorePendingParams, score_pending
 from flows.transform import TransformParams, main, transform
+from tasks.steps.errors import DataValidationError
 from tasks.steps.integrity import logged_model_id
-from tasks.steps.transform import ADDED_COLUMNS, INFERENCE_ID, row_ids
+from tasks.steps.transform import ADDED_COLUMNS, INFERENCE_ID, read_record, row_ids
 from tests.conftest import BIKE_CSV, mlflow_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -213,3 +215,41 @@ def test_the_monitor_checks_a_capture_with_its_own_predictions(env, tmp_path, ca
     transform(TransformParams(model_name=MODEL, data=str(path), output=str(bare)))
     assert monitor_main(["--model-name", MODEL, "--batch", str(bare)]) == 2
     assert "--keep-inputs" in capsys.readouterr().err
+
+
+def test_pending_batches_are_scored_once_per_champion_and_input(env, tmp_path):
+    rows, _ = may(tmp_path)
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    rows.iloc[:300].to_csv(inbox / "week-1.csv", index=False)
+    rows.iloc[300:600].to_parquet(inbox / "week-2.parquet", index=False)
+    (inbox / "notes.txt").write_text("not a batch")
+    params = ScorePendingParams(model_name=MODEL, inbox=str(inbox), outbox=str(outbox))
+    first = score_pending(params)
+    assert first.champion == "2" and len(first.scored) == 2 and first.current == []
+    out = outbox / MODEL / "week-1-csv"
+    assert set(pd.read_parquet(out)["model_version"]) == {"2"} and read_record(out).rows == 300
+    assert "temp" in pd.read_parquet(out).columns  # every input kept: the monitor can check it
+    again = score_pending(params)
+    assert again.scored == [] and sorted(again.current) == ["week-1.csv", "week-2.parquet"]
+    # a changed batch is scored again, and only it
+    rows.iloc[:200].to_csv(inbox / "week-1.csv", index=False)
+    changed = score_pending(params)
+    assert [r.input.location for r in changed.scored] == [str(inbox / "week-1.csv")]
+    assert read_record(out).rows == 200
+    # another champion rescores the inbox, at most --max-batches per run
+    client = mlflow_client()
+    client.set_registered_model_alias(MODEL, "champion", "1")
+    try:
+        moved = score_pending(params.model_copy(update={"max_batches": 1}))
+        assert moved.champion == "1" and len(moved.scored) == 1 and moved.waiting == ["week-2.parquet"]
+    finally:
+        client.set_registered_model_alias(MODEL, "champion", "2")
+    # a bad batch is refused, naming it, after the others were scored
+    broken = rows.iloc[600:].copy()
+    broken["temp"] = "warm"
+    broken.to_csv(inbox / "week-3.csv", index=False)
+    with pytest.raises(DataValidationError, match=r"week-3\.csv: .*column 'temp'"):
+        score_pending(params)
+    assert {read_record(p).model_version for p in (outbox / MODEL).iterdir()} == {"2"}
+    assert not (outbox / MODEL / "week-3-csv").exists()

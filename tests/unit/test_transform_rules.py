@@ -60,5 +60,7 @@ def test_a_partitions_failure_names_the_column_never_a_value():
     error = unreadable(enforced, 3, "in.csv")
     assert isinstance(error, DataValidationError) and error.column == "dteday"
     assert "partition 3" in str(error) and "secret" not in str(error)
+    converted = unreadable(ValueError("Failed to convert column temp from type object to double."), 0, "x")
+    assert converted.column == "temp"
     other = OSError("disk full")
     assert unreadable(other, 0, "in.csv") is other  # not the data's fault: as it is
