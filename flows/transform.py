@@ -272,7 +272,16 @@ def transform(params: TransformParams) -> TransformResult:
         scored_at=pd.Timestamp(datetime.now(UTC)),
     )
     scored = score(batch, spec, output, params.overwrite, source_fingerprint(files))
-    lineage.set_tags(client, run.run_id, {MODEL_VERSION_TAG: number, SCORED_ROWS_TAG: str(scored.rows)})
+    lineage.set_tags(
+        client,
+        run.run_id,
+        {
+            MODEL_VERSION_TAG: number,
+            SCORED_ROWS_TAG: str(scored.rows),
+            **batch.lineage_tags("data", "input"),
+            **scored.lineage_tags("scored", "output"),
+        },
+    )
     lineage.log_dataset_inputs(client, run.run_id, {"data": batch, "scored": scored})
     client.log_inputs(run.run_id, models=[LoggedModelInput(logged_model_id(model_uri))])
     lineage.note("Model version", f"{name} v{number}", lineage.version_link(run.tracking_uri, name, number))

@@ -5,12 +5,14 @@ predictions."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 
+from flows.lineage import main as main_lineage
 from flows.monitor import MonitorParams, monitor
 from flows.monitor import main as monitor_main
 from flows.pipeline import PipelineParams, training_pipeline
@@ -18,6 +20,8 @@ from flows.score_pending import ScorePendingParams, score_pending
 from flows.transform import TransformParams, main, transform
 from tasks.steps.errors import DataValidationError
 from tasks.steps.integrity import logged_model_id
+from tasks.steps.lineage_query import dataset_lineage, version_lineage
+from tasks.steps.refs import content_digest
 from tasks.steps.transform import ADDED_COLUMNS, INFERENCE_ID, read_record, row_ids
 from tests.conftest import BIKE_CSV, mlflow_client
 
@@ -253,3 +257,31 @@ def test_pending_batches_are_scored_once_per_champion_and_input(env, tmp_path):
         score_pending(params)
     assert {read_record(p).model_version for p in (outbox / MODEL).iterdir()} == {"2"}
     assert not (outbox / MODEL / "week-3-csv").exists()
+
+
+def test_lineage_finds_what_made_a_version_and_what_used_it(env, tmp_path, capsys):
+    _, path = may(tmp_path)
+    scored = transform(TransformParams(model_name=MODEL, data=str(path), output=str(tmp_path / "scored")))
+    client = mlflow_client()
+    found = version_lineage(client, MODEL, "2")
+    raw = next(d for d in found.training_data if d.name == "raw")
+    assert raw.digest == content_digest(str(BIKE_CSV)) and raw.location == str(BIKE_CSV)
+    assert {"train", "valid", "test"} <= {d.name for d in found.training_data}
+    assert found.code["commit"] and found.execution and found.replaced == "1"
+    assert {"prepare", "tune", "train", "register"} <= {s.step for s in found.steps}
+    [run] = [r for r in found.scoring_runs if r.run_id == scored.mlflow_run_id]
+    assert [d.digest for d in run.reads] == [scored.input.digest]
+    assert [d.digest for d in run.writes] == [scored.output.digest]
+    assert main_lineage(["--model", MODEL, "--version", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["scoring_runs"]
+    # a dataset: who read it, who wrote it, what the executions registered
+    assert main_lineage(["--dataset", str(tmp_path / "scored")]) == 0
+    assert f"wrote as scored by batch-transform {scored.mlflow_run_id}" in capsys.readouterr().out
+    uses = dataset_lineage(client, content_digest(str(BIKE_CSV)), str(BIKE_CSV)).uses
+    assert {f"{MODEL} v1", f"{MODEL} v2"} <= {v for u in uses for v in u.registered}
+    assert main_lineage(["--dataset", content_digest(str(path))[:16]]) == 0
+    assert f"read as data by batch-transform {scored.mlflow_run_id}" in capsys.readouterr().out
+    # bad input
+    assert main_lineage(["--model", MODEL, "--version", "99"]) == 2
+    assert main_lineage(["--dataset", str(tmp_path / "nothing-here")]) == 2
+    assert "neither an existing file" in capsys.readouterr().err
