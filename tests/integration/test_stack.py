@@ -265,9 +265,9 @@ def test_a_forged_event_about_a_model_without_a_champion_trains_nothing(stack):
     assert stack.mlflow().search_model_versions("name='forged'") == []
 
 
-def test_a_version_pending_approval_gets_a_form_in_prefect_whose_answer_moves_the_champion(stack):
+def test_a_version_pending_approval_gets_a_form_in_prefect_whose_answer_moves_the_champion(stack, tmp_path):
     """A pipeline with manual approval -> keel.model.pending-approval -> the automation starts
-    await-approval/on-pending, which pauses with a form; answered as Prefect's UI sends it, the
+    await-approval/on-pending, which pauses with a form; answered in Prefect's UI in a browser, the
     version is approved, becomes champion, and keel.model.approved is emitted, which starts
     score-pending/on-approval: the batch waiting in the scoring inbox is scored by the new champion."""
     model = "stack-approval"
@@ -301,14 +301,9 @@ def test_a_version_pending_approval_gets_a_form_in_prefect_whose_answer_moves_th
         keyset = run["state"]["state_details"]["run_input_keyset"]
         schema = http.get(f"/flow_runs/{run['id']}/input/{keyset['schema']}").raise_for_status().json()
         assert schema["properties"]["decision"]["enum"] == ["approve", "reject"]
-        answer = {
-            "decision": "approve",
-            "reason": "checked on the stack",
-            "decided_by": "Bo",
-            "promote": True,
-        }
-        resumed = http.post(f"/flow_runs/{run['id']}/resume", json={"run_input": answer}).json()
-        assert resumed["status"] == "ACCEPT", resumed
+        answer_in_the_browser(
+            stack, run["id"], "checked on the stack", "Bo", screenshot_folder(tmp_path, "stack")
+        )
         while http.get(f"/flow_runs/{run['id']}").json()["state"]["type"] not in TERMINAL:
             assert time.monotonic() < deadline
             time.sleep(1)
@@ -500,6 +495,27 @@ def prefect_login(driver, stack: RunningStack) -> str:
     field.send_keys(stack.env["PREFECT_API_AUTH_STRING"], Keys.ENTER)
     wait_for(driver, lambda: "/login" not in driver.current_url, "the dashboard after logging in")
     return ui
+
+
+def answer_in_the_browser(stack: RunningStack, flow_run_id: str, reason: str, name: str, shots: Path) -> None:
+    """Approve a paused await-approval run as a person does: its page in Prefect's UI, "Resume",
+    the form (the decision's default is approve), "Submit"."""
+    from selenium.webdriver.common.by import By
+
+    def button(label: str):
+        return next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip() == label)
+
+    with chromium() as driver:
+        ui = prefect_login(driver, stack)
+        driver.get(f"{ui}/runs/flow-run/{flow_run_id}")
+        wait_for(driver, lambda: button("Resume"), "the paused run's Resume button").click()
+        wait_for(driver, lambda: "Decided By" in page_text(driver), "the approval form")
+        reason_field, name_field = driver.find_elements(By.TAG_NAME, "textarea")[:2]
+        reason_field.send_keys(reason)
+        name_field.send_keys(name)
+        screenshot(driver, shots, "prefect-approval-form")
+        button("Submit").click()
+        wait_for(driver, lambda: "Decided By" not in page_text(driver), "the form to close")
 
 
 def links(driver, prefix: str) -> list[str]:
