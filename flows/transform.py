@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 from pydantic import BaseModel, Field, model_validator
 
+from tasks.monitoring.drift import batch_files
 from tasks.steps import DatasetRef, Params, current_pipeline, current_step, dask_client, lineage, pipeline
 from tasks.steps.access import checked_location
 from tasks.steps.errors import DataValidationError
@@ -207,7 +209,7 @@ def score(batch: DatasetRef, spec: ScoringSpec, output: str, overwrite: bool, fi
         )
         (staging / RECORD_FILE).write_text(record.model_dump_json(indent=1))
     rows = record.rows
-    columns = pd.read_parquet(next(target.glob("part-*.parquet"))).columns
+    columns = pq.read_schema(next(target.glob("part-*.parquet"))).names
     scored = DatasetRef(
         name="scored",
         uri=str(target),
@@ -244,11 +246,14 @@ def transform(params: TransformParams) -> TransformResult:
             params.output, "the output must be a local folder (an object store has no atomic rename)"
         )
     output = output.removeprefix("file://")
-    location, files = checked_files_of(params.data, settings)
-    if Path(output).resolve() == Path(location.removeprefix("file://")).resolve() or any(
-        Path(f.removeprefix("file://")).resolve().is_relative_to(Path(output).resolve()) for f in files
+    location, files = batch_files(params.data, False, settings.data_access)
+    target, source = Path(output).resolve(), Path(location.removeprefix("file://")).resolve()
+    if target.is_relative_to(source) or any(
+        Path(f.removeprefix("file://")).resolve().is_relative_to(target) for f in files
     ):
-        raise DataValidationError(params.output, "the output must not be the data or hold any of its files")
+        raise DataValidationError(
+            params.output, "the output must not be the data, lie inside it or hold any of its files"
+        )
     if Path(output).exists() and not params.overwrite:
         raise DataValidationError(params.output, "the output exists already (--overwrite replaces it)")
     batch = pinned_table("data", location, files, settings.datasets_root)
@@ -298,15 +303,6 @@ def transform(params: TransformParams) -> TransformResult:
         mlflow_run_id=run.run_id,
         prefect_flow_run=lineage.prefect_flow_run_tags(),
     )
-
-
-def checked_files_of(data: str, settings) -> tuple[str, list[str]]:
-    from tasks.steps.access import checked_files
-
-    location, files = checked_files(data, settings.data_access)
-    if not files:
-        raise DataValidationError(location, "file does not exist (or the folder holds no data files)")
-    return location, files
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,9 +109,10 @@ def read_record(output: Path) -> ScoringRecord | None:
 
 
 class ScoredPart(BaseModel):
+    """One partition's part file (None: the partition was empty) and its rows."""
+
     file: str | None
     rows: int
-    prediction_columns: tuple[str, ...] = ()
 
 
 def _hashable(column: pd.Series) -> pd.Series:
@@ -188,10 +189,7 @@ def score_partition(frame: pd.DataFrame, spec: ScoringSpec, folder: str, number:
     scored = score_frame(frame, spec)
     path = f"{folder}/{PART_NAME.format(number)}"
     scored.to_parquet(path, index=False)
-    added = (*spec.keep_columns, *ADDED_COLUMNS)
-    return ScoredPart(
-        file=path, rows=len(scored), prediction_columns=tuple(c for c in scored.columns if c not in added)
-    )
+    return ScoredPart(file=path, rows=len(scored))
 
 
 @contextmanager
@@ -255,7 +253,7 @@ def score_table(
     spec: ScoringSpec,
     folder: Path,
     location: str,
-    progress: Any = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[ScoredPart]:
     """Score every partition of `frame` (the data at `location`) on the workers into `folder`; the
     parts in order. `progress(done, total)` is called as partitions finish. A partition that cannot
