@@ -109,7 +109,7 @@ def summarise(result: TransformResult) -> str:
         [
             f"Scored:       {result.input.rows or 0:,} rows of {result.input.location} "
             f"with {result.model_name} v{result.version}",
-            f"Output:       {result.output.uri} ({result.parts} Parquet files, sha256 {result.output.digest[:12]})",
+            f"Output:       {result.output.uri} ({result.parts} Parquet file{'s' if result.parts != 1 else ''}, sha256 {result.output.digest[:12]})",
             f"Columns:      {', '.join(result.output.columns)}",
             f"MLflow run:   {result.mlflow_run_id}",
         ]
