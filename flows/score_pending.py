@@ -25,8 +25,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from flows.transform import TransformParams, TransformResult, transform
 from tasks.steps.access import checked_files, checked_location
-from tasks.steps.cli import configure_logging, parse_params
-from tasks.steps.errors import DataValidationError, NotInRegistry
+from tasks.steps.cli import run_flow_cli
+from tasks.steps.errors import DataValidationError
 from tasks.steps.model import MODEL_NAME_HELP, ModelName, find_champion
 from tasks.steps.settings import get_settings
 from tasks.steps.transform import read_record, source_fingerprint
@@ -174,18 +174,15 @@ def summarise(result: ScorePendingResult) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    params = parse_params(ScorePendingParams, argv, PROG, __doc__ or "")
-    configure_logging()
-    try:
-        result = score_pending(params)
-    except DataValidationError as exc:
-        print(f"\nbad input, nothing scored: {exc}", file=sys.stderr)
-        return 2
-    except NotInRegistry as exc:
-        print(f"\n{exc}", file=sys.stderr)
-        return 1
-    print("\n" + summarise(result))
-    return 0
+    return run_flow_cli(
+        score_pending,
+        ScorePendingParams,
+        argv,
+        PROG,
+        __doc__ or "",
+        summarise,
+        after_bad_input="nothing more scored",
+    )
 
 
 if __name__ == "__main__":
