@@ -38,6 +38,7 @@ from tasks.steps.lineage_query import (
 )
 
 PROG = "python -m flows.lineage"
+CHECKS_SHOWN = 5  # monitoring checks listed in the tree (--json has them all)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -73,7 +74,7 @@ def version_tree(v: VersionLineage) -> str:
     if v.metrics:
         lines.append("├─ metrics: " + ", ".join(f"{k} {val}" for k, val in sorted(v.metrics.items())))
     lines.append("├─ training data")
-    lines += [f"│  └─ {_dataset(d)}" for d in v.training_data] or ["│  └─ (none recorded)"]
+    lines += _branches([_dataset(d) for d in v.training_data] or ["(none recorded)"], "│  ")
     lines.append("├─ code: " + (", ".join(f"{k} {val}" for k, val in v.code.items()) or "(none recorded)"))
     if v.execution:
         lines.append(f"├─ execution: {_run(v.execution)}")
@@ -92,21 +93,36 @@ def version_tree(v: VersionLineage) -> str:
         f"├─ replaced or compared with: {'v' + v.replaced if v.replaced and v.replaced != 'none' else 'no champion'}"
     )
     lines.append(f"├─ scoring runs: {len(v.scoring_runs)}")
-    for r in v.scoring_runs:
-        read = ", ".join(d.location or d.digest[:12] for d in r.reads)
-        wrote = ", ".join(d.location or d.digest[:12] for d in r.writes)
-        lines.append(f"│  └─ {_run(r)}: {read or '?'} -> {wrote or '?'}")
-    lines.append(f"└─ monitoring checks: {len(v.monitoring_checks)}")
-    lines += [f"   └─ {_run(r)}" for r in v.monitoring_checks[-5:]]
+    lines += _branches(
+        [
+            f"{_run(r)}: {', '.join(d.location or d.digest[:12] for d in r.reads) or '?'} -> "
+            + (", ".join(d.location or d.digest[:12] for d in r.writes) or "?")
+            for r in v.scoring_runs
+        ],
+        "│  ",
+    )
+    lines.append(
+        f"└─ monitoring checks: {len(v.monitoring_checks)}"
+        + (f" (the last {CHECKS_SHOWN})" if len(v.monitoring_checks) > CHECKS_SHOWN else "")
+    )
+    lines += _branches([_run(r) for r in v.monitoring_checks[-CHECKS_SHOWN:]], "   ")
     return "\n".join(lines)
+
+
+def _branches(items: list[str], indent: str) -> list[str]:
+    """Items as a tree's branches: ├─ each, └─ the last."""
+    return [f"{indent}{'└─' if i == len(items) - 1 else '├─'} {item}" for i, item in enumerate(items)]
 
 
 def dataset_tree(d: DatasetLineage) -> str:
-    lines = [f"dataset sha256 {d.digest[:12]}… ({d.given}): {len(d.uses)} uses"]
-    for use in d.uses:
-        registered = f" -> registered {', '.join(use.registered)}" if use.registered else ""
-        lines.append(f"├─ {use.role} as {use.as_name} by {_run(use.run)}{registered}")
-    return "\n".join(lines)
+    uses = [
+        f"{u.role} as {u.as_name} by {_run(u.run)}"
+        + (f" -> registered {', '.join(u.registered)}" if u.registered else "")
+        for u in d.uses
+    ]
+    return "\n".join(
+        [f"dataset sha256 {d.digest[:12]}… ({d.given}): {len(d.uses)} uses", *_branches(uses, "")]
+    )
 
 
 def digest_of(given: str) -> str:
