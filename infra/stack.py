@@ -5,6 +5,7 @@
     python -m infra.stack env      # the variables (addresses, credentials) for flows: eval "$(... env)"
     python -m infra.stack down     # stop everything by PID, newest first; nothing is lost
     python -m infra.stack up -- --cooldown-minutes 5   # flags after `--` go to deployments.serve
+    python -m infra.stack up --serve-model bike-demand # also its champion over HTTP (127.0.0.1:5601)
 
 Everything lives under one folder (`--home`, default `.keel/stack`): the Prefect database
 (`prefect/`), the MLflow store and artifacts (`mlflow/`), the landing folder for new data
@@ -43,7 +44,14 @@ from infra.processes import BIN, http_ok, start, wait_until
 from infra.secrets import StackSecrets
 
 PROJECT = Path(__file__).resolve().parent.parent  # the checkout: its data/ folder holds the demo data
-PORTS = {"prefect": 4200, "mlflow": 5000, "dask": 8786, "dask_dashboard": 8787, "postgres": 5433}
+PORTS = {
+    "prefect": 4200,
+    "mlflow": 5000,
+    "dask": 8786,
+    "dask_dashboard": 8787,
+    "postgres": 5433,
+    "serving": 5601,  # with --serve-model: the champion's scoring server
+}
 # tasks.steps.compute.QUIET_WORKERS as environment variables: no 10 ms self-profiling or 20 ms event-loop
 # tick in the workers, which cost CPU-bound tasks ~20% on a 2-core machine.
 QUIET_WORKERS = {
@@ -72,7 +80,7 @@ def serve_args_or_demo(serve_args: list[str], folder: Path | None = None) -> lis
     return [*DEMO_SERVE_ARGS, *serve_args]
 
 
-STOP_ORDER = ["deployments", "worker", "scheduler", "mlflow", "prefect", "postgres"]
+STOP_ORDER = ["serving", "deployments", "worker", "scheduler", "mlflow", "prefect", "postgres"]
 # PostgreSQL's "fast" shutdown (SIGINT): a clean checkpoint without waiting for idle clients.
 STOP_SIGNAL = {"postgres": signal.SIGINT}
 
@@ -135,6 +143,7 @@ class Stack:
         db: str,
         serve_args: list[str],
         data_roots: Sequence[str] = (),
+        serve_model: str | None = None,
     ) -> dict:
         state = self.load()
         alive = {name: pid for name, pid in _pids(state) if _running(pid)}
@@ -146,6 +155,7 @@ class Stack:
             "processes": [],
             "home": str(self.home),
             "data_roots": self.default_data_roots() + [str(Path(r).resolve()) for r in data_roots],
+            "serve_model": serve_model,
         }
         self.save(state)
         secrets = StackSecrets.ensure(self.home)
@@ -156,6 +166,8 @@ class Stack:
             self._start_mlflow(state, env, secrets, backend, db_env)
             self._start_dask(state, env, secrets, workers, worker_memory)
             self._start_deployments(state, env, serve_args)
+            if serve_model:
+                self._start_serving(state, env, serve_model)
         except BaseException:
             self.down()
             raise
@@ -313,6 +325,34 @@ class Stack:
             180,
         )
 
+    def _start_serving(self, state: dict, env: dict[str, str], model_name: str) -> None:
+        """`python -m deployments.serving`: the champion over HTTP on 127.0.0.1, moved to each new
+        champion (an approval, a promoted retrain). Not waited for: there may be no champion yet."""
+        self._start(
+            state,
+            "serving",
+            [
+                str(BIN / "python"),
+                "-m",
+                "deployments.serving",
+                "--model-name",
+                model_name,
+                "--port",
+                str(state["ports"]["serving"]),
+                "--poll-seconds",
+                "5",
+                "--state-file",
+                str(self.serving_file),
+            ],
+            env,
+            None,
+            0,
+        )
+
+    @property
+    def serving_file(self) -> Path:
+        return self.home / "serving.json"
+
     def _mlflow_auth_env(self, secrets: StackSecrets) -> dict[str, str]:
         """MLflow's basic-auth app, its users in `mlflow/auth.db` (infra/mlflow_auth.py)."""
         config = mlflow_auth.write_config(
@@ -437,6 +477,8 @@ class Stack:
             ),
             "dask": lambda: _dask_workers(env) >= 0,
         }
+        if state.get("serve_model"):
+            checks["serving"] = lambda: http_ok(f"http://127.0.0.1:{state['ports']['serving']}/ping")
         for name, check in checks.items():
             try:
                 ok = check()
@@ -623,6 +665,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--worker-memory", default="4GiB", help="Memory limit of each Dask worker.")
     parser.add_argument(
+        "--serve-model",
+        metavar="NAME",
+        help="Also serve NAME's champion over HTTP on 127.0.0.1 (--serving-port), following the champion.",
+    )
+    parser.add_argument(
         "--db", choices=["sqlite", "postgresql"], default="sqlite", help="Database of MLflow and Prefect."
     )
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -632,7 +679,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "up":
         ports = {name: getattr(args, f"port_{name}") for name in PORTS}
         print(f"starting the stack in {stack.home}", flush=True)
-        state = stack.up(ports, args.workers, args.worker_memory, args.db, serve_args, args.data_roots)
+        state = stack.up(
+            ports, args.workers, args.worker_memory, args.db, serve_args, args.data_roots, args.serve_model
+        )
         env = stack.env(state)
         home = shlex.quote(str(args.home))
         secrets = stack.home / "secrets"
@@ -646,6 +695,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Dask dashboard: http://127.0.0.1:{ports['dask_dashboard']}   "
             f"stop: python -m infra.stack down --home {home}"
         )
+        if args.serve_model:
+            print(
+                f"Model server: http://127.0.0.1:{ports['serving']}/invocations ({args.serve_model}@champion "
+                f"once there is one; {stack.serving_file} says which version)"
+            )
     elif args.command == "down":
         for line in stack.down():
             print(f"  stopped {line}")

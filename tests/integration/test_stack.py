@@ -70,6 +70,8 @@ class RunningStack:
             "3GiB",
             "--data-root",
             str(self.batches),
+            "--serve-model",
+            "stack-a",
             "--",
             "--cooldown-minutes",
             str(cooldown_minutes),
@@ -328,6 +330,37 @@ def test_a_version_pending_approval_gets_a_form_in_prefect_whose_answer_moves_th
     assert set(pd.read_parquet(scored)["model_version"]) == {"1"} and len(pd.read_parquet(scored)) == len(
         waiting
     )
+
+
+def test_the_stack_serves_the_champion_over_http(stack):
+    """`up --serve-model stack-a`: the champion's scoring server on 127.0.0.1, answering rows with
+    predictions and a malformed body with a 4xx (test_transform.py compares the answers with
+    mlflow.pyfunc and follows a moved champion)."""
+    champion = str(stack.mlflow().get_model_version_by_alias("stack-a", "champion").version)
+    port = json.loads((stack.home / "stack.json").read_text())["ports"]["serving"]
+    url, record = f"http://127.0.0.1:{port}", stack.home / "serving.json"
+    deadline = time.monotonic() + 180
+    while not (record.exists() and json.loads(record.read_text())["version"] == champion):
+        assert time.monotonic() < deadline, record.read_text() if record.exists() else "no serving.json"
+        time.sleep(1)
+    while not _pings(url):
+        assert time.monotonic() < deadline, "the scoring server does not answer"
+        time.sleep(1)
+    rows = pd.read_csv(BIKE_CSV).iloc[100:103]
+    body = {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
+    answer = httpx.post(f"{url}/invocations", json=body, timeout=30)
+    assert answer.status_code == 200, answer.text[:300]
+    assert [isinstance(p["prediction"], float) for p in answer.json()["predictions"]] == [True] * 3
+    bad = httpx.post(f"{url}/invocations", content=b"{", headers={"Content-Type": "application/json"})
+    assert bad.status_code == 400
+    assert "serving      answers" in stack.command("status")
+
+
+def _pings(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ping", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 ATTACK = "open('/tmp/keel-attack-ran', 'w').write('ran')\n"

@@ -6,8 +6,12 @@ predictions."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import mlflow
 import pandas as pd
 import pytest
@@ -18,12 +22,13 @@ from flows.monitor import main as monitor_main
 from flows.pipeline import PipelineParams, training_pipeline
 from flows.score_pending import ScorePendingParams, score_pending
 from flows.transform import TransformParams, main, transform
+from infra.processes import free_port
 from tasks.steps.errors import DataValidationError
 from tasks.steps.integrity import logged_model_id
 from tasks.steps.lineage_query import dataset_lineage, version_lineage
 from tasks.steps.refs import content_digest
 from tasks.steps.transform import ADDED_COLUMNS, INFERENCE_ID, read_record, row_ids
-from tests.conftest import BIKE_CSV, mlflow_client
+from tests.conftest import BIKE_CSV, ROOT, mlflow_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -285,3 +290,64 @@ def test_lineage_finds_what_made_a_version_and_what_used_it(env, tmp_path, capsy
     assert main_lineage(["--model", MODEL, "--version", "99"]) == 2
     assert main_lineage(["--dataset", str(tmp_path / "nothing-here")]) == 2
     assert "neither an existing file" in capsys.readouterr().err
+
+
+def test_the_champion_served_over_http_answers_as_pyfunc_and_follows_the_champion(env, tmp_path):
+    """deployments.serving: MLflow's scoring server on a verified copy of the champion; real HTTP
+    requests against `mlflow.pyfunc`; malformed input gets a 4xx; a moved champion is served next."""
+    rows, _ = may(tmp_path)
+    rows = rows.iloc[:50]
+    port, state = free_port(), tmp_path / "serving.json"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "deployments.serving", "--model-name", MODEL, "--port", str(port),
+         "--poll-seconds", "1", "--state-file", str(state)],
+        cwd=ROOT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    client = mlflow_client()
+
+    def served(frame: pd.DataFrame) -> list[float]:
+        body = {"dataframe_split": json.loads(frame.to_json(orient="split", index=False, date_format="iso"))}
+        answer = httpx.post(f"{url}/invocations", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text[:500]
+        return [p["prediction"] for p in answer.json()["predictions"]]
+
+    def serving(version: str) -> bool:
+        try:
+            return (
+                json.loads(state.read_text())["version"] == version
+                and httpx.get(f"{url}/ping").status_code == 200
+            )
+        except (OSError, ValueError, httpx.HTTPError):
+            return False
+
+    try:
+        wait_until(lambda: serving("2"), 120)
+        assert served(rows.iloc[:1]) == pytest.approx(pyfunc_predictions("2", rows.iloc[:1]).tolist())
+        assert served(rows) == pytest.approx(pyfunc_predictions("2", rows).tolist())
+        for body in (
+            b"{not json",
+            json.dumps(
+                {"dataframe_split": json.loads(rows.drop(columns=["temp"]).to_json(orient="split"))}
+            ).encode(),
+            json.dumps({"dataframe_records": [{"hr": "eight"}]}).encode(),
+            json.dumps({"rows": []}).encode(),
+        ):
+            answer = httpx.post(
+                f"{url}/invocations", content=body, headers={"Content-Type": "application/json"}
+            )
+            assert 400 <= answer.status_code < 500, (body[:60], answer.status_code, answer.text[:300])
+        client.set_registered_model_alias(MODEL, "champion", "1")  # as an approval moves it
+        wait_until(lambda: serving("1"), 120)
+        assert served(rows) == pytest.approx(pyfunc_predictions("1", rows).tolist())
+    finally:
+        client.set_registered_model_alias(MODEL, "champion", "2")
+        server.terminate()
+        server.wait(60)
+
+
+def wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.5)

@@ -1,0 +1,185 @@
+"""The champion over HTTP (SageMaker's real-time endpoint): MLflow's own scoring server on a verified
+copy of the version, moved to the new version when the champion moves.
+
+    python -m deployments.serving --model-name bike-demand --port 5601
+    curl -s 127.0.0.1:5601/invocations -H 'Content-Type: application/json' \\
+        -d '{"dataframe_records": [{"dteday": "2012-06-01", "hr": 8, ...}]}'
+
+The version (`models:/NAME@champion`, or `--version N` to pin one) is resolved in the registry,
+its files copied to a private folder and checked against the manifest recorded when it was logged
+(`tasks/steps/integrity.py`: a file changed in the artifact store stops it, nothing of it runs),
+and `mlflow models serve` runs on that copy in this environment (`--env-manager local`, the lock
+file's versions) on 127.0.0.1 only: the scoring server has no authentication. Every
+`--poll-seconds` the registry is asked again: when the champion moved (an approval, a promoted
+retrain), the new version's copy is verified and the server restarted on it (requests fail for
+the few seconds that takes; a pinned version never moves), and a server that died is started
+again. What is served, since when, is logged and written to `--state-file`. Stop with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+PROG = "python -m deployments.serving"
+HOST = "127.0.0.1"  # the scoring server authenticates nobody: never beyond loopback
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model-name", required=True, help="Registered model to serve.")
+    p.add_argument("--version", help="Serve this version and never move (default: follow @champion).")
+    p.add_argument("--port", type=int, default=5601, help="Port on 127.0.0.1 (default: %(default)s).")
+    p.add_argument("--poll-seconds", type=float, default=10, help="How often the champion is looked up.")
+    p.add_argument("--state-file", type=Path, help="Where to write what is served (JSON).")
+    return p
+
+
+def wanted_version(client, name: str, pinned: str | None) -> str | None:
+    """The version to serve: the pinned one, else the champion (None: there is none yet)."""
+    from tasks.steps.model import find_champion
+
+    if pinned:
+        return str(client.get_model_version(name, pinned).version)
+    champion = find_champion(client, name)
+    return str(champion.version) if champion is not None else None
+
+
+def verified_model(name: str, version: str, into: Path) -> Path:
+    """The version's files, copied into `into` and checked against their manifest: the folder to serve."""
+    from tasks.steps.integrity import logged_model_id, verified_copy
+
+    return verified_copy(logged_model_id(f"models:/{name}/{version}"), into)
+
+
+def start_server(model: Path, port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager", "local",
+         "--host", HOST, "--port", str(port), "--workers", "1"],
+        start_new_session=True,
+        # MLflow starts `uvicorn` by name: this environment's, also when it is not on PATH
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )  # fmt: skip
+
+
+def stop_server(server: subprocess.Popen | None, timeout: float = 20) -> None:
+    if server is None or server.poll() is not None:
+        return
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+class Served:
+    """What runs: the version, its scoring server and its verified copy; moved by `serve`."""
+
+    def __init__(self, args: argparse.Namespace, log: logging.Logger) -> None:
+        self.args, self.log = args, log
+        self.version: str | None = None
+        self.server: subprocess.Popen | None = None
+        self.copy: Path | None = None
+        self.refused: set[str] = set()  # versions whose files failed verification: never served
+
+    def serve(self, wanted: str) -> None:
+        """Serve `wanted` if it is not served (or its server died); a version whose files fail
+        verification is refused, and what runs stays."""
+        died = self.server is not None and self.server.poll() is not None
+        if wanted in self.refused or (wanted == self.version and not died):
+            return
+        fresh = Path(tempfile.mkdtemp(prefix="keel-serving-"))
+        try:
+            model = verified_model(self.args.model_name, wanted, fresh)
+        except Exception as exc:
+            self.log.error("%s v%s is not served: %s", self.args.model_name, wanted, exc)
+            self.refused.add(wanted)
+            shutil.rmtree(fresh, ignore_errors=True)
+            return
+        self.stop()
+        self.copy, self.server = fresh, start_server(model, self.args.port)
+        what = "restarted (it had stopped):" if died and wanted == self.version else "serving"
+        self.version = wanted
+        self.log.info("%s %s v%s on http://%s:%d", what, self.args.model_name, wanted, HOST, self.args.port)
+        if self.args.state_file:
+            self.args.state_file.write_text(
+                json.dumps(
+                    {
+                        "model_name": self.args.model_name,
+                        "version": wanted,
+                        "url": f"http://{HOST}:{self.args.port}",
+                        "pid": self.server.pid,
+                        "since": datetime.now(UTC).isoformat(timespec="seconds"),
+                    }
+                )
+            )
+
+    def stop(self) -> None:
+        stop_server(self.server)
+        if self.copy is not None:
+            shutil.rmtree(self.copy, ignore_errors=True)
+        self.server = self.copy = None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from tasks.steps.cli import configure_logging
+    from tasks.steps.lineage import mlflow_client
+    from tasks.steps.model import checked_model_name
+    from tasks.steps.settings import get_settings
+
+    configure_logging()
+    log = logging.getLogger("keel.serving")
+    try:
+        checked_model_name(args.model_name)
+    except ValueError as exc:
+        parser().error(str(exc))
+    client = mlflow_client(get_settings())
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    served = Served(args, log)
+    said_none = False
+    try:
+        while not stopping:
+            try:
+                wanted = wanted_version(client, args.model_name, args.version) or served.version
+            except Exception as exc:  # the registry is away for a moment: keep serving what runs
+                log.warning(
+                    "cannot ask the registry (%s): still serving v%s", type(exc).__name__, served.version
+                )
+                wanted = served.version
+            if wanted is not None:
+                served.serve(wanted)
+            elif not said_none:
+                log.info("%s has no champion yet: nothing served", args.model_name)
+                said_none = True
+            deadline = time.monotonic() + args.poll_seconds
+            while not stopping and time.monotonic() < deadline:
+                time.sleep(0.2)
+    finally:
+        served.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
