@@ -1,4 +1,4 @@
-"""Every benchmark (B1-B8 of issue 5, B9-B12 of issue 12, B13 and B15 of issue 16) on this machine, one after another; one table of the results.
+"""Every benchmark (B1-B8 of issue 5, B9-B12 of issue 12, B13-B15 of issue 16) on this machine, one after another; one table of the results.
 
     make bench                          # = .venv/bin/python -m benchmarks
     .venv/bin/python -m benchmarks --only step_overhead drift_check
@@ -33,6 +33,7 @@ BENCHMARKS = {  # module -> the targets it measures
     "retrain_policies": "B9, B10, B11",
     "calibration_cost": "B12",
     "transform_vs_script": "B13",
+    "serving_latency": "B14",
     "approval_latency": "B15",
 }
 
