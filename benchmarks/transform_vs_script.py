@@ -53,6 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, local_stack() as (env, _):
         work = Path(tmp)
         run_env = {**os.environ, **env}
+        run_env["KEEL_DATA_ROOTS"] += f",{work.resolve()}"  # the stack's roots, and this benchmark's folder
         timed(
             [sys.executable, "-m", "flows.pipeline", "--data", str(BIKE), "--model-name", MODEL,
              "--n-trials", "2", "--target", "cnt", "--time-column", "dteday", "--key-columns", "dteday", "hr",
