@@ -9,7 +9,7 @@ output is `OUTBOX/MODEL/NAME` (the entry's name with its dots as dashes: `week-1
 the input's fingerprint (names, sizes, modification times). A batch is pending while its output
 is missing, was scored by another version than the champion, or was made from the batch as it was
 before a change. So a new champion (an approval, a retrain) rescores the inbox; an unchanged inbox
-scores nothing. At most `--max-batches` per run, oldest name first; the rest wait for the next run.
+scores nothing. At most `--max-batches` per run, in name order; the rest wait for the next run.
 Keeping batches in the inbox is the user's choice: remove those that need no more scoring.
 """
 
