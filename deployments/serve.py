@@ -21,6 +21,8 @@
   batch transform on a schedule).
 - `score-pending/on-approval`: the same, started by an automation on every `keel.model.approved`
   event, so an approved version scores what waits at once (deploy on approval).
+  Both only with local folders (the outputs are renamed into place): with a landing folder that is
+  a URL and no `--scoring-inbox`/`--scoring-outbox`, they are left out.
 
 This process runs the flow runs itself (a Prefect runner): stop it with SIGTERM (Ctrl-C).
 
