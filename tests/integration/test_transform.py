@@ -42,7 +42,11 @@ def trained(tmp_path_factory, dask_cluster, prefect_harness):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KEEL_STATE_DIR", str(state))
         patch.setenv("DASK_SCHEDULER_ADDRESS", dask_cluster.address)
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)  # an earlier test's server: not this store
+        for name in (
+            "MLFLOW_TRACKING_URI",
+            "MLFLOW_REGISTRY_URI",
+        ):  # an earlier test's server: not this store
+            patch.delenv(name, raising=False)
         for end in ("2011-03-31", "2011-04-30"):
             result = training_pipeline(
                 PipelineParams(
@@ -58,6 +62,7 @@ def env(trained, dask_cluster, monkeypatch):
     monkeypatch.setenv("KEEL_STATE_DIR", str(trained))
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", dask_cluster.address)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
 
 
 def may(tmp_path: Path) -> tuple[pd.DataFrame, Path]:

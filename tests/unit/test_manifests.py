@@ -109,7 +109,10 @@ def test_same_variables_everywhere_and_the_code_reads_them(compose, k8s, monkeyp
     assert settings.data_access.roots is not None and landing in settings.data_access.roots
 
     stack = Stack(ROOT / ".keel" / "never-created")
-    assert local["KEEL_DATA_ROOTS"].split(",") == [str(stack.home.resolve() / "landing"), str(ROOT / "data")]
+    assert local["KEEL_DATA_ROOTS"].split(",") == [
+        *(str(stack.home.resolve() / f) for f in ("landing", "to-score", "scored")),
+        str(ROOT / "data"),
+    ]
 
 
 def test_lean_mlflow_and_the_deployments_runner(compose, k8s):
