@@ -7,7 +7,9 @@
 - `drift-monitor/landing-folder`: the monitor on a schedule, over the newest file of the landing
   folder (Model Monitor's monitoring schedule); `--policy` decides which batches call for a retrain.
 - `retrain/on-drift`: the retrain flow, started by an automation on every `keel.drift.detected`
-  event (a batch whose policy called for a retrain) about any model (EventBridge rule -> Lambda).
+  event (a batch whose policy called for a retrain) about any model (EventBridge rule -> Lambda),
+  and by another on every `keel.quality.dropped` event (late labels showed the champion's realized
+  metric outside its range: `python -m flows.label`).
   The event's model name, id, policy, reasons and report URI become the flow's parameters; the flow
   itself keeps one retrain per model at a time and honours the cooldown, so a burst of events
   retrains once.
@@ -55,6 +57,7 @@ from tasks.steps.tags import (
     MODEL_NAME_TAG,
     MODEL_PENDING_EVENT,
     MODEL_VERSION_TAG,
+    QUALITY_DROPPED_EVENT,
 )
 from tasks.tabular.project import configured_model_name, require_model_name
 
@@ -63,6 +66,7 @@ MONITOR = "landing-folder"
 RETRAIN = "on-drift"
 APPROVAL = "on-pending"
 AUTOMATION = "retrain on drift"
+QUALITY_AUTOMATION = "retrain on quality drop"
 APPROVAL_AUTOMATION = "ask for approval"
 SCORING = "hourly"
 SCORING_ON_APPROVAL = "on-approval"
@@ -243,13 +247,25 @@ def build_deployments(settings: ServeSettings) -> list:
 def drift_automation(settings: ServeSettings, retrain_deployment: UUID):
     """The automation that runs retrain/on-drift for each `keel.drift.detected` event (EventBridge
     rule -> target)."""
+    return _retrain_automation(settings, retrain_deployment, AUTOMATION, DRIFT_DETECTED_EVENT)
+
+
+def quality_automation(settings: ServeSettings, retrain_deployment: UUID):
+    """The automation that runs retrain/on-drift for each `keel.quality.dropped` event: late labels
+    showed the champion's realized metric outside its range (`python -m flows.label`)."""
+    return _retrain_automation(settings, retrain_deployment, QUALITY_AUTOMATION, QUALITY_DROPPED_EVENT)
+
+
+def _retrain_automation(settings: ServeSettings, retrain_deployment: UUID, name: str, event: str):
+    """`event` about any model starts a retrain of that model, with the event's policy, reasons,
+    id and report as the flow's parameters (both events carry them)."""
     from prefect.events import DeploymentEventTrigger
 
     return _unowned(
         DeploymentEventTrigger(
-            name=AUTOMATION,
-            description=f"{DRIFT_DETECTED_EVENT} about any registered model starts retrain/{RETRAIN} for that model",
-            expect={DRIFT_DETECTED_EVENT},
+            name=name,
+            description=f"{event} about any registered model starts retrain/{RETRAIN} for that model",
+            expect={event},
             match={"prefect.resource.id": "keel.model.*"},
             parameters={
                 "params": {
@@ -335,6 +351,7 @@ def apply_all(settings: ServeSettings, deployments: list) -> dict[str, UUID]:
     ids = {deployment.name: deployment.apply() for deployment in deployments}
     automations = {
         AUTOMATION: drift_automation(settings, ids[RETRAIN]),
+        QUALITY_AUTOMATION: quality_automation(settings, ids[RETRAIN]),
         APPROVAL_AUTOMATION: approval_automation(settings, ids[APPROVAL]),
     }
     scoring = _scoring_params(settings)

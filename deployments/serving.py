@@ -9,7 +9,11 @@ The version (`models:/NAME@champion`, or `--version N` to pin one) is resolved i
 its files copied to a private folder and checked against the manifest recorded when it was logged
 (`tasks/steps/integrity.py`: a file changed in the artifact store stops it, nothing of it runs),
 and `mlflow models serve` runs on that copy in this environment (`--env-manager local`, the lock
-file's versions) on 127.0.0.1 only: the scoring server has no authentication. Every
+file's versions) on 127.0.0.1 only: the scoring server has no authentication. With
+`KEEL_SERVING_TOKEN` set, a gateway (`deployments/gateway.py`) answers at `--host`:`--port` instead
+and passes on only requests that carry the token (`Authorization: Bearer <token>`), the scoring
+server moving to a private loopback port; an address beyond loopback without a token is refused.
+Every
 `--poll-seconds` the registry is asked again: when the champion moved (an approval, a promoted
 retrain), the new version's copy is verified and the server restarted on it (requests fail for
 the few seconds that takes; a pinned version never moves), and a server that died is started
@@ -19,11 +23,13 @@ again. What is served, since when, is logged and written to `--state-file`. Stop
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,7 +48,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model-name", required=True, help="Registered model to serve.")
     p.add_argument("--version", help="Serve this version and never move (default: follow @champion).")
-    p.add_argument("--port", type=int, default=5601, help="Port on 127.0.0.1 (default: %(default)s).")
+    p.add_argument(
+        "--host",
+        default=HOST,
+        help="Address to answer on (default: %(default)s); beyond loopback only with KEEL_SERVING_TOKEN set.",
+    )
+    p.add_argument("--port", type=int, default=5601, help="Port to answer on (default: %(default)s).")
     p.add_argument("--poll-seconds", type=float, default=10, help="How often the champion is looked up.")
     p.add_argument("--state-file", type=Path, help="Where to write what is served (JSON).")
     return p
@@ -75,6 +86,32 @@ def start_server(model: Path, port: int) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def private_port() -> int:
+    """A free port on loopback for the scoring server behind the gateway."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def start_gateway(upstream_port: int, host: str, port: int) -> subprocess.Popen:
+    """The token gateway (`deployments.gateway`, which reads KEEL_SERVING_TOKEN) in front of the
+    scoring server."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "deployments.gateway", "--upstream", f"http://{HOST}:{upstream_port}",
+         "--host", host, "--port", str(port)],
+        start_new_session=True,
+    )  # fmt: skip
+
+
 def stop_server(server: subprocess.Popen | None, timeout: float = 20) -> None:
     if server is None or server.poll() is not None:
         return
@@ -89,8 +126,8 @@ def stop_server(server: subprocess.Popen | None, timeout: float = 20) -> None:
 class Served:
     """What runs: the version, its scoring server and its verified copy; moved by `serve`."""
 
-    def __init__(self, args: argparse.Namespace, log: logging.Logger) -> None:
-        self.args, self.log = args, log
+    def __init__(self, args: argparse.Namespace, log: logging.Logger, port: int) -> None:
+        self.args, self.log, self.port = args, log, port  # port: the scoring server's
         self.version: str | None = None
         self.server: subprocess.Popen | None = None
         self.copy: Path | None = None
@@ -111,17 +148,20 @@ class Served:
             shutil.rmtree(fresh, ignore_errors=True)
             return
         self.stop()
-        self.copy, self.server = fresh, start_server(model, self.args.port)
+        self.copy, self.server = fresh, start_server(model, self.port)
         what = "restarted (it had stopped):" if died and wanted == self.version else "serving"
         self.version = wanted
-        self.log.info("%s %s v%s on http://%s:%d", what, self.args.model_name, wanted, HOST, self.args.port)
+        self.log.info(
+            "%s %s v%s on http://%s:%d", what, self.args.model_name, wanted, self.args.host, self.args.port
+        )
         if self.args.state_file:
             self.args.state_file.write_text(
                 json.dumps(
                     {
                         "model_name": self.args.model_name,
                         "version": wanted,
-                        "url": f"http://{HOST}:{self.args.port}",
+                        "url": f"http://{self.args.host}:{self.args.port}",
+                        "token_required": self.port != self.args.port,
                         "pid": self.server.pid,
                         "since": datetime.now(UTC).isoformat(timespec="seconds"),
                     }
@@ -144,10 +184,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging()
     log = logging.getLogger("keel.serving")
+    from deployments.gateway import TOKEN_VARIABLE, token_from_env
+
     try:
         checked_model_name(args.model_name)
+        token = token_from_env()
     except ValueError as exc:
         parser().error(str(exc))
+    if token is None and not is_loopback(args.host):
+        parser().error(
+            f"--host {args.host} is beyond loopback and the scoring server authenticates nobody: "
+            f"set {TOKEN_VARIABLE} (a token gateway then answers there), or serve on 127.0.0.1"
+        )
     client = mlflow_client(get_settings())
     stopping = False
 
@@ -157,10 +205,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    served = Served(args, log)
+    upstream = private_port() if token else args.port
+    gateway: subprocess.Popen | None = None
+    served = Served(args, log, upstream)
     said_none = False
     try:
         while not stopping:
+            if token and (gateway is None or gateway.poll() is not None):
+                if gateway is not None:
+                    log.warning("the token gateway stopped (exit %s): started again", gateway.returncode)
+                gateway = start_gateway(upstream, args.host, args.port)
             try:
                 wanted = wanted_version(client, args.model_name, args.version) or served.version
             except Exception as exc:  # the registry is away for a moment: keep serving what runs
@@ -178,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 time.sleep(0.2)
     finally:
         served.stop()
+        stop_server(gateway)
     return 0
 
 

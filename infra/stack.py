@@ -167,7 +167,7 @@ class Stack:
             self._start_dask(state, env, secrets, workers, worker_memory)
             self._start_deployments(state, env, serve_args)
             if serve_model:
-                self._start_serving(state, env, serve_model)
+                self._start_serving(state, {**self.addresses(state), **secrets.viewer_env()}, serve_model)
         except BaseException:
             self.down()
             raise
@@ -327,7 +327,8 @@ class Stack:
 
     def _start_serving(self, state: dict, env: dict[str, str], model_name: str) -> None:
         """`python -m deployments.serving`: the champion over HTTP on 127.0.0.1, moved to each new
-        champion (an approval, a promoted retrain). Not waited for: there may be no champion yet."""
+        champion (an approval, a promoted retrain), as MLflow's read-only `viewer` (it reads the
+        registry and the model, and can change neither). Not waited for: there may be no champion yet."""
         self._start(
             state,
             "serving",

@@ -232,3 +232,46 @@ def mlflow_client():
 
     uri = get_settings().tracking_uri
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+SCORING_MODEL = "bike-transform"
+
+
+@pytest.fixture(scope="session")
+def scoring_store(tmp_path_factory, dask_cluster, prefect_harness) -> Iterator[Path]:
+    """Two versions of SCORING_MODEL, trained on January-March and January-April 2011, in their own
+    state directory: what the scoring, serving and late-label tests score with."""
+    from flows.pipeline import PipelineParams, training_pipeline
+
+    state = tmp_path_factory.mktemp("scoring") / ".keel"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KEEL_STATE_DIR", str(state))
+        patch.setenv("DASK_SCHEDULER_ADDRESS", dask_cluster.address)
+        for name in (
+            "MLFLOW_TRACKING_URI",
+            "MLFLOW_REGISTRY_URI",
+        ):  # an earlier test's server: not this store
+            patch.delenv(name, raising=False)
+        for end in ("2011-03-31", "2011-04-30"):
+            result = training_pipeline(
+                PipelineParams(
+                    data=str(BIKE_CSV),
+                    end=end,
+                    n_trials=2,
+                    num_boost_round=60,
+                    model_name=SCORING_MODEL,
+                    min_r2=0.3,
+                )
+            )
+            assert result.registered and result.registered.champion
+    yield state
+
+
+@pytest.fixture
+def scoring_env(scoring_store, dask_cluster, monkeypatch) -> Path:
+    """The scoring store as the current one (MLflow store, state directory, Dask cluster)."""
+    monkeypatch.setenv("KEEL_STATE_DIR", str(scoring_store))
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", dask_cluster.address)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    return scoring_store

@@ -268,6 +268,35 @@ def test_a_forged_event_about_a_model_without_a_champion_trains_nothing(stack):
     assert stack.mlflow().search_model_versions("name='forged'") == []
 
 
+def test_late_labels_far_from_the_predictions_start_a_retrain_through_the_automation(stack):
+    """Capture (flows.transform) -> late labels (flows.label) -> keel.quality.dropped -> retrain."""
+    bike = pd.read_csv(BIKE_CSV)
+    may = bike[(bike.dteday >= "2011-05-01") & (bike.dteday < "2011-05-15")]
+    data, scored = stack.batches / "may-to-score.parquet", stack.batches / "scored-may"
+    may.to_parquet(data, index=False)
+    done = stack.run(
+        "flows.transform", "--model-name", "stack-b", "--data", str(data), "--output", str(scored),
+        "--id-columns", "instant",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    labels = stack.batches / "may-labels.csv"
+    may.assign(cnt=may.cnt * 4 + 50)[["instant", "cnt"]].to_csv(labels, index=False)
+    before = stack.retrain_runs("stack-b")
+    done = stack.run(
+        "flows.label", "--labels", str(labels), "--predictions", str(scored), "--model-name", "stack-b",
+        "--id-column", "instant",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    event, event_id = re.search(r"^Event:\s+(\S+) \((\S+)\)", done.stdout, re.MULTILINE).groups()
+    assert event == "keel.quality.dropped", done.stdout
+    runs = stack.wait_for_runs("stack-b", len(before) + 1)
+    [run] = [r for r in runs if r["parameters"]["params"]["event_id"] == event_id]
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    params = run["parameters"]["params"]
+    assert params["reason"].startswith("policy performance on v") and "rmse (realized" in params["reason"]
+    assert params["drift_report"].endswith("quality/report.html")
+
+
 def test_a_version_pending_approval_gets_a_form_in_prefect_whose_answer_moves_the_champion(stack, tmp_path):
     """A pipeline with manual approval -> keel.model.pending-approval -> the automation starts
     await-approval/on-pending, which pauses with a form; answered in Prefect's UI in a browser, the
@@ -446,7 +475,12 @@ def test_down_then_up_loses_nothing(stack):
     with stack.api() as http:  # future scheduled runs are re-planned by the server: count finished ones
         runs = {r["id"]: r["state"]["type"] for r in http.post("/flow_runs/filter", json=finished).json()}
     automations = {a["name"]: a for a in stack.automations()}
-    assert set(automations) == {"retrain on drift", "ask for approval", "score with the approved version"}
+    assert set(automations) == {
+        "retrain on drift",
+        "retrain on quality drop",
+        "ask for approval",
+        "score with the approved version",
+    }
     automation = automations["retrain on drift"]
     stack.command("down", timeout=180)
     assert json.loads((stack.home / "stack.json").read_text())["processes"] == []

@@ -6,6 +6,8 @@ predictions."""
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import subprocess
 import sys
 import time
@@ -19,7 +21,6 @@ import pytest
 from flows.lineage import main as main_lineage
 from flows.monitor import MonitorParams, monitor
 from flows.monitor import main as monitor_main
-from flows.pipeline import PipelineParams, training_pipeline
 from flows.score_pending import ScorePendingParams, score_pending
 from flows.transform import TransformParams, main, transform
 from infra.processes import free_port
@@ -28,41 +29,11 @@ from tasks.steps.integrity import logged_model_id
 from tasks.steps.lineage_query import dataset_lineage, version_lineage
 from tasks.steps.refs import content_digest
 from tasks.steps.transform import ADDED_COLUMNS, INFERENCE_ID, read_record, row_ids
-from tests.conftest import BIKE_CSV, ROOT, mlflow_client
+from tests.conftest import BIKE_CSV, ROOT, SCORING_MODEL, mlflow_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
-MODEL = "bike-transform"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, dask_cluster, prefect_harness):
-    """Two versions trained on January-March and January-April 2011, in their own state directory."""
-    state = tmp_path_factory.mktemp("transform") / ".keel"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("KEEL_STATE_DIR", str(state))
-        patch.setenv("DASK_SCHEDULER_ADDRESS", dask_cluster.address)
-        for name in (
-            "MLFLOW_TRACKING_URI",
-            "MLFLOW_REGISTRY_URI",
-        ):  # an earlier test's server: not this store
-            patch.delenv(name, raising=False)
-        for end in ("2011-03-31", "2011-04-30"):
-            result = training_pipeline(
-                PipelineParams(
-                    data=str(BIKE_CSV), end=end, n_trials=2, num_boost_round=60, model_name=MODEL, min_r2=0.3
-                )
-            )
-            assert result.registered and result.registered.champion
-        yield state
-
-
-@pytest.fixture
-def env(trained, dask_cluster, monkeypatch):
-    monkeypatch.setenv("KEEL_STATE_DIR", str(trained))
-    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", dask_cluster.address)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+MODEL = SCORING_MODEL
 
 
 def may(tmp_path: Path) -> tuple[pd.DataFrame, Path]:
@@ -78,7 +49,7 @@ def pyfunc_predictions(version: str, rows: pd.DataFrame) -> pd.Series:
     return model.predict(rows)["prediction"]
 
 
-def test_scores_every_row_as_pyfunc_does_with_ids_kept_columns_and_lineage(env, tmp_path):
+def test_scores_every_row_as_pyfunc_does_with_ids_kept_columns_and_lineage(scoring_env, tmp_path):
     rows, path = may(tmp_path)
     out = tmp_path / "scored"
     result = transform(TransformParams(model_name=MODEL, data=str(path), output=str(out)))
@@ -117,7 +88,7 @@ def test_scores_every_row_as_pyfunc_does_with_ids_kept_columns_and_lineage(env, 
     assert result.mlflow_run_id in {r.info.run_id for r in found}
 
 
-def test_id_and_kept_columns_are_the_users(env, tmp_path):
+def test_id_and_kept_columns_are_the_users(scoring_env, tmp_path):
     rows, path = may(tmp_path)
     out = tmp_path / "scored"
     transform(
@@ -136,7 +107,7 @@ def test_id_and_kept_columns_are_the_users(env, tmp_path):
     assert ids.is_unique and ids.str.fullmatch(r"[0-9a-f]{16}").all()
 
 
-def test_a_failed_run_leaves_no_output_and_an_existing_one_is_kept(env, tmp_path, capsys):
+def test_a_failed_run_leaves_no_output_and_an_existing_one_is_kept(scoring_env, tmp_path, capsys):
     rows, _ = may(tmp_path)
     folder = tmp_path / "batches"
     folder.mkdir()
@@ -172,7 +143,7 @@ def test_a_failed_run_leaves_no_output_and_an_existing_one_is_kept(env, tmp_path
         (["--version", "1", "--alias", "champion"], "not both"),
     ],
 )
-def test_bad_input_exits_2_and_writes_nothing(env, tmp_path, capsys, args, message):
+def test_bad_input_exits_2_and_writes_nothing(scoring_env, tmp_path, capsys, args, message):
     _, path = may(tmp_path)
     out = tmp_path / "scored"
     base = ["--data", str(path), "--output", str(out)]
@@ -187,7 +158,7 @@ def test_bad_input_exits_2_and_writes_nothing(env, tmp_path, capsys, args, messa
     assert not out.exists()
 
 
-def test_missing_model_input_and_output_inside_the_data_are_refused(env, tmp_path, capsys):
+def test_missing_model_input_and_output_inside_the_data_are_refused(scoring_env, tmp_path, capsys):
     rows, _ = may(tmp_path)
     folder = tmp_path / "data"
     folder.mkdir()
@@ -199,7 +170,7 @@ def test_missing_model_input_and_output_inside_the_data_are_refused(env, tmp_pat
     assert "must not be the data" in capsys.readouterr().err
 
 
-def test_the_monitor_checks_a_capture_with_its_own_predictions(env, tmp_path, capsys):
+def test_the_monitor_checks_a_capture_with_its_own_predictions(scoring_env, tmp_path, capsys):
     _, path = may(tmp_path)
     out = tmp_path / "captured"
     transform(TransformParams(model_name=MODEL, data=str(path), output=str(out), keep_inputs=True))
@@ -233,7 +204,7 @@ def test_the_monitor_checks_a_capture_with_its_own_predictions(env, tmp_path, ca
     assert "--keep-inputs" in capsys.readouterr().err
 
 
-def test_pending_batches_are_scored_once_per_champion_and_input(env, tmp_path):
+def test_pending_batches_are_scored_once_per_champion_and_input(scoring_env, tmp_path):
     rows, _ = may(tmp_path)
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     inbox.mkdir()
@@ -271,7 +242,7 @@ def test_pending_batches_are_scored_once_per_champion_and_input(env, tmp_path):
     assert not (outbox / MODEL / "week-3-csv").exists()
 
 
-def test_lineage_finds_what_made_a_version_and_what_used_it(env, tmp_path, capsys):
+def test_lineage_finds_what_made_a_version_and_what_used_it(scoring_env, tmp_path, capsys):
     _, path = may(tmp_path)
     scored = transform(TransformParams(model_name=MODEL, data=str(path), output=str(tmp_path / "scored")))
     client = mlflow_client()
@@ -299,7 +270,7 @@ def test_lineage_finds_what_made_a_version_and_what_used_it(env, tmp_path, capsy
     assert "neither an existing file" in capsys.readouterr().err
 
 
-def test_the_champion_served_over_http_answers_as_pyfunc_and_follows_the_champion(env, tmp_path):
+def test_the_champion_served_over_http_answers_as_pyfunc_and_follows_the_champion(scoring_env, tmp_path):
     """deployments.serving: MLflow's scoring server on a verified copy of the champion; real HTTP
     requests against `mlflow.pyfunc`; malformed input gets a 4xx; a moved champion is served next."""
     rows, _ = may(tmp_path)
@@ -351,6 +322,45 @@ def test_the_champion_served_over_http_answers_as_pyfunc_and_follows_the_champio
         client.set_registered_model_alias(MODEL, "champion", "2")
         server.terminate()
         server.wait(60)
+
+
+def test_with_a_token_the_served_model_answers_only_its_holders(scoring_env, tmp_path):
+    """KEEL_SERVING_TOKEN: the token gateway answers at --port, the scoring server behind it on a
+    private loopback port; with the token the answers are pyfunc's, a malformed body stays a 4xx."""
+    rows, _ = may(tmp_path)
+    rows = rows.iloc[:20]
+    token, port, state = secrets.token_urlsafe(24), free_port(), tmp_path / "serving.json"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "deployments.serving", "--model-name", MODEL, "--version", "1",
+         "--port", str(port), "--state-file", str(state)],
+        cwd=ROOT, env={**os.environ, "KEEL_SERVING_TOKEN": token},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    body = {"dataframe_split": json.loads(rows.to_json(orient="split", index=False, date_format="iso"))}
+    try:
+        wait_until(lambda: _answers(f"{url}/ping"), 120)
+        assert json.loads(state.read_text())["token_required"] is True
+        assert httpx.post(f"{url}/invocations", json=body, timeout=30).status_code == 401
+        auth = {"Authorization": f"Bearer {token}"}
+        answer = httpx.post(f"{url}/invocations", json=body, headers=auth, timeout=30)
+        assert answer.status_code == 200, answer.text[:300]
+        served = [p["prediction"] for p in answer.json()["predictions"]]
+        assert served == pytest.approx(pyfunc_predictions("1", rows).tolist())
+        malformed = httpx.post(
+            f"{url}/invocations", content=b"{not json", headers={**auth, "Content-Type": "application/json"}
+        )
+        assert 400 <= malformed.status_code < 500, malformed.text[:300]
+    finally:
+        server.terminate()
+        server.wait(60)
+    assert not _answers(f"{url}/ping")  # the gateway stopped with it
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def wait_until(condition, timeout: float) -> None:

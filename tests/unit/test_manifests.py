@@ -265,3 +265,37 @@ def test_every_long_running_container_has_memory_limits(compose, k8s):
     for name, service in compose["services"].items():
         if name not in {"minio-setup", "mlflow-users"}:
             assert service["deploy"]["resources"]["limits"]["memory"], name
+
+
+def test_the_model_server_answers_only_token_holders_and_reads_as_viewer(compose, k8s):
+    """Beyond loopback the scoring server sits behind the token gateway; it reads MLflow as `viewer`."""
+    from deployments.serving import parser
+
+    service = compose["services"]["serving"]
+    container = containers(k8s)["serving"]
+    k8s_env = {e["name"]: e.get("value") or e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]}
+    for command, env in ((service["command"], service["environment"]), (container["command"], k8s_env)):
+        assert command[:3] == ["python", "-m", "deployments.serving"]
+        args = parser().parse_args(command[3:])  # the flags serving takes
+        assert args.host == "0.0.0.0" and args.port == PORTS["serving"]
+        assert "KEEL_SERVING_TOKEN" in env and env["MLFLOW_TRACKING_USERNAME"] == "viewer"
+        assert set(env) & {"AWS_SECRET_ACCESS_KEY", "PREFECT_API_AUTH_STRING", "MLFLOW_KEEL_PASSWORD"} == set()
+    assert service["ports"] == [f"127.0.0.1:{PORTS['serving']}:{PORTS['serving']}"]
+    assert k8s_env["KEEL_SERVING_TOKEN"] == "KEEL_SERVING_TOKEN"  # from the secret, never a value
+    assert [p["port"] for p in k8s["Service/serving"]["spec"]["ports"]] == [PORTS["serving"]]
+    [rule] = k8s["NetworkPolicy/serving-ingress"]["spec"]["ingress"]
+    assert rule["from"] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"keel.serving/client": "true"}}}
+    ]
+
+
+def test_secrets_added_since_are_appended_to_an_existing_env_file(tmp_path):
+    from infra.secrets import CLUSTER_SECRETS, write_cluster_secrets
+
+    folder = tmp_path / "secrets"
+    folder.mkdir()
+    (folder / ".env").write_text("# an older version's\nPOSTGRES_PASSWORD=kept-as-it-was\n")
+    write_cluster_secrets(folder)
+    env = dict(line.split("=", 1) for line in (folder / ".env").read_text().splitlines() if "=" in line)
+    assert set(env) == set(CLUSTER_SECRETS) and env["POSTGRES_PASSWORD"] == "kept-as-it-was"
+    assert (folder / ".env").stat().st_mode & 0o777 == 0o600
