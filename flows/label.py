@@ -166,8 +166,13 @@ class LabelResult(BaseModel):
 
 
 def summarise(result: LabelResult) -> str:
-    rows = quality_report.window_rows(result.windows, result.metric)
-    table = "\n".join("              " + "  ".join(f"{c:<12}" for c in row).rstrip() for row in rows[-12:])
+    header = [*quality_report.WINDOW_HEADER[:4], result.metric, *quality_report.WINDOW_HEADER[5:]]
+    rows = [header, *quality_report.window_rows(result.windows, result.metric)[-12:]]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    table = "\n".join(
+        "              " + "  ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
     return "\n".join(
         [
             f"Labels:       {result.labels_read:,} read from {result.labels.location}; {result.matched:,} "
@@ -298,6 +303,13 @@ def label(params: LabelParams) -> LabelResult:
         params.min_window_rows,
         SignalSettings(performance_sd=params.performance_sd, performance_metric=params.performance_metric),
     )
+    if joined.empty:
+        first = unscorable[0] if unscorable and len(unscorable[0]) else gt.bad_table(unscorable)
+        raise DataValidationError(
+            labels_ref.location,
+            f"no label joined to a prediction can be scored: {first[gt.PROBLEM].iloc[0]}",
+            params.label_column or spec.target,
+        )
     if not any(metric in w.metrics for w in windows):
         raise DataValidationError(
             "--performance-metric", f"{metric!r} is not a metric of this model ({sorted(windows[0].metrics)})"

@@ -149,7 +149,9 @@ def _trigger_facts(params: RetrainParams) -> list[summary.Fact]:
         facts.append(summary.Fact("Event", params.event_id))
     if params.drift_report:
         report = params.drift_report
-        facts.append(summary.Fact("Report behind the event", report, report if report.startswith("http") else None))
+        facts.append(
+            summary.Fact("Report behind the event", report, report if report.startswith("http") else None)
+        )
     return facts
 
 

@@ -113,7 +113,6 @@ class StackSecrets:
             **self.dask_tls(),
         }
 
-
     def viewer_env(self) -> dict[str, str]:
         """MLflow's read-only user: for what only reads the registry (the model server)."""
         return {

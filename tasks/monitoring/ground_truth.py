@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ from tasks.monitoring.calibration import Calibration
 from tasks.monitoring.performance import realized_sums
 from tasks.monitoring.policies import Signal, SignalSettings
 from tasks.monitoring.verdict import performance_signal
+from tasks.steps.errors import DataValidationError
 from tasks.steps.transform import (
     INFERENCE_ID,
     MODEL_VERSION_COLUMN,
@@ -145,9 +147,19 @@ def scorable(labels: pd.Series, spec: FeatureSpec) -> np.ndarray:
 
 
 def window_of(times: pd.Series, window: pd.Timedelta) -> pd.Series:
-    """The start of each row's window (windows of `window`, from the epoch; times as UTC)."""
-    stamps = pd.to_datetime(times, utc=True)
-    return stamps.dt.floor(window)
+    """The start of each row's window: windows of `window` one after another from the midnight
+    (UTC) before the earliest time, so the first window starts with the data."""
+    try:
+        stamps = pd.to_datetime(times, utc=True)
+    except (ValueError, TypeError):  # one format in the column is the rule; several, the exception
+        try:
+            stamps = pd.to_datetime(times, utc=True, format="mixed")
+        except (ValueError, TypeError) as exc:
+            raise DataValidationError(
+                "the predictions", "the time column holds values that are not times", str(times.name)
+            ) from exc
+    origin = stamps.min().floor("D")
+    return origin + ((stamps - origin) // window) * window
 
 
 class WindowQuality(BaseModel):
@@ -189,7 +201,7 @@ def window_quality(
             if len(rows) >= min_rows
             else None
         )
-        begin = pd.Timestamp(start)
+        begin = pd.Timestamp(cast(Any, start))
         out.append(
             WindowQuality(
                 version=version,

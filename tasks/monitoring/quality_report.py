@@ -9,6 +9,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from tasks.monitoring.ground_truth import PROBLEM, WindowQuality
@@ -75,15 +76,14 @@ def draw(windows: Sequence[WindowQuality], metric: str, title: str, path: Path) 
     figure, axes = plt.subplots(figsize=(9, 4), dpi=100)
     for version in sorted({w.version for w in windows}, key=int):
         mine = [w for w in windows if w.version == version]
-        times = [pd.Timestamp(w.start) for w in mine]
-        (line,) = axes.plot(
-            times, [w.metrics.get(metric, math.nan) for w in mine], marker="o", label=f"v{version}"
-        )
-        dropped = [
-            (t, w.metrics.get(metric, math.nan)) for t, w in zip(times, mine, strict=True) if w.dropped
-        ]
-        if dropped:
-            axes.scatter(*zip(*dropped, strict=True), s=120, facecolors="none", edgecolors="red", zorder=3)
+        times = pd.to_datetime([w.start for w in mine], utc=True).tz_localize(None).to_numpy()
+        values = np.array([w.metrics.get(metric, math.nan) for w in mine], dtype="float64")
+        (line,) = axes.plot(times, values, marker="o", label=f"v{version}")
+        dropped = np.array([w.dropped for w in mine], dtype=bool)
+        if dropped.any():
+            axes.scatter(
+                times[dropped], values[dropped], s=120, facecolors="none", edgecolors="red", zorder=3
+            )
         limits = [w.signal.threshold for w in mine if w.signal is not None and w.signal.threshold is not None]
         if limits:
             axes.axhline(limits[-1], linestyle="--", color=line.get_color(), linewidth=1)
@@ -147,7 +147,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head>
 <h2>Windows</h2>
 {_html_table([*WINDOW_HEADER[:4], metric, *WINDOW_HEADER[5:]], window_rows(windows, metric))}
 <h2>Labels not used</h2>
-{_html_table(["problem", "labels"], [[p, f"{n:,}"] for p, n in counts.items()])}
+{_html_table(["problem", "labels"], [[p, f"{n:,}"] for p, n in counts.items()]) if counts else "<p>none: every label was used</p>"}
 {_html_table(list(bad.columns), shown.to_numpy().tolist()) if len(bad) else ""}{more}
 {"".join(f"<p>{html.escape(n)}</p>" for n in notes)}
 </body></html>

@@ -169,7 +169,9 @@ def test_bad_input_exits_2(scored, tmp_path, capsys, args, message):
     may, outbox = scored
     labels = labels_file(tmp_path, may[["instant", "hr", "cnt"]].assign(hr=may.hr + 10_000))
     runs_before = _runs()
-    assert exit_code(["--labels", str(labels), "--predictions", str(outbox), "--model-name", MODEL, *args]) == 2
+    assert (
+        exit_code(["--labels", str(labels), "--predictions", str(outbox), "--model-name", MODEL, *args]) == 2
+    )
     assert message in capsys.readouterr().err
     assert _runs() - runs_before <= 1  # at most the refused run itself, which stores nothing
 

@@ -11,6 +11,7 @@ import pytest
 
 from tasks.monitoring import ground_truth as gt
 from tasks.monitoring.policies import SignalSettings
+from tasks.steps.errors import DataValidationError
 from tasks.steps.transform import INFERENCE_ID, MODEL_VERSION_COLUMN, SCORED_AT_COLUMN
 from tasks.tabular.featurize import FeatureSpec
 
@@ -86,11 +87,22 @@ def test_what_a_version_can_be_scored_on():
     assert gt.scorable(pd.Series([1.0, 0.0, 2.0]), numbered).tolist() == [True, True, False]
 
 
-def test_windows_cut_on_any_time_column_in_utc():
-    times = pd.Series(["2026-06-01", "2026-06-03", "2026-06-09"])
+def test_windows_start_with_the_data_in_utc():
+    times = pd.Series(["2026-06-03 10:00", "2026-06-01 17:30", "2026-06-08 00:00", "2026-06-09"])
     starts = gt.window_of(times, pd.Timedelta("7D"))
-    assert starts.iloc[0] == starts.iloc[1] != starts.iloc[2]
-    assert str(starts.dt.tz) == "UTC"
+    assert (
+        starts.tolist()
+        == [pd.Timestamp("2026-06-01", tz="UTC")] * 2 + [pd.Timestamp("2026-06-08", tz="UTC")] * 2
+    )
+    hours = gt.window_of(
+        pd.Series(pd.to_datetime(["2026-06-01 05:10", "2026-06-01 07:59"], utc=True)), pd.Timedelta("2h")
+    )
+    assert hours.tolist() == [
+        pd.Timestamp("2026-06-01 04:00", tz="UTC"),
+        pd.Timestamp("2026-06-01 06:00", tz="UTC"),
+    ]
+    with pytest.raises(DataValidationError, match="not times"):
+        gt.window_of(pd.Series(["2026-06-01", "soon"], name="day"), pd.Timedelta("7D"))
 
 
 def test_a_classifiers_windows_have_its_metrics_and_say_when_too_few_labels():

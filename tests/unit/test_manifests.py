@@ -279,7 +279,9 @@ def test_the_model_server_answers_only_token_holders_and_reads_as_viewer(compose
         args = parser().parse_args(command[3:])  # the flags serving takes
         assert args.host == "0.0.0.0" and args.port == PORTS["serving"]
         assert "KEEL_SERVING_TOKEN" in env and env["MLFLOW_TRACKING_USERNAME"] == "viewer"
-        assert set(env) & {"AWS_SECRET_ACCESS_KEY", "PREFECT_API_AUTH_STRING", "MLFLOW_KEEL_PASSWORD"} == set()
+        assert (
+            set(env) & {"AWS_SECRET_ACCESS_KEY", "PREFECT_API_AUTH_STRING", "MLFLOW_KEEL_PASSWORD"} == set()
+        )
     assert service["ports"] == [f"127.0.0.1:{PORTS['serving']}:{PORTS['serving']}"]
     assert k8s_env["KEEL_SERVING_TOKEN"] == "KEEL_SERVING_TOKEN"  # from the secret, never a value
     assert [p["port"] for p in k8s["Service/serving"]["spec"]["ports"]] == [PORTS["serving"]]
