@@ -42,6 +42,7 @@ from tasks.monitoring.performance import PRIMARY
 from tasks.monitoring.policies import (
     PERFORMANCE,
     PERFORMANCE_SD,
+    Decision,
     Policy,
     PolicyContext,
     SignalSettings,
@@ -236,15 +237,19 @@ def predictions_folder(text: str, access) -> Path:
     return folder
 
 
-def _judge(champion: str | None, windows: list[gt.WindowQuality], min_rows: int):
-    """The champion's newest judged window, the policy's decision on it, and the event it makes."""
+def _judge(
+    champion: str | None, windows: list[gt.WindowQuality], min_rows: int
+) -> tuple[gt.WindowQuality | None, Decision | None, str]:
+    """The champion's newest judged window, the policy's decision on it, and the decision in words."""
     mine = [w for w in windows if w.version == champion and w.judged]
     if champion is None or not mine:
-        why = (
-            "the model has no champion"
-            if champion is None
-            else f"no window of v{champion}'s predictions has {min_rows} or more labels (--min-window-rows)"
-        )
+        unjudged = [w.signal for w in windows if w.version == champion and w.signal is not None]
+        if champion is None:
+            why = "the model has no champion"
+        elif unjudged:
+            why = f"v{champion}'s newest window cannot be judged: {unjudged[-1].basis}"
+        else:
+            why = f"no window of v{champion}'s predictions has {min_rows} or more labels (--min-window-rows)"
         return None, None, f"nothing judged: {why}; no event"
     newest = mine[-1]
     assert newest.signal is not None
@@ -477,7 +482,7 @@ def _emit(  # noqa: PLR0913, PLR0917  # the event's facts
     name: str,
     champion: str,
     newest: gt.WindowQuality,
-    decision,
+    decision: Decision,
     metric: str,
     report: StoredReport,
     labels: dict[str, Any],
