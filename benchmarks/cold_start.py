@@ -8,7 +8,8 @@ database, as on a first run), no servers (embedded MLflow store, a LocalCluster)
 - `monitor`, `transform`, `label`: one week of the bike data (168 rows) against a champion trained
   once beforehand (not timed), on that state directory; `label` judges the `transform` output;
 - `retrain`: `python -m flows.retrain --force` on that state directory;
-- `backtest`: `python -m flows.backtest` on 60 days of the bike data, weekly batches, one policy.
+- `backtest`: `python -m flows.backtest` on five months of the bike data (120 days initial, then weekly
+  batches), one policy.
 
 The phases come from the run's own log (Prefect's timestamps) and a separate timing of the import:
 `import` (a new process importing the entry point's module), `until server` (the rest up to
@@ -57,9 +58,9 @@ def commands(work: Path) -> dict[str, list[str]]:
         "label": ["-m", "flows.label", "--model-name", MODEL, "--labels", str(labels), "--predictions",
                   str(scored), "--id-column", "instant"],
         "retrain": ["-m", "flows.retrain", "--model-name", MODEL, "--force", "--data", str(BIKE)],
-        "backtest": ["-m", "flows.backtest", "--data", str(work / "sixty-days.csv"), "--target", "cnt",
+        "backtest": ["-m", "flows.backtest", "--data", str(work / "five-months.csv"), "--target", "cnt",
                      "--time-column", "dteday", "--drop-columns", "instant", "casual", "registered",
-                     "--initial-days", "45", "--batch-every", "7D", "--policies", "never", "--n-trials", "2"],
+                     "--initial-days", "120", "--batch-every", "7D", "--policies", "never", "--n-trials", "2"],
     }  # fmt: skip
 
 
@@ -115,7 +116,7 @@ def inputs(work: Path) -> None:
     week = bike[(bike.dteday >= "2012-12-17") & (bike.dteday < "2012-12-24")]
     week.to_csv(work / "week.csv", index=False)
     week[["instant", "cnt"]].to_csv(work / "labels.csv", index=False)
-    bike[bike.dteday < "2011-03-02"].to_csv(work / "sixty-days.csv", index=False)
+    bike[bike.dteday < "2011-06-01"].to_csv(work / "five-months.csv", index=False)
 
 
 def main() -> None:
