@@ -70,7 +70,7 @@ def app(upstream: str, token: str, max_body_bytes: int):
     expected = f"Bearer {token}".encode()
 
     async def invocations(request: Request) -> Response:
-        given = request.headers.get("authorization", "").encode()
+        given = request.headers.get("authorization", "").encode("latin-1")
         if not hmac.compare_digest(given, expected):
             return _error(
                 401, "UNAUTHENTICATED", "send the serving token: Authorization: Bearer <token>",
@@ -78,7 +78,7 @@ def app(upstream: str, token: str, max_body_bytes: int):
             )  # fmt: skip
         body = await _body(request, max_body_bytes)
         if body is None:
-            return _error(413, "REQUEST_TOO_LARGE", f"the body is over {max_body_bytes // 2**20} MiB")
+            return _error(413, "REQUEST_TOO_LARGE", f"the body is over {max_body_bytes / 2**20:g} MiB")
         try:
             answer = await client.post(
                 "/invocations",

@@ -13,11 +13,11 @@ file's versions) on 127.0.0.1 only: the scoring server has no authentication. Wi
 `KEEL_SERVING_TOKEN` set, a gateway (`deployments/gateway.py`) answers at `--host`:`--port` instead
 and passes on only requests that carry the token (`Authorization: Bearer <token>`), the scoring
 server moving to a private loopback port; an address beyond loopback without a token is refused.
-Every
-`--poll-seconds` the registry is asked again: when the champion moved (an approval, a promoted
-retrain), the new version's copy is verified and the server restarted on it (requests fail for
-the few seconds that takes; a pinned version never moves), and a server that died is started
-again. What is served, since when, is logged and written to `--state-file`. Stop with SIGTERM.
+Every `--poll-seconds` the registry is asked again: when the champion moved (an approval, a
+promoted retrain), the new version's copy is verified and the server restarted on it (requests
+fail for the few seconds that takes; a pinned version never moves), and a server (or the gateway)
+that died is started again. What is served, since when, is logged and written to `--state-file`.
+Stop with SIGTERM.
 """
 
 from __future__ import annotations

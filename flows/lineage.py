@@ -10,8 +10,8 @@ project's embedded one); starts no flow run.
 A version: its training data (locations, digests), code (git commit, source, Prefect flow run),
 the execution and its steps with what each read and wrote, the trigger (a retrain's event and drift
 report), its approval record, the champion it was compared with or replaced, its scoring runs and
-monitoring checks. A dataset: each run that read or wrote it, as which input or output, and the
-versions those executions registered. Exit 2: no such model or version, a dataset that is neither
+monitoring checks (drift, and late labels judged). A dataset: each run that read or wrote it, as
+which input or output, and the versions those executions registered. Exit 2: no such model or version, a dataset that is neither
 an existing path nor a digest.
 """
 

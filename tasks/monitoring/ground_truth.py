@@ -76,9 +76,15 @@ def captured_predictions(folder: Path, model_name: str, time_column: str) -> Cap
     import pyarrow.parquet as pq
 
     outputs, frames = [], []
+    root = folder.resolve()
     for output in scoring_outputs(folder):
         record = read_record(output)
         parts = sorted(output.glob("part-*.parquet"))
+        outside = [p for p in [output, *parts] if not p.resolve().is_relative_to(root)]
+        if outside:  # a link out of the folder the data-access check allowed
+            raise DataValidationError(
+                str(outside[0]), "resolves outside --predictions (a link?); nothing was read"
+            )
         if record is None or record.model_name != model_name or not parts:
             continue
         names = pq.read_schema(parts[0]).names

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 SCORING_PIPELINE = "batch-transform"
 MONITOR_PIPELINE = "drift-monitor"
+QUALITY_PIPELINE = "model-quality"  # flows.label: late labels judged
 PAGE = 1000
 
 
@@ -225,7 +226,8 @@ def version_lineage(client: MlflowClient, name: str, version: str) -> VersionLin
     ]
     checks = [
         run_node(r)
-        for r in _runs(client, f"tags.`{PIPELINE_TAG}` = '{MONITOR_PIPELINE}' and {about}")
+        for pipeline in (MONITOR_PIPELINE, QUALITY_PIPELINE)
+        for r in _runs(client, f"tags.`{PIPELINE_TAG}` = '{pipeline}' and {about}")
         if not r.data.tags.get(PARENT_TAG)
     ]
     approval = {

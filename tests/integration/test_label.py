@@ -12,6 +12,7 @@ import pytest
 
 from flows.label import LabelParams, label, main
 from flows.transform import TransformParams, transform
+from tasks.steps.lineage_query import dataset_lineage, version_lineage
 from tests.conftest import BIKE_CSV, SCORING_MODEL, mlflow_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -92,6 +93,10 @@ def test_far_labels_drop_near_ones_do_not_and_each_window_is_each_versions_metri
     } <= artifacts
     version = client.get_model_version(MODEL, "2")
     assert version.tags["quality.last_verdict"] == result.decision
+    # lineage: the check is one of the version's monitoring checks; the label file's readers include it
+    assert result.mlflow_run_id in {r.run_id for r in version_lineage(client, MODEL, "2").monitoring_checks}
+    readers = dataset_lineage(client, result.labels.digest, result.labels.location).uses
+    assert (result.mlflow_run_id, "read") in {(u.run.run_id, u.role) for u in readers}
 
     near = truth.assign(
         demand=predictions.set_index(predictions.inference_id.astype(int))

@@ -137,3 +137,20 @@ def test_a_classifiers_windows_have_its_metrics_and_say_when_too_few_labels():
     assert first.metrics["accuracy"] == pytest.approx(((p_yes > 0.5) == truth)[: n - 10].mean())
     assert first.signal is not None and not first.judged and "not calibrated" in first.signal.basis
     assert second.signal is None and not second.judged and not math.isnan(second.metrics["accuracy"])
+
+
+def test_links_out_of_the_predictions_folder_are_never_read(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "_scoring.json").write_text('{"model_name": "any"}')
+    predictions(["a"]).to_parquet(elsewhere / "part-00000.parquet")
+    folder = tmp_path / "predictions"
+    folder.mkdir()
+    (folder / "linked").symlink_to(elsewhere, target_is_directory=True)  # a linked folder: not walked
+    assert gt.scoring_outputs(folder) == []
+    output = folder / "scored"
+    output.mkdir()
+    (output / "_scoring.json").write_text("{}")
+    (output / "part-00000.parquet").symlink_to(elsewhere / "part-00000.parquet")  # a linked part: refused
+    with pytest.raises(DataValidationError, match="resolves outside --predictions"):
+        gt.captured_predictions(folder, "any", SCORED_AT_COLUMN)
