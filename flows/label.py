@@ -66,6 +66,7 @@ from tasks.steps.tags import (
     QUALITY_LAST_REPORT_TAG,
     QUALITY_LAST_VERDICT_TAG,
     QUALITY_OK_EVENT,
+    QUALITY_PIPELINE,
 )
 from tasks.steps.transform import INFERENCE_ID, MODEL_VERSION_COLUMN, SCORED_AT_COLUMN
 from tasks.tabular.data import pinned_table
@@ -262,7 +263,7 @@ def _judge(
 
 
 @pipeline(
-    name="model-quality",
+    name=QUALITY_PIPELINE,
     params=LabelParams,
     run_tags=lambda params: {MODEL_NAME_TAG: params.model_name or ""},
     summary=summarise,

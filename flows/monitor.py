@@ -45,7 +45,14 @@ from tasks.steps.errors import DataValidationError
 from tasks.steps.model import MODEL_NAME_HELP, ModelName
 from tasks.steps.refs import DatasetRef
 from tasks.steps.settings import get_settings
-from tasks.steps.tags import EVENT_ID_TAG, EVENT_TAG, MODEL_NAME_TAG, MODEL_VERSION_TAG, POLICY_TAG
+from tasks.steps.tags import (
+    EVENT_ID_TAG,
+    EVENT_TAG,
+    MODEL_NAME_TAG,
+    MODEL_VERSION_TAG,
+    MONITOR_PIPELINE,
+    POLICY_TAG,
+)
 from tasks.steps.transform import MODEL_VERSION_COLUMN
 from tasks.tabular.project import configured_model_name, require_model_name
 from tasks.tabular.quality import (
@@ -164,7 +171,7 @@ def _shown(value: float | None) -> str:
 
 
 @pipeline(
-    name="drift-monitor",
+    name=MONITOR_PIPELINE,
     params=MonitorParams,
     run_tags=lambda params: {MODEL_NAME_TAG: params.model_name or ""},
     summary=summarise,

@@ -35,7 +35,7 @@ from tasks.steps.integrity import ModelLocation, logged_model_id
 from tasks.steps.model import MODEL_NAME_HELP, ModelName, checked_model_name
 from tasks.steps.refs import content_digest
 from tasks.steps.settings import get_settings
-from tasks.steps.tags import MODEL_NAME_TAG, MODEL_VERSION_TAG, SCORED_ROWS_TAG
+from tasks.steps.tags import MODEL_NAME_TAG, MODEL_VERSION_TAG, SCORED_ROWS_TAG, SCORING_PIPELINE
 from tasks.steps.transform import (
     ADDED_COLUMNS,
     PREDICTION_COLUMN,
@@ -224,7 +224,7 @@ def score(batch: DatasetRef, spec: ScoringSpec, output: str, overwrite: bool, fi
 
 
 @pipeline(
-    name="batch-transform",
+    name=SCORING_PIPELINE,
     params=TransformParams,
     run_tags=lambda params: {MODEL_NAME_TAG: params.model_name or ""},
     summary=summarise,

@@ -40,6 +40,7 @@ from tasks.steps.tags import (
     LAST_VERDICT_TAG,
     MODEL_NAME_TAG,
     MODEL_VERSION_TAG,
+    MONITOR_PIPELINE,
     PIPELINE_TAG,
     POLICY_TAG,
     RETRAIN_TAG,
@@ -183,7 +184,7 @@ def policy_context(champion: ChampionBaseline, now: datetime) -> PolicyContext:
     name = champion.model_name.replace("'", "")
     earlier = client.search_runs(  # the parent runs of finished checks: only they record the event
         [pipeline.experiment_id],
-        f"tags.`{PIPELINE_TAG}` = 'drift-monitor' and tags.`{MODEL_NAME_TAG}` = '{name}' and "
+        f"tags.`{PIPELINE_TAG}` = '{MONITOR_PIPELINE}' and tags.`{MODEL_NAME_TAG}` = '{name}' and "
         f"tags.`{MODEL_VERSION_TAG}` = '{champion.version}' and tags.`{EVENT_TAG}` LIKE 'keel.drift.%' and "
         "attributes.status = 'FINISHED'",
         max_results=10_000,

@@ -24,6 +24,7 @@ from tasks.steps.tags import (
     HISTORY_TAG,
     MODEL_NAME_TAG,
     MODEL_VERSION_TAG,
+    MONITOR_PIPELINE,
     PARENT_TAG,
     PIPELINE_TAG,
 )
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from tasks.monitoring.drift import DriftCheck, DriftReportRef
 
 PICTURE = "monitoring/history.png"
-MONITOR_PIPELINE = "drift-monitor"
 SHOWN = ("performance", "data-drift", "prediction-drift", "quality-drop", "evidently-share")  # top to bottom
 VIOLATIONS = "quality.violations"
 

@@ -32,10 +32,13 @@ from tasks.steps.tags import (
     METRIC_TAG_PREFIX,
     MODEL_NAME_TAG,
     MODEL_VERSION_TAG,
+    MONITOR_PIPELINE,
     PARENT_TAG,
     PIPELINE_TAG,
+    QUALITY_PIPELINE,
     RAW_DIGEST_TAG,
     RAW_URI_TAG,
+    SCORING_PIPELINE,
     SOURCE_NAME_TAG,
     STATUS_TAG,
     STEP_KIND_TAG,
@@ -47,9 +50,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
-SCORING_PIPELINE = "batch-transform"
-MONITOR_PIPELINE = "drift-monitor"
-QUALITY_PIPELINE = "model-quality"  # flows.label: late labels judged
 PAGE = 1000
 
 

@@ -18,6 +18,10 @@ TASK_RUN_ID_TAG = "prefect.task_run_id"
 
 # --- an execution (the parent run) -------------------------------------------------------------------
 PIPELINE_TAG = "keel.pipeline"
+# the names of the pipelines other code finds by that tag
+SCORING_PIPELINE = "batch-transform"  # flows.transform
+MONITOR_PIPELINE = "drift-monitor"  # flows.monitor
+QUALITY_PIPELINE = "model-quality"  # flows.label
 GIT_DIRTY_TAG = "keel.git_dirty"
 HOST_TAG = "keel.host"  # with PID_TAG: whose process runs it, to end runs of dead executions
 PID_TAG = "keel.pid"
