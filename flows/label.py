@@ -37,19 +37,20 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from tasks.monitoring import ground_truth as gt
 from tasks.monitoring import quality_report
 from tasks.monitoring.baseline import ChampionBaseline, load_baseline
+from tasks.monitoring.calibration import parse_chunk
 from tasks.monitoring.drift import MIN_BATCH_ROWS, batch_files, finite
 from tasks.monitoring.performance import PRIMARY
 from tasks.monitoring.policies import (
     PERFORMANCE,
-    PERFORMANCE_SD,
     Decision,
+    PerformanceSettings,
     Policy,
     PolicyContext,
     SignalSettings,
     decide,
 )
 from tasks.steps import DatasetRef, Params, current_pipeline, lineage, markdown, pipeline
-from tasks.steps.access import checked_location
+from tasks.steps.access import checked_local_path
 from tasks.steps.errors import DataValidationError, NotInRegistry
 from tasks.steps.events import emit_about_version
 from tasks.steps.model import MODEL_NAME_HELP, ModelName, find_champion
@@ -78,18 +79,19 @@ QUALITY_EVENT_IDS = uuid.UUID("5c0f7a51-7d8e-4f39-a4a2-1b0e3c9d2e61")  # namespa
 
 
 def _period(text: str | None) -> str | None:
+    """A window or age as the monitor's chunks are written (`7D`, `12h`); a number of rows is not one."""
     if text is None:
         return None
     try:
-        period = pd.Timedelta(text)
+        chunk = parse_chunk(text)
     except ValueError as exc:
-        raise ValueError(f"not a time period: {text!r} (e.g. 1D, 7D, 12h)") from exc
-    if period <= pd.Timedelta(0):
-        raise ValueError(f"a period must be longer than zero, not {text!r}")
-    return text
+        raise ValueError(f"not a time period (e.g. 1D, 7D, 12h): {exc}") from exc
+    if chunk.period is None:
+        raise ValueError(f"not a time period: {text!r} is a number of rows (e.g. 1D, 7D, 12h)")
+    return chunk.text
 
 
-class LabelParams(Params):
+class LabelParams(Params, PerformanceSettings):
     """Which labels, which captured predictions, and how they are judged."""
 
     labels: str = Field(min_length=1, description="CSV or Parquet file (or a folder of them) of labels.")
@@ -119,16 +121,6 @@ class LabelParams(Params):
     )
     min_window_rows: int = Field(
         default=MIN_BATCH_ROWS, ge=1, description="Fewer labels than this in a window: reported, not judged."
-    )
-    performance_sd: float = Field(
-        default=PERFORMANCE_SD,
-        ge=0,
-        le=100,
-        description="A window's metric is degraded beyond the mean + this many standard deviations (AUC: minus) "
-        "of its values on chunks of the version's test period.",
-    )
-    performance_metric: str | None = Field(
-        default=None, description="Metric judged; default rmse (regression), auc (classes)."
     )
 
     @field_validator("window", "within")
@@ -225,12 +217,9 @@ def read_labels(ref: DatasetRef, id_column: str, label_column: str) -> pd.DataFr
 
 
 def predictions_folder(text: str, access) -> Path:
-    location = checked_location(text, access)
-    if "://" in location and not location.startswith("file://"):
-        raise DataValidationError(
-            text, "--predictions must be a local folder (a scoring output, or a folder of them)"
-        )
-    folder = Path(location.removeprefix("file://"))
+    folder = checked_local_path(
+        text, access, "--predictions must be a local folder (a scoring output, or a folder of them)"
+    )
     if not folder.is_dir():
         raise DataValidationError(
             text, "--predictions is not a folder (a scoring output, or a folder of them)"
@@ -310,10 +299,9 @@ def label(params: LabelParams) -> LabelResult:
         SignalSettings(performance_sd=params.performance_sd, performance_metric=params.performance_metric),
     )
     if joined.empty:
-        first = unscorable[0] if unscorable and len(unscorable[0]) else gt.bad_table(unscorable)
         raise DataValidationError(
             labels_ref.location,
-            f"no label joined to a prediction can be scored: {first[gt.PROBLEM].iloc[0]}",
+            f"no label joined to a prediction can be scored: {gt.bad_table(unscorable)[gt.PROBLEM].iloc[0]}",
             params.label_column or spec.target,
         )
     if not any(metric in w.metrics for w in windows):
@@ -321,6 +309,7 @@ def label(params: LabelParams) -> LabelResult:
             "--performance-metric", f"{metric!r} is not a metric of this model ({sorted(windows[0].metrics)})"
         )
     bad_frame = gt.bad_table(bad + unscorable)
+    matched = int(joined[gt.INFERENCE_ID].nunique())
     counts = quality_report.problem_counts(bad_frame)
     newest, decision, decision_text = _judge(champion, windows, params.min_window_rows)
     notes = (
@@ -360,7 +349,7 @@ def label(params: LabelParams) -> LabelResult:
             report,
             {
                 "labels_read": len(labels),
-                "labels_matched": int(joined[gt.INFERENCE_ID].nunique()),
+                "labels_matched": matched,
                 "labels_not_used": counts,
                 "labels_uri": labels_ref.location,
                 "labels_digest": labels_ref.digest,
@@ -405,7 +394,7 @@ def label(params: LabelParams) -> LabelResult:
         champion=champion,
         labels=labels_ref.model_copy(update={"rows": len(labels)}),
         labels_read=len(labels),
-        matched=int(joined[gt.INFERENCE_ID].nunique()),
+        matched=matched,
         problems=counts,
         metric=metric,
         windows=windows,
@@ -528,13 +517,14 @@ def _baseline(client, name: str, version: str) -> ChampionBaseline:
 
 
 def _calibrated_window(baseline: ChampionBaseline) -> str:
-    """The chunk the version's ranges were calibrated on, when it is a period; else a week."""
+    """The chunk the version's ranges were calibrated on, when it is a period (not a number of
+    rows); else a week."""
     calibration = baseline.profile.calibration
-    chunk = calibration.chunk if calibration is not None else ""
     try:
-        return chunk if chunk and pd.Timedelta(chunk) > pd.Timedelta(0) else "7D"
+        chunk = parse_chunk(calibration.chunk) if calibration is not None else None
     except ValueError:
-        return "7D"
+        chunk = None
+    return chunk.text if chunk is not None and chunk.period is not None else "7D"
 
 
 def _announce(name, metric, windows, counts, bad, decision_text: str, link: str) -> None:

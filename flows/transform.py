@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from tasks.monitoring.drift import batch_files
 from tasks.steps import DatasetRef, Params, current_pipeline, current_step, dask_client, lineage, pipeline
-from tasks.steps.access import checked_location
+from tasks.steps.access import checked_local_path
 from tasks.steps.errors import DataValidationError
 from tasks.steps.integrity import ModelLocation, logged_model_id
 from tasks.steps.model import MODEL_NAME_HELP, ModelName, checked_model_name
@@ -240,12 +240,13 @@ def transform(params: TransformParams) -> TransformResult:
     client = run.client()
     version = resolve_version(client, name, params.version, params.alias)
     number = str(version.version)
-    output = checked_location(params.output, settings.data_access)
-    if "://" in output and not output.startswith("file://"):
-        raise DataValidationError(
-            params.output, "the output must be a local folder (an object store has no atomic rename)"
+    output = str(
+        checked_local_path(
+            params.output,
+            settings.data_access,
+            "the output must be a local folder (an object store has no atomic rename)",
         )
-    output = output.removeprefix("file://")
+    )
     location, files = batch_files(params.data, False, settings.data_access)
     target, source = Path(output).resolve(), Path(location.removeprefix("file://")).resolve()
     if target.is_relative_to(source) or any(

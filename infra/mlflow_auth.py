@@ -23,7 +23,8 @@ from pathlib import Path
 ADMIN = "admin"
 APP_USER = "keel"
 # every user besides the admin, with its permission on every experiment and registered model
-USERS = {APP_USER: "MANAGE", "viewer": "READ"}
+VIEWER = "viewer"  # read-only: the UI for colleagues, and the model server
+USERS = {APP_USER: "MANAGE", VIEWER: "READ"}
 # A checked password is remembered this long (MLflow's own cache, keyed by an HMAC of the password):
 # without it every request pays a PBKDF2 hash, about 0.5 s on 2 cores (an approval's ten registry
 # calls took 10 s). The server runs one worker, so a password changed or a user deleted through the

@@ -116,8 +116,8 @@ class StackSecrets:
     def viewer_env(self) -> dict[str, str]:
         """MLflow's read-only user: for what only reads the registry (the model server)."""
         return {
-            "MLFLOW_TRACKING_USERNAME": "viewer",
-            "MLFLOW_TRACKING_PASSWORD": self.read("mlflow-viewer-password"),
+            "MLFLOW_TRACKING_USERNAME": mlflow_auth.VIEWER,
+            "MLFLOW_TRACKING_PASSWORD": self.read(f"mlflow-{mlflow_auth.VIEWER}-password"),
         }
 
 

@@ -88,7 +88,24 @@ def parse_policy(text: str) -> Policy:
     raise ValueError(f"schedule needs how often: schedule:N (batches) or schedule:ND (days), not {text!r}")
 
 
-class SignalSettings(BaseModel):
+class PerformanceSettings(BaseModel):
+    """The performance signal's knobs (the monitor's, the backtest's and flows.label's parameters
+    inherit them)."""
+
+    performance_sd: float = Field(
+        default=PERFORMANCE_SD,
+        ge=0,
+        le=100,
+        description="Performance: the metric is degraded beyond the mean + this many standard deviations "
+        "(for AUC: minus) of its values on chunks of the version's test period.",
+    )
+    performance_metric: str | None = Field(
+        default=None,
+        description="Metric the performance signal watches; default rmse (regression), auc (classes).",
+    )
+
+
+class SignalSettings(PerformanceSettings):
     """The knobs of every policy's signals (the backtest's parameters inherit them)."""
 
     drift_share: float = Field(
@@ -126,17 +143,6 @@ class SignalSettings(BaseModel):
     )
     ignore_columns: list[str] = Field(
         default_factory=list, description="Columns left out of every verdict (still scored and reported)."
-    )
-    performance_sd: float = Field(
-        default=PERFORMANCE_SD,
-        ge=0,
-        le=100,
-        description="Performance: the metric is degraded beyond the mean + this many standard deviations "
-        "(for AUC: minus) of its values on chunks of the champion's test period.",
-    )
-    performance_metric: str | None = Field(
-        default=None,
-        description="Metric the performance signal watches; default rmse (regression), auc (classes).",
     )
 
 

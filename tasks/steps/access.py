@@ -117,6 +117,15 @@ def checked_location(uri: str, access: DataAccess) -> str:
     return location
 
 
+def checked_local_path(uri: str, access: DataAccess, refusal: str) -> Path:
+    """`checked_location` for what must be on this machine's filesystem (an output renamed into
+    place, a folder walked): a remote URL is refused with `refusal`."""
+    location = checked_location(uri, access)
+    if "://" in location and not location.startswith("file://"):
+        raise DataValidationError(uri, refusal)
+    return Path(location.removeprefix("file://"))
+
+
 def checked_files(uri: str, access: DataAccess) -> tuple[str, list[str]]:
     """The normalised location and every file it stands for, as readers take them, each checked against
     the roots with its links resolved: a link inside an allowed folder that points outside it is

@@ -167,6 +167,7 @@ def test_unusable_labels_are_counted_listed_and_escaped_never_dropped_silently(s
         (["--id-column", "instant", "--label-column", "nope"], "nope"),
         (["--id-column", "hr"], "matches a prediction"),
         (["--id-column", "instant", "--window", "soon"], "not a time period"),
+        (["--id-column", "instant", "--window", "30"], "is a number of rows"),
         (["--id-column", "instant", "--performance-metric", "auc"], "is not a metric of this model"),
     ],
 )
