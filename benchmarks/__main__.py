@@ -1,4 +1,4 @@
-"""Every benchmark (B1-B8 of issue 5, B9-B12 of issue 12, B13-B15 of issue 16) on this machine, one after another; one table of the results.
+"""Every benchmark (B1-B8 of issue 5, B9-B12 of issue 12, B13-B15 of issue 16, B16-B19 of issue 17) on this machine, one after another; one table of the results.
 
     make bench                          # = .venv/bin/python -m benchmarks
     .venv/bin/python -m benchmarks --only step_overhead drift_check
@@ -8,7 +8,7 @@ Each benchmark runs as its own process (so none inherits another's imports, memo
 and writes benchmarks/results/<name>.{json,md} with its details. This writes the summary,
 benchmarks/results/bench.{md,json}: per target, our figure, what it is compared with (measured
 side by side in the same run), the ratio, the target and whether it is met. The whole run takes
-about an hour on 2 cores; B2 (three repeats of the 1M-row pipeline runs and the script) takes half of it.
+about an hour and a half on 2 cores; B2 (three repeats of the 1M-row pipeline runs and the script) takes half of it.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ BENCHMARKS = {  # module -> the targets it measures
     "transform_vs_script": "B13",
     "serving_latency": "B14",
     "approval_latency": "B15",
+    "fixed_cost": "B16, B17, B18, B19",
 }
 
 

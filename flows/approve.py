@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 
 from tasks.steps import markdown
 from tasks.steps.approval import ApprovalRecord, ApprovalRefused, decide_version, find_version
+from tasks.steps.cli import exit_process
 from tasks.steps.model import MODEL_NAME_HELP, ModelName
 from tasks.steps.tags import APPROVAL_TAG, APPROVAL_WAIT_TAG
 
@@ -244,4 +245,4 @@ def _wait(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -21,7 +21,6 @@ and a picture of the metric over time, logged to one MLflow run and shown as Pre
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from tasks.monitoring.backtest_report import PolicySummary, plot, results_table,
 from tasks.monitoring.calibration import ChunkSize, parse_chunk
 from tasks.monitoring.policies import SignalSettings, parse_policy
 from tasks.steps import DatasetRef, TuningResult, TuningSpec, current_pipeline, lineage, markdown, pipeline
+from tasks.steps.cli import exit_process
 from tasks.steps.compute import dask_client
 from tasks.steps.errors import DataValidationError
 from tasks.steps.settings import get_settings
@@ -172,7 +172,13 @@ def summarise(result: BacktestResult) -> str:
     )
 
 
-@pipeline(name="backtest", params=BacktestParams, summary=summarise, after_bad_input="nothing replayed")
+@pipeline(
+    name="backtest",
+    params=BacktestParams,
+    summary=summarise,
+    after_bad_input="nothing replayed",
+    reads=lambda params: [params.data],
+)
 def backtest(params: BacktestParams) -> BacktestResult:
     """Replay the table through time for each policy; compare error against retrains."""
     logger = get_run_logger()
@@ -397,4 +403,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

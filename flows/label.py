@@ -23,7 +23,6 @@ with the MLflow run.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -51,6 +50,7 @@ from tasks.monitoring.policies import (
 )
 from tasks.steps import DatasetRef, Params, current_pipeline, lineage, markdown, pipeline
 from tasks.steps.access import checked_local_path
+from tasks.steps.cli import exit_process
 from tasks.steps.errors import DataValidationError, NotInRegistry
 from tasks.steps.events import emit_about_version
 from tasks.steps.model import MODEL_NAME_HELP, ModelName, find_champion
@@ -257,6 +257,7 @@ def _judge(
     run_tags=lambda params: {MODEL_NAME_TAG: params.model_name or ""},
     summary=summarise,
     after_bad_input="nothing stored, no event emitted",
+    reads=lambda params: [params.labels, params.predictions],
 )
 def label(params: LabelParams) -> LabelResult:
     """Join late labels to the captured predictions, judge the realized metric per window against the
@@ -551,4 +552,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel
 
+from tasks.steps.cli import exit_process
 from tasks.steps.lineage_query import (
     DatasetLineage,
     DatasetNode,
@@ -170,4 +171,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

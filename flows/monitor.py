@@ -19,7 +19,6 @@ emitted.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +40,7 @@ from tasks.monitoring.drift import (
 from tasks.monitoring.history import HistoryRef, checks_text, point_metrics, update_history
 from tasks.monitoring.policies import PolicySettings, settings_of
 from tasks.steps import Params, current_pipeline, lineage, pipeline
+from tasks.steps.cli import exit_process
 from tasks.steps.errors import DataValidationError
 from tasks.steps.model import MODEL_NAME_HELP, ModelName
 from tasks.steps.refs import DatasetRef
@@ -176,6 +176,7 @@ def _shown(value: float | None) -> str:
     run_tags=lambda params: {MODEL_NAME_TAG: params.model_name or ""},
     summary=summarise,
     after_bad_input="nothing checked, no event emitted",
+    reads=lambda params: [params.batch],
 )
 def monitor(params: MonitorParams) -> MonitorResult:
     """Check one batch for drift against the champion, report it, and emit the verdict as an event."""
@@ -277,4 +278,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -17,7 +17,6 @@ nothing changed reuses their outputs (and says so), and registers nothing new.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +40,7 @@ from tasks.steps import (
     pipeline,
     results,
 )
+from tasks.steps.cli import exit_process
 from tasks.steps.compute import steps_side_by_side
 from tasks.steps.errors import DataValidationError
 from tasks.steps.model import MODEL_NAME_HELP, ApprovalStatus, ModelName, RegisteredVersion
@@ -309,6 +309,7 @@ def execution_tags(params: PipelineParams) -> dict[str, str]:
     run_tags=execution_tags,
     summary=where_to_look,
     after_bad_input="nothing trained or registered",
+    reads=lambda params: [params.data],
 )
 def training_pipeline(params: PipelineParams) -> PipelineResult:
     """Check, process, tune, train, evaluate, gate and register one model version."""
@@ -430,4 +431,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -16,7 +16,6 @@ run and the model version.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -27,7 +26,7 @@ from pydantic import BaseModel, Field, model_validator
 from flows.pipeline import PipelineParams, PipelineResult, RegistryParams, training_pipeline, where_to_look
 from tasks.monitoring.guards import retrain_lock
 from tasks.steps import lineage, markdown, summary
-from tasks.steps.cli import run_flow_cli
+from tasks.steps.cli import exit_process, run_flow_cli
 from tasks.steps.model import find_champion
 from tasks.steps.settings import get_settings
 from tasks.steps.tags import RAW_URI_TAG
@@ -266,4 +265,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -15,7 +15,6 @@ Keeping batches in the inbox is the user's choice: remove those that need no mor
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from flows.transform import TransformParams, TransformResult, transform
 from tasks.steps.access import checked_files, checked_location
-from tasks.steps.cli import run_flow_cli
+from tasks.steps.cli import exit_process, run_flow_cli
 from tasks.steps.errors import DataValidationError
 from tasks.steps.model import MODEL_NAME_HELP, ModelName, find_champion
 from tasks.steps.settings import get_settings
@@ -186,4 +185,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -17,7 +17,6 @@ the version: the version's scoring runs are found by those tags (`python -m flow
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +29,7 @@ from pydantic import BaseModel, Field, model_validator
 from tasks.monitoring.drift import batch_files
 from tasks.steps import DatasetRef, Params, current_pipeline, current_step, dask_client, lineage, pipeline
 from tasks.steps.access import checked_local_path
+from tasks.steps.cli import exit_process
 from tasks.steps.errors import DataValidationError
 from tasks.steps.integrity import ModelLocation, logged_model_id
 from tasks.steps.model import MODEL_NAME_HELP, ModelName, checked_model_name
@@ -229,6 +229,7 @@ def score(batch: DatasetRef, spec: ScoringSpec, output: str, overwrite: bool, fi
     run_tags=lambda params: {MODEL_NAME_TAG: params.model_name or ""},
     summary=summarise,
     after_bad_input="nothing written",
+    reads=lambda params: [params.data],
 )
 def transform(params: TransformParams) -> TransformResult:
     """Score a file or folder with a registered model version, capturing every prediction."""
@@ -311,4 +312,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -80,7 +80,7 @@ def serve_args_or_demo(serve_args: list[str], folder: Path | None = None) -> lis
     return [*DEMO_SERVE_ARGS, *serve_args]
 
 
-STOP_ORDER = ["serving", "deployments", "worker", "scheduler", "mlflow", "prefect", "postgres"]
+STOP_ORDER = ["watchdog", "serving", "deployments", "worker", "scheduler", "mlflow", "prefect", "postgres"]
 # PostgreSQL's "fast" shutdown (SIGINT): a clean checkpoint without waiting for idle clients.
 STOP_SIGNAL = {"postgres": signal.SIGINT}
 
@@ -705,7 +705,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in stack.down():
             print(f"  stopped {line}")
     elif args.command == "status":
+        from infra.pool import Pool, default_home
+
         print("\n".join(stack.status()))
+        print("\n".join(Pool(default_home()).status()))
     else:
         print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in stack.recorded_env().items()))
     return 0

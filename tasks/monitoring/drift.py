@@ -395,20 +395,30 @@ def report_drift(
     assert champion.reference is not None
     spec = champion.profile.features
     current = pd.read_parquet(check.sample.uri)
-    report = drift_report.build_report(
-        champion.reference,
-        current,
-        spec.numeric,
-        list(spec.categorical),
-        drift_share=settings.drift_share,
-        prediction=worker.PREDICTION,
-        target=spec.target if spec.target in current.columns else None,
-        regression=spec.task == "regression",
+    report = (
+        dask_client()
+        .submit(
+            drift_report.rendered_report,
+            champion.reference,
+            current,
+            spec.numeric,
+            list(spec.categorical),
+            max_report_bytes,
+            drift_share=settings.drift_share,
+            prediction=worker.PREDICTION,
+            target=spec.target if spec.target in current.columns else None,
+            regression=spec.task == "regression",
+            pure=False,
+        )
+        .result()
     )
     table = drift_table(check)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "drift"
-        if not report.save(folder / "report.html", folder / "report.json", max_report_bytes):
+        folder.mkdir()
+        (folder / "report.html").write_bytes(report.html)
+        (folder / "report.json").write_bytes(report.json)
+        if not report.kept:
             get_run_logger().warning(
                 "the Evidently report is over %.0f MiB (--max-report-mb): not kept; the verdict and every "
                 "column's scores are in drift/columns.md and drift/verdict.json",

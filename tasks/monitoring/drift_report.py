@@ -51,6 +51,39 @@ class DriftReport:
         return kept
 
 
+@dataclass(frozen=True)
+class RenderedReport:
+    """A report written out, as the files' bytes and the verdicts read back: what a Dask worker
+    sends back (`rendered_report`)."""
+
+    html: bytes
+    json: bytes
+    kept: bool  # False: `html` is the page saying the report was over the size limit
+    verdicts: dict[str, EvidentlyVerdict]
+    drifted_share: float
+
+
+def rendered_report(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    numeric: list[str],
+    categorical: list[str],
+    max_bytes: int,
+    **options: Any,
+) -> RenderedReport:
+    """`build_report` and `DriftReport.save`, for a Dask worker: importing Evidently takes about 5 s
+    in a new process, so the report is written where it is imported already (a warm worker)."""
+    import tempfile
+
+    report = build_report(reference, current, numeric, categorical, **options)
+    with tempfile.TemporaryDirectory() as tmp:
+        html, json_file = Path(tmp) / "report.html", Path(tmp) / "report.json"
+        kept = report.save(html, json_file, max_bytes)
+        return RenderedReport(
+            html.read_bytes(), json_file.read_bytes(), kept, report.verdicts, report.drifted_share
+        )
+
+
 # Evidently lays its report out about 1,300 px wide; MLflow's artifact frame is half that, and cuts
 # the right half off. Narrower windows zoom the whole page out instead (Chromium, Firefox >= 126).
 _FIT = "".join(

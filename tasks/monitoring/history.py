@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from tasks.monitoring.drift import signal_metrics
 from tasks.steps import current_step, lineage, markdown, processing_step
+from tasks.steps.compute import dask_client
 from tasks.steps.tags import (
     APPROVAL_TAG,
     HISTORY_TAG,
@@ -119,6 +120,14 @@ def retrains(client: MlflowClient, model_name: str) -> list[tuple[datetime, str,
     )
 
 
+def drawn(points: list[CheckPoint], marks: list[tuple[datetime, str, str]], title: str) -> bytes:
+    """`draw`'s PNG, for a Dask worker (where matplotlib is imported already)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "history.png"
+        draw(points, marks, title, path)
+        return path.read_bytes()
+
+
 def draw(points: list[CheckPoint], marks: list[tuple[datetime, str, str]], title: str, path: Path) -> None:
     """One panel per signal the checks have, and one of data-quality violations."""
     import matplotlib
@@ -199,9 +208,11 @@ def update_history(check: DriftCheck, report: DriftReportRef, checked_at: str) -
     client = step.client
     points = load_points(client, pipeline.experiment_id, check.model_name)
     marks = retrains(client, check.model_name)
+    title = f"{check.model_name} monitoring history"
+    picture = dask_client().submit(drawn, points, marks, title, pure=False).result()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(PICTURE).name
-        draw(points, marks, f"{check.model_name} monitoring history", path)
+        path.write_bytes(picture)
         client.log_artifact(step.run_id, str(path), str(Path(PICTURE).parent))
     uri = step.artifact_uri(PICTURE)
     link = lineage.artifact_link(pipeline.tracking_uri, pipeline.experiment_id, step.run_id, uri, PICTURE)

@@ -264,26 +264,27 @@ class Step(Generic[P, R]):
         bound.apply_defaults()
         key = cache.step_key(self.name, self.fn, bound.arguments, self.cache)
         with _step_run(self.name, self.kind) as run:
-            run.log_params(plain_params(bound.arguments))
             inputs = {
                 k: v for name, value in bound.arguments.items() for k, v in find_refs(value, name).items()
             }
-            _record(run, inputs, "input")
+            input_tags = _record(run, inputs, "input")
             reuse, status, why = self._reusable(run, key)
+            params = plain_params(bound.arguments)
             if reuse is not None:
                 result = reuse.value
-                run.set_tags(
-                    {
-                        KEY_TAG: key.digest,
-                        STATUS_TAG: reuse.how,
-                        SOURCE_RUN_TAG: reuse.run_id,
-                        SOURCE_EXECUTION_TAG: reuse.execution,
-                        REASON_TAG: reuse.message[:5000],
-                    }
-                )
+                tags = {
+                    **input_tags,
+                    KEY_TAG: key.digest,
+                    STATUS_TAG: reuse.how,
+                    SOURCE_RUN_TAG: reuse.run_id,
+                    SOURCE_EXECUTION_TAG: reuse.execution,
+                    REASON_TAG: reuse.message[:5000],
+                }
+                lineage.log_params(run.client, run.run_id, params, tags)  # one write for all three
                 _log(f"{self.name}: {reuse.how}: {reuse.message}")
             else:
-                run.set_tags({KEY_TAG: key.digest, STATUS_TAG: status, REASON_TAG: why[:5000]})
+                tags = {**input_tags, KEY_TAG: key.digest, STATUS_TAG: status, REASON_TAG: why[:5000]}
+                lineage.log_params(run.client, run.run_id, params, tags)
                 if status != "off":
                     _log(f"{self.name}: {status}: {why}")
                 result = store_frames(
@@ -294,7 +295,7 @@ class Step(Generic[P, R]):
                 cache.save_output(run.client, run.run_id, self.fn, key, result)
                 run.closing_tags[PRODUCED_TAG] = "true"
             outputs = find_refs(result, "output")
-            _record(run, outputs, "output")
+            run.closing_tags.update(_record(run, outputs, "output"))  # written with the run's end
         if reuse is not None:
             name = "Cached" if reuse.how == "hit" else "Reused"
             return Completed(name=name, message=reuse.message[:2000], data=result)
@@ -342,15 +343,13 @@ def _log(message: str) -> None:
     get_run_logger().info(message)
 
 
-def _record(run: StepRun, refs: Mapping[str, Ref], context: str) -> None:
-    """Lineage of a step's references: tags for each (context: input or output); datasets read are
-    also logged as the run's MLflow dataset inputs."""
+def _record(run: StepRun, refs: Mapping[str, Ref], context: str) -> dict[str, str]:
+    """Lineage of a step's references: the tags for each (context: input or output), for the caller
+    to write with its next batch; datasets read are logged as the run's MLflow dataset inputs now."""
     if context == "input":
         datasets = {k: v for k, v in refs.items() if isinstance(v, DatasetRef)}
         lineage.log_dataset_inputs(run.client, run.run_id, datasets)
-    tags = {t: v for name, ref in refs.items() for t, v in ref.lineage_tags(name, context).items()}
-    if tags:
-        run.set_tags(tags)
+    return {t: v for name, ref in refs.items() for t, v in ref.lineage_tags(name, context).items()}
 
 
 class StepDecorator:

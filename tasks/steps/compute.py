@@ -1,17 +1,22 @@
 """The one place that decides where heavy work runs.
 
-`DASK_SCHEDULER_ADDRESS` set: connect to that scheduler (a warm pool). Unset: start a LocalCluster
-for this run and close it afterwards. Steps get the client with `dask_client()`; the cluster is
-opened on that first call, so a run whose steps are all reused never starts one.
+`DASK_SCHEDULER_ADDRESS` set: connect to that scheduler (the stack's, or a warm pool's). Unset: a
+run whose input data is smaller than `KEEL_DASK_IN_PROCESS_BELOW` (16 MiB) runs its Dask work on
+threads of its own process, since worker processes cost seconds to start and to import into (about
+3 s here) for work that takes less; a larger run starts a LocalCluster of worker processes and
+closes it afterwards. Steps get the client with `dask_client()` either way (the same code, the same
+Dask API); the cluster is opened on that first call, so a run whose steps are all reused never
+starts one.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.steps.settings import Settings
@@ -40,18 +45,45 @@ SAME_PARTITIONS = {"optimization.tune.active": False}
 _open_cluster: ContextVar[Callable[[], distributed.Client] | None] = ContextVar("keel_dask", default=None)
 
 
+def local_size(paths: Iterable[str | None]) -> int | None:
+    """Bytes of the local files and folders named (None if one is a URL, absent, or not given): the
+    size of a run's input, as `dask_cluster` weighs it."""
+    total = 0
+    for item in paths:
+        if not item or "://" in item:
+            return None
+        path = Path(item).expanduser()
+        if path.is_file():
+            total += path.stat().st_size
+        elif path.is_dir():
+            total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        else:
+            return None
+    return total
+
+
+def runs_in_process(settings: Settings, input_bytes: int | None) -> bool:
+    """Whether a run's Dask work stays in its own process: no scheduler to connect to, and input
+    data known to be smaller than the threshold (unknown size, e.g. a remote URL: worker processes)."""
+    if settings.dask_scheduler_address or input_bytes is None:
+        return False
+    return input_bytes < settings.in_process_below_bytes
+
+
 @contextmanager
-def dask_cluster(settings: Settings) -> Iterator[None]:
-    """Make a Dask cluster available to the steps of a run: connected to (or, for a LocalCluster,
-    started) when a step first asks for `dask_client()`, so an execution whose steps are all cached
-    never pays for it; closed at the end."""
+def dask_cluster(settings: Settings, input_bytes: int | None = None) -> Iterator[None]:
+    """Make a Dask cluster available to the steps of a run: connected to (or started) when a step
+    first asks for `dask_client()`, so an execution whose steps are all cached never pays for it;
+    closed at the end. `input_bytes`: the size of the data the run reads, if known
+    (`runs_in_process`)."""
     opened: list[Any] = []
     lock = threading.Lock()  # steps side by side may ask at once: one cluster
+    in_process = runs_in_process(settings, input_bytes)
 
     def open_client() -> distributed.Client:
         with lock:
             if not opened:
-                opened.extend(_connect(settings))
+                opened.extend(_in_process(settings, input_bytes or 0) if in_process else _connect(settings))
             return opened[0]
 
     import dask
@@ -91,6 +123,25 @@ def _connect(settings: Settings) -> tuple[distributed.Client, distributed.LocalC
         settings.dask_local_workers,
         settings.dask_threads_per_worker,
         client.dashboard_link,
+    )
+    return client, cluster
+
+
+def _in_process(settings: Settings, input_bytes: int) -> tuple[distributed.Client, distributed.LocalCluster]:
+    """A scheduler and one worker on threads of this process, over Dask's in-process transport
+    (nothing listens on a port): as many threads as the LocalCluster would have had."""
+    import distributed
+
+    threads = settings.dask_local_workers * settings.dask_threads_per_worker
+    cluster = distributed.LocalCluster(
+        n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=None, memory_limit=0
+    )
+    client = distributed.Client(cluster, set_as_default=True)
+    log.info(
+        "Dask: %d threads in this process (input %.1f MiB < %s; more, or DASK_SCHEDULER_ADDRESS: workers)",
+        threads,
+        input_bytes / 2**20,
+        settings.dask_in_process_below,
     )
     return client, cluster
 

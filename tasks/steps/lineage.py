@@ -7,6 +7,7 @@ Prefect task: a retried step leaves one run behind, with its attempts counted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from tasks.steps import summary
 from tasks.steps.errors import NotInRegistry
 from tasks.steps.refs import DatasetRef
 from tasks.steps.settings import Settings
+from tasks.steps.tag_limits import settle_tag_limits
 from tasks.steps.tags import (
     DATASET_CONTEXT_TAG,
     ERROR_TAG,
@@ -202,12 +204,17 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
-    from mlflow.entities import Param
+def log_params(
+    client: MlflowClient, run_id: str, params: Mapping[str, Any], tags: Mapping[str, Any] | None = None
+) -> None:
+    """Parameters (flattened) in batches of MLflow's limit of 100; `tags` go with the first batch
+    (one write, not two)."""
+    from mlflow.entities import Param, RunTag
 
     items = [Param(k, v) for k, v in flatten(params).items()]
-    for start in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[start : start + 100])
+    tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for start in range(0, max(len(items), 1), 100):
+        client.log_batch(run_id, params=items[start : start + 100], tags=tag_items if start == 0 else [])
 
 
 _NOT_IN_MLFLOW_KEYS = re.compile(r"[^\w.\- ]")
@@ -262,6 +269,9 @@ def pipeline_run(
     client = mlflow_client(settings)
     experiment_id = ensure_experiment(client, settings)
     prefect_tags = prefect_flow_run_tags()
+    if prefect_tags[FLOW_RUN_NAME_TAG]:  # inside a flow run: its server is up (tag_limits.py)
+        with contextlib.suppress(Exception):
+            settle_tag_limits()
     run = client.create_run(
         experiment_id,
         run_name=f"{pipeline}/{prefect_tags[FLOW_RUN_NAME_TAG] or 'local'}",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from tasks.steps import lineage
 from tasks.steps.cli import run_flow_cli
-from tasks.steps.compute import dask_cluster
+from tasks.steps.compute import dask_cluster, local_size
 from tasks.steps.discover import steps_of
 from tasks.steps.params import Params, flatten
 from tasks.steps.settings import get_settings
@@ -71,8 +71,10 @@ class Pipeline(Flow[..., R], Generic[M, R]):
         run_tags: Callable[[M], Mapping[str, str]] | None = None,
         summary: Callable[[R], str] | None = None,
         after_bad_input: str = "nothing was run",
+        reads: Callable[[M], Iterable[str | None]] | None = None,
     ):
         self.pipeline_fn = fn
+        self.reads = reads
         self.params_model = params
         self.run_tags = run_tags
         self.summary = summary or _default_summary
@@ -149,7 +151,7 @@ class Pipeline(Flow[..., R], Generic[M, R]):
                 plan=plan,
                 source=self.source_file,
             ) as run,
-            dask_cluster(settings),
+            dask_cluster(settings, local_size(self.reads(params)) if self.reads else None),
         ):
             client = run.client()
             ended = lineage.end_stale_runs(client, run.experiment_id, plan.reuse_from)
@@ -212,13 +214,17 @@ def pipeline(
     run_tags: Callable[[M], Mapping[str, str]] | None = None,
     summary: Callable[[R], str] | None = None,
     after_bad_input: str = "nothing was run",
+    reads: Callable[[M], Iterable[str | None]] | None = None,
 ) -> Callable[[Callable[[M], R]], Pipeline[M, R]]:
     """Make a function of steps a pipeline. `params`: its parameters model (flags, UI form);
     `run_tags`: tags for the execution's MLflow run from the parameters; `summary`: what the command
     line prints at the end; `name`: the flow's and the MLflow pipeline's name (default: the
-    function's, with dashes)."""
+    function's, with dashes); `reads`: the files or folders an execution reads, from its parameters
+    (small enough, its Dask work stays in its process: `tasks.steps.compute`)."""
 
     def decorate(fn: Callable[[M], R]) -> Pipeline[M, R]:
-        return Pipeline(fn, name or fn.__name__.replace("_", "-"), params, run_tags, summary, after_bad_input)
+        return Pipeline(
+            fn, name or fn.__name__.replace("_", "-"), params, run_tags, summary, after_bad_input, reads
+        )
 
     return decorate

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.steps.access import DEFAULT_SCHEMES, DataAccess
@@ -52,6 +52,16 @@ class Settings(BaseSettings):
     dask_worker_memory: str = Field(
         default="4GiB", description="Memory limit per local worker (Dask spills and pauses past it)."
     )
+    dask_in_process_below: str = Field(
+        default="16MiB",
+        description="A run without a scheduler whose input data is smaller than this runs its Dask work "
+        "on threads of its own process (no worker processes to start); 0: never.",
+    )
+    warm_pool: str | None = Field(
+        default=None,
+        description="Keep Prefect's server and a Dask cluster running for this long after a run (e.g. 10m) "
+        "and use them for the next runs (infra/pool.py); unset: each run starts and stops its own.",
+    )
     data_dir: str | None = Field(
         default=None,
         description="Where processing steps write their outputs (a path or fsspec URL the workers can "
@@ -66,6 +76,30 @@ class Settings(BaseSettings):
         default=",".join(DEFAULT_SCHEMES),
         description="URL schemes input data may be read with, separated by commas (e.g. file,s3).",
     )
+
+    @field_validator("dask_in_process_below")
+    @classmethod
+    def _a_size(cls, value: str) -> str:
+        from dask.utils import parse_bytes
+
+        if parse_bytes(value) < 0:
+            raise ValueError("a size, e.g. 16MiB, or 0")
+        return value
+
+    @field_validator("warm_pool")
+    @classmethod
+    def _a_duration(cls, value: str | None) -> str | None:
+        from tasks.steps.warm_pool import DURATION
+
+        if value is not None and not DURATION.match(value.strip()):
+            raise ValueError("a duration such as 10m, 90s or 1h")
+        return value.strip() if value else None
+
+    @property
+    def in_process_below_bytes(self) -> int:
+        from dask.utils import parse_bytes
+
+        return int(parse_bytes(self.dask_in_process_below))
 
     @property
     def data_access(self) -> DataAccess:

@@ -1,0 +1,66 @@
+"""A new Prefect home starts from the migrated template (`tasks.steps.prefect_home`): built by a real
+Prefect server, copied only where there is no database, and a server runs flows on the copy."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from tasks.steps import prefect_home
+from tests.conftest import ROOT, clean_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+FLOW = """
+from prefect import flow
+
+@flow(name="seeded-home")
+def hello() -> str:
+    return "ran"
+
+print(hello())
+"""
+
+
+def test_the_template_seeds_new_homes_only_and_prefect_runs_on_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    template = prefect_home.build_template()
+    assert template == prefect_home.template_path() and template.is_relative_to(tmp_path / "cache")
+    with sqlite3.connect(template) as db:
+        assert db.execute("select count(*) from alembic_version").fetchone()[0] == 1
+        assert db.execute("select count(*) from flow_run").fetchone()[0] == 0
+    db.close()
+
+    home = tmp_path / "home"
+    assert prefect_home.seed_new_home(home / "prefect.db")
+    assert (home / "prefect.db").read_bytes() == template.read_bytes()
+    assert not list(home.glob(".seed-*"))  # no partial copy left behind
+
+    existing = tmp_path / "other" / "prefect.db"
+    existing.parent.mkdir()
+    existing.write_bytes(b"a database of its own")
+    assert not prefect_home.seed_new_home(existing)
+    assert existing.read_bytes() == b"a database of its own"
+
+    env = clean_env(PREFECT_HOME=str(home), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    done = subprocess.run(
+        [sys.executable, "-c", FLOW],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0 and "ran" in done.stdout, done.stderr[-2000:]
+    with sqlite3.connect(home / "prefect.db") as db:
+        assert db.execute("select count(*) from flow_run").fetchone()[0] == 1
+
+
+def test_without_a_template_nothing_is_copied(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    assert not prefect_home.seed_new_home(tmp_path / "home" / "prefect.db")
+    assert not (tmp_path / "home" / "prefect.db").exists()

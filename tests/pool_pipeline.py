@@ -1,0 +1,50 @@
+"""A one-step pipeline for the warm-pool tests: where did its Dask work and its flow run go?
+
+    python -m tests.pool_pipeline --data FILE
+
+Prints, as its summary, JSON: this process's PID, the PID of the process that ran its Dask task,
+the Prefect API it recorded to and its flow run's id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from pydantic import Field
+
+from tasks.steps import pipeline, processing_step
+from tasks.steps.cli import exit_process
+from tasks.steps.compute import dask_client
+from tasks.steps.params import Params
+
+
+class PoolParams(Params):
+    data: str = Field(description="Any file: its size decides where the Dask work runs.")
+
+
+def _pid() -> int:
+    return os.getpid()
+
+
+@processing_step(name="where")
+def where(data: str) -> dict[str, str]:
+    from prefect.context import get_run_context
+    from prefect.settings import PREFECT_API_URL
+
+    flow_run = get_run_context().task_run.flow_run_id  # type: ignore[union-attr]
+    return {
+        "run_pid": str(os.getpid()),
+        "dask_pid": str(dask_client().submit(_pid, pure=False).result()),
+        "prefect_api_url": str(PREFECT_API_URL.value()),
+        "flow_run_id": str(flow_run),
+    }
+
+
+@pipeline(name="pool-pipeline", params=PoolParams, summary=json.dumps, reads=lambda params: [params.data])
+def pool_pipeline(params: PoolParams) -> dict[str, str]:
+    return where(params.data)
+
+
+if __name__ == "__main__":
+    exit_process(pool_pipeline.main())
