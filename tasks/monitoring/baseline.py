@@ -145,12 +145,42 @@ class ChampionBaseline(BaseModel):
     baseline_uri: str
 
 
+_FILES: dict[tuple[str, str], tuple[Profile, pd.DataFrame | None]] = {}
+_FILES_KEPT = 4
+
+
+def _baseline_files(
+    client: MlflowClient, run_id: str, with_reference: bool
+) -> tuple[Profile, pd.DataFrame | None]:
+    """A baseline run's profile (and reference sample), downloaded once per process: a monitor run
+    asks three times (the flow, the drift check, the report), and a run's artifacts never change.
+    The last few baselines are kept."""
+    import pandas as pd
+
+    key = (str(client.tracking_uri), run_id)
+    kept = _FILES.get(key)
+    if kept is not None and (kept[1] is not None or not with_reference):
+        return kept
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(run_id, f"{ARTIFACT_DIR}/profile.json", tmp))
+        profile = Profile.model_validate(json.loads(local.read_text()))
+        reference = None
+        if with_reference:
+            sample = client.download_artifacts(run_id, f"{ARTIFACT_DIR}/reference.parquet", tmp)
+            reference = pd.read_parquet(sample)
+    _FILES.pop(key, None)
+    _FILES[key] = (profile, reference)
+    while len(_FILES) > _FILES_KEPT:
+        _FILES.pop(next(iter(_FILES)))
+    return profile, reference
+
+
 def load_baseline(
     client: MlflowClient, model_name: str, version: str | None = None, with_reference: bool = False
 ) -> ChampionBaseline:
     """The champion's (or a given version's) baseline, found through the registry's lineage tags;
     `with_reference`: also the row sample behind the Evidently report."""
-    import pandas as pd
+    import pandas as pd  # noqa: F401  (ChampionBaseline's `pd.DataFrame` is resolved when it is first made)
 
     if version is None:
         found = find_champion(client, model_name)
@@ -167,13 +197,7 @@ def load_baseline(
             f"{model_name} v{found.version} has no {BASELINE_TAG!r} tag: it was registered before baselines "
             "were stored; retrain it to monitor it"
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(client.download_artifacts(run_id, f"{ARTIFACT_DIR}/profile.json", tmp))
-        profile = Profile.model_validate(json.loads(local.read_text()))
-        reference = None
-        if with_reference:
-            sample = client.download_artifacts(run_id, f"{ARTIFACT_DIR}/reference.parquet", tmp)
-            reference = pd.read_parquet(sample)
+    profile, reference = _baseline_files(client, run_id, with_reference)
     metrics = {
         k.removeprefix(METRIC_TAG_PREFIX): float(v)
         for k, v in found.tags.items()
