@@ -100,7 +100,13 @@ def run_flow_cli(  # noqa: PLR0913  # the command line's whole description, the 
     given: dict[str, Any] = {}
     params = parse_params(model, argv, prog, description, check_params, given)
     configure_logging()
-    with warm_pool_if_asked():
+    try:
+        servers = warm_pool_if_asked()
+    except ValidationError as exc:  # a KEEL_ setting that is not valid: said plainly, nothing run
+        problems = "; ".join(f"KEEL_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        print(f"\nbad settings, nothing was run: {problems}", file=sys.stderr)
+        return 2
+    with servers:
         open_services_together()
         try:
             if prepare_params is not None:

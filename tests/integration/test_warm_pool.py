@@ -166,3 +166,22 @@ def worker_pids(home: Path) -> set[int]:
             except OSError:
                 continue
     return found
+
+
+def test_a_bad_idle_time_is_refused_before_anything_runs(tmp_path):
+    env = clean_env(KEEL_STATE_DIR=str(tmp_path / ".keel"), KEEL_WARM_POOL="ten minutes")
+    data = tmp_path / "small.csv"
+    data.write_text("a\n1\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.pool_pipeline", "--data", str(data)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "bad settings, nothing was run: KEEL_WARM_POOL" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / ".keel" / "pool").exists()
