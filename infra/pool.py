@@ -37,11 +37,11 @@ from pathlib import Path
 
 from infra.processes import free_port, http_ok
 from infra.secrets import StackSecrets, write_private
-from infra.stack import Stack, _dask_workers, _running
+from infra.stack import Stack, _dask_workers, _running, _tcp_ok, answers
 
 ENV_FILE = "pool-env.json"
 LEASES = "leases"
-LOCK = ".lock"  # tasks/steps/warm_pool.py takes it to find or start the pool
+LOCK = ".lock"  # taken to find, start or stop the pool (tasks/steps/warm_pool.py, the watchdog)
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h)$")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
 
@@ -101,7 +101,7 @@ class Pool(Stack):
         """Start Prefect, Dask and the watchdog; write `pool-env.json` once all of them answer."""
         state = self.load()
         alive = [p["name"] for p in state.get("processes", []) if _running(p["pid"])]
-        if alive and self.answers(state):
+        if alive and self.answering(state):
             raise SystemExit(f"the pool in {self.home} is already running ({', '.join(alive)})")
         if alive:  # what is left of a pool whose servers died: stopped, its data kept
             self.down()
@@ -123,13 +123,18 @@ class Pool(Stack):
         write_private(self.env_file, json.dumps(env).encode())
         return state
 
-    def answers(self, state: dict) -> bool:
-        """Whether the pool's Prefect server and Dask scheduler answer."""
-        env = self.env(state)
-        try:
-            return http_ok(f"{env['PREFECT_API_URL']}/health") and _dask_workers(env) >= 0
-        except Exception:
-            return False
+    def answering(self, state: dict) -> bool:
+        """Whether the pool's Prefect server answers and its Dask scheduler takes connections."""
+        prefect = self.addresses(state)["PREFECT_API_URL"]
+        return answers(lambda: http_ok(f"{prefect}/health") and _tcp_ok(state["ports"]["dask"]))
+
+    def joinable_env(self) -> dict[str, str] | None:
+        """The variables a run uses (`pool-env.json`), if the pool answers now; None if it is not
+        running, or is stopping (the file goes first)."""
+        state = self.load()
+        if not self.env_file.exists() or not state.get("processes") or not self.answering(state):
+            return None
+        return json.loads(self.env_file.read_text())
 
     def down(self, timeout: float = 60) -> list[str]:
         self.env_file.unlink(missing_ok=True)  # first: no new run joins a pool that is stopping
@@ -202,11 +207,8 @@ class Pool(Stack):
             "dask": lambda: _dask_workers(env) >= 0,
         }
         for name, check in checks.items():
-            try:
-                ok = check()
-            except Exception:
-                ok = False
-            lines.append(f"  {name:<12} {'answers' if ok else 'does not answer'} at {_address(env, name)}")
+            verdict = "answers" if answers(check) else "does not answer"
+            lines.append(f"  {name:<12} {verdict} at {_address(env, name)}")
         users = self.live_leases()
         idle = float(state.get("idle_seconds", 600))
         if users:

@@ -35,7 +35,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -481,12 +481,16 @@ class Stack:
         if state.get("serve_model"):
             checks["serving"] = lambda: http_ok(f"http://127.0.0.1:{state['ports']['serving']}/ping")
         for name, check in checks.items():
-            try:
-                ok = check()
-            except Exception:
-                ok = False
-            lines.append(f"{name:<12} {'answers' if ok else 'does not answer'}")
+            lines.append(f"{name:<12} {'answers' if answers(check) else 'does not answer'}")
         return lines
+
+
+def answers(check: Callable[[], bool]) -> bool:
+    """A health check's verdict; one that fails to connect (or raises) does not answer."""
+    try:
+        return check()
+    except Exception:
+        return False
 
 
 def _pids(state: dict) -> list[tuple[str, int]]:

@@ -89,11 +89,15 @@ class Settings(BaseSettings):
     @field_validator("warm_pool")
     @classmethod
     def _a_duration(cls, value: str | None) -> str | None:
-        from tasks.steps.warm_pool import DURATION
+        from infra.pool import idle_seconds  # the pool reads the same form
 
-        if value is not None and not DURATION.match(value.strip()):
-            raise ValueError("a duration such as 10m, 90s or 1h")
-        return value.strip() if value else None
+        if not value:
+            return None  # KEEL_WARM_POOL= (empty): no pool, as unset
+        try:
+            idle_seconds(value)
+        except ValueError:
+            raise ValueError("a duration such as 10m, 90s or 1h") from None
+        return value.strip()
 
     @property
     def in_process_below_bytes(self) -> int:

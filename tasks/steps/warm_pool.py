@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
-import json
 import logging
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,38 +25,40 @@ from tasks.steps.prefect_home import seed_new_home
 
 log = logging.getLogger(__name__)
 
-DURATION = re.compile(r"^\d+(\.\d+)?\s*(s|m|h)$")  # infra/pool.py reads the same form
 PACKAGES = ("flows", "tasks", "deployments")
 
 
 def join_warm_pool(pool_home: Path, idle: str) -> dict[str, str]:
     """The pool's variables (addresses, credentials) for this process, the pool started if it is not
-    running; a lease on it is held until this process ends."""
-    pool_home = pool_home.resolve()
-    pool_home.mkdir(parents=True, exist_ok=True)
-    with _locked(pool_home / ".lock"):
-        env = _live_env(pool_home)
+    running; a lease on it is held until this process ends. The pool's folder is infra/pool.py's:
+    its lock, variables and leases are read through `Pool`."""
+    from infra.pool import LOCK, Pool, locked
+
+    pool = Pool(pool_home.resolve())
+    pool.home.mkdir(parents=True, exist_ok=True)
+    with locked(pool.home / LOCK):  # the watchdog takes it too: no run joins a pool that is stopping
+        env = pool.joinable_env()
         if env is None:
             print(
-                f"Starting the warm pool in {pool_home} (KEEL_WARM_POOL={idle})", file=sys.stderr, flush=True
+                f"Starting the warm pool in {pool.home} (KEEL_WARM_POOL={idle})", file=sys.stderr, flush=True
             )
-            seed_new_home(pool_home / "prefect" / "prefect.db")
+            seed_new_home(pool.home / "prefect" / "prefect.db")
             started = subprocess.run(
-                [sys.executable, "-m", "infra.pool", "up", "--home", str(pool_home), "--idle", idle],
+                [sys.executable, "-m", "infra.pool", "up", "--home", str(pool.home), "--idle", idle],
                 check=False,
                 stdout=sys.stderr,
             )
-            env = _live_env(pool_home) if started.returncode == 0 else None
+            env = pool.joinable_env() if started.returncode == 0 else None
             if env is None:
                 raise RuntimeError(
-                    f"the warm pool in {pool_home} did not start (see {pool_home / 'logs'}); unset "
+                    f"the warm pool in {pool.home} did not start (see {pool.logs}); unset "
                     "KEEL_WARM_POOL to run without it"
                 )
-        others = _live_leases(pool_home)
-        if not _workers_current(pool_home, env, busy=bool(others)):
+        others = pool.live_leases()
+        if not _workers_current(pool.home, env, busy=bool(others)):
             env.pop("DASK_SCHEDULER_ADDRESS")
-        lease = pool_home / "leases" / str(os.getpid())
-        lease.parent.mkdir(exist_ok=True)
+        pool.leases.mkdir(exist_ok=True)
+        lease = pool.leases / str(os.getpid())
         lease.touch()
     atexit.register(lease.unlink, missing_ok=True)
     log.info(
@@ -92,50 +91,6 @@ def using_servers(env: dict[str, str]) -> Iterator[None]:
             else:
                 os.environ[name] = value
         dask.config.refresh()
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One process at a time looks for, starts or stops the pool (infra/pool.py's watchdog takes
-    the same `.lock` before it stops the pool, so no run joins a pool that is stopping)."""
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _live_env(pool_home: Path) -> dict[str, str] | None:
-    """The pool's variables if its Prefect server and Dask scheduler answer now."""
-    import socket
-
-    import httpx
-
-    try:
-        env = json.loads((pool_home / "pool-env.json").read_text())
-        user, _, password = env["PREFECT_API_AUTH_STRING"].partition(":")
-        answer = httpx.get(f"{env['PREFECT_API_URL']}/health", auth=(user, password), timeout=2)
-        host, port = env["DASK_SCHEDULER_ADDRESS"].removeprefix("tls://").rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=2):
-            pass
-    except (OSError, ValueError, KeyError, httpx.HTTPError):
-        return None
-    return env if answer.is_success else None
-
-
-def _live_leases(pool_home: Path) -> list[int]:
-    pids = []
-    for lease in (pool_home / "leases").glob("*"):
-        if lease.name.isdigit():
-            try:
-                os.kill(int(lease.name), 0)
-            except ProcessLookupError:
-                continue
-            except PermissionError:
-                pass
-            pids.append(int(lease.name))
-    return pids
 
 
 def code_stamp() -> str:

@@ -23,8 +23,9 @@ from tests.conftest import ROOT, clean_env
 pytestmark = [pytest.mark.integration, pytest.mark.servers, pytest.mark.slow]
 
 
-def run(env: dict[str, str], data: Path) -> dict[str, str]:
-    done = subprocess.run(
+def launch(env: dict[str, str], data: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m tests.pool_pipeline` as a new process."""
+    return subprocess.run(
         [sys.executable, "-m", "tests.pool_pipeline", "--data", str(data)],
         cwd=ROOT,
         env=env,
@@ -33,6 +34,10 @@ def run(env: dict[str, str], data: Path) -> dict[str, str]:
         timeout=600,
         check=False,
     )
+
+
+def run(env: dict[str, str], data: Path) -> dict[str, str]:
+    done = launch(env, data)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -172,15 +177,7 @@ def test_a_bad_idle_time_is_refused_before_anything_runs(tmp_path):
     env = clean_env(KEEL_STATE_DIR=str(tmp_path / ".keel"), KEEL_WARM_POOL="ten minutes")
     data = tmp_path / "small.csv"
     data.write_text("a\n1\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.pool_pipeline", "--data", str(data)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = launch(env, data)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "bad settings, nothing was run: KEEL_WARM_POOL" in done.stderr
     assert "Traceback" not in done.stderr
