@@ -8,7 +8,7 @@ Side by side in each repeat, every command a new process:
 - `monitor cold` (B16): `python -m flows.monitor` on the same week (168 rows): a new Prefect home,
   no servers, as a user's first run after `make install`;
 - `monitor warm` (B17): the same with `KEEL_WARM_POOL=10m`, the pool started by an untimed run
-  before the repeats;
+  before the repeats (its runner, `infra/runner.py`, then takes each timed command);
 - `plain pipeline`: `benchmarks.plain_script` (pandas + Optuna + LightGBM, the demo's trials, split
   and features);
 - `pipeline cold` (B18): `python -m flows.pipeline` (`make demo`) on a new state directory and a new

@@ -21,6 +21,11 @@ starts this flow by itself for every version a pipeline registers as PendingManu
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # with the warm pool, its runner runs this command: libraries already imported
+    from infra.runner import hand_off
+
+    hand_off(__spec__)
+
 import argparse
 import os
 import sys

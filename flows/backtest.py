@@ -20,6 +20,11 @@ and a picture of the metric over time, logged to one MLflow run and shown as Pre
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # with the warm pool, its runner runs this command: libraries already imported
+    from infra.runner import hand_off
+
+    hand_off(__spec__)
+
 import json
 import tempfile
 import time

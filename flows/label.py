@@ -23,6 +23,11 @@ with the MLflow run.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # with the warm pool, its runner runs this command: libraries already imported
+    from infra.runner import hand_off
+
+    hand_off(__spec__)
+
 import tempfile
 import uuid
 from collections.abc import Sequence

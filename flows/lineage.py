@@ -17,6 +17,11 @@ an existing path nor a digest.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # with the warm pool, its runner runs this command: libraries already imported
+    from infra.runner import hand_off
+
+    hand_off(__spec__)
+
 import argparse
 import json
 import re

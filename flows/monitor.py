@@ -18,6 +18,11 @@ emitted.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # with the warm pool, its runner runs this command: libraries already imported
+    from infra.runner import hand_off
+
+    hand_off(__spec__)
+
 import math
 from collections.abc import Sequence
 from datetime import UTC, datetime

@@ -17,6 +17,11 @@ nothing changed reuses their outputs (and says so), and registers nothing new.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # with the warm pool, its runner runs this command: libraries already imported
+    from infra.runner import hand_off
+
+    hand_off(__spec__)
+
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal

@@ -16,6 +16,11 @@ run and the model version.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # with the warm pool, its runner runs this command: libraries already imported
+    from infra.runner import hand_off
+
+    hand_off(__spec__)
+
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Literal

@@ -15,6 +15,11 @@ Keeping batches in the inbox is the user's choice: remove those that need no mor
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # with the warm pool, its runner runs this command: libraries already imported
+    from infra.runner import hand_off
+
+    hand_off(__spec__)
+
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any

@@ -17,6 +17,11 @@ the version: the version's scoring runs are found by those tags (`python -m flow
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # with the warm pool, its runner runs this command: libraries already imported
+    from infra.runner import hand_off
+
+    hand_off(__spec__)
+
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path

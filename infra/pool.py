@@ -10,8 +10,10 @@ at its end: seconds of every small run (benchmarks/README.md, "Where the seconds
 SageMaker keeps a finished job's instances for the next one (warm pools); so does this. The pool is
 the local stack (infra/stack.py) without MLflow's server and the deployments: the Prefect server
 (database in `prefect/` of the pool's folder, behind the stack's generated auth string), the Dask
-scheduler and workers (TLS with the stack's certificates), each on a free port of 127.0.0.1, and a
-watchdog that stops them all once no run has used the pool for the idle time.
+scheduler and workers (TLS with the stack's certificates), each on a free port of 127.0.0.1; a
+runner (infra/runner.py) that takes the next `python -m flows...` commands with their libraries
+imported already, on a Unix socket only its user reaches; and a watchdog that stops them all once no
+run has used the pool for the idle time.
 
 Runs keep their MLflow store (the embedded one in the state directory): the pool holds no run's data
 except Prefect's history, which is in a database on disk, so a pool that dies loses nothing; the next
@@ -36,6 +38,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from infra.processes import free_port, http_ok
+from infra.runner import SOCKET_FILE
 from infra.secrets import StackSecrets, write_private
 from infra.stack import Stack, _dask_workers, _running, _tcp_ok, answers
 
@@ -97,8 +100,9 @@ class Pool(Stack):
     def leases(self) -> Path:
         return self.home / LEASES
 
-    def start_pool(self, idle: float, workers: int, worker_memory: str) -> dict:
-        """Start Prefect, Dask and the watchdog; write `pool-env.json` once all of them answer."""
+    def start_pool(self, idle: float, workers: int, worker_memory: str, preload: Sequence[str] = ()) -> dict:
+        """Start Prefect, Dask, the runner (importing `preload` first) and the watchdog; write
+        `pool-env.json` once the servers answer (the runner takes commands once it has imported)."""
         state = self.load()
         alive = [p["name"] for p in state.get("processes", []) if _running(p["pid"])]
         if alive and self.answering(state):
@@ -115,6 +119,8 @@ class Pool(Stack):
         try:
             self._start_prefect(state, env, secrets, None, {})
             self._start_dask(state, env, secrets, workers, worker_memory)
+            runner = [sys.executable, "-m", "infra.runner", "--home", str(self.home), "--preload", *preload]
+            self._start(state, "runner", runner, {}, None, 0)
             watch = [sys.executable, "-m", "infra.pool", "watch", "--home", str(self.home)]
             self._start(state, "watchdog", watch, {}, None, 0)
         except BaseException:
@@ -209,6 +215,8 @@ class Pool(Stack):
         for name, check in checks.items():
             verdict = "answers" if answers(check) else "does not answer"
             lines.append(f"  {name:<12} {verdict} at {_address(env, name)}")
+        runner = "takes commands" if (self.home / SOCKET_FILE).exists() else "is importing or stopped"
+        lines.append(f"  {'runner':<12} {runner}")
         users = self.live_leases()
         idle = float(state.get("idle_seconds", 600))
         if users:
@@ -236,6 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=2, help="Dask worker processes.")
     parser.add_argument("--worker-memory", default="4GiB", help="Memory limit of each Dask worker.")
+    parser.add_argument(
+        "--preload", nargs="*", default=[], help="Modules the runner imports first (e.g. flows.monitor)."
+    )
     args = parser.parse_args(argv)
     pool = Pool(args.home or default_home())
     if args.command == "up":
@@ -244,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
         print(f"starting a warm pool in {pool.home} (stops after {args.idle} without a run)", flush=True)
-        pool.start_pool(idle, args.workers, args.worker_memory)
+        pool.start_pool(idle, args.workers, args.worker_memory, args.preload)
         print("\n".join(pool.status()))
     elif args.command == "down":
         for line in pool.down():

@@ -80,7 +80,17 @@ def serve_args_or_demo(serve_args: list[str], folder: Path | None = None) -> lis
     return [*DEMO_SERVE_ARGS, *serve_args]
 
 
-STOP_ORDER = ["watchdog", "serving", "deployments", "worker", "scheduler", "mlflow", "prefect", "postgres"]
+STOP_ORDER = [
+    "watchdog",
+    "runner",
+    "serving",
+    "deployments",
+    "worker",
+    "scheduler",
+    "mlflow",
+    "prefect",
+    "postgres",
+]
 # PostgreSQL's "fast" shutdown (SIGINT): a clean checkpoint without waiting for idle clients.
 STOP_SIGNAL = {"postgres": signal.SIGINT}
 

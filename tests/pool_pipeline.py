@@ -3,10 +3,16 @@
     python -m tests.pool_pipeline --data FILE
 
 Prints, as its summary, JSON: this process's PID, the PID of the process that ran its Dask task,
-the Prefect API it recorded to and its flow run's id.
+the Prefect API it recorded to, its flow run's id and whether the pool's runner ran it. Its first
+lines are what a user's pipeline module adds to be taken by the pool's runner (infra/runner.py).
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":
+    from infra.runner import hand_off
+
+    hand_off(__spec__)
 
 import json
 import os
@@ -32,12 +38,15 @@ def where(data: str) -> dict[str, str]:
     from prefect.context import get_run_context
     from prefect.settings import PREFECT_API_URL
 
+    from infra.runner import INSIDE
+
     flow_run = get_run_context().task_run.flow_run_id  # type: ignore[union-attr]
     return {
         "run_pid": str(os.getpid()),
         "dask_pid": str(dask_client().submit(_pid, pure=False).result()),
         "prefect_api_url": str(PREFECT_API_URL.value()),
         "flow_run_id": str(flow_run),
+        "by_runner": str(INSIDE),
     }
 
 

@@ -4,7 +4,9 @@
 uses the pool of its state directory (`<KEEL_STATE_DIR>/pool`), starting it first if none answers,
 and holds a lease on it until it ends; the pool stops by itself after that long without a run.
 
-Warm workers keep the modules they imported. A run whose project code changed since the pool's
+The pool's runner (`infra/runner.py`) takes the next `python -m flows...` commands with their
+libraries already imported; each run tells it at exit what it imported. Warm workers keep the
+modules they imported. A run whose project code changed since the pool's
 workers last ran (a newer `.py` file under `flows/`, `tasks/`, `deployments/` or the run's own
 module) restarts them first, unless another run is using them; then it runs its Dask work on its own
 cluster instead, and says so.
@@ -43,8 +45,9 @@ def join_warm_pool(pool_home: Path, idle: str) -> dict[str, str]:
                 f"Starting the warm pool in {pool.home} (KEEL_WARM_POOL={idle})", file=sys.stderr, flush=True
             )
             seed_new_home(pool.home / "prefect" / "prefect.db")
+            up = [sys.executable, "-m", "infra.pool", "up", "--home", str(pool.home), "--idle", idle]
             started = subprocess.run(
-                [sys.executable, "-m", "infra.pool", "up", "--home", str(pool.home), "--idle", idle],
+                [*up, "--preload", *_main_module()],
                 check=False,
                 stdout=sys.stderr,
             )
@@ -61,6 +64,7 @@ def join_warm_pool(pool_home: Path, idle: str) -> dict[str, str]:
         lease = pool.leases / str(os.getpid())
         lease.touch()
     atexit.register(lease.unlink, missing_ok=True)
+    atexit.register(_teach_runner, pool.home)
     log.info(
         "Warm pool: Prefect %s, Dask %s", env["PREFECT_API_URL"], env.get("DASK_SCHEDULER_ADDRESS", "(own)")
     )
@@ -91,6 +95,19 @@ def using_servers(env: dict[str, str]) -> Iterator[None]:
             else:
                 os.environ[name] = value
         dask.config.refresh()
+
+
+def _main_module() -> list[str]:
+    """The module this program runs (`flows.monitor` for `python -m flows.monitor`), if any."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return [spec.name] if spec is not None and spec.name != "__main__" else []
+
+
+def _teach_runner(pool_home: Path) -> None:
+    """At exit: the pool's runner imports what this run imported, for the next run it takes."""
+    from infra.runner import learn
+
+    learn(pool_home, [name for name in sys.modules if not name.startswith("__main__")])
 
 
 def code_stamp() -> str:

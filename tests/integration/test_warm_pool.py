@@ -1,8 +1,9 @@
 """The warm pool (`KEEL_WARM_POOL`, infra/pool.py): real runs, a real Prefect server and Dask cluster.
 
 Runs of `python -m tests.pool_pipeline` as new processes: the first starts the pool, the next use it
-(the same Prefect server, the same worker processes); the pool shows in `infra.stack status`, stops
-by itself when idle, loses nothing when it dies, and restarts its workers when the code changed.
+(the same Prefect server, the same worker processes, run by the pool's runner); the pool shows in
+`infra.stack status`, stops by itself when idle, loses nothing when it dies, and restarts its
+workers and its runner when the code changed.
 """
 
 from __future__ import annotations
@@ -90,9 +91,18 @@ def pool_env(tmp_path):
         pool_cmd(state / "pool", "down")
 
 
+def wait_for_runner(home: Path) -> None:
+    """The runner takes commands once it has imported what the first run named (a few seconds)."""
+    deadline = time.monotonic() + 120
+    while not (home / "runner-socket").exists():
+        assert time.monotonic() < deadline, (home / "logs" / "runner.log").read_text()[-3000:]
+        time.sleep(0.2)
+
+
 def test_runs_share_the_pool_which_shows_and_stops_when_idle(pool_env):
     env, data, home = pool_env
     first = run(env, data)
+    wait_for_runner(home)
     second = run(env, data)
     workers = processes(home)
     assert first["prefect_api_url"] == second["prefect_api_url"]  # the same server, not a temporary one
@@ -101,6 +111,8 @@ def test_runs_share_the_pool_which_shows_and_stops_when_idle(pool_env):
     # The Dask work ran in the pool's worker processes (started by their nannies), not in the run.
     assert first["dask_pid"] != first["run_pid"] and second["dask_pid"] != second["run_pid"]
     assert {int(first["dask_pid"]), int(second["dask_pid"])} <= worker_pids(home)
+    # The first run started the pool and ran itself; the pool's runner ran the second.
+    assert (first["by_runner"], second["by_runner"]) == ("False", "True")
 
     status = subprocess.run(
         [sys.executable, "-m", "infra.stack", "status", "--home", str(home.parent / "stack")],
@@ -111,14 +123,17 @@ def test_runs_share_the_pool_which_shows_and_stops_when_idle(pool_env):
         check=True,
     ).stdout
     assert f"warm pool in {home}" in status and "prefect      answers" in status, status
+    assert "runner       takes commands" in status, status
     assert "stops by itself in" in status
 
     everything = [pid for pids in workers.values() for pid in pids]
+    runner_folder = Path((home / "runner-socket").read_text()).parent
     deadline = time.monotonic() + 120
     while any(alive(p) for p in everything) and time.monotonic() < deadline:
         time.sleep(1)
     assert not any(alive(p) for p in everything), "the pool did not stop after its idle time"
     assert not (home / "pool-env.json").exists()
+    assert not (home / "runner-socket").exists() and not runner_folder.exists()
     assert "no warm pool running" in pool_cmd(home, "status")
 
 
@@ -146,7 +161,9 @@ def test_changed_code_restarts_the_workers(pool_env):
     env, data, home = pool_env
     first = run(env, data)
     before = worker_pids(home)
-    assert int(run(env, data)["dask_pid"]) in before  # the same code: the same workers
+    wait_for_runner(home)
+    again = run(env, data)
+    assert int(again["dask_pid"]) in before and again["by_runner"] == "True"  # the same code, workers
     module = ROOT / "tests" / "pool_pipeline.py"
     stat = module.stat()
     try:
@@ -155,8 +172,11 @@ def test_changed_code_restarts_the_workers(pool_env):
     finally:
         os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert int(after["dask_pid"]) not in before  # the workers were restarted before the run's work
+    assert after["by_runner"] == "False"  # the runner had the old code: it restarts, the run ran itself
     assert int(after["dask_pid"]) in worker_pids(home)
     assert after["prefect_api_url"] == first["prefect_api_url"]  # the same pool
+    wait_for_runner(home)
+    assert run(env, data)["by_runner"] == "True"  # the restarted runner, with the code on disk
 
 
 def worker_pids(home: Path) -> set[int]:

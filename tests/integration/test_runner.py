@@ -1,0 +1,148 @@
+"""The warm pool's runner (infra/runner.py): a real runner process, real commands handed to it.
+
+`python -m tests.runner_probe` as the command: it reports what it got. The runner must run it as
+the caller's own process would (arguments, folder, environment, standard streams, exit code,
+signals), decline what it cannot run the same way, restart on changed code and leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, clean_env
+
+pytestmark = pytest.mark.integration
+
+PROBE = ROOT / "tests" / "runner_probe.py"
+
+
+def wait_for(check, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def runner(tmp_path):
+    """A runner for the pool folder of `KEEL_STATE_DIR`, and the environment its callers use."""
+    pool = tmp_path / "state" / "pool"
+    pool.mkdir(parents=True)
+    env = clean_env(KEEL_STATE_DIR=str(tmp_path / "state"), KEEL_WARM_POOL="1m", PROBE="from the caller")
+    log = (tmp_path / "runner.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infra.runner", "--home", str(pool), "--preload", "tests.runner_probe"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    wait_for((pool / "runner-socket").exists, f"the runner did not start: see {tmp_path / 'runner.log'}")
+    yield env, pool, proc
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+def probe(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tests.runner_probe", *args],
+        cwd=ROOT,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def seen(done: subprocess.CompletedProcess[str]) -> dict:
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_runner_runs_a_command_as_the_callers_own_process(runner):
+    env, _pool, proc = runner
+    done = probe(env, "--stdin", "--exit", "3", "an argument", stdin="typed in\n")
+    assert done.returncode == 3, done.stderr
+    got = seen(done)
+    assert got["inside"] is True  # run by the runner, not by the caller's process
+    assert got["argv"] == ["--stdin", "--exit", "3", "an argument"]
+    assert got["cwd"] == str(ROOT) and got["probe"] == "from the caller"
+    assert got["stdin"] == "typed in\n"
+    assert "probe: to standard error" in done.stderr and "probe" not in done.stdout.replace('"probe"', "")
+    assert got["pid"] != proc.pid  # a child of the runner: the runner itself goes on
+    assert seen(probe({**env, "PROBE": "changed"}))["probe"] == "changed"  # each caller's environment
+
+
+def test_what_the_runner_cannot_run_the_same_way_runs_in_the_callers_process(runner):
+    env, _pool, _proc = runner
+    # A library reads OMP_NUM_THREADS when it is loaded: the runner's loaded libraries read another.
+    done = probe({**env, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and seen(done)["inside"] is False
+    assert "warm pool runner: the caller's load_env differs from the runner's; running here" in done.stderr
+    # Without KEEL_WARM_POOL nothing is handed off, silently.
+    done = probe({k: v for k, v in env.items() if k != "KEEL_WARM_POOL"})
+    assert seen(done)["inside"] is False and "warm pool runner" not in done.stderr
+
+
+def test_changed_code_restarts_the_runner_which_then_runs_it(runner):
+    env, pool, proc = runner
+    stat = PROBE.stat()
+    try:
+        os.utime(PROBE, ns=(stat.st_atime_ns, time.time_ns()))
+        done = probe(env)
+    finally:
+        os.utime(PROBE, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert seen(done)["inside"] is False and "the project's code changed" in done.stderr
+    wait_for((pool / "runner-socket").exists, "the runner did not come back")
+    assert seen(probe(env))["inside"] is True
+    assert proc.poll() is None  # restarted in place: the same PID, which the pool watches
+
+
+def test_signals_reach_the_command_and_a_killed_caller_stops_it(runner, tmp_path):
+    env, _pool, _proc = runner
+    pid_file = tmp_path / "pid"
+    caller = subprocess.Popen(
+        [sys.executable, "-m", "tests.runner_probe", "--sleep", "60", "--pid-file", str(pid_file)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(pid_file.exists, "the command did not start")
+    caller.send_signal(signal.SIGINT)
+    _out, err = caller.communicate(timeout=60)
+    assert caller.returncode == 128 + signal.SIGINT and "KeyboardInterrupt" in err
+
+    pid_file.unlink()
+    caller = subprocess.Popen(
+        [sys.executable, "-m", "tests.runner_probe", "--sleep", "60", "--pid-file", str(pid_file)],
+        cwd=ROOT,
+        env=env,
+    )
+    wait_for(pid_file.exists, "the command did not start")
+    command = int(pid_file.read_text())
+    caller.kill()
+    caller.wait()
+    wait_for(lambda: not Path(f"/proc/{command}").exists(), "the command outlived its killed caller", 30)
+
+
+def test_the_runner_stops_on_sigterm_and_leaves_nothing(runner):
+    _env, pool, proc = runner
+    folder = Path((pool / "runner-socket").read_text()).parent
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    assert oct((pool / "runner-socket").stat().st_mode & 0o777) == "0o600"
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0
+    assert not folder.exists() and not (pool / "runner-socket").exists()
