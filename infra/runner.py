@@ -60,30 +60,33 @@ def hand_off(spec: ModuleSpec | None) -> None:
     Call it first thing under `if __name__ == "__main__":` with the module's `__spec__`."""
     if INSIDE or spec is None or not os.environ.get("KEEL_WARM_POOL"):
         return
-    module = spec.name
     pool = Path(os.environ.get("KEEL_STATE_DIR") or ".keel") / "pool"
+    fds = [fd for fd in STD_STREAMS if _is_open(fd)]
+    request = {"kind": "run", "module": spec.name, **caller_identity()}
+    request.update(argv=sys.argv, cwd=os.getcwd(), env=dict(os.environ))
+    message = json.dumps(request).encode()
+    message = _HEADER.pack(len(message)) + message
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        path = (pool / SOCKET_FILE).read_text().strip()
-        fds = [fd for fd in STD_STREAMS if _is_open(fd)]
         if len(fds) != len(STD_STREAMS):
-            return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            raise OSError("a standard stream is closed")
         sock.settimeout(5)
-        sock.connect(path)
+        sock.connect((pool / SOCKET_FILE).read_text().strip())
         if _peer_uid(sock) != os.getuid():
-            sock.close()
-            return
-        request = {"kind": "run", "module": module, **caller_identity()}
-        request.update(argv=sys.argv, cwd=os.getcwd(), env=dict(os.environ))
-        payload = json.dumps(request).encode()
-        socket.send_fds(sock, [_HEADER.pack(len(payload)) + payload], fds)
-        sock.settimeout(30)  # the runner may be importing what a run taught it
-        reader = sock.makefile("rb")
-        first = json.loads(reader.readline() or b"{}")
-        sock.settimeout(None)
-    except (OSError, ValueError):
+            raise OSError("the runner's socket belongs to another user")
+        sent = socket.send_fds(sock, [message], fds)
+        sock.sendall(message[sent:])
+    except OSError:  # no runner, or the request did not arrive whole (the runner drops it): run here
+        sock.close()
         return
-    if "pid" not in first:
+    # From here on the runner may be running the command: it never runs here as well.
+    sock.settimeout(None)  # the runner may first be importing what a run taught it
+    reader = sock.makefile("rb")
+    try:
+        first = json.loads(reader.readline() or b"{}")
+    except (OSError, ValueError):
+        first = {}
+    if "pid" not in first:  # declined, or the runner ended before starting it
         print(f"warm pool runner: {first.get('declined', 'no answer')}; running here", file=sys.stderr)
         sock.close()
         return
@@ -270,11 +273,18 @@ class Runner:
                 self.listener.close()
             child = os.fork()
             if child == 0:
-                _become_command(request, fds)
+                try:
+                    _become_command(request, fds)
+                finally:
+                    os._exit(1)  # never back into the runner's loop
             conn.settimeout(None)
-            code = 1
             try:
                 conn.sendall(json.dumps({"pid": child}).encode() + b"\n")
+            except OSError:  # the caller is gone before it heard of the command: stop it
+                os.kill(child, signal.SIGTERM)
+                os.waitpid(child, 0)
+                os._exit(0)
+            try:
                 code = _supervise(conn, child)
                 conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
             finally:
@@ -388,14 +398,14 @@ def _become_command(request: dict, fds: list[int]) -> None:
     """In the forked child: become the caller's process (streams, folder, environment, arguments)
     and run its module as `python -m` does. Never returns."""
     global INSIDE  # noqa: PLW0603 - the flag `hand_off` reads, set once in the child
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)  # first: the runner's SIGTERM handler raises SystemExit
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(signum, signal.SIG_DFL)
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=os.isatty(stream.fileno()))  # type: ignore[union-attr]
     sys.argv = list(request["argv"])
