@@ -12,8 +12,9 @@ command runs the same code as without the runner; only the imports are already d
 What it takes, and when it says no (the caller then runs the command itself, as before):
 - Only its own user: a Unix socket in a private folder (0700), and the peer's uid checked on both
   sides. The socket's path is in the pool's `runner-socket` file (0600).
-- Only a caller whose interpreter, module path (`sys.path`), interpreter flags and the environment
-  libraries read when loaded (`OMP_*`, `LD_*`, `PYTHON*`, locale...) are the runner's.
+- Only a caller whose interpreter, module path (`sys.path`), interpreter flags and options (`-O`,
+  `-W`, `-X`...) and the environment libraries read when loaded (`OMP_*`, `LD_*`, `PYTHON*`,
+  locale...) are the runner's.
 - Not while the project code it imported is older than the files on disk: it restarts itself (same
   PID) and takes commands again once imported.
 - It learns: a run in the pool tells it at exit which modules it imported; the runner imports those
@@ -120,6 +121,7 @@ def caller_identity() -> dict:
         "executable": sys.executable,
         "path": sys.path,
         "flags": repr(sys.flags),
+        "options": {"-W": sys.warnoptions, "-X": {k: str(v) for k, v in sys._xoptions.items()}},
         "load_env": {k: v for k, v in os.environ.items() if k.startswith(LOAD_TIME_PREFIXES)},
     }
 
@@ -295,7 +297,7 @@ class Runner:
         """Why this command cannot run here (None: it can)."""
         if len(fds) != len(STD_STREAMS):
             return "the caller's standard streams did not arrive"
-        for key in ("executable", "path", "flags", "load_env"):
+        for key in ("executable", "path", "flags", "options", "load_env"):
             if request.get(key) != self.identity[key]:
                 return f"the caller's {key} differs from the runner's"
         module = request.get("module")

@@ -90,6 +90,12 @@ def test_what_the_runner_cannot_run_the_same_way_runs_in_the_callers_process(run
     done = probe({**env, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0 and seen(done)["inside"] is False
     assert "warm pool runner: the caller's load_env differs from the runner's; running here" in done.stderr
+    # Warnings filters and -X options are the interpreter's own: another one runs on its own.
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "tests.runner_probe"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert seen(done)["inside"] is False and "the caller's options differs" in done.stderr
     # Without KEEL_WARM_POOL nothing is handed off, silently.
     done = probe({k: v for k, v in env.items() if k != "KEEL_WARM_POOL"})
     assert seen(done)["inside"] is False and "warm pool runner" not in done.stderr
