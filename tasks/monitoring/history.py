@@ -190,7 +190,10 @@ def draw(points: list[CheckPoint], marks: list[tuple[datetime, str, str]], title
         fontsize=10,
     )
     fig.autofmt_xdate()
-    fig.tight_layout()
+    # Margins in inches, the same for every number of panels (`tight_layout` measured every label
+    # first: half the drawing's time, 0.2 s of each check's history step on a warm worker).
+    height = fig.get_figheight()
+    fig.subplots_adjust(left=0.09, right=0.98, top=1 - 0.42 / height, bottom=0.55 / height, hspace=0.18)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
