@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from infra.processes import free_port, http_ok
-from infra.runner import SOCKET_FILE
+from infra.runner import SOCKET_FILE, default_home
 from infra.secrets import StackSecrets, write_private
 from infra.stack import Stack, _dask_workers, _running, _tcp_ok, answers
 
@@ -66,11 +66,6 @@ def locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def default_home() -> Path:
-    """The pool of the state directory runs use (`KEEL_STATE_DIR`, default `.keel`)."""
-    return Path(os.environ.get("KEEL_STATE_DIR") or ".keel") / "pool"
 
 
 class Pool(Stack):

@@ -36,6 +36,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,7 @@ LOAD_TIME_PREFIXES = ("PYTHON", "LD_", "OMP_", "OPENBLAS_", "MKL_", "MALLOC_", "
 STD_STREAMS = (0, 1, 2)
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 INSIDE = False  # True in a command the runner runs: it does not hand itself off again
+STALE = "the project's code changed since the runner imported it; it restarts"
 _HEADER = struct.Struct("!I")
 
 
@@ -61,23 +63,20 @@ def hand_off(spec: ModuleSpec | None) -> None:
     Call it first thing under `if __name__ == "__main__":` with the module's `__spec__`."""
     if INSIDE or spec is None or not os.environ.get("KEEL_WARM_POOL"):
         return
-    pool = Path(os.environ.get("KEEL_STATE_DIR") or ".keel") / "pool"
     fds = [fd for fd in STD_STREAMS if _is_open(fd)]
+    if len(fds) != len(STD_STREAMS):
+        return
+    try:
+        sock = _connect(default_home(), timeout=5)
+    except OSError:  # no runner: run here
+        return
     request = {"kind": "run", "module": spec.name, **caller_identity()}
     request.update(argv=sys.argv, cwd=os.getcwd(), env=dict(os.environ))
-    message = json.dumps(request).encode()
-    message = _HEADER.pack(len(message)) + message
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    message = _framed(request)
     try:
-        if len(fds) != len(STD_STREAMS):
-            raise OSError("a standard stream is closed")
-        sock.settimeout(5)
-        sock.connect((pool / SOCKET_FILE).read_text().strip())
-        if _peer_uid(sock) != os.getuid():
-            raise OSError("the runner's socket belongs to another user")
         sent = socket.send_fds(sock, [message], fds)
         sock.sendall(message[sent:])
-    except OSError:  # no runner, or the request did not arrive whole (the runner drops it): run here
+    except OSError:  # the request did not arrive whole (the runner drops it): run here
         sock.close()
         return
     # From here on the runner may be running the command: it never runs here as well.
@@ -128,16 +127,32 @@ def caller_identity() -> dict:
 
 def learn(pool: Path, modules: list[str]) -> None:
     """Tell the pool's runner, if any, which modules a run imported (it imports those it has not)."""
+    with contextlib.suppress(OSError), _connect(pool, timeout=2) as sock:
+        sock.sendall(_framed({"kind": "learn", "modules": modules}))
+
+
+def default_home() -> Path:
+    """The pool of the state directory runs use (`KEEL_STATE_DIR`, default `.keel`)."""
+    return Path(os.environ.get("KEEL_STATE_DIR") or ".keel") / "pool"
+
+
+def _connect(pool: Path, timeout: float) -> socket.socket:
+    """A connection to the pool's runner, whose process must be this user's (OSError otherwise)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        path = (pool / SOCKET_FILE).read_text().strip()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(2)
-            sock.connect(path)
-            if _peer_uid(sock) == os.getuid():
-                payload = json.dumps({"kind": "learn", "modules": modules}).encode()
-                sock.sendall(_HEADER.pack(len(payload)) + payload)
-    except (OSError, ValueError):
-        pass
+        sock.settimeout(timeout)
+        sock.connect((pool / SOCKET_FILE).read_text().strip())
+        if _peer_uid(sock) != os.getuid():
+            raise OSError("the runner's socket belongs to another user")
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _framed(message: dict) -> bytes:
+    payload = json.dumps(message).encode()
+    return _HEADER.pack(len(payload)) + payload
 
 
 def _is_open(fd: int) -> bool:
@@ -175,7 +190,7 @@ class Runner:
 
         listener, path = self._listen()
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        self.loaded_ns = _now_ns()
+        self.loaded_ns = time.time_ns()
         self.import_all(self.preload)
         write_private(self.pool / SOCKET_FILE, str(path).encode())
         print(f"runner: taking commands on {path} ({len(sys.modules)} modules loaded)", flush=True)
@@ -264,7 +279,7 @@ class Runner:
             why = "the runner has threads"
         if why is not None:
             conn.sendall(json.dumps({"declined": why}).encode() + b"\n")
-            return why.startswith("the project's code changed")
+            return why == STALE
         sys.stdout.flush()
         sys.stderr.flush()
         if os.fork() == 0:  # the command's supervisor: it reports the exit code
@@ -304,7 +319,7 @@ class Runner:
         if not isinstance(module, str) or not _dotted(module):
             return "no module named"
         if self.stale():
-            return "the project's code changed since the runner imported it; it restarts"
+            return STALE
         return None
 
     def stale(self) -> bool:
@@ -336,12 +351,6 @@ class Runner:
 
 def _dotted(name: str) -> bool:
     return all(part.isidentifier() for part in name.split("."))
-
-
-def _now_ns() -> int:
-    import time
-
-    return time.time_ns()
 
 
 def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -392,7 +401,7 @@ def _supervise(conn: socket.socket, child: int) -> int:
             continue
         for line in data.splitlines():
             signum = json.loads(line).get("signal")
-            if signum in {int(s) for s in FORWARDED_SIGNALS}:
+            if signum in FORWARDED_SIGNALS:
                 os.kill(child, signum)
 
 
@@ -447,7 +456,6 @@ def _exit_code(value: object) -> int:
 def _reload_environment() -> None:
     """What the loaded libraries read from the environment when imported, read again."""
     import tempfile
-    import time
 
     tempfile.tempdir = None
     time.tzset()

@@ -719,7 +719,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in stack.down():
             print(f"  stopped {line}")
     elif args.command == "status":
-        from infra.pool import Pool, default_home
+        from infra.pool import Pool
+        from infra.runner import default_home
 
         print("\n".join(stack.status()))
         print("\n".join(Pool(default_home()).status()))

@@ -53,9 +53,11 @@ def runner(tmp_path):
     log.close()
 
 
-def probe(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def probe(
+    env: dict[str, str], *args: str, stdin: str = "", interpreter: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tests.runner_probe", *args],
+        [sys.executable, *interpreter, "-m", "tests.runner_probe", *args],
         cwd=ROOT,
         env=env,
         input=stdin,
@@ -91,10 +93,7 @@ def test_what_the_runner_cannot_run_the_same_way_runs_in_the_callers_process(run
     assert done.returncode == 0 and seen(done)["inside"] is False
     assert "warm pool runner: the caller's load_env differs from the runner's; running here" in done.stderr
     # Warnings filters and -X options are the interpreter's own: another one runs on its own.
-    done = subprocess.run(
-        [sys.executable, "-W", "error", "-m", "tests.runner_probe"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    done = probe(env, interpreter=("-W", "error"))
     assert seen(done)["inside"] is False and "the caller's options differs" in done.stderr
     # Without KEEL_WARM_POOL nothing is handed off, silently.
     done = probe({k: v for k, v in env.items() if k != "KEEL_WARM_POOL"})
