@@ -68,15 +68,20 @@ def hand_off(spec: ModuleSpec | None) -> None:
         return
     try:
         sock = _connect(default_home(), timeout=5)
-    except OSError:  # no runner: run here
+    except FileNotFoundError:  # no runner (or one restarting): run here
+        return
+    except OSError as exc:  # a runner registered but not answering: say so, run here
+        print(f"warm pool runner: not answering ({exc}); running here", file=sys.stderr)
         return
     request = {"kind": "run", "module": spec.name, **caller_identity()}
     request.update(argv=sys.argv, cwd=os.getcwd(), env=dict(os.environ))
     message = _framed(request)
     try:
         sent = socket.send_fds(sock, [message], fds)
-        sock.sendall(message[sent:])
-    except OSError:  # the request did not arrive whole (the runner drops it): run here
+        if sent < len(message):  # never an empty send: a runner that already declined has closed
+            sock.sendall(message[sent:])
+    except OSError as exc:  # the request did not arrive whole (the runner drops it): run here
+        print(f"warm pool runner: the command could not be sent ({exc}); running here", file=sys.stderr)
         sock.close()
         return
     # From here on the runner may be running the command: it never runs here as well.

@@ -160,6 +160,12 @@ def paused_run(servers, name: str, timeout: float = 120) -> dict:
             time.sleep(0.5)
 
 
+def resume(http: httpx.Client, run_id: str, answer: dict) -> None:
+    """What the UI sends on "Resume"; the server must accept it."""
+    response = http.post(f"/flow_runs/{run_id}/resume", json={"run_input": answer})
+    assert response.status_code == 201 and response.json()["status"] == "ACCEPT", response.text
+
+
 def test_the_form_in_prefects_ui_decides_as_the_command_line_does(servers):
     name = "approve-form"
     [version] = pending_versions(servers, name, 1)
@@ -180,10 +186,7 @@ def test_the_form_in_prefects_ui_decides_as_the_command_line_does(servers):
             assert set(schema["properties"]) >= {"decision", "reason", "decided_by", "promote"}
             assert "description" in keyset
             answer = {"decision": "approve", "reason": " ", "decided_by": "Ann", "promote": True}
-            assert (
-                http.post(f"/flow_runs/{run['id']}/resume", json={"run_input": answer}).json()["status"]
-                == "ACCEPT"
-            )
+            resume(http, run["id"], answer)
             again = paused_run(servers, name)  # a refused answer (a blank reason) asks again, saying why
             assert again["id"] == run["id"]
             description = http.get(
@@ -194,10 +197,7 @@ def test_the_form_in_prefects_ui_decides_as_the_command_line_does(servers):
                 "PendingManualApproval"
             )
             answer["reason"] = "checked in the UI"
-            assert (
-                http.post(f"/flow_runs/{run['id']}/resume", json={"run_input": answer}).json()["status"]
-                == "ACCEPT"
-            )
+            resume(http, run["id"], answer)
         out, err = waiting.communicate(timeout=120)
         assert "PendingManualApproval -> Approved by Ann" in out
     finally:
