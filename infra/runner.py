@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from importlib.machinery import ModuleSpec
 
 SOCKET_FILE = "runner-socket"  # in the pool's folder: the path of the runner's socket
+FOLDER_PREFIX = "keel-runner-"  # the runner's private folder in the temporary folder, with its socket
 # Environment variables that libraries read when they are loaded: a caller whose values differ from
 # the runner's runs on its own.
 LOAD_TIME_PREFIXES = ("PYTHON", "LD_", "OMP_", "OPENBLAS_", "MKL_", "MALLOC_", "ARROW_", "LC_", "LANG")
@@ -214,7 +215,8 @@ class Runner:
         """The socket, in a private folder removed at exit (with the pool's pointer to it)."""
         import tempfile
 
-        folder = Path(tempfile.mkdtemp(prefix="keel-runner-"))  # 0700; short: socket paths are limited
+        _remove_dead_socket(self.pool)
+        folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX))  # 0700; short: socket paths are limited
         path = folder / "socket"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(path))
@@ -374,6 +376,28 @@ def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
     for fd in fds:
         os.set_inheritable(fd, False)  # never into a restarted runner: the caller waits for their end
     return json.loads(bytes(body)), list(fds)
+
+
+def _remove_dead_socket(pool: Path) -> None:
+    """The socket folder of this pool's earlier runner, if it was killed before it could remove it
+    (nothing answers there any more): only ever a `keel-runner-*` folder of the temporary folder."""
+    import tempfile
+
+    try:
+        path = Path((pool / SOCKET_FILE).read_text().strip())
+    except OSError:
+        return
+    folder = path.parent
+    if folder.parent != Path(tempfile.gettempdir()) or not folder.name.startswith(FOLDER_PREFIX):
+        return
+    try:
+        _connect(pool, timeout=1).close()
+    except ConnectionRefusedError:  # a socket file with no process behind it
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    except OSError:
+        pass
 
 
 def _reap_children() -> None:

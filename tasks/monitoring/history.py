@@ -175,6 +175,9 @@ def draw(points: list[CheckPoint], marks: list[tuple[datetime, str, str]], title
             f"v{version} {'promoted' if status == 'Approved' else status.lower()}",
             (when, 1),
             xycoords=("data", "axes fraction"),
+            xytext=(-1, -3),  # inside the frame: the top spine does not cross the last letter
+            textcoords="offset points",
+            bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
             fontsize=7,
             rotation=90,
             va="top",

@@ -156,3 +156,27 @@ def test_the_runner_stops_on_sigterm_and_leaves_nothing(runner):
     proc.terminate()
     assert proc.wait(timeout=30) == 0
     assert not folder.exists() and not (pool / "runner-socket").exists()
+
+
+def test_a_killed_runners_folder_is_removed_by_the_next_runner(runner, tmp_path):
+    env, pool, proc = runner
+    folder = Path((pool / "runner-socket").read_text()).parent
+    proc.kill()  # no chance to clean up: its socket folder stays behind
+    proc.wait(timeout=30)
+    assert (folder / "socket").exists()
+    with (tmp_path / "second.log").open("wb") as log:
+        second = subprocess.Popen(
+            [sys.executable, "-m", "infra.runner", "--home", str(pool)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(lambda: Path((pool / "runner-socket").read_text()).parent != folder, "no second runner")
+        assert not folder.exists()
+        assert seen(probe(env))["inside"] is True
+    finally:
+        second.terminate()
+        second.wait(timeout=30)
