@@ -77,10 +77,12 @@ def point_metrics(check: DriftCheck, violations: int) -> dict[str, float]:
 def load_points(
     client: MlflowClient, experiment_id: str, model_name: str, limit: int = 1000
 ) -> list[CheckPoint]:
-    """The model's checks, oldest first (monitor executions that logged their signals)."""
+    """The model's last `limit` checks, oldest first (monitor executions that logged their signals:
+    only their parent runs have the violations metric, so the limit counts checks, not step runs)."""
     runs = client.search_runs(
         [experiment_id],
-        f"tags.`{PIPELINE_TAG}` = '{MONITOR_PIPELINE}' and tags.`{MODEL_NAME_TAG}` = '{model_name}'",
+        f"tags.`{PIPELINE_TAG}` = '{MONITOR_PIPELINE}' and tags.`{MODEL_NAME_TAG}` = '{model_name}' "
+        f"and metrics.`{VIOLATIONS}` >= 0",
         max_results=limit,
         order_by=["attributes.start_time DESC"],
     )
