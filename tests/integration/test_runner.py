@@ -180,3 +180,38 @@ def test_a_killed_runners_folder_is_removed_by_the_next_runner(runner, tmp_path)
     finally:
         second.terminate()
         second.wait(timeout=30)
+
+
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of a process (T: stopped), or "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def test_ctrl_z_stops_the_command_with_its_caller_and_fg_continues_both(runner, tmp_path):
+    env, _pool, _proc = runner
+    pid_file = tmp_path / "pid"
+    caller = subprocess.Popen(
+        [sys.executable, "-m", "tests.runner_probe", "--sleep", "3", "--pid-file", str(pid_file)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(pid_file.exists, "the command did not start")
+        command = int(pid_file.read_text())
+        caller.send_signal(signal.SIGTSTP)  # what Ctrl-Z sends the foreground job
+        wait_for(lambda: process_state(command) == "T", "the command did not stop", 30)
+        wait_for(lambda: process_state(caller.pid) == "T", "the caller did not stop", 30)
+        time.sleep(4)  # longer than the command's sleep: stopped, it cannot finish
+        assert process_state(command) == "T" and caller.poll() is None
+        caller.send_signal(signal.SIGCONT)  # what `fg` sends
+        out, err = caller.communicate(timeout=60)
+    finally:
+        caller.kill()
+    assert caller.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["inside"] is True
