@@ -49,10 +49,16 @@ FOLDER_PREFIX = "keel-runner-"  # the runner's private folder in the temporary f
 # the runner's runs on its own.
 LOAD_TIME_PREFIXES = ("PYTHON", "LD_", "OMP_", "OPENBLAS_", "MKL_", "MALLOC_", "ARROW_", "LC_", "LANG")
 STD_STREAMS = (0, 1, 2)
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-# Ctrl-Z and `fg`: the command is stopped and continued with its caller. The command's process
-# group has no parent in its session, so the kernel would discard a SIGTSTP sent to it: it gets SIGSTOP.
-JOB_CONTROL = {signal.SIGTSTP: signal.SIGSTOP, signal.SIGCONT: signal.SIGCONT}
+# The caller's signals and what the command gets for each. Ctrl-Z and `fg` stop and continue the
+# command with its caller: the command's process group has no parent in its session, so the kernel
+# would discard a SIGTSTP sent to it; it gets SIGSTOP.
+FORWARDED_SIGNALS = {
+    signal.SIGINT: signal.SIGINT,
+    signal.SIGTERM: signal.SIGTERM,
+    signal.SIGHUP: signal.SIGHUP,
+    signal.SIGTSTP: signal.SIGSTOP,
+    signal.SIGCONT: signal.SIGCONT,
+}
 INSIDE = False  # True in a command the runner runs: it does not hand itself off again
 STALE = "the project's code changed since the runner imported it; it restarts"
 _HEADER = struct.Struct("!I")
@@ -112,9 +118,8 @@ def _wait_for(sock: socket.socket, reader) -> int:
         forward(signum, frame)  # the command stops first, then this process, as the shell expects
         os.kill(os.getpid(), signal.SIGSTOP)  # SIGCONT (`fg`) continues both
 
-    for signum in (*FORWARDED_SIGNALS, signal.SIGCONT):
-        signal.signal(signum, forward)
-    signal.signal(signal.SIGTSTP, suspend)
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, suspend if signum == signal.SIGTSTP else forward)
     while True:
         try:
             line = reader.readline()
@@ -439,9 +444,7 @@ def _supervise(conn: socket.socket, child: int) -> int:
         for line in data.splitlines():
             signum = json.loads(line).get("signal")
             if signum in FORWARDED_SIGNALS:
-                os.kill(child, signum)
-            elif signum in JOB_CONTROL:
-                os.kill(child, JOB_CONTROL[signum])
+                os.kill(child, FORWARDED_SIGNALS[signum])
 
 
 def _become_command(request: dict, fds: list[int]) -> None:

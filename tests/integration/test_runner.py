@@ -37,20 +37,45 @@ def runner(tmp_path):
     pool = tmp_path / "state" / "pool"
     pool.mkdir(parents=True)
     env = clean_env(KEEL_STATE_DIR=str(tmp_path / "state"), KEEL_WARM_POOL="1m", PROBE="from the caller")
-    log = (tmp_path / "runner.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "infra.runner", "--home", str(pool), "--preload", "tests.runner_probe"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = start_runner(pool, env, tmp_path / "runner.log", "--preload", "tests.runner_probe")
     wait_for((pool / "runner-socket").exists, f"the runner did not start: see {tmp_path / 'runner.log'}")
     yield env, pool, proc
     proc.terminate()
     proc.wait(timeout=30)
-    log.close()
+
+
+def start_runner(pool: Path, env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`python -m infra.runner` for the pool, in a session of its own, its output in `log`."""
+    with log.open("wb") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "infra.runner", "--home", str(pool), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def start_sleeping_command(
+    env: dict[str, str], pid_file: Path, seconds: float, *, pipes: bool = True
+) -> tuple[subprocess.Popen[str], int]:
+    """A caller whose command sleeps `seconds`, and the command's PID once it has started."""
+    pipe = subprocess.PIPE if pipes else None
+    caller = subprocess.Popen(
+        [sys.executable, "-m", "tests.runner_probe", "--sleep", str(seconds), "--pid-file", str(pid_file)],
+        cwd=ROOT,
+        env=env,
+        stdout=pipe,
+        stderr=pipe,
+        text=True,
+    )
+    try:
+        wait_for(pid_file.exists, "the command did not start")
+    except BaseException:
+        caller.kill()
+        raise
+    return caller, int(pid_file.read_text())
 
 
 def probe(
@@ -122,27 +147,13 @@ def test_changed_code_restarts_the_runner_which_then_runs_it(runner):
 def test_signals_reach_the_command_and_a_killed_caller_stops_it(runner, tmp_path):
     env, _pool, _proc = runner
     pid_file = tmp_path / "pid"
-    caller = subprocess.Popen(
-        [sys.executable, "-m", "tests.runner_probe", "--sleep", "60", "--pid-file", str(pid_file)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for(pid_file.exists, "the command did not start")
+    caller, _command = start_sleeping_command(env, pid_file, 60)
     caller.send_signal(signal.SIGINT)
     _out, err = caller.communicate(timeout=60)
     assert caller.returncode == 128 + signal.SIGINT and "KeyboardInterrupt" in err
 
     pid_file.unlink()
-    caller = subprocess.Popen(
-        [sys.executable, "-m", "tests.runner_probe", "--sleep", "60", "--pid-file", str(pid_file)],
-        cwd=ROOT,
-        env=env,
-    )
-    wait_for(pid_file.exists, "the command did not start")
-    command = int(pid_file.read_text())
+    caller, command = start_sleeping_command(env, pid_file, 60, pipes=False)
     caller.kill()
     caller.wait()
     wait_for(lambda: not Path(f"/proc/{command}").exists(), "the command outlived its killed caller", 30)
@@ -164,15 +175,7 @@ def test_a_killed_runners_folder_is_removed_by_the_next_runner(runner, tmp_path)
     proc.kill()  # no chance to clean up: its socket folder stays behind
     proc.wait(timeout=30)
     assert (folder / "socket").exists()
-    with (tmp_path / "second.log").open("wb") as log:
-        second = subprocess.Popen(
-            [sys.executable, "-m", "infra.runner", "--home", str(pool)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    second = start_runner(pool, env, tmp_path / "second.log")
     try:
         wait_for(lambda: Path((pool / "runner-socket").read_text()).parent != folder, "no second runner")
         assert not folder.exists()
@@ -193,17 +196,8 @@ def process_state(pid: int) -> str:
 def test_ctrl_z_stops_the_command_with_its_caller_and_fg_continues_both(runner, tmp_path):
     env, _pool, _proc = runner
     pid_file = tmp_path / "pid"
-    caller = subprocess.Popen(
-        [sys.executable, "-m", "tests.runner_probe", "--sleep", "3", "--pid-file", str(pid_file)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    caller, command = start_sleeping_command(env, pid_file, 3)
     try:
-        wait_for(pid_file.exists, "the command did not start")
-        command = int(pid_file.read_text())
         caller.send_signal(signal.SIGTSTP)  # what Ctrl-Z sends the foreground job
         wait_for(lambda: process_state(command) == "T", "the command did not stop", 30)
         wait_for(lambda: process_state(caller.pid) == "T", "the caller did not stop", 30)
