@@ -2,8 +2,9 @@
 
     .venv/bin/python -m benchmarks.cold_start [--repeats 3] [--entries pipeline monitor ...]
 
-Every run is a new process with a new Prefect home (Prefect starts its temporary server on an empty
-database, as on a first run), no servers (embedded MLflow store, a LocalCluster):
+Every run is a new process with a new Prefect home (the run's temporary Prefect server starts on it,
+from the migrated template `make install` keeps, as on a first run), no servers (embedded MLflow
+store; Dask in the process for these small inputs):
 - `pipeline`: `python -m flows.pipeline` on the bike data (the demo), on a new state directory;
 - `monitor`, `transform`, `label`: one week of the bike data (168 rows) against a champion trained
   once beforehand (not timed), on that state directory; `label` judges the `transform` output;
@@ -13,8 +14,9 @@ database, as on a first run), no servers (embedded MLflow store, a LocalCluster)
 
 The phases come from the run's own log (Prefect's timestamps) and a separate timing of the import:
 `import` (a new process importing the entry point's module), `until server` (the rest up to
-"Starting temporary server": settings, the Prefect client), `server + flow run` (until "Beginning
-flow run": the temporary server starting on an empty database, the flow run created), each step
+"Starting temporary server": parsing, settings), `server + flow run` (until "Beginning flow run":
+the run's temporary server starting while the MLflow store opens and the steps' `preload` modules
+are imported, then the flow run created), each step
 (until its "Finished": steps that overlap count where they finish), `flow end` (until the flow run's
 "Finished": the last lineage, closing the MLflow run and the Dask cluster) and `exit` (until the
 process ends: the temporary server stopped, logs and events flushed). Medians with ranges. Writes

@@ -2,17 +2,20 @@
 
     .venv/bin/python -m benchmarks.fixed_cost [--repeats 3]
 
-Side by side in each repeat, every command a new process:
+Every command a new process, in two phases, each side by side with the plain scripts in every
+repeat. First the cold runs, with nothing else running (a user's first run has no pool beside it):
 - `plain monitor`: `benchmarks.plain_monitor` (load the champion, predict the week and the training
   rows, Evidently's DataDriftPreset report as HTML);
 - `monitor cold` (B16): `python -m flows.monitor` on the same week (168 rows): a new Prefect home,
   no servers, as a user's first run after `make install`;
-- `monitor warm` (B17): the same with `KEEL_WARM_POOL=10m`, the pool started by an untimed run
-  before the repeats (its runner, `infra/runner.py`, then takes each timed command);
 - `plain pipeline`: `benchmarks.plain_script` (pandas + Optuna + LightGBM, the demo's trials, split
   and features);
 - `pipeline cold` (B18): `python -m flows.pipeline` (`make demo`) on a new state directory and a new
-  Prefect home, no servers;
+  Prefect home, no servers.
+Then both pools are started by an untimed run each, and, with them up, the plain scripts again
+(`..., pools up`) beside:
+- `monitor warm` (B17): the same monitor with `KEEL_WARM_POOL=10m` (the pool's runner,
+  `infra/runner.py`, takes each timed command);
 - `pipeline warm` (B19): the same work with the warm pool: `--force-steps all` on a kept state
   directory (every step runs again; without it every step would be reused).
 
@@ -43,6 +46,16 @@ from benchmarks.scaled_data import BIKE
 MODEL = "bike-demand"  # the demo's model name
 TARGETS = {"B16": 1.5, "B17": 0.5, "B18": 1.5, "B19": 1.1}
 POOL = {"KEEL_WARM_POOL": "10m"}
+RUNS = (
+    "plain monitor",
+    "monitor cold",
+    "plain pipeline",
+    "pipeline cold",
+    "plain monitor, pools up",
+    "monitor warm",
+    "plain pipeline, pools up",
+    "pipeline warm",
+)
 
 
 def week(work: Path) -> Path:
@@ -72,17 +85,9 @@ def commands(work: Path, state: Path) -> dict[str, list[str]]:
 
 
 def measure(repeats: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {
-        k: []
-        for k in (
-            "plain monitor",
-            "monitor cold",
-            "monitor warm",
-            "plain pipeline",
-            "pipeline cold",
-            "pipeline warm",
-        )
-    }
+    """Two phases, each side by side with the plain scripts: the cold runs with nothing else running
+    (a user's first run has no pool beside it), then the warm runs with both pools up."""
+    times: dict[str, list[float]] = {name: [] for name in RUNS}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         week(work)
@@ -92,28 +97,39 @@ def measure(repeats: int) -> dict[str, list[float]]:
         )
         cmd = {name: [sys.executable, *args] for name, args in commands(work, trained).items()}
         mlflow = {"MLFLOW_TRACKING_URI": f"sqlite:///{trained / 'mlflow.db'}"}
+
+        def plain(name: str, repeat: int) -> tuple[list[str], dict[str, str]]:
+            env = standalone_env(work / "plain", PREFECT_HOME=str(work / f"ph-{repeat}"))
+            return cmd[name], {**env, **mlflow} if name == "plain monitor" else env
+
+        def run(name: str, args: list[str], env: dict[str, str]) -> None:
+            times[name].append(timed(args, env).seconds)
+
+        for repeat in range(repeats):
+            run("plain monitor", *plain("plain monitor", repeat))
+            run(
+                "monitor cold",
+                cmd["monitor"],
+                standalone_env(trained, PREFECT_HOME=str(work / f"ph-m{repeat}")),
+            )
+            run("plain pipeline", *plain("plain pipeline", repeat))
+            new_state = standalone_env(
+                work / f"new-{repeat}" / ".keel", PREFECT_HOME=str(work / f"ph-p{repeat}")
+            )
+            run("pipeline cold", cmd["pipeline"], new_state)
+            print(f"cold repeat {repeat + 1}: " + _last(times), flush=True)
+
         warm_monitor = standalone_env(trained, PREFECT_HOME=str(work / "ph-warm"), **POOL)
         warm_pipeline = standalone_env(kept, PREFECT_HOME=str(work / "ph-warm"), **POOL)
         timed(cmd["monitor"], warm_monitor)  # starts the pool of `trained`
         timed(cmd["pipeline"], warm_pipeline)  # the state `--force-steps all` reruns; starts its pool
         try:
             for repeat in range(repeats):
-                home = {"PREFECT_HOME": str(work / f"ph-{repeat}")}
-                runs = {
-                    "plain monitor": (cmd["plain monitor"], {**standalone_env(work / "plain", **home), **mlflow}),
-                    "monitor cold": (cmd["monitor"], standalone_env(trained, PREFECT_HOME=str(work / f"ph-m{repeat}"))),
-                    "monitor warm": (cmd["monitor"], warm_monitor),
-                    "plain pipeline": (cmd["plain pipeline"], standalone_env(work / "plain", **home)),
-                    "pipeline cold": (cmd["pipeline"], standalone_env(work / f"new-{repeat}" / ".keel",
-                                                                      PREFECT_HOME=str(work / f"ph-p{repeat}"))),
-                    "pipeline warm": ([*cmd["pipeline"], "--force-steps", "all"], warm_pipeline),
-                }  # fmt: skip
-                for name, (args, env) in runs.items():
-                    times[name].append(timed(args, env).seconds)
-                print(
-                    f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()),
-                    flush=True,
-                )
+                run("plain monitor, pools up", *plain("plain monitor", repeat))
+                run("monitor warm", cmd["monitor"], warm_monitor)
+                run("plain pipeline, pools up", *plain("plain pipeline", repeat))
+                run("pipeline warm", [*cmd["pipeline"], "--force-steps", "all"], warm_pipeline)
+                print(f"warm repeat {repeat + 1}: " + _last(times), flush=True)
         finally:
             for state in (trained, kept):
                 timed(
@@ -121,6 +137,10 @@ def measure(repeats: int) -> dict[str, list[float]]:
                     standalone_env(state),
                 )
     return times
+
+
+def _last(times: dict[str, list[float]]) -> str:
+    return ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items() if v)
 
 
 def main() -> None:
@@ -133,9 +153,9 @@ def main() -> None:
     s = {name: summary(values) for name, values in times.items()}
     ratios = {
         "B16": ("monitor cold", "plain monitor"),
-        "B17": ("monitor warm", "plain monitor"),
+        "B17": ("monitor warm", "plain monitor, pools up"),
         "B18": ("pipeline cold", "plain pipeline"),
-        "B19": ("pipeline warm", "plain pipeline"),
+        "B19": ("pipeline warm", "plain pipeline, pools up"),
     }
     what = {
         "B16": "flows.monitor, one week (168 rows), new process, embedded, cold",

@@ -3,7 +3,8 @@
     python -m tests.pool_pipeline --data FILE
 
 Prints, as its summary, JSON: this process's PID, the PID of the process that ran its Dask task,
-the Prefect API it recorded to, its flow run's id and whether the pool's runner ran it. Its first
+the Prefect API it recorded to, its flow run's id, whether the pool's runner ran it, and whether
+the module its step declares as `preload` was imported before the step began. Its first
 lines are what a user's pipeline module adds to be taken by the pool's runner (infra/runner.py).
 """
 
@@ -33,8 +34,13 @@ def _pid() -> int:
     return os.getpid()
 
 
-@processing_step(name="where")
+PRELOADED = "wave"  # a standard module nothing else here imports
+
+
+@processing_step(name="where", preload=(PRELOADED,))
 def where(data: str) -> dict[str, str]:
+    import sys
+
     from prefect.context import get_run_context
     from prefect.settings import PREFECT_API_URL
 
@@ -47,6 +53,7 @@ def where(data: str) -> dict[str, str]:
         "prefect_api_url": str(PREFECT_API_URL.value()),
         "flow_run_id": str(flow_run),
         "by_runner": str(INSIDE),
+        "preloaded": str(PRELOADED in sys.modules),
     }
 
 

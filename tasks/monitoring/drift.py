@@ -192,7 +192,7 @@ def policy_context(champion: ChampionBaseline, now: datetime) -> PolicyContext:
     return PolicyContext(batches_since_training=len(earlier) + 1, days_since_training=max(days, 0.0))
 
 
-@processing_step(name="drift-check")
+@processing_step(name="drift-check", preload=("lightgbm", "scipy.spatial"))
 def check_drift(
     batch: DatasetRef, model_name: str, version: str | None, settings: PolicySettings
 ) -> DriftCheck:
@@ -379,7 +379,7 @@ class DriftReportRef(BaseModel):
     evidently_agrees: bool = Field(description="Evidently's verdict per column on the samples equals ours.")
 
 
-@processing_step(name="drift-report")
+@processing_step(name="drift-report", preload=("evidently", "evidently.metrics", "evidently.presets"))
 def report_drift(
     check: DriftCheck, settings: PolicySettings, checked_at: str, max_report_bytes: int = 50 * 2**20
 ) -> DriftReportRef:

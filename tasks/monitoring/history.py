@@ -208,7 +208,7 @@ def checks_text(count: int) -> str:
     return f"{count} check" + ("" if count == 1 else "s")
 
 
-@processing_step(name="monitoring-history")
+@processing_step(name="monitoring-history", preload=("matplotlib.figure", "matplotlib.backends.backend_agg"))
 def update_history(check: DriftCheck, report: DriftReportRef, checked_at: str) -> HistoryRef:
     """Redraw the model's monitoring history with this check in it; link it from the version."""
     step = current_step()

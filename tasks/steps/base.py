@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -218,6 +218,7 @@ class Step(Generic[P, R]):
         name: str,
         retry: RetryPolicy = NO_RETRY,
         cache: CacheConfig = NO_CACHE,
+        preload: Sequence[str] = (),
     ):
         from prefect import task
         from prefect.cache_policies import NO_CACHE as PREFECT_NO_CACHE
@@ -227,6 +228,7 @@ class Step(Generic[P, R]):
         self.name = name
         self.retry = retry
         self.cache = cache
+        self.preload = tuple(preload)  # heavy modules its work imports: `Pipeline.preload`
         self._signature = inspect.signature(fn)
         self._task = task(  # type: ignore[call-overload]  # Prefect's overloads miss a bound method of P
             self._body,
@@ -355,7 +357,9 @@ def _record(run: StepRun, refs: Mapping[str, Ref], context: str) -> dict[str, st
 class StepDecorator:
     """The decorator of one step kind. Bare (`@processing_step`) or with arguments
     (`@processing_step(name=..., cache=CacheConfig(), retry=RetryPolicy(...))`); the step is named
-    after its function (`make_features` -> `make-features`) unless `name` says otherwise."""
+    after its function (`make_features` -> `make-features`) unless `name` says otherwise. `preload`:
+    heavy modules the step's work imports (`preload=("evidently",)`); a small run imports them while
+    its Prefect server starts (`Pipeline.preload`)."""
 
     def __init__(self, kind: StepKind):
         self.kind = kind
@@ -376,6 +380,7 @@ class StepDecorator:
         name: str | None = None,
         retry: RetryPolicy = NO_RETRY,
         cache: CacheConfig = NO_CACHE,
+        preload: Sequence[str] = (),
     ) -> _Decorate: ...
 
     def __call__(
@@ -386,15 +391,16 @@ class StepDecorator:
         name: str | None = None,
         retry: RetryPolicy = NO_RETRY,
         cache: CacheConfig = NO_CACHE,
+        preload: Sequence[str] = (),
     ) -> Any:
         if fn is not None and not callable(fn):
             raise TypeError(
                 f"@{self.kind.label.lower()}_step takes the step's function, or keyword arguments "
-                f"(name=, retry=, cache=); got {fn!r}"
+                f"(name=, retry=, cache=, preload=); got {fn!r}"
             )
 
         def decorate(function: Callable[..., Any]) -> Step[Any, Any]:
-            return Step(function, self.kind, name or step_name(function), retry, cache)
+            return Step(function, self.kind, name or step_name(function), retry, cache, preload)
 
         return decorate(fn) if fn is not None else decorate
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
 import sys
+import threading
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NoReturn, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -91,12 +93,14 @@ def run_flow_cli(  # noqa: PLR0913  # the command line's whole description, the 
     after_bad_input: str = "nothing trained or registered",
     prepare_params: Callable[[M, dict[str, Any]], M] | None = None,
     check_params: Callable[[M], object] | None = None,
+    preload: Callable[[M], Sequence[str]] | None = None,
 ) -> int:
     """Parse, run the flow, print `summary(result)`. Exit codes: 0 done, 1 failed on purpose (a
     FailStep) or something needed is not in the registry, 2 bad input; anything else propagates
     with its traceback. `prepare_params`: completes the parsed parameters, given the values the user
     gave (e.g. from an earlier run);
-    `check_params`: refuses them with a ValueError (exit 2, before anything runs)."""
+    `check_params`: refuses them with a ValueError (exit 2, before anything runs); `preload`: the
+    modules the run's steps will import in this process (`services_opened_together`)."""
     given: dict[str, Any] = {}
     params = parse_params(model, argv, prog, description, check_params, given)
     configure_logging()
@@ -106,8 +110,8 @@ def run_flow_cli(  # noqa: PLR0913  # the command line's whole description, the 
         problems = "; ".join(f"KEEL_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
         print(f"\nbad settings, nothing was run: {problems}", file=sys.stderr)
         return 2
-    with servers:
-        open_services_together()
+    modules = functools.partial(preload, params) if preload is not None else tuple
+    with servers, services_opened_together(modules):
         try:
             if prepare_params is not None:
                 params = prepare_params(params, given)
@@ -139,36 +143,54 @@ def warm_pool_if_asked() -> contextlib.AbstractContextManager[None]:
     return using_servers(join_warm_pool(settings.state_dir / "pool", settings.warm_pool))
 
 
-def open_services_together() -> None:
+@contextlib.contextmanager
+def services_opened_together(preload: Callable[[], Sequence[str]] = tuple) -> Iterator[None]:
     """Start what a run talks to side by side, not one after the other as the flow first uses each:
-    Prefect's temporary server (only without PREFECT_API_URL; 4-5 s to start here on a database from
-    `tasks.steps.prefect_home`) starts in the background while an embedded MLflow store opens (a new
-    one creates its tables for about 2.5 s). Failures are left to the flow, which reports them where
-    it uses the service."""
-    import threading
-
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
+    without PREFECT_API_URL, the run's temporary Prefect server (`tasks.steps.temporary_server`; 4-5 s
+    to start here on a database from `tasks.steps.prefect_home`) starts in the background while an
+    embedded MLflow store opens (a new one creates its tables for about 2.5 s) and the libraries the
+    run's steps will import in this process (named by `preload()`) are imported; the run then uses
+    that server.
+    Failures of the store and of the imports are left to the flow, which reports them where it uses
+    them."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_TIMEOUT
 
     from tasks.steps.lineage import mlflow_client
     from tasks.steps.prefect_home import seed_new_home
     from tasks.steps.settings import get_settings
+    from tasks.steps.temporary_server import start_temporary_server
+    from tasks.steps.warm_pool import using_servers
 
-    def start_prefect() -> None:
-        with contextlib.suppress(Exception), get_client(sync_client=True):
-            pass  # get_client starts the temporary server when there is no API URL
-
-    prefect = None if PREFECT_API_URL.value() else threading.Thread(target=start_prefect, daemon=True)
-    if prefect:
+    server, imports = None, None
+    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        seeded = False
         with contextlib.suppress(OSError):
-            seed_new_home()
-        prefect.start()
+            seeded = seed_new_home()
+        server = start_temporary_server(register_blocks=not seeded)
+        imports = threading.Thread(target=_import_quietly, args=(preload,), daemon=True)
+        imports.start()  # while the server starts on the other core; joined before the flow imports too
     with contextlib.suppress(Exception):
         settings = get_settings()
         if settings.embedded_mlflow:  # a server is up already (or the flow says it is not)
             mlflow_client(settings).search_experiments(max_results=1)
-    if prefect:
-        prefect.join()
+    if server is None or imports is None:
+        yield
+        return
+    url = server.wait_until_ready(STARTUP_TIMEOUT.value())
+    imports.join()
+    with using_servers({"PREFECT_API_URL": url}):
+        yield
+
+
+def _import_quietly(modules: Callable[[], Sequence[str]]) -> None:
+    """Import the `modules()` now; one that fails is left for the step that imports it to report."""
+    import importlib
+
+    with contextlib.suppress(Exception):
+        for name in modules():
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
 
 
 def exit_process(code: int) -> NoReturn:
@@ -177,7 +199,6 @@ def exit_process(code: int) -> NoReturn:
     and Dask close), output is flushed; then the process ends without tearing down every module one
     by one, which took 1.6-2.8 s here with MLflow, Evidently, Prefect and Dask loaded."""
     import atexit
-    import threading
 
     shutdown = getattr(threading, "_shutdown", None)  # what the interpreter calls first on exit
     if shutdown is not None:

@@ -13,9 +13,12 @@ import inspect
 import textwrap
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.steps.cache import OUR_PACKAGES
+
+if TYPE_CHECKING:
+    from tasks.steps.base import Step
 
 NAMED_BY_ARGUMENT = ("condition", "fail")  # framework functions whose first argument names the step
 
@@ -24,9 +27,30 @@ def steps_of(fn: Callable[..., Any]) -> tuple[str, ...]:
     """The names of the steps `fn` runs (or may run), in the order its code mentions them."""
     from tasks.steps.base import Step
 
+    return tuple(found.name if isinstance(found, Step) else found for found in _mentioned(fn))
+
+
+def step_objects_of(fn: Callable[..., Any]) -> tuple[Step[Any, Any], ...]:
+    """The steps `fn` runs that are step objects (not `condition` or `fail` names), in order."""
+    from tasks.steps.base import Step
+
+    return tuple(found for found in _mentioned(fn) if isinstance(found, Step))
+
+
+def _mentioned(fn: Callable[..., Any]) -> list[Step[Any, Any] | str]:
+    """The steps `fn`'s code mentions: step objects, and the names given to `condition`/`fail`."""
+    from tasks.steps.base import Step
+
     packages = {fn.__module__.split(".")[0], *OUR_PACKAGES}
-    found: list[str] = []
+    found: list[Step[Any, Any] | str] = []
+    names: set[str] = set()
     seen: set[Any] = set()
+
+    def add(item: Step[Any, Any] | str) -> None:
+        name = item.name if isinstance(item, Step) else item
+        if name not in names:
+            names.add(name)
+            found.append(item)
 
     def walk(function: Any) -> None:
         if function in seen or not inspect.isfunction(function):
@@ -39,18 +63,17 @@ def steps_of(fn: Callable[..., Any]) -> tuple[str, ...]:
         for node in _in_order(tree):
             if isinstance(node, ast.Call):
                 named = _named_by_argument(node, scope)
-                if named and named not in found:
-                    found.append(named)
+                if named:
+                    add(named)
             elif isinstance(node, ast.Name | ast.Attribute) and isinstance(node.ctx, ast.Load):
                 target = _resolve(node, scope)
                 if isinstance(target, Step):
-                    if target.name not in found:
-                        found.append(target.name)
+                    add(target)
                 elif inspect.isfunction(target) and getattr(target, "__name__", "") not in NAMED_BY_ARGUMENT:
                     walk(target)
 
     walk(inspect.unwrap(fn))
-    return tuple(found)
+    return found
 
 
 def _parsed(function: Any) -> ast.AST | None:

@@ -32,8 +32,8 @@ from pydantic import BaseModel, Field
 
 from tasks.steps import lineage
 from tasks.steps.cli import run_flow_cli
-from tasks.steps.compute import dask_cluster, local_size
-from tasks.steps.discover import steps_of
+from tasks.steps.compute import dask_cluster, local_size, runs_in_process
+from tasks.steps.discover import step_objects_of, steps_of
 from tasks.steps.params import Params, flatten
 from tasks.steps.settings import get_settings
 
@@ -112,6 +112,20 @@ class Pipeline(Flow[..., R], Generic[M, R]):
     def steps(self) -> tuple[str, ...]:
         """The names of this pipeline's steps, read from its code (`tasks.steps.discover`)."""
         return steps_of(self.pipeline_fn)
+
+    def preload(self, params: M) -> tuple[str, ...]:
+        """The heavy modules this run's steps import (their `preload`), when its Dask work runs in
+        its own process (`tasks.steps.compute.runs_in_process`): the command line imports them while
+        Prefect's server starts (`tasks.steps.cli.services_opened_together`). Otherwise none: workers
+        elsewhere import them, and this process does not need them."""
+        if self.reads is None or not runs_in_process(get_settings(), local_size(self.reads(params))):
+            return ()
+        return self._steps_preload
+
+    @functools.cached_property
+    def _steps_preload(self) -> tuple[str, ...]:
+        modules = (name for step in step_objects_of(self.pipeline_fn) for name in step.preload)
+        return tuple(dict.fromkeys(modules))
 
     @property
     def source_file(self) -> Path | None:
@@ -194,6 +208,7 @@ class Pipeline(Flow[..., R], Generic[M, R]):
             after_bad_input=self.after_bad_input,
             prepare_params=self.with_stored_params,
             check_params=self.plan,
+            preload=self.preload,
         )
 
 

@@ -1,4 +1,4 @@
-"""A new Prefect home starts from a database migrated once per Prefect version, not on every first run.
+"""A new Prefect home starts from a database prepared once per Prefect version, not on every first run.
 
 Without `PREFECT_API_URL`, Prefect starts a temporary server on the SQLite database in its home. On a
 new home that server first runs every migration and registers Prefect's block types: 8 of the 12 s
@@ -7,13 +7,16 @@ runs this module once: it starts a server on a scratch home and keeps that datab
 consistent, under the user's cache (`template_path`). Before a run starts its temporary server,
 `seed_new_home` copies the template into a home that has no database yet. Prefect still checks the
 copy's migrations when it starts, so a template older than the installed Prefect is upgraded, not
-trusted; without a template nothing changes.
+trusted; without a template nothing changes. The copy has the block types of the installed Prefect
+and Prefect collections registered (the template's name says which), so the run's temporary server
+does not register them again (`tasks.steps.temporary_server`).
 
     .venv/bin/python -m tasks.steps.prefect_home     # build the template if it is missing
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -30,9 +33,19 @@ SQLITE_PREFIX = "sqlite+aiosqlite:///"
 
 
 def template_path() -> Path:
-    """Where the template for the installed Prefect is kept (XDG cache, outside any clone)."""
+    """Where the template for the installed Prefect and Prefect collections is kept (XDG cache,
+    outside any clone). The collections (e.g. prefect-dask) bring block types of their own, which the
+    template has registered: another set of them is another template."""
+    from importlib.metadata import entry_points
+
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "keel" / f"prefect-{version('prefect')}.db"
+    collections = sorted(
+        f"{point.dist.name}=={point.dist.version}"
+        for point in entry_points(group="prefect.collections")
+        if point.dist is not None
+    )
+    digest = hashlib.sha256("\n".join(collections).encode()).hexdigest()[:12]
+    return cache / "keel" / f"prefect-{version('prefect')}-{digest}.db"
 
 
 def database_file() -> Path | None:

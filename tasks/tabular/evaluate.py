@@ -24,7 +24,12 @@ class Evaluation(BaseModel):
     gate_metric: str
 
 
-@processing_step(name="evaluate", cache=CacheConfig(), retry=RetryPolicy(attempts=3))
+@processing_step(
+    name="evaluate",
+    cache=CacheConfig(),
+    retry=RetryPolicy(attempts=3),
+    preload=("matplotlib.figure", "matplotlib.backends.backend_agg"),
+)
 def evaluate(model: ModelRef, splits: Splits, model_name: str, champion: str | None) -> Evaluation:
     """Score the challenger and the champion version (None: no comparison) through `mlflow.pyfunc` on a
     worker, as a user would load them. The flow names the champion, so the cache key includes it."""

@@ -64,7 +64,7 @@ class Splits(BaseModel):
     boundaries: dict[str, str] = Field(description="Time bounds of each split, ISO formatted.")
 
 
-@processing_step(name="validate-input")
+@processing_step(name="validate-input", preload=("dask.dataframe",))
 def validate_input(table: TableSpec, access: DataAccess, datasets_root: str) -> DatasetRef:
     """Stop before any heavy work if the location is not allowed (`tasks.steps.access`), or the file is
     missing, unreadable, cut off, or lacks a required column; pin the copy every later step reads

@@ -83,7 +83,7 @@ def choose_mode(spec: TrainingSpec, rows: int, n_features: int, worker_memory: i
     )
 
 
-@tuning_step(name="tune", cache=CacheConfig(), retry=RetryPolicy(attempts=3))
+@tuning_step(name="tune", cache=CacheConfig(), retry=RetryPolicy(attempts=3), preload=("lightgbm", "optuna"))
 def tune(
     train: DatasetRef, valid: DatasetRef, features: FeatureSpec, tuning: TuningSpec, training: TrainingSpec
 ) -> TuningResult:
@@ -104,7 +104,7 @@ def tune(
     )
 
 
-@training_step(name="train", cache=CacheConfig(), retry=RetryPolicy(attempts=3))
+@training_step(name="train", cache=CacheConfig(), retry=RetryPolicy(attempts=3), preload=("lightgbm",))
 def train(
     raw: DatasetRef,
     train: DatasetRef,

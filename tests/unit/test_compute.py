@@ -61,3 +61,20 @@ def test_small_input_runs_in_this_process_and_larger_on_worker_processes(monkeyp
         client = dask_client()
         assert all(a.startswith("tcp://127.0.0.1:") for a in client.scheduler_info()["workers"])
         assert client.submit(_pid, pure=False).result() != os.getpid()
+
+
+def test_a_pipeline_preloads_its_steps_modules_only_when_its_dask_work_stays_here(tmp_path, monkeypatch):
+    from tests.pool_pipeline import PRELOADED, PoolParams, pool_pipeline
+
+    monkeypatch.setenv("KEEL_STATE_DIR", str(tmp_path / ".keel"))
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    data = tmp_path / "data.csv"
+    data.write_bytes(b"x" * 2048)
+    params = PoolParams(data=str(data))
+    monkeypatch.setenv("KEEL_DASK_IN_PROCESS_BELOW", "1MiB")
+    assert pool_pipeline.preload(params) == (PRELOADED,)
+    monkeypatch.setenv("KEEL_DASK_IN_PROCESS_BELOW", "1KiB")  # worker processes import it themselves
+    assert pool_pipeline.preload(params) == ()
+    monkeypatch.setenv("KEEL_DASK_IN_PROCESS_BELOW", "1MiB")
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://127.0.0.1:8786")
+    assert pool_pipeline.preload(params) == ()

@@ -1,0 +1,79 @@
+"""A run without `PREFECT_API_URL` starts its own temporary Prefect server (`tasks.steps.temporary_server`)
+at its start: real runs of `python -m tests.pool_pipeline` as new processes, on new Prefect homes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tasks.steps import prefect_home
+from tests.conftest import ROOT, clean_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def run(tmp_path: Path, home: Path, data: Path, **env: str) -> dict[str, str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.pool_pipeline", "--data", str(data)],
+        cwd=ROOT,
+        env=clean_env(PREFECT_HOME=str(home), KEEL_STATE_DIR=str(tmp_path / ".keel"), **env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Starting temporary server on" in done.stderr, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def answers(url: str) -> bool:
+    where = urlsplit(url)
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        return sock.connect_ex((where.hostname, where.port)) == 0
+
+
+def rows(database: Path, query: str) -> list[tuple]:
+    with sqlite3.connect(database) as db:
+        found = db.execute(query).fetchall()
+    db.close()
+    return found
+
+
+def test_the_run_records_to_its_own_server_which_is_gone_with_it(tmp_path):
+    data = tmp_path / "small.csv"
+    data.write_text("a\n1\n")
+    home = tmp_path / "prefect-home"
+    result = run(tmp_path, home, data)
+
+    assert result["prefect_api_url"].startswith("http://127.0.0.1:")
+    assert not answers(result["prefect_api_url"])  # stopped with the process
+    assert result["preloaded"] == "True"  # the step's `preload` was imported while the server started
+    database = home / "prefect.db"
+    [(state,)] = rows(database, f"select state_type from flow_run where id = '{result['flow_run_id']}'")
+    assert state == "COMPLETED"
+    # sent before the server stopped: the run's last log line
+    finished = rows(database, "select message from log where message like 'Finished in state Completed%'")
+    assert finished, "the flow run's last log lines never reached the server"
+
+
+def test_a_seeded_home_does_not_register_block_types_again(tmp_path):
+    template = prefect_home.template_path()
+    if not template.is_file():
+        pytest.skip(f"no template ({template}): `make install` builds it")
+    data = tmp_path / "small.csv"
+    data.write_text("a\n1\n")
+    home = tmp_path / "prefect-home"
+    registered = "select count(*), max(updated) from block_type"  # registering updates every row
+    [(count, updated)] = rows(template, registered)
+
+    run(tmp_path, home, data)
+    assert count > 0 and rows(home / "prefect.db", registered) == [(count, updated)]
