@@ -19,7 +19,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -52,7 +51,9 @@ class TemporaryServer:
         import prefect
         from prefect.settings import get_current_settings
 
-        self.port = _free_port()
+        from infra.processes import free_port
+
+        self.port = free_port()
         env = {
             **os.environ,
             **get_current_settings().to_environment_variables(exclude_unset=True),
@@ -114,12 +115,6 @@ def start_temporary_server(register_blocks: bool) -> TemporaryServer:
         _server.start()
         atexit.register(_server.stop)  # registered before Prefect's log and event workers: runs after them
     return _server
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _healthy(api_url: str) -> bool:
