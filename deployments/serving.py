@@ -23,6 +23,7 @@ Stop with SIGTERM.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import logging
@@ -34,12 +35,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from http import HTTPStatus
 from pathlib import Path
+
+from infra.processes import free_port
 
 PROG = "python -m deployments.serving"
 HOST = "127.0.0.1"  # the scoring server authenticates nobody: never beyond loopback
+READY_TIMEOUT = 120.0  # seconds a scoring server may take to answer /ping after it starts
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
 
 
 def parser() -> argparse.ArgumentParser:
@@ -95,13 +102,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def private_port() -> int:
-    """A free port on loopback for the scoring server behind the gateway."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 def start_gateway(upstream_port: int, host: str, port: int) -> subprocess.Popen:
     """The token gateway (`deployments.gateway`, which reads KEEL_SERVING_TOKEN) in front of the
     scoring server."""
@@ -112,22 +112,56 @@ def start_gateway(upstream_port: int, host: str, port: int) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def stop_server(server: subprocess.Popen | None, timeout: float = 20) -> None:
-    if server is None or server.poll() is not None:
+def answers(port: int) -> bool:
+    """Whether something accepts connections on the loopback port."""
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def stop_server(server: subprocess.Popen | None, port: int | None = None, timeout: float = 20) -> None:
+    """SIGTERM the process group; with `port`, also wait until nothing answers there any more.
+
+    `mlflow models serve` is a parent whose child (`uvicorn`) is the server: the parent exits at
+    once on SIGTERM while the child still answers for a moment, so a version served next would
+    otherwise be reported while the old one answers, then nothing (connection refused)."""
+    if server is None:
         return
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+    while port is not None and answers(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.wait(max(0.1, deadline - time.monotonic()))
+    if server.poll() is None or (port is not None and answers(port)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+def ready(server: subprocess.Popen, port: int, timeout: float, stopping: Callable[[], bool]) -> bool:
+    """Wait until the scoring server answers /ping (False: it exited, time ran out, or we stop)."""
+    deadline = time.monotonic() + timeout
+    while server.poll() is None and time.monotonic() < deadline and not stopping():
+        try:
+            with NO_PROXY.open(f"http://{HOST}:{port}/ping", timeout=2) as answer:
+                if answer.status == HTTPStatus.OK:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
 
 
 class Served:
     """What runs: the version, its scoring server and its verified copy; moved by `serve`."""
 
-    def __init__(self, args: argparse.Namespace, log: logging.Logger, port: int) -> None:
+    def __init__(
+        self, args: argparse.Namespace, log: logging.Logger, port: int, stopping: Callable[[], bool]
+    ) -> None:
         self.args, self.log, self.port = args, log, port  # port: the scoring server's
+        self.stopping = stopping
         self.version: str | None = None
         self.server: subprocess.Popen | None = None
         self.copy: Path | None = None
@@ -151,6 +185,15 @@ class Served:
         self.copy, self.server = fresh, start_server(model, self.port)
         what = "restarted (it had stopped):" if died and wanted == self.version else "serving"
         self.version = wanted
+        if not ready(self.server, self.port, READY_TIMEOUT, self.stopping):
+            if not self.stopping():
+                code = self.server.poll()
+                why = f"exited with {code}" if code is not None else f"no /ping within {READY_TIMEOUT:.0f} s"
+                self.log.error("%s v%s did not start (%s): tried again at the next poll",
+                               self.args.model_name, wanted, why)  # fmt: skip
+                self.stop()
+                self.version = None
+            return
         self.log.info(
             "%s %s v%s on http://%s:%d", what, self.args.model_name, wanted, self.args.host, self.args.port
         )
@@ -169,7 +212,7 @@ class Served:
             )
 
     def stop(self) -> None:
-        stop_server(self.server)
+        stop_server(self.server, self.port)
         if self.copy is not None:
             shutil.rmtree(self.copy, ignore_errors=True)
         self.server = self.copy = None
@@ -205,9 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    upstream = private_port() if token else args.port
+    upstream = free_port() if token else args.port
     gateway: subprocess.Popen | None = None
-    served = Served(args, log, upstream)
+    served = Served(args, log, upstream, lambda: stopping)
     said_none = False
     try:
         while not stopping:
