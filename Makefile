@@ -22,11 +22,10 @@ $(VENV)/.synced: uv.lock pyproject.toml | $(UV)
 	$(UV) sync --locked --extra postgres --extra cluster --compile-bytecode --python $(PYTHON)
 	@touch $@
 
-# A migrated Prefect database for new Prefect homes (tasks/steps/prefect_home.py): kept under
-# ~/.cache/keel, built once per Prefect version (12-17 s here); run as a file, not with -m, so the
-# check costs 0.1 s rather than the framework's imports.
+# Migrated databases for new Prefect homes and new MLflow stores (infra/templates.py): kept under
+# ~/.cache/keel, built once per version (12-17 s here); the check alone costs 0.1 s.
 install: $(VENV)/.synced
-	@$(RUN) tasks/steps/prefect_home.py
+	@$(RUN) -m infra.templates
 
 demo: install
 	$(RUN) -m flows.pipeline $(ARGS)

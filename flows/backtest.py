@@ -22,8 +22,10 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # with the warm pool, its runner runs this command: libraries already imported
     from infra.runner import hand_off
+    from infra.temporary_server import start_early
 
     hand_off(__spec__)
+    start_early()  # the temporary Prefect server starts while this command imports
 
 import json
 import tempfile

@@ -3,17 +3,21 @@
     python -m tests.pool_pipeline --data FILE
 
 Prints, as its summary, JSON: this process's PID, the PID of the process that ran its Dask task,
-the Prefect API it recorded to, its flow run's id, whether the pool's runner ran it, and whether
-the module its step declares as `preload` was imported before the step began. Its first
-lines are what a user's pipeline module adds to be taken by the pool's runner (infra/runner.py).
+the Prefect API it recorded to, its flow run's id, whether the pool's runner ran it, whether
+the module its step declares as `preload` was imported before the step began, and whether its
+temporary Prefect server (if any) started before its imports. Its first lines are what a user's
+pipeline module adds to be taken by the pool's runner (infra/runner.py) and to start that server
+first (infra/temporary_server.py).
 """
 
 from __future__ import annotations
 
 if __name__ == "__main__":
     from infra.runner import hand_off
+    from infra.temporary_server import start_early
 
     hand_off(__spec__)
+    start_early()  # the temporary Prefect server starts while this command imports
 
 import json
 import os
@@ -45,6 +49,7 @@ def where(data: str) -> dict[str, str]:
     from prefect.settings import PREFECT_API_URL
 
     from infra.runner import INSIDE
+    from infra.temporary_server import running_server
 
     flow_run = get_run_context().task_run.flow_run_id  # type: ignore[union-attr]
     return {
@@ -54,6 +59,7 @@ def where(data: str) -> dict[str, str]:
         "flow_run_id": str(flow_run),
         "by_runner": str(INSIDE),
         "preloaded": str(PRELOADED in sys.modules),
+        "server_started_early": str(getattr(running_server(), "early", None)),
     }
 
 

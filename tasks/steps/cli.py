@@ -146,30 +146,28 @@ def warm_pool_if_asked() -> contextlib.AbstractContextManager[None]:
 @contextlib.contextmanager
 def services_opened_together(preload: Callable[[], Sequence[str]] = tuple) -> Iterator[None]:
     """Start what a run talks to side by side, not one after the other as the flow first uses each:
-    without PREFECT_API_URL, the run's temporary Prefect server (`tasks.steps.temporary_server`; 4-5 s
-    to start here on a database from `tasks.steps.prefect_home`) starts in the background while an
-    embedded MLflow store opens (a new one creates its tables for about 2.5 s) and the libraries the
-    run's steps will import in this process (named by `preload()`) are imported; the run then uses
-    that server.
+    without PREFECT_API_URL, the run's temporary Prefect server (`infra.temporary_server`, started
+    by the command's `__main__` block already, else now; 4-5 s to start here on a database from
+    `infra.prefect_home`) starts in the background while an embedded MLflow store opens (a new one
+    creates its tables for about 2.5 s) and the libraries the run's steps will import in this process
+    (named by `preload()`) are imported; the run then uses that server.
     Failures of the store and of the imports are left to the flow, which reports them where it uses
     them."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_TIMEOUT
 
+    from infra.temporary_server import discard_early_server, start_temporary_server
     from tasks.steps.lineage import mlflow_client
-    from tasks.steps.prefect_home import seed_new_home
     from tasks.steps.settings import get_settings
-    from tasks.steps.temporary_server import start_temporary_server
     from tasks.steps.warm_pool import using_servers
 
     server, imports = None, None
     if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        seeded = False
-        with contextlib.suppress(OSError):
-            seeded = seed_new_home()
-        server = start_temporary_server(register_blocks=not seeded)
+        server = start_temporary_server()
         imports = threading.Thread(target=_import_quietly, args=(preload,), daemon=True)
         imports.start()  # while the server starts on the other core; joined before the flow imports too
+    else:
+        discard_early_server()
     with contextlib.suppress(Exception):
         settings = get_settings()
         if settings.embedded_mlflow:  # a server is up already (or the flow says it is not)

@@ -116,10 +116,15 @@ class Settings(BaseSettings):
         return (self.state_dir / "rejected").resolve()
 
     @property
+    def mlflow_database(self) -> Path:
+        """The embedded MLflow store's SQLite file (used when no tracking URI is set)."""
+        return (self.state_dir / "mlflow.db").resolve()
+
+    @property
     def tracking_uri(self) -> str:
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
-        return f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"
+        return f"sqlite:///{self.mlflow_database}"
 
     @property
     def registry_uri(self) -> str:

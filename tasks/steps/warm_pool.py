@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.steps.prefect_home import seed_new_home
+from infra.prefect_home import seed_new_home
 
 log = logging.getLogger(__name__)
 

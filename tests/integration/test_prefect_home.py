@@ -1,4 +1,4 @@
-"""A new Prefect home starts from the migrated template (`tasks.steps.prefect_home`): built by a real
+"""A new Prefect home starts from the migrated template (`infra.prefect_home`): built by a real
 Prefect server, copied only where there is no database, and a server runs flows on the copy."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tasks.steps import prefect_home
+from infra import prefect_home
 from tests.conftest import ROOT, clean_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

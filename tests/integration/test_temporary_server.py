@@ -1,5 +1,6 @@
-"""A run without `PREFECT_API_URL` starts its own temporary Prefect server (`tasks.steps.temporary_server`)
-at its start: real runs of `python -m tests.pool_pipeline` as new processes, on new Prefect homes."""
+"""A run without `PREFECT_API_URL` starts its own temporary Prefect server (`infra.temporary_server`)
+at its start: real runs of `python -m tests.pool_pipeline` as new processes, on new Prefect homes;
+the server process on its own: started late, and declining where Prefect's settings name a server."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tasks.steps import prefect_home
+from infra import prefect_home
 from tests.conftest import ROOT, clean_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -57,6 +58,7 @@ def test_the_run_records_to_its_own_server_which_is_gone_with_it(tmp_path):
     assert result["prefect_api_url"].startswith("http://127.0.0.1:")
     assert not answers(result["prefect_api_url"])  # stopped with the process
     assert result["preloaded"] == "True"  # the step's `preload` was imported while the server started
+    assert result["server_started_early"] == "True"  # by the `__main__` block, before the imports
     database = home / "prefect.db"
     [(state,)] = rows(database, f"select state_type from flow_run where id = '{result['flow_run_id']}'")
     assert state == "COMPLETED"
@@ -77,3 +79,46 @@ def test_a_seeded_home_does_not_register_block_types_again(tmp_path):
 
     run(tmp_path, home, data)
     assert count > 0 and rows(home / "prefect.db", registered) == [(count, updated)]
+
+
+def server_process(tmp_path: Path, code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=clean_env(PREFECT_HOME=str(tmp_path / "prefect-home"), **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_a_process_that_did_not_start_it_early_starts_it_when_asked_and_stops_it(tmp_path):
+    code = (
+        "from infra.temporary_server import start_temporary_server as start\n"
+        "server = start(); url = server.wait_until_ready(120); server.stop()\n"
+        "print(url, server.early, server.process.returncode)"
+    )
+    done = server_process(tmp_path, code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    url, early, code = done.stdout.split()
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/api") and early == "False"
+    assert code != "None" and not answers(url)
+
+
+def test_where_prefect_names_a_server_or_forbids_temporary_ones_the_server_process_declines(tmp_path):
+    """It reads Prefect's settings as the run would, profiles included (the run checks only its
+    environment before starting it), and exits at once without a database in the home."""
+    forbidden = tmp_path / "profiles.toml"
+    forbidden.write_text(
+        'active = "strict"\n[profiles.strict]\nPREFECT_SERVER_ALLOW_EPHEMERAL_MODE = "false"\n'
+    )
+    code = "from infra.temporary_server import serve; serve()"
+    for env, reason in (
+        ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, "PREFECT_API_URL is set"),
+        ({"PREFECT_PROFILES_PATH": str(forbidden)}, "temporary servers are disallowed"),
+    ):
+        done = server_process(tmp_path, code, **env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert reason in json.loads(done.stdout)["declined"]
+    assert not (tmp_path / "prefect-home" / "prefect.db").exists()  # no database seeded or created

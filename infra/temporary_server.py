@@ -1,0 +1,216 @@
+"""A run without `PREFECT_API_URL` starts its temporary Prefect server itself, first thing.
+
+Prefect starts the same server (its API app under uvicorn, on 127.0.0.1, the UI off, the home's
+SQLite database) when a run first asks for a client, and to do so imports the whole server API into
+the run's process first: 2.5-2.8 s of CPU here, only for the class that starts a subprocess. Here the
+server is this module run as a process (`python -m infra.temporary_server`), started by `start_early`
+in a command's `if __name__ == "__main__":` block before the command imports anything heavy, so its
+4-5 s of start run on the other core while the run imports its libraries and opens its MLflow store.
+
+The server process resolves Prefect's settings as the run does (same environment, same folder) and
+decides on its own: with an API URL or with temporary servers disallowed it says so and exits.
+Otherwise it copies the template database into a new home (`infra.prefect_home`; the copy has the
+block types registered already, so it does not register them again: 1-2 s of its start here), binds
+a port on 127.0.0.1, prints its API URL as one JSON line on stdout, and serves until SIGTERM. The run
+(`start_temporary_server`) reads that line, waits for the health check, and stops it when the
+process exits, after Prefect has sent its last logs and events, as Prefect stops its own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from http import HTTPStatus
+
+log = logging.getLogger("prefect")  # Prefect logs its own temporary server here, in the same words
+
+HOST = "127.0.0.1"
+# What Prefect's own temporary server is told: its API only, as the ephemeral server of one run.
+SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+
+
+@dataclass
+class TemporaryServer:
+    """One Prefect server for this process, like Prefect's own: started once, reused, stopped at exit."""
+
+    process: subprocess.Popen
+    started: float
+    early: bool  # started by `start_early`, before the command imported its libraries
+    api_url: str | None = None
+
+    def wait_until_ready(self, timeout: float) -> str:
+        """The server's API URL once it answers its health check; RuntimeError if it exits, declines
+        or does not answer within `timeout` seconds (from its start)."""
+        deadline = self.started + timeout
+        if self.api_url is None:
+            self.api_url = _announced_url(self.process, deadline)
+            log.info("Starting temporary server on %s", self.api_url.removesuffix("/api"))
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise RuntimeError(f"Prefect's temporary server exited with code {code} before it answered")
+            if _healthy(self.api_url):
+                return self.api_url
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(
+            f"Prefect's temporary server did not answer within {timeout:g} s "
+            "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        if self.api_url is not None:
+            log.info("Stopping temporary server on %s", self.api_url.removesuffix("/api"))
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+_server: TemporaryServer | None = None
+
+
+def _launch(env: dict[str, str], early: bool) -> TemporaryServer:
+    global _server  # noqa: PLW0603  # one per process, as Prefect keeps its own
+    process = subprocess.Popen([sys.executable, "-m", __name__], stdout=subprocess.PIPE, env=env)
+    _server = TemporaryServer(process, started=time.monotonic(), early=early)
+    atexit.register(_server.stop)  # registered before Prefect's log and event workers: runs after them
+    return _server
+
+
+def start_early() -> None:
+    """Start the server process now, in a command's `__main__` block before its imports, unless the
+    environment says the run will not use one (`PREFECT_API_URL`, the warm pool, `--help`).
+    What Prefect's settings say beyond the environment (a profile's API URL) the server process
+    finds out itself; a server the run does not use is stopped (`discard_early_server`)."""
+    from infra.runner import INSIDE
+
+    env = os.environ
+    if INSIDE or _server is not None or env.get("PREFECT_API_URL") or env.get("KEEL_WARM_POOL"):
+        return
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        return
+    _launch(dict(env), early=True)
+
+
+def start_temporary_server() -> TemporaryServer:
+    """This process's temporary server: the one `start_early` started, else one started now (with
+    this process's explicit Prefect settings in its environment)."""
+    if _server is not None and _server.process.poll() is None:
+        return _server
+    from prefect.settings import get_current_settings
+
+    return _launch(
+        {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}, early=False
+    )
+
+
+def running_server() -> TemporaryServer | None:
+    """This process's temporary server, if it has one."""
+    return _server
+
+
+def discard_early_server() -> None:
+    """The run uses another server: stop the one `start_early` started, if any."""
+    global _server  # noqa: PLW0603
+    if _server is not None:
+        _server.stop()
+        _server = None
+
+
+def _announced_url(process: subprocess.Popen, deadline: float) -> str:
+    """The API URL the server process prints first; RuntimeError if it exits or declines instead."""
+    assert process.stdout is not None
+    line = b""
+    while not line.endswith(b"\n") and time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(process.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        line += chunk
+    process.stdout.close()
+    with contextlib.suppress(ValueError):
+        said = json.loads(line)
+        if said.get("api_url"):
+            return str(said["api_url"])
+        raise RuntimeError(f"Prefect's temporary server did not start: {said.get('declined')}")
+    code = process.poll()
+    raise RuntimeError(f"Prefect's temporary server did not say where it listens (exit code {code})")
+
+
+def _healthy(api_url: str) -> bool:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+    try:
+        with direct.open(f"{api_url}/health", timeout=2) as reply:
+            return bool(reply.status == HTTPStatus.OK)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def _announce(**what: str) -> None:
+    """One JSON line on stdout for the run, then stdout goes to stderr: the run reads that line only."""
+    sys.stdout.write(json.dumps(what) + "\n")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+
+def _exit(*_: object) -> None:
+    raise SystemExit(0)
+
+
+def serve() -> int:
+    """The server process: Prefect's API app on a port of 127.0.0.1, as Prefect runs its own."""
+    for stop in (signal.SIGTERM, signal.SIGINT):  # until uvicorn takes them: a half-done copy is removed
+        signal.signal(stop, _exit)
+    os.environ.update(SERVER_ENV)
+    from prefect.settings import (
+        PREFECT_API_BLOCKS_REGISTER_ON_START,
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        temporary_settings,
+    )
+
+    from infra.prefect_home import seed_new_home
+
+    if PREFECT_API_URL.value():
+        _announce(declined="PREFECT_API_URL is set")
+        return 0
+    if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        _announce(declined="temporary servers are disallowed (PREFECT_SERVER_ALLOW_EPHEMERAL_MODE)")
+        return 0
+    seeded = False
+    with contextlib.suppress(OSError):
+        seeded = seed_new_home()
+    sock = socket.socket()
+    sock.bind((HOST, 0))
+    _announce(api_url=f"http://{HOST}:{sock.getsockname()[1]}/api")
+    import uvicorn
+    from prefect.server.api.server import create_app
+
+    # A copied home has the block types registered: not again (Prefect then notes them as registered).
+    with temporary_settings({PREFECT_API_BLOCKS_REGISTER_ON_START: False} if seeded else {}):
+        server = uvicorn.Server(uvicorn.Config(create_app(), log_level="error", lifespan="on"))
+        server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve())

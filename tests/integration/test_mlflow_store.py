@@ -1,0 +1,68 @@
+"""A new embedded MLflow store starts from the migrated template (`infra.mlflow_store`): built by
+MLflow itself, copied only where there is no store, and what MLflow opens on the copy is what it
+would have built: its Default experiment, where it would have put it, and runs and models as usual."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from infra import mlflow_store
+
+pytestmark = [pytest.mark.integration]
+
+
+def default_experiment(database: Path) -> tuple:
+    with sqlite3.connect(database) as db:
+        found = db.execute(
+            "select experiment_id, name, artifact_location, lifecycle_stage from experiments"
+        ).fetchall()
+    db.close()
+    return tuple(found)
+
+
+def test_a_copied_store_is_what_mlflow_would_have_built(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # MLflow puts the Default experiment's artifacts under the working folder
+    template = mlflow_store.build_template()
+    assert template == mlflow_store.template_path() and template.is_relative_to(tmp_path / "cache")
+    assert default_experiment(template) == ()  # MLflow creates it when it opens a copy
+
+    built, copied = tmp_path / "built" / "mlflow.db", tmp_path / "copied" / "mlflow.db"
+    built.parent.mkdir()
+    assert mlflow_store.seed_new_store(copied)
+    assert not list(copied.parent.glob(".seed-*"))  # no partial copy left behind
+    for database in (built, copied):
+        uri = f"sqlite:///{database}"
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        experiment = client.create_experiment("mine", artifact_location=(database.parent / "art").as_uri())
+        run = client.create_run(experiment)
+        client.log_metric(run.info.run_id, "rmse", 1.5)
+        client.set_terminated(run.info.run_id)
+        client.create_registered_model("model")
+        assert experiment == "1"
+        assert client.get_run(run.info.run_id).data.metrics == {"rmse": 1.5}
+
+    def without_locations(database: Path) -> list[tuple]:
+        return [row[:2] + row[3:] for row in default_experiment(database)]
+
+    assert without_locations(copied) == without_locations(built)
+    assert default_experiment(copied)[0][2] == default_experiment(built)[0][2]  # the Default experiment's
+
+
+def test_an_existing_store_is_never_replaced_and_without_a_template_nothing_is_copied(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    assert not mlflow_store.seed_new_store(tmp_path / "new" / "mlflow.db")
+    assert not (tmp_path / "new" / "mlflow.db").exists()
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    mlflow_store.build_template()
+    existing = tmp_path / "mine" / "mlflow.db"
+    existing.parent.mkdir()
+    existing.write_bytes(b"a store of its own")
+    assert not mlflow_store.seed_new_store(existing)
+    assert existing.read_bytes() == b"a store of its own"
