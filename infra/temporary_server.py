@@ -13,7 +13,9 @@ Otherwise it copies the template database into a new home (`infra.prefect_home`;
 block types registered already, so it does not register them again: 1-2 s of its start here), binds
 a port on 127.0.0.1, prints its API URL as one JSON line on stdout, and serves until SIGTERM. The run
 (`start_temporary_server`) reads that line, waits for the health check, and stops it when the
-process exits, after Prefect has sent its last logs and events, as Prefect stops its own.
+process exits, after Prefect has sent its last logs and events, as Prefect stops its own. It runs in
+a session of its own, so a Ctrl-C stops the run, not the server the run reports its end to; and it
+stops by itself when the run's process is gone, however it ended.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import os
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -88,7 +92,17 @@ _server: TemporaryServer | None = None
 
 def _launch(env: dict[str, str], early: bool) -> TemporaryServer:
     global _server  # noqa: PLW0603  # one per process, as Prefect keeps its own
-    process = subprocess.Popen([sys.executable, "-m", __name__], stdout=subprocess.PIPE, env=env)
+    # Its own session: a Ctrl-C in the terminal reaches the run, which still needs the server to
+    # record how it ended (in the run's process group the server stopped first, and the run retried
+    # it for minutes). Its standard input is a pipe the run never writes: when the run ends in any
+    # way, even SIGKILLed, the server reads end-of-file and stops.
+    process = subprocess.Popen(
+        [sys.executable, "-m", __name__],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
     _server = TemporaryServer(process, started=time.monotonic(), early=early)
     atexit.register(_server.stop)  # registered before Prefect's log and event workers: runs after them
     return _server
@@ -176,10 +190,20 @@ def _exit(*_: object) -> None:
     raise SystemExit(0)
 
 
+def _stop_when_the_run_ends() -> None:
+    """End-of-file on standard input: the run that started this server has ended (however it did)."""
+    with contextlib.suppress(OSError):
+        while os.read(sys.stdin.fileno(), 4096):
+            pass
+    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own way out (or `_exit` before it runs)
+
+
 def serve() -> int:
     """The server process: Prefect's API app on a port of 127.0.0.1, as Prefect runs its own."""
     for stop in (signal.SIGTERM, signal.SIGINT):  # until uvicorn takes them: a half-done copy is removed
         signal.signal(stop, _exit)
+    if stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode):  # started by a run (not by hand)
+        threading.Thread(target=_stop_when_the_run_ends, daemon=True).start()
     os.environ.update(SERVER_ENV)
     from prefect.settings import (
         PREFECT_API_BLOCKS_REGISTER_ON_START,

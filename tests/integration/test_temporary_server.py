@@ -4,11 +4,16 @@ the server process on its own: started late, and declining where Prefect's setti
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -86,11 +91,91 @@ def server_process(tmp_path: Path, code: str, **env: str) -> subprocess.Complete
         [sys.executable, "-c", code],
         cwd=ROOT,
         env=clean_env(PREFECT_HOME=str(tmp_path / "prefect-home"), **env),
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
+
+
+def wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_a_run_that_is_killed_takes_its_server_with_it(tmp_path):
+    """SIGKILL leaves no exit handler to stop the server: it notices that its run ended (end of
+    file on the pipe the run holds) and stops."""
+    code = (
+        "import sys\n"
+        "from infra.temporary_server import start_temporary_server as start\n"
+        "server = start(); url = server.wait_until_ready(120)\n"
+        "print(url, server.process.pid, flush=True); sys.stdin.read()"
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=clean_env(PREFECT_HOME=str(tmp_path / "prefect-home")),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url, pid = run.stdout.readline().split()
+        assert answers(url)
+        run.kill()
+        run.wait()
+        assert wait_for(lambda: not answers(url) and not alive(int(pid)), 30), "the server outlived its run"
+    finally:
+        run.kill()
+
+
+def test_ctrl_c_ends_a_run_in_seconds_and_its_server_with_it(tmp_path):
+    """A terminal's Ctrl-C reaches the whole foreground process group; the server, in a session of
+    its own, stays up while the run records how it ended, then stops with it (when it was in the
+    run's group it stopped first, and the run retried it for 3-4 minutes)."""
+    log = tmp_path / "run.log"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "flows.pipeline"],
+        cwd=ROOT,
+        env=clean_env(PREFECT_HOME=str(tmp_path / "prefect-home"), KEEL_STATE_DIR=str(tmp_path / ".keel")),
+        stdin=subprocess.DEVNULL,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # a terminal's foreground group, of its own
+    )
+    try:
+        assert wait_for(lambda: "Beginning flow run" in log.read_text(), 300), log.read_text()[-3000:]
+        url = re.search(r"Starting temporary server on (http://\S+)", log.read_text()).group(1)
+        time.sleep(2)
+        os.killpg(run.pid, signal.SIGINT)
+        started = time.monotonic()
+        if not wait_for(lambda: run.poll() is not None, 10):
+            # Python drops an interrupt that lands in a garbage-collector callback (Dask installs
+            # one): a user presses Ctrl-C again
+            os.killpg(run.pid, signal.SIGINT)
+        run.wait(120)
+        assert time.monotonic() - started < 60, log.read_text()[-3000:]
+        assert run.returncode != 0 and wait_for(lambda: not answers(url), 30)
+        assert "Connection refused" not in log.read_text(), log.read_text()[-3000:]
+        [(state,)] = rows(tmp_path / "prefect-home" / "prefect.db", "select state_type from flow_run")
+        assert state == "CRASHED"  # recorded by the run, on its server, as it ended
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
 
 
 def test_a_process_that_did_not_start_it_early_starts_it_when_asked_and_stops_it(tmp_path):
