@@ -35,18 +35,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from http import HTTPStatus
 from pathlib import Path
 
-from infra.processes import free_port
+from infra.processes import free_port, loopback_ok
 
 PROG = "python -m deployments.serving"
 HOST = "127.0.0.1"  # the scoring server authenticates nobody: never beyond loopback
 READY_TIMEOUT = 120.0  # seconds a scoring server may take to answer /ping after it starts
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
 
 
 def parser() -> argparse.ArgumentParser:
@@ -144,12 +141,8 @@ def ready(server: subprocess.Popen, port: int, timeout: float, stopping: Callabl
     """Wait until the scoring server answers /ping (False: it exited, time ran out, or we stop)."""
     deadline = time.monotonic() + timeout
     while server.poll() is None and time.monotonic() < deadline and not stopping():
-        try:
-            with NO_PROXY.open(f"http://{HOST}:{port}/ping", timeout=2) as answer:
-                if answer.status == HTTPStatus.OK:
-                    return True
-        except OSError:
-            pass
+        if loopback_ok(f"http://{HOST}:{port}/ping"):
+            return True
         time.sleep(0.2)
     return False
 

@@ -64,6 +64,19 @@ def http_ok(url: str) -> bool:
         return response.status == HTTPStatus.OK
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def loopback_ok(url: str) -> bool:
+    """Whether a server on this machine answers `url` with 200, asked directly (never through a
+    proxy from the environment); False while it does not answer at all."""
+    try:
+        with _DIRECT.open(url, timeout=2) as response:
+            return bool(response.status == HTTPStatus.OK)
+    except OSError:
+        return False
+
+
 def stop(procs: list[subprocess.Popen], timeout: float = 20) -> None:
     """SIGTERM each process group by PID, then SIGKILL whatever is left."""
     for proc in procs:

@@ -33,10 +33,9 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
-from http import HTTPStatus
+
+from infra.processes import loopback_ok
 
 log = logging.getLogger("prefect")  # Prefect logs its own temporary server here, in the same words
 
@@ -66,7 +65,7 @@ class TemporaryServer:
             code = self.process.poll()
             if code is not None:
                 raise RuntimeError(f"Prefect's temporary server exited with code {code} before it answered")
-            if _healthy(self.api_url):
+            if loopback_ok(f"{self.api_url}/health"):
                 return self.api_url
             time.sleep(0.05)
         self.stop()
@@ -169,15 +168,6 @@ def _announced_url(process: subprocess.Popen, deadline: float) -> str:
         raise RuntimeError(f"Prefect's temporary server did not start: {said.get('declined')}")
     code = process.poll()
     raise RuntimeError(f"Prefect's temporary server did not say where it listens (exit code {code})")
-
-
-def _healthy(api_url: str) -> bool:
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
-    try:
-        with direct.open(f"{api_url}/health", timeout=2) as reply:
-            return bool(reply.status == HTTPStatus.OK)
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
 
 
 def _announce(**what: str) -> None:
