@@ -64,7 +64,12 @@ class StepRun:
     run_id: str
     step: str
     kind: StepKind
-    closing_tags: dict[str, str] = field(default_factory=dict)  # written with the run's end
+    artifact_root: str  # the run's artifact URI, known from its creation
+    # What the step's machinery records about the run, written with the run's end in one batch (on
+    # failure too): the arguments as parameters, and tags; closing_tags only when the step succeeds.
+    params: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    closing_tags: dict[str, str] = field(default_factory=dict)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         lineage.log_params(self.client, self.run_id, params)
@@ -84,7 +89,7 @@ class StepRun:
 
     def artifact_uri(self, path: str) -> str:
         """Where an artifact of this run is (as the registry's tags point at it)."""
-        return f"{self.client.get_run(self.run_id).info.artifact_uri.rstrip('/')}/{path}"
+        return f"{self.artifact_root.rstrip('/')}/{path}"
 
 
 _current_step: ContextVar[StepRun | None] = ContextVar("keel_step_run", default=None)
@@ -130,23 +135,23 @@ def plain_params(arguments: Mapping[str, Any]) -> dict[str, Any]:
 
 @contextmanager
 def _step_run(step: str, kind: StepKind) -> Iterator[StepRun]:
-    """Create (first attempt) or resume (retry) the step's MLflow child run."""
+    """Create (first attempt) or resume (retry) the step's MLflow child run, and end it."""
     from prefect.runtime import task_run
 
     pipeline = lineage.current_pipeline()
     client = pipeline.client()
     task_run_id = str(task_run.id)
     attempt = int(task_run.run_count or 1)
-    run_id = None
+    found = None
     if attempt > 1:
         existing = client.search_runs(
             [pipeline.experiment_id],
             filter_string=f"tags.`{TASK_RUN_ID_TAG}` = '{task_run_id}'",
             max_results=1,
         )
-        run_id = existing[0].info.run_id if existing else None
-    if run_id is None:
-        run_id = lineage.create_child_run(
+        found = existing[0] if existing else None
+    if found is None:
+        found = lineage.create_child_run(
             client,
             pipeline.experiment_id,
             pipeline.run_id,
@@ -159,30 +164,39 @@ def _step_run(step: str, kind: StepKind) -> Iterator[StepRun]:
                 ATTEMPTS_TAG: "1",
             },
         )
-        run = StepRun(client, run_id, step, kind)
+        run = StepRun(client, found.info.run_id, step, kind, found.info.artifact_uri)
     else:
-        client.update_run(run_id, status="RUNNING")
-        run = StepRun(client, run_id, step, kind)
-        run.set_tags({ATTEMPTS_TAG: attempt})
+        client.update_run(found.info.run_id, status="RUNNING")
+        run = StepRun(client, found.info.run_id, step, kind, found.info.artifact_uri)
+        run.tags[ATTEMPTS_TAG] = str(attempt)
     token = _current_step.set(run)
-    started = time.perf_counter()
     try:
         yield run
     except BaseException as exc:
-        run.set_tags({ERROR_TAG: f"{type(exc).__name__}: {exc}"[:5000]})
-        client.set_terminated(run_id, "FAILED")
+        _end(run, error=f"{type(exc).__name__}: {exc}")
         raise
     else:
-        from mlflow.entities import Metric, RunTag
-
-        client.log_batch(
-            run_id,
-            metrics=[Metric("step_seconds", time.perf_counter() - started, int(time.time() * 1000), 0)],
-            tags=[RunTag(k, v) for k, v in run.closing_tags.items()],
-        )
-        client.set_terminated(run_id, "FINISHED")
+        _end(run)
     finally:
         _current_step.reset(token)
+
+
+def _end(run: StepRun, error: str | None = None) -> None:
+    """Write what the machinery recorded (one batch where MLflow's limits allow) and end the run:
+    FINISHED with the closing tags, or FAILED with the error. (The step's time is the run's own,
+    from its start to its end, as MLflow's UI shows it.)"""
+    from mlflow.exceptions import MlflowException
+
+    tags = {**run.tags, **run.closing_tags} if error is None else {**run.tags, ERROR_TAG: error[:5000]}
+    try:
+        lineage.log_batch(run.client, run.run_id, params=run.params, tags=tags)
+    except MlflowException as exc:
+        run.client.set_terminated(run.run_id, "FAILED")
+        if error is None:
+            raise
+        _log(f"{run.step}: could not record the failed run's parameters and tags: {exc}")
+        return
+    run.client.set_terminated(run.run_id, "FINISHED" if error is None else "FAILED")
 
 
 def results(*futures: PrefectFuture[Any]) -> tuple[Any, ...]:
@@ -269,24 +283,22 @@ class Step(Generic[P, R]):
             inputs = {
                 k: v for name, value in bound.arguments.items() for k, v in find_refs(value, name).items()
             }
-            input_tags = _record(run, inputs, "input")
+            run.params.update(plain_params(bound.arguments))
+            run.tags.update(_record(run, inputs, "input"))
+            run.tags[KEY_TAG] = key.digest
             reuse, status, why = self._reusable(run, key)
-            params = plain_params(bound.arguments)
             if reuse is not None:
                 result = reuse.value
-                tags = {
-                    **input_tags,
-                    KEY_TAG: key.digest,
-                    STATUS_TAG: reuse.how,
-                    SOURCE_RUN_TAG: reuse.run_id,
-                    SOURCE_EXECUTION_TAG: reuse.execution,
-                    REASON_TAG: reuse.message[:5000],
-                }
-                lineage.log_params(run.client, run.run_id, params, tags)  # one write for all three
-                _log(f"{self.name}: {reuse.how}: {reuse.message}")
+                run.tags.update(
+                    {
+                        STATUS_TAG: reuse.how,
+                        SOURCE_RUN_TAG: reuse.run_id,
+                        SOURCE_EXECUTION_TAG: reuse.execution,
+                        REASON_TAG: reuse.message[:5000],
+                    }
+                )  # no log line: Prefect's ("Finished in state Cached(...)") says the same at once
             else:
-                tags = {**input_tags, KEY_TAG: key.digest, STATUS_TAG: status, REASON_TAG: why[:5000]}
-                lineage.log_params(run.client, run.run_id, params, tags)
+                run.tags.update({STATUS_TAG: status, REASON_TAG: why[:5000]})
                 if status != "off":
                     _log(f"{self.name}: {status}: {why}")
                 result = store_frames(
@@ -294,7 +306,7 @@ class Step(Generic[P, R]):
                     self.name,
                     lineage.current_pipeline().output_location(self.name),
                 )
-                cache.save_output(run.client, run.run_id, self.fn, key, result)
+                cache.save_output(run.client, run.artifact_root, self.fn, key, result)
                 run.closing_tags[PRODUCED_TAG] = "true"
             outputs = find_refs(result, "output")
             run.closing_tags.update(_record(run, outputs, "output"))  # written with the run's end

@@ -378,9 +378,11 @@ def check_output_type(fn: Callable[..., Any]) -> None:
 
 
 def save_output(
-    client: MlflowClient, run_id: str, fn: Callable[..., Any], key: CacheKey, result: Any
+    client: MlflowClient, artifact_root: str, fn: Callable[..., Any], key: CacheKey, result: Any
 ) -> None:
-    """The step's return value and its key, as artifacts of its run (one upload)."""
+    """The step's return value and its key, as artifacts of its run (one upload, to the run's
+    artifact URI as its creation returned it: MLflow's `log_artifacts` would ask the store again)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from pydantic_core import PydanticSerializationError
 
     try:
@@ -392,7 +394,8 @@ def save_output(
         folder.mkdir()
         (folder / "output.json").write_bytes(output)
         (folder / "cache_key.json").write_text(json.dumps(key.parts, indent=1, sort_keys=True))
-        client.log_artifacts(run_id, str(folder), "keel")
+        repository = get_artifact_repository(artifact_root, tracking_uri=client.tracking_uri)
+        repository.log_artifacts(str(folder), "keel")
 
 
 def load_artifact(client: MlflowClient, run: Run, path: str) -> bytes | None:

@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -52,6 +52,7 @@ from tasks.steps.tags import (
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities import Metric, Run
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -213,14 +214,34 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 def log_params(
     client: MlflowClient, run_id: str, params: Mapping[str, Any], tags: Mapping[str, Any] | None = None
 ) -> None:
-    """Parameters (flattened) in batches of MLflow's limit of 100; `tags` go with the first batch
-    (one write, not two)."""
+    """Parameters (flattened) and tags in as few writes as MLflow's batch limits allow."""
+    log_batch(client, run_id, params=params, tags=tags)
+
+
+def log_batch(
+    client: MlflowClient,
+    run_id: str,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    metrics: Sequence[Metric] = (),
+) -> None:
+    """Parameters (flattened), tags and metrics of a run in one write, or in as few as MLflow's
+    limits allow (100 parameters and 100 tags, 1,000 items in all, per write)."""
     from mlflow.entities import Param, RunTag
 
-    items = [Param(k, v) for k, v in flatten(params).items()]
+    param_items = [Param(k, v) for k, v in flatten(params or {}).items()]
     tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-    for start in range(0, max(len(items), 1), 100):
-        client.log_batch(run_id, params=items[start : start + 100], tags=tag_items if start == 0 else [])
+    metric_items = list(metrics)
+    if not (param_items or tag_items or metric_items):
+        return
+    while True:
+        batch_params, param_items = param_items[:100], param_items[100:]
+        batch_tags, tag_items = tag_items[:100], tag_items[100:]
+        room = 1000 - len(batch_params) - len(batch_tags)
+        batch_metrics, metric_items = metric_items[:room], metric_items[room:]
+        client.log_batch(run_id, metrics=batch_metrics, params=batch_params, tags=batch_tags)
+        if not (param_items or tag_items or metric_items):
+            return
 
 
 _NOT_IN_MLFLOW_KEYS = re.compile(r"[^\w.\- ]")
@@ -250,14 +271,11 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
         for k, v in metrics.items()
         if v is not None and math.isfinite(float(v))
     ]
-    for start in range(0, len(items), 1000):
-        client.log_batch(run_id, metrics=items[start : start + 1000])
+    log_batch(client, run_id, metrics=items)
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
-    from mlflow.entities import RunTag
-
-    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    log_batch(client, run_id, tags=tags)
 
 
 @contextmanager
@@ -434,10 +452,9 @@ def current_pipeline() -> PipelineRun:
 
 def create_child_run(
     client: MlflowClient, experiment_id: str, parent_run_id: str, name: str, tags: Mapping[str, str]
-) -> str:
+) -> Run:
     """Create a run nested under `parent_run_id` (a step under its execution, a trial under its step)."""
-    run = client.create_run(experiment_id, run_name=name, tags={PARENT_TAG: parent_run_id, **tags})
-    return run.info.run_id
+    return client.create_run(experiment_id, run_name=name, tags={PARENT_TAG: parent_run_id, **tags})
 
 
 def dataset_entity(ref: DatasetRef):

@@ -157,7 +157,7 @@ def run_trials(
                         STEP_TAG: f"{step.step}/trial-{trial.number + 1}",
                         STEP_KIND_TAG: StepKind.TUNING_TRIAL,
                     },
-                ),
+                ).info.run_id,
             )
 
     ask_allowed()

@@ -246,6 +246,11 @@ def test_a_policy_retries_the_failures_it_names_and_no_others():
     runs = step_runs(parent_id)
     assert runs["loses-a-worker"].data.tags["keel.attempts"] == "2"
     assert runs["loses-a-worker"].info.status == "FINISHED" and runs["has-a-bug"].info.status == "FAILED"
+    # What the machinery records is written with the run's end, a failed end included.
+    failed = runs["has-a-bug"].data
+    assert failed.params == {"key": bug}
+    assert failed.tags["keel.error"] == "KeyError: 'a bug, not a lost worker'"
+    assert failed.tags["keel.cache.status"] == "off" and "keel.produced" not in failed.tags
 
 
 @processing_step(name="count-lines", cache=CacheConfig(expire_after=timedelta(seconds=8)))
