@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from http import HTTPStatus
@@ -59,20 +60,24 @@ def wait_until(
     raise TimeoutError(f"{what} not ready after {timeout}s{tail()}")
 
 
-def http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return response.status == HTTPStatus.OK
-
-
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def http_ok(url: str) -> bool:
+    """Whether `url` answers 200 (raises while nothing answers). A server on this machine is asked
+    directly: a proxy from the environment (`HTTP_PROXY` without `NO_PROXY`) would answer for it,
+    or not at all; other URLs go as the environment says."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    opener = _DIRECT if host in _LOOPBACK else urllib.request.build_opener()
+    with opener.open(url, timeout=2) as response:
+        return bool(response.status == HTTPStatus.OK)
 
 
 def loopback_ok(url: str) -> bool:
-    """Whether a server on this machine answers `url` with 200, asked directly (never through a
-    proxy from the environment); False while it does not answer at all."""
+    """`http_ok` for a server on this machine that may not be up yet: False while it does not answer."""
     try:
-        with _DIRECT.open(url, timeout=2) as response:
-            return bool(response.status == HTTPStatus.OK)
+        return http_ok(url)
     except OSError:
         return False
 
