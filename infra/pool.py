@@ -37,10 +37,10 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from infra.processes import free_port, http_ok
+from infra.processes import free_port, http_ok, pid_running
 from infra.runner import SOCKET_FILE, default_home
 from infra.secrets import StackSecrets, write_private
-from infra.stack import Stack, _dask_workers, _running, _tcp_ok, answers
+from infra.stack import Stack, _dask_workers, _tcp_ok, answers
 
 ENV_FILE = "pool-env.json"
 LEASES = "leases"
@@ -99,7 +99,7 @@ class Pool(Stack):
         """Start Prefect, Dask, the runner (importing `preload` first) and the watchdog; write
         `pool-env.json` once the servers answer (the runner takes commands once it has imported)."""
         state = self.load()
-        alive = [p["name"] for p in state.get("processes", []) if _running(p["pid"])]
+        alive = [p["name"] for p in state.get("processes", []) if pid_running(p["pid"])]
         if alive and self.answering(state):
             raise SystemExit(f"the pool in {self.home} is already running ({', '.join(alive)})")
         if alive:  # what is left of a pool whose servers died: stopped, its data kept
@@ -145,7 +145,7 @@ class Pool(Stack):
         """PIDs of the runs using the pool now (leases of ended processes are removed)."""
         pids = []
         for lease in self.leases.glob("*") if self.leases.is_dir() else []:
-            if lease.name.isdigit() and _running(int(lease.name)):
+            if lease.name.isdigit() and pid_running(int(lease.name)):
                 pids.append(int(lease.name))
             else:
                 lease.unlink(missing_ok=True)
@@ -174,7 +174,7 @@ class Pool(Stack):
                     return "another pool replaced this one"
                 known = state
                 others = [p for p in state["processes"] if p["pid"] != os.getpid()]
-                dead = sorted({p["name"] for p in others if not _running(p["pid"])})
+                dead = sorted({p["name"] for p in others if not pid_running(p["pid"])})
                 if dead:
                     reason = f"{', '.join(dead)} stopped"
                 elif not self.live_leases() and time.time() - max(self.idle_since(), started) >= idle:
@@ -200,7 +200,7 @@ class Pool(Stack):
             return [f"no warm pool running in {self.home}"]
         lines = [f"warm pool in {self.home}"]
         for entry in state["processes"]:
-            running = "running" if _running(entry["pid"]) else "stopped"
+            running = "running" if pid_running(entry["pid"]) else "stopped"
             lines.append(f"  {entry['name']:<12} pid {entry['pid']:<8} {running}")
         env = self.env(state)
         checks = {

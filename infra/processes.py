@@ -23,6 +23,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def pid_running(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (a zombie, exited but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    except OSError:
+        return True
+
+
 def start(
     args: list[str], log: Path, env: dict[str, str] | None = None, append: bool = False
 ) -> subprocess.Popen:

@@ -40,7 +40,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from infra import mlflow_auth
-from infra.processes import BIN, http_ok, start, wait_until
+from infra.processes import BIN, http_ok, pid_running, start, wait_until
 from infra.secrets import StackSecrets
 
 PROJECT = Path(__file__).resolve().parent.parent  # the checkout: its data/ folder holds the demo data
@@ -156,7 +156,7 @@ class Stack:
         serve_model: str | None = None,
     ) -> dict:
         state = self.load()
-        alive = {name: pid for name, pid in _pids(state) if _running(pid)}
+        alive = {name: pid for name, pid in _pids(state) if pid_running(pid)}
         if alive:
             raise SystemExit(f"the stack in {self.home} is already running ({alive}); `down` it first")
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -454,14 +454,14 @@ class Stack:
         stopped = []
         by_name = sorted(_pids(state), key=lambda item: STOP_ORDER.index(item[0]))
         for group in STOP_ORDER:
-            pids = [pid for name, pid in by_name if name == group and _running(pid)]
+            pids = [pid for name, pid in by_name if name == group and pid_running(pid)]
             for pid in pids:
                 _signal_group(pid, STOP_SIGNAL.get(group, signal.SIGTERM))
             deadline = time.monotonic() + timeout
             for pid in pids:
-                while _running(pid) and time.monotonic() < deadline:
+                while pid_running(pid) and time.monotonic() < deadline:
                     time.sleep(0.2)
-                if _running(pid):
+                if pid_running(pid):
                     _signal_group(pid, signal.SIGKILL)
                     stopped.append(f"{group} {pid} (killed after {timeout:g}s)")
                 else:
@@ -478,7 +478,7 @@ class Stack:
         lines = []
         for entry in state.get("processes", []):
             lines.append(
-                f"{entry['name']:<12} pid {entry['pid']:<8} {'running' if _running(entry['pid']) else 'stopped'}"
+                f"{entry['name']:<12} pid {entry['pid']:<8} {'running' if pid_running(entry['pid']) else 'stopped'}"
             )
         env = self.env(state)
         checks = {
@@ -505,20 +505,6 @@ def answers(check: Callable[[], bool]) -> bool:
 
 def _pids(state: dict) -> list[tuple[str, int]]:
     return [(p["name"], int(p["pid"])) for p in state.get("processes", [])]
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped) is not running.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
-    except OSError:
-        return True
 
 
 def _signal_group(pid: int, sig: int) -> None:

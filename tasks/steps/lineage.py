@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from infra.processes import pid_running
 from tasks.steps import summary
 from tasks.steps.errors import NotInRegistry
 from tasks.steps.refs import DatasetRef
@@ -361,16 +362,6 @@ def _publish_summary(current: PipelineRun, title: str, error: str | None = None)
         logging.getLogger(__name__).warning("could not publish the execution summary: %s", exc)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def end_stale_runs(client: MlflowClient, experiment_id: str, execution: str | None = None) -> list[str]:
     """Mark as KILLED the runs of executions whose process died on this host (SIGKILL, power loss):
     MLflow has no heartbeat, so they would read RUNNING forever. `execution`: only that one, and
@@ -387,7 +378,7 @@ def end_stale_runs(client: MlflowClient, experiment_id: str, execution: str | No
         if parent.info.status != "RUNNING" or PARENT_TAG in tags:
             continue
         pid = int(tags.get(PID_TAG, "0") or 0)
-        if tags.get(HOST_TAG) == socket.gethostname() and pid and _alive(pid):
+        if tags.get(HOST_TAG) == socket.gethostname() and pid and pid_running(pid):
             if execution:
                 raise RuntimeError(
                     f"execution {execution} is still running (process {pid}); wait for it or stop it"
