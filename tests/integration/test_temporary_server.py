@@ -161,12 +161,14 @@ def test_ctrl_c_ends_a_run_in_seconds_and_its_server_with_it(tmp_path):
         assert wait_for(lambda: "Beginning flow run" in log.read_text(), 300), log.read_text()[-3000:]
         url = re.search(r"Starting temporary server on (http://\S+)", log.read_text()).group(1)
         time.sleep(2)
-        os.killpg(run.pid, signal.SIGINT)
         started = time.monotonic()
-        if not wait_for(lambda: run.poll() is not None, 10):
-            # Python drops an interrupt that lands in a garbage-collector callback (Dask installs
-            # one): a user presses Ctrl-C again
+        for _ in range(3):
+            # An interrupt is now and then lost (Python drops one that lands in a garbage-collector
+            # callback, and Dask installs one; a CI run once lost one without a trace): with no
+            # sign of it after 3 s, a user presses Ctrl-C again, before the run finishes by itself.
             os.killpg(run.pid, signal.SIGINT)
+            if wait_for(lambda: run.poll() is not None or "by an interrupt signal" in log.read_text(), 3):
+                break
         run.wait(120)
         assert time.monotonic() - started < 60, log.read_text()[-3000:]
         assert run.returncode != 0 and wait_for(lambda: not answers(url), 30)
