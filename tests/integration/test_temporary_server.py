@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from infra import prefect_home
+from infra.processes import pid_running
 from tests.conftest import ROOT, clean_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -108,14 +109,6 @@ def wait_for(condition, timeout: float) -> bool:
     return True
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-
-
 def test_a_run_that_is_killed_takes_its_server_with_it(tmp_path):
     """SIGKILL leaves no exit handler to stop the server: it notices that its run ended (end of
     file on the pipe the run holds) and stops."""
@@ -138,7 +131,9 @@ def test_a_run_that_is_killed_takes_its_server_with_it(tmp_path):
         assert answers(url)
         run.kill()
         run.wait()
-        assert wait_for(lambda: not answers(url) and not alive(int(pid)), 30), "the server outlived its run"
+        assert wait_for(lambda: not answers(url) and not pid_running(int(pid)), 30), (
+            "the server outlived its run"
+        )
     finally:
         run.kill()
 

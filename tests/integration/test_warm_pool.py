@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from infra.processes import pid_running
 from tests.conftest import ROOT, clean_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.servers, pytest.mark.slow]
@@ -72,14 +73,6 @@ def processes(home: Path) -> dict[str, list[int]]:
     return found
 
 
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.split(") ")[-1][0] != "Z"
-
-
 @pytest.fixture
 def pool_env(tmp_path):
     state = tmp_path / ".keel"
@@ -129,9 +122,9 @@ def test_runs_share_the_pool_which_shows_and_stops_when_idle(pool_env):
     everything = [pid for pids in workers.values() for pid in pids]
     runner_folder = Path((home / "runner-socket").read_text()).parent
     deadline = time.monotonic() + 120
-    while any(alive(p) for p in everything) and time.monotonic() < deadline:
+    while any(pid_running(p) for p in everything) and time.monotonic() < deadline:
         time.sleep(1)
-    assert not any(alive(p) for p in everything), "the pool did not stop after its idle time"
+    assert not any(pid_running(p) for p in everything), "the pool did not stop after its idle time"
     assert not (home / "pool-env.json").exists()
     assert not (home / "runner-socket").exists() and not runner_folder.exists()
     assert "no warm pool running" in pool_cmd(home, "status")
