@@ -4,8 +4,8 @@
 
 Prints, as its summary, JSON: this process's PID, the PID of the process that ran its Dask task,
 the Prefect API it recorded to, its flow run's id, whether the pool's runner ran it, whether
-the module its step declares as `preload` was imported before the step began, and whether its
-temporary Prefect server (if any) started before its imports. Its first lines are what a user's
+the module its step declares as `preload` was imported before the step began, whether its
+temporary Prefect server (if any) started before its imports, and its flow run's heartbeat interval. Its first lines are what a user's
 pipeline module adds to be taken by the pool's runner (infra/runner.py) and to start that server
 first (infra/temporary_server.py).
 """
@@ -46,7 +46,7 @@ def where(data: str) -> dict[str, str]:
     import sys
 
     from prefect.context import get_run_context
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, get_current_settings
 
     from infra.runner import INSIDE
     from infra.temporary_server import running_server
@@ -60,6 +60,7 @@ def where(data: str) -> dict[str, str]:
         "by_runner": str(INSIDE),
         "preloaded": str(PRELOADED in sys.modules),
         "server_started_early": str(getattr(running_server(), "early", None)),
+        "heartbeat_seconds": str(get_current_settings().flows.heartbeat_frequency),
     }
 
 

@@ -73,10 +73,22 @@ def join_warm_pool(pool_home: Path, idle: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def using_servers(env: dict[str, str]) -> Iterator[None]:
-    """This process talks to the servers in `env`: its environment (Dask's config and the workers it
-    starts read it), and Prefect's settings, which Prefect read when it was imported."""
+    """This process talks to the servers in `env` — ours, which live for one run (its temporary
+    Prefect server) or for a warm pool's idle minutes: its environment (Dask's config and the workers
+    it starts read it), and Prefect's settings, which Prefect read when it was imported.
+    No flow-run heartbeats there, unless the user set their frequency: Prefect joins its heartbeat
+    thread at each flow run's end, and that thread sleeps in 1 s steps (up to 1 s added to every run;
+    1.0 s for a short one here), while nothing reads them on these servers (they are for automations
+    that find crashed runs on a long-lived server; a dead run's flow run is marked Crashed by the next
+    run here: `lineage.end_stale_runs`)."""
     import dask
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        get_current_settings,
+        temporary_settings,
+    )
 
     before = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
@@ -85,6 +97,8 @@ def using_servers(env: dict[str, str]) -> Iterator[None]:
         PREFECT_API_URL: env["PREFECT_API_URL"],
         PREFECT_API_AUTH_STRING: env.get("PREFECT_API_AUTH_STRING"),
     }
+    if "heartbeat_frequency" not in get_current_settings().flows.model_fields_set:
+        updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None
     try:
         with temporary_settings(updates=updates):
             yield

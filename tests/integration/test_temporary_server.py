@@ -71,6 +71,22 @@ def test_the_run_records_to_its_own_server_which_is_gone_with_it(tmp_path):
     # sent before the server stopped: the run's last log line
     finished = rows(database, "select message from log where message like 'Finished in state Completed%'")
     assert finished, "the flow run's last log lines never reached the server"
+    # No flow-run heartbeats: nothing reads them on a server that ends with the run.
+    assert result["heartbeat_seconds"] == "None"
+    assert rows(database, HEARTBEATS) == [(0,)]
+
+
+HEARTBEATS = "select count(*) from events where event = 'prefect.flow-run.heartbeat'"
+
+
+def test_heartbeats_the_user_asks_for_are_sent(tmp_path):
+    data = tmp_path / "small.csv"
+    data.write_text("a\n1\n")
+    home = tmp_path / "prefect-home"
+    result = run(tmp_path, home, data, PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
+
+    assert result["heartbeat_seconds"] == "30"
+    assert rows(home / "prefect.db", HEARTBEATS) == [(1,)]  # the first, as the flow run starts
 
 
 def test_a_seeded_home_does_not_register_block_types_again(tmp_path):

@@ -106,6 +106,8 @@ def test_runs_share_the_pool_which_shows_and_stops_when_idle(pool_env):
     assert {int(first["dask_pid"]), int(second["dask_pid"])} <= worker_pids(home)
     # The first run started the pool and ran itself; the pool's runner ran the second.
     assert (first["by_runner"], second["by_runner"]) == ("False", "True")
+    # No flow-run heartbeats on the pool's server (nothing reads them; each cost up to 1 s at the end).
+    assert (first["heartbeat_seconds"], second["heartbeat_seconds"]) == ("None", "None")
 
     status = subprocess.run(
         [sys.executable, "-m", "infra.stack", "status", "--home", str(home.parent / "stack")],
