@@ -31,7 +31,6 @@ import platform
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 import types
 from collections.abc import Callable, Mapping
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from tasks.steps.definitions import PARSING, fingerprint, top_level, tree_fingerprint
 from tasks.steps.refs import Ref
 from tasks.steps.tags import (
     KEY_TAG,
@@ -158,10 +158,6 @@ def _short(value: str) -> str:
     )
 
 
-def _fingerprint(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 # --- the key --------------------------------------------------------------------------------------
 
 
@@ -244,12 +240,6 @@ def _codes(code: types.CodeType):
             yield from _codes(const)
 
 
-# Python 3.11's AST construction is not safe in two threads at once: steps side by side keying
-# their code together failed with "SystemError: AST constructor recursion depth mismatch"
-# (python/cpython#106905). One parse at a time; each step's code is keyed once per process.
-_PARSING = threading.Lock()
-
-
 @functools.cache
 def code_parts(fn: Callable[..., Any], packages: tuple[str, ...] = OUR_PACKAGES) -> dict[str, str]:
     """Fingerprints of the step function and of the code it reaches in `packages` (top-level names)."""
@@ -272,7 +262,7 @@ def code_parts(fn: Callable[..., Any], packages: tuple[str, ...] = OUR_PACKAGES)
         if not isinstance(target, CONSTANT_TYPES):
             visit(target)
         elif _covered(module_name(module), packages) and name.isupper():  # module constants: UPPER_CASE
-            found[f"code:{module_name(module)}.{name}"] = _fingerprint(_stable_repr(target))
+            found[f"code:{module_name(module)}.{name}"] = fingerprint(_stable_repr(target))
 
     visit(fn)
     return found
@@ -281,44 +271,37 @@ def code_parts(fn: Callable[..., Any], packages: tuple[str, ...] = OUR_PACKAGES)
 def _source_fingerprint(obj: Any) -> str:
     """A function's or class's syntax tree, hashed: comments and layout do not count."""
     try:
-        with _PARSING:
-            node = _definition(obj)
-            if node is not None:
-                return _fingerprint(ast.dump(ast.Module(body=[node], type_ignores=[])))
-            source = textwrap.dedent(inspect.getsource(obj))
-            return _fingerprint(ast.dump(ast.parse(source)))
+        found = _top_level_fingerprint(obj)
+        if found is not None:
+            return found
+        source = textwrap.dedent(inspect.getsource(obj))
+        with PARSING:
+            return tree_fingerprint(ast.parse(source))
     except (OSError, TypeError, SyntaxError):
         return "unavailable"
 
 
-_Definition = ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
-
-
-def _definition(obj: Any) -> _Definition | None:
-    """A class's or function's node in its module's syntax tree, parsed once per file version: the
-    same tree as parsing its own source (what `inspect.getsource` gives), without `inspect` parsing
-    the whole module again for every class and tokenizing every function (0.1 s for one class of a
-    large module). Top-level definitions only (an indented one's source is dedented first, which
-    changes its strings); None where the name does not lead to it (a method, a definition under an
-    `if`, a function whose first line is not the node's): the caller reads its source instead."""
+def _top_level_fingerprint(obj: Any) -> str | None:
+    """A class's or function's fingerprint from its module's table (`tasks.steps.definitions`: kept
+    across processes), the same as parsing its own source (what `inspect.getsource` gives) without
+    `inspect` parsing the whole module again for every class and tokenizing every function (0.1 s
+    for one class of a large module). Top-level definitions only (an indented one's source is
+    dedented first, which changes its strings); None where the name does not lead to it (a method,
+    a definition under an `if`, a function whose first line is not the definition's): the caller
+    reads its source instead."""
     function = getattr(inspect.unwrap(obj), "__code__", None) if inspect.isfunction(obj) else None
     if (function is None and not inspect.isclass(obj)) or "." in obj.__qualname__:
         return None
     file = inspect.getsourcefile(obj)
     if file is None:
         return None
-    tree = _module_tree(file, Path(file).stat().st_mtime_ns)
-    found = next((n for n in tree.body if isinstance(n, _Definition) and n.name == obj.__qualname__), None)
-    if found is not None and function is not None:
-        first = min([found.lineno, *(d.lineno for d in found.decorator_list)])
-        if first != function.co_firstlineno:
-            return None
-    return found
-
-
-@functools.lru_cache(maxsize=64)
-def _module_tree(file: str, _mtime_ns: int) -> ast.Module:
-    return ast.parse(Path(file).read_text(encoding="utf-8"))
+    found = top_level(file).get(obj.__qualname__)
+    if found is None:
+        return None
+    first, fingerprint = found
+    if function is not None and first != function.co_firstlineno:
+        return None
+    return fingerprint
 
 
 def _reached(obj: Any, module: str, packages: tuple[str, ...]) -> list[tuple[str, str, Any]]:

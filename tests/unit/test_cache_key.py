@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.steps import cache
+from tasks.steps import cache, definitions
 from tasks.steps.refs import DatasetRef, ModelRef
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -189,3 +189,58 @@ def test_named_code_packages_and_libraries_are_part_of_the_key():
     assert {"pydantic", own, "tasks", "flows"} == set(config.packages_of(fn))
     key = cache.step_key("s", fn, {"raw": ref("/a.csv", "d1"), "n": 1, "output_uri": "/x"}, config)
     assert "lib:pydantic" in key.parts and "lib:lightgbm" not in key.parts
+
+
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch):
+    """An empty user cache, and no module tables kept by this process yet."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(definitions, "_tables", {})
+    cache.code_parts.cache_clear()
+    yield tmp_path / "cache" / "keel" / "definitions"
+    cache.code_parts.cache_clear()
+
+
+def test_module_tables_are_kept_for_the_next_process_and_give_the_same_key(
+    probe_module, user_cache, monkeypatch
+):
+    module = probe_module(BASE)
+    parsed = cache.code_parts(module.step)
+    kept = list(user_cache.glob("*.json"))
+    assert len(kept) == 1  # the probe's (featurize's constant is keyed by its value, not parsed)
+
+    def no_parsing(source: bytes) -> definitions.Table:
+        raise AssertionError("parsed again although the table was kept")
+
+    monkeypatch.setattr(definitions, "_tables", {})  # as a new process starts
+    monkeypatch.setattr(definitions, "_parse", no_parsing)
+    cache.code_parts.cache_clear()
+    assert cache.code_parts(module.step) == parsed
+
+
+def test_a_damaged_or_foreign_table_is_parsed_again(probe_module, user_cache, monkeypatch):
+    module = probe_module(BASE)
+    parsed = cache.code_parts(module.step)
+    for kept in user_cache.glob("*.json"):
+        kept.write_text('{"step": "not a table"}')
+    monkeypatch.setattr(definitions, "_tables", {})
+    cache.code_parts.cache_clear()
+    assert cache.code_parts(module.step) == parsed
+    assert all("not a table" not in kept.read_text() for kept in user_cache.glob("*.json"))  # written again
+
+
+def test_an_edited_module_gets_a_new_table(probe_module, user_cache):
+    before = cache.code_parts(probe_module(BASE).step)
+    changed = cache.code_parts(probe_module(BASE.replace("x * SCALE", "x * SCALE + 1")).step)
+    assert changed[f"code:{PROBE}.helper"] != before[f"code:{PROBE}.helper"]
+    assert len(list(user_cache.glob("*.json"))) == 2  # one per version of the probe
+
+
+def test_an_unwritable_cache_costs_a_parse_not_a_failure(probe_module, tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # a file where the folder would be
+    monkeypatch.setattr(definitions, "_tables", {})
+    cache.code_parts.cache_clear()
+    parts = cache.code_parts(probe_module(BASE).step)
+    assert parts[f"code:{PROBE}.helper"] != "unavailable"
