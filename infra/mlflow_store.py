@@ -6,6 +6,8 @@ with its migrations done and MLflow's Default experiment removed: MLflow creates
 itself when it opens the copy, with the artifact location it would have given it, so a copy is
 what MLflow would have built. Runs copy it into a state directory that has no store yet
 (`tasks.steps.lineage.mlflow_client`); MLflow still checks the copy's schema when it opens it.
+
+The store's connections write ahead (`write_ahead`), as Prefect runs its own SQLite database.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 from infra.templates import cache_dir, copy_if_absent, keep_as_template
 
 DEFAULT_EXPERIMENT_ID = 0  # MLflow's own; created again by MLflow when it opens the copy
+
+_write_ahead: set[str] = set()  # the databases `write_ahead` was asked for, resolved
 
 
 def template_path() -> Path:
@@ -44,3 +48,30 @@ def build_template() -> Path:
         db.close()
         keep_as_template(database, target)
     return target
+
+
+def write_ahead(database: Path) -> None:
+    """This process's connections to `database` (an embedded store) use SQLite's write-ahead log
+    with `synchronous=NORMAL`, as Prefect sets up its own SQLite database: a commit then writes the
+    log without waiting for the disk, and the disk is synced at checkpoints. A step's MLflow records
+    (about ten commits: the run, its inputs, the cache lookup, its parameters and tags, its end) took
+    10-15 ms less here; readers (the MLflow UI, another run) no longer wait for a writer. What it
+    trades, in SQLite's words: a transaction committed just before a power loss or an operating-system
+    crash may be rolled back; the store is never corrupted, and a process that is killed loses
+    nothing. Other SQLite databases (a store the user names with MLFLOW_TRACKING_URI) are left as
+    they are."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if not _write_ahead:
+        event.listen(Engine, "connect", _on_connect)
+    _write_ahead.add(str(database.resolve()))
+
+
+def _on_connect(connection: object, _record: object) -> None:
+    if not isinstance(connection, sqlite3.Connection):
+        return
+    main = connection.execute("PRAGMA database_list").fetchone()
+    if main is not None and main[2] in _write_ahead:
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("PRAGMA synchronous = NORMAL")

@@ -126,15 +126,17 @@ def mlflow_client(settings: Settings) -> MlflowClient:
     left there, they would read as the user's own settings in the next run of this process (and in
     every child process), sending runs and registrations to another store. The fluent API keeps the
     URIs in module state, so the environment is put back as the user had it.
-    A new embedded store starts as a copy of the migrated template (`infra.mlflow_store`), if any.
+    A new embedded store starts as a copy of the migrated template (`infra.mlflow_store`), if any;
+    its connections write ahead (`infra.mlflow_store.write_ahead`).
     """
     import mlflow
 
     if settings.embedded_mlflow:
-        from infra.mlflow_store import seed_new_store
+        from infra.mlflow_store import seed_new_store, write_ahead
 
         with contextlib.suppress(OSError):  # MLflow then creates the store and says what fails
             seed_new_store(settings.mlflow_database)
+        write_ahead(settings.mlflow_database)
     saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.registry_uri)

@@ -66,3 +66,40 @@ def test_an_existing_store_is_never_replaced_and_without_a_template_nothing_is_c
     existing.write_bytes(b"a store of its own")
     assert not mlflow_store.seed_new_store(existing)
     assert existing.read_bytes() == b"a store of its own"
+
+
+def journal_mode(database: Path) -> str:
+    with sqlite3.connect(database) as db:
+        [(mode,)] = db.execute("pragma journal_mode").fetchall()
+    db.close()
+    return mode
+
+
+def test_the_embedded_store_writes_ahead_and_a_store_the_user_names_is_left_as_it_is(tmp_path, monkeypatch):
+    from sqlalchemy import text
+
+    from tasks.steps.lineage import mlflow_client
+    from tasks.steps.settings import Settings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    embedded = Settings(state_dir=tmp_path / ".keel")
+    assert embedded.embedded_mlflow
+    client = mlflow_client(embedded)
+    client.search_experiments(max_results=1)  # opens the store
+    store = client._tracking_client.store  # MLflow's SqlAlchemyStore: its own connections
+    with store.engine.connect() as connection:
+        assert connection.execute(text("pragma synchronous")).scalar() == 1  # NORMAL
+    assert journal_mode(embedded.mlflow_database) == "wal"
+    run = client.create_run(client.create_experiment("wal"))
+    client.set_terminated(run.info.run_id)
+    with sqlite3.connect(embedded.mlflow_database) as other:  # another process's view: committed
+        [(status,)] = other.execute("select status from runs where run_uuid = ?", (run.info.run_id,))
+    other.close()
+    assert status == "FINISHED"
+
+    named = tmp_path / "theirs.db"
+    uri = f"sqlite:///{named}"
+    theirs = mlflow_client(Settings(state_dir=tmp_path / ".keel", mlflow_tracking_uri=uri))
+    theirs.search_experiments(max_results=1)
+    assert journal_mode(named) == "delete"  # SQLite's default, as MLflow leaves it
