@@ -30,7 +30,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field, model_validator
 
 from flows.transform import TransformParams, TransformResult, transform
-from tasks.steps.access import checked_files, checked_location
+from tasks.steps.access import checked_files, checked_local_path
 from tasks.steps.cli import exit_process, run_flow_cli
 from tasks.steps.errors import DataValidationError
 from tasks.steps.model import MODEL_NAME_HELP, ModelName, find_champion
@@ -116,8 +116,8 @@ def score_pending(params: ScorePendingParams) -> ScorePendingResult:
     settings = get_settings()
     name = require_model_name(params.model_name, "score with")
     access = settings.data_access
-    inbox = Path(checked_location(params.inbox, access).removeprefix("file://"))
-    outbox = Path(checked_location(params.outbox, access).removeprefix("file://"))
+    inbox = checked_local_path(params.inbox, access, "the inbox must be a folder on this machine")
+    outbox = checked_local_path(params.outbox, access, "the outbox must be a folder on this machine")
     if not inbox.is_dir():
         raise DataValidationError(params.inbox, "the inbox is not a folder")
     found = find_champion(mlflow_client(settings), name)

@@ -242,6 +242,20 @@ def test_pending_batches_are_scored_once_per_champion_and_input(scoring_env, tmp
     assert not (outbox / MODEL / "week-3-csv").exists()
 
 
+def test_the_inbox_and_outbox_are_folders_here_under_the_data_roots(scoring_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("KEEL_DATA_SCHEMES", "file,s3")
+    local = str(tmp_path)
+    for inbox, outbox, refused in (
+        ("s3://bucket/inbox", local, "the inbox must be a folder on this machine"),
+        (local, "s3://bucket/outbox", "the outbox must be a folder on this machine"),
+    ):
+        with pytest.raises(DataValidationError, match=refused):
+            score_pending(ScorePendingParams(model_name=MODEL, inbox=inbox, outbox=outbox))
+    monkeypatch.setenv("KEEL_DATA_ROOTS", str(tmp_path / "allowed"))
+    with pytest.raises(DataValidationError, match="outside the allowed data roots"):
+        score_pending(ScorePendingParams(model_name=MODEL, inbox=local, outbox=local))
+
+
 def test_lineage_finds_what_made_a_version_and_what_used_it(scoring_env, tmp_path, capsys):
     _, path = may(tmp_path)
     scored = transform(TransformParams(model_name=MODEL, data=str(path), output=str(tmp_path / "scored")))
