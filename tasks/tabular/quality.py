@@ -253,12 +253,11 @@ def table_stats(data: DatasetRef, time_column: str, key: list[str]) -> tuple[dic
         if key:
             # Shuffled on the hash, not gathered: the keys of a table larger than a worker's memory
             # never meet in one place (a `nunique` did, and overran 512 MiB workers on 2 GiB of data).
+            # One partition holds every key already: no shuffle (150 ms of a 17k-row check here).
             hashes = frame.map_partitions(key_hashes, key, meta=("key", "uint64")).to_frame()
-            repeats = (
-                hashes.shuffle("key", npartitions=frame.npartitions)["key"]
-                .map_partitions(duplicated_count, meta=("key", "int64"))
-                .sum()
-            )
+            if frame.npartitions > 1:
+                hashes = hashes.shuffle("key", npartitions=frame.npartitions)
+            repeats = hashes["key"].map_partitions(duplicated_count, meta=("key", "int64")).sum()
             per_part, duplicates = dask.compute(parts, repeats)
         else:
             (per_part,) = dask.compute(parts)

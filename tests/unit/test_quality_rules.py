@@ -136,3 +136,25 @@ def test_a_csv_cut_off_mid_row_is_refused_and_a_missing_final_newline_is_not(tmp
     with pytest.raises(DataValidationError, match="truncated CSV: the last row has 2 of 3 fields") as error:
         check_csv_ends(str(cut), ["a", "b", "c"])
     assert error.value.column == "c"
+
+
+@pytest.mark.parametrize("files", [1, 3])
+def test_duplicated_keys_are_counted_within_a_partition_and_across_partitions(tmp_path, monkeypatch, files):
+    from tasks.steps.compute import dask_cluster
+    from tasks.steps.refs import content_digest
+    from tasks.steps.settings import Settings
+    from tasks.tabular.quality import table_stats
+
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    rows = frame().assign(hour=[str(i % 24) for i in range(40)])
+    rows.loc[39, ["day", "hour"]] = rows.loc[0, ["day", "hour"]].to_numpy()  # first and last: one repeat
+    folder = tmp_path / "table"
+    folder.mkdir()
+    for i, part in enumerate(np.array_split(rows, files)):
+        part.to_parquet(folder / f"part-{i}.parquet", index=False)
+    data = DatasetRef(name="raw", uri=str(folder), digest=content_digest(str(folder)), format="parquet")
+    with dask_cluster(Settings(state_dir=tmp_path / ".keel"), 1):
+        stats, duplicates = table_stats(data, "day", ["day", "hour"])
+        assert duplicates == 1
+        assert stats["cnt"].rows == 40
+        assert table_stats(data, "day", ["day", "hour", "cnt"])[1] == 0
