@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from infra.processes import free_port, loopback_ok
+from infra.secrets import write_private
 
 PROG = "python -m deployments.serving"
 HOST = "127.0.0.1"  # the scoring server authenticates nobody: never beyond loopback
@@ -190,19 +191,16 @@ class Served:
         self.log.info(
             "%s %s v%s on http://%s:%d", what, self.args.model_name, wanted, self.args.host, self.args.port
         )
-        if self.args.state_file:
-            self.args.state_file.write_text(
-                json.dumps(
-                    {
-                        "model_name": self.args.model_name,
-                        "version": wanted,
-                        "url": f"http://{self.args.host}:{self.args.port}",
-                        "token_required": self.port != self.args.port,
-                        "pid": self.server.pid,
-                        "since": datetime.now(UTC).isoformat(timespec="seconds"),
-                    }
-                )
-            )
+        if self.args.state_file:  # whole or not at all: others read it while it is replaced
+            record = {
+                "model_name": self.args.model_name,
+                "version": wanted,
+                "url": f"http://{self.args.host}:{self.args.port}",
+                "token_required": self.port != self.args.port,
+                "pid": self.server.pid,
+                "since": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            write_private(self.args.state_file, json.dumps(record).encode())
 
     def stop(self) -> None:
         stop_server(self.server, self.port)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from infra import mlflow_auth
 from infra.processes import BIN, http_ok, pid_running, start, wait_until
-from infra.secrets import StackSecrets
+from infra.secrets import StackSecrets, write_private
 
 PROJECT = Path(__file__).resolve().parent.parent  # the checkout: its data/ folder holds the demo data
 PORTS = {
@@ -112,7 +112,7 @@ class Stack:
 
     def save(self, state: dict) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        self.state_file.write_text(json.dumps(state, indent=1))
+        write_private(self.state_file, json.dumps(state, indent=1).encode())  # whole or not at all
 
     def recorded_env(self) -> dict[str, str]:
         """The variables for the stack recorded in this folder (what `env` prints)."""

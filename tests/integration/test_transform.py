@@ -352,7 +352,7 @@ def test_with_a_token_the_served_model_answers_only_its_holders(scoring_env, tmp
     url = f"http://127.0.0.1:{port}"
     body = {"dataframe_split": json.loads(rows.to_json(orient="split", index=False, date_format="iso"))}
     try:
-        wait_until(lambda: _answers(f"{url}/ping"), 120)
+        wait_until(lambda: state.exists() and _answers(f"{url}/ping"), 120)  # the record follows /ping
         assert json.loads(state.read_text())["token_required"] is True
         assert httpx.post(f"{url}/invocations", json=body, timeout=30).status_code == 401
         auth = {"Authorization": f"Bearer {token}"}
