@@ -19,6 +19,7 @@ import ipaddress
 import os
 import secrets
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,13 +123,16 @@ class StackSecrets:
 
 
 def write_private(path: Path, content: bytes) -> None:
-    """Created 0600 from the first byte (never readable by others, even briefly)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(content)
-    tmp.replace(path)
+    """Created 0600 from the first byte (never readable by others, even briefly), and whole or not
+    at all: written under a name of its own beside `path` (two writers never share one), then
+    renamed over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _write_dask_certificates(folder: Path, days: int = 3650) -> None:

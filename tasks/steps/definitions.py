@@ -14,9 +14,7 @@ import ast
 import contextlib
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -85,16 +83,12 @@ def _kept(digest: str) -> Table | None:
 def _keep(digest: str, table: Table) -> None:
     """Write the table for the next process (whole or not at all); where the cache cannot be
     written, the next process parses again."""
+    from infra.secrets import write_private
+
     with contextlib.suppress(OSError, RuntimeError):
         folder = _folder()
         folder.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".json")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump(table, out)
-            os.replace(partial, folder / f"{digest}.json")
-        finally:
-            Path(partial).unlink(missing_ok=True)
+        write_private(folder / f"{digest}.json", json.dumps(table).encode())
         _prune(folder)
 
 
