@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from tasks.steps.definitions import PARSING, fingerprint, top_level, tree_fingerprint
 from tasks.steps.refs import Ref
+from tasks.steps.run_lookup import FoundRun, finished_runs
 from tasks.steps.tags import (
     KEY_TAG,
     PARENT_TAG,
@@ -55,7 +56,6 @@ from tasks.steps.tags import (
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities import Run
 
 NOT_KEYED = "not_keyed"  # Field(json_schema_extra={NOT_KEYED: True}): lineage only, not content
 OUTPUT_ARTIFACT = "keel/output.json"
@@ -381,7 +381,7 @@ def save_output(
         repository.log_artifacts(str(folder), "keel")
 
 
-def load_artifact(client: MlflowClient, run: Run, path: str) -> bytes | None:
+def load_artifact(client: MlflowClient, run: FoundRun, path: str) -> bytes | None:
     """One of our small artifacts of a run (None if it is not there). An embedded store's artifacts
     are local files, read as they are: MLflow's download (a temporary copy, a listing, a progress
     bar) took about 35 ms of a step's 85 (B1); other stores are downloaded."""
@@ -389,7 +389,7 @@ def load_artifact(client: MlflowClient, run: Run, path: str) -> bytes | None:
 
     from mlflow.exceptions import MlflowException
 
-    location = urlparse(run.info.artifact_uri or "")
+    location = urlparse(run.artifact_uri)
     if location.scheme == "file":
         try:
             return (Path(unquote(location.path)) / path).read_bytes()
@@ -397,7 +397,7 @@ def load_artifact(client: MlflowClient, run: Run, path: str) -> bytes | None:
             return None
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            return Path(client.download_artifacts(run.info.run_id, path, tmp)).read_bytes()
+            return Path(client.download_artifacts(run.run_id, path, tmp)).read_bytes()
         except (MlflowException, OSError):
             return None
 
@@ -427,25 +427,28 @@ class Reuse:
     message: str
 
 
-def _source(run: Run) -> tuple[str, str]:
+def _source(run: FoundRun) -> tuple[str, str]:
     """The run that really produced the outputs (a reused run points at its own source)."""
-    tags = run.data.tags
     return (
-        tags.get(SOURCE_RUN_TAG, run.info.run_id),
-        tags.get(SOURCE_EXECUTION_TAG, tags.get(PARENT_TAG, "")),
+        run.tags.get(SOURCE_RUN_TAG, run.run_id),
+        run.tags.get(SOURCE_EXECUTION_TAG, run.tags.get(PARENT_TAG, "")),
     )
 
 
-def _take(client: MlflowClient, run: Run, fn: Callable[..., Any]) -> tuple[Any, str | None]:
+# the tags read of the runs found: whose outputs they are, and their key
+_READ_TAGS = (KEY_TAG, SOURCE_RUN_TAG, SOURCE_EXECUTION_TAG, PARENT_TAG)
+
+
+def _take(client: MlflowClient, run: FoundRun, fn: Callable[..., Any]) -> tuple[Any, str | None]:
     raw = load_artifact(client, run, OUTPUT_ARTIFACT)
     if raw is None:
-        return None, f"run {run.info.run_id} stored no output"
+        return None, f"run {run.run_id} stored no output"
     try:
         value = _adapter(fn).validate_json(raw)
     except ValueError as exc:
         return (
             None,
-            f"run {run.info.run_id} stored an output this code cannot read ({exc.__class__.__name__})",
+            f"run {run.run_id} stored an output this code cannot read ({exc.__class__.__name__})",
         )
     return value, missing_outputs(client, value)
 
@@ -458,17 +461,23 @@ def find_cached(
     expire_after: timedelta | None,
 ) -> tuple[Reuse | None, str]:
     """The newest earlier run with this key whose outputs still check out; else why not."""
-    query = f"tags.`{KEY_TAG}` = '{key.digest}' and tags.`{PRODUCED_TAG}` = 'true' and attributes.status = 'FINISHED'"
+    since = None
     if expire_after is not None:
         since = int((time.time() - expire_after.total_seconds()) * 1000)
-        query += f" and attributes.start_time >= {since}"
-    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=5)
+    runs = finished_runs(
+        client,
+        experiment_id,
+        {KEY_TAG: key.digest, PRODUCED_TAG: "true"},
+        limit=5,
+        since_ms=since,
+        read_tags=_READ_TAGS,
+    )
     problems = []
     for run in runs:
         value, problem = _take(client, run, fn)
         if problem is None:
             run_id, execution = _source(run)
-            age = (time.time() * 1000 - run.info.start_time) / 60000
+            age = (time.time() * 1000 - run.start_time) / 60000
             message = f"outputs of run {run_id} (execution {execution}, {age:.0f} min ago)"
             return Reuse("hit", run_id, execution, value, message), message
         problems.append(problem)
@@ -482,23 +491,20 @@ def explain_miss(
 ) -> str:
     """Compare with the newest earlier run of the same step: which parts of the key changed."""
     step = key.parts["step"]
-    runs = client.search_runs(
-        [experiment_id],
-        f"tags.`{STEP_TAG}` = '{step}' and tags.`{PRODUCED_TAG}` = 'true' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+    runs = finished_runs(
+        client, experiment_id, {STEP_TAG: step, PRODUCED_TAG: "true"}, limit=1, read_tags=_READ_TAGS
     )
     if not runs:
         return f"no earlier finished run of step {step!r}"
     earlier = runs[0]
-    if earlier.data.tags.get(KEY_TAG) == key.digest:  # same key, so it is too old
-        return f"the last outputs with this key (run {earlier.info.run_id}) are older than {expire_after}"
+    if earlier.tags.get(KEY_TAG) == key.digest:  # same key, so it is too old
+        return f"the last outputs with this key (run {earlier.run_id}) are older than {expire_after}"
     raw = load_artifact(client, earlier, KEY_ARTIFACT)
     if raw is None:
-        return f"the last run of {step!r} ({earlier.info.run_id}) recorded no key"
+        return f"the last run of {step!r} ({earlier.run_id}) recorded no key"
     changes = key.changes_from(json.loads(raw))
     more = f" and {len(changes) - SHOWN_CHANGES} more" if len(changes) > SHOWN_CHANGES else ""
-    return f"since run {earlier.info.run_id}: " + "; ".join(changes[:4]) + more
+    return f"since run {earlier.run_id}: " + "; ".join(changes[:4]) + more
 
 
 def find_in_execution(
@@ -506,16 +512,13 @@ def find_in_execution(
 ) -> tuple[Reuse | None, str]:
     """This step's finished run in a named execution, if its key matches and its outputs check out."""
     step = key.parts["step"]
-    runs = client.search_runs(
-        [experiment_id],
-        f"tags.`{PARENT_TAG}` = '{execution}' and tags.`{STEP_TAG}` = '{step}' "
-        "and attributes.status = 'FINISHED'",
-        max_results=1,
+    runs = finished_runs(
+        client, experiment_id, {PARENT_TAG: execution, STEP_TAG: step}, limit=1, read_tags=_READ_TAGS
     )
     if not runs:
         return None, f"it did not finish in execution {execution}"
     run = runs[0]
-    if run.data.tags.get(KEY_TAG) != key.digest:
+    if run.tags.get(KEY_TAG) != key.digest:
         raw = load_artifact(client, run, KEY_ARTIFACT)
         changes = key.changes_from(json.loads(raw)) if raw else ["no key recorded"]
         return None, f"its inputs differ from execution {execution}'s: " + "; ".join(changes[:4])
