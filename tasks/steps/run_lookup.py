@@ -180,6 +180,7 @@ def _tags_statement() -> Select:
 
 
 _engines: dict[tuple[int, str], Engine] = {}
+_ENGINES_KEPT = 8  # a process that opens many stores (a test session) keeps the newest ones' connections
 _unreadable: set[str] = set()
 _lock = threading.Lock()
 
@@ -190,8 +191,13 @@ def _sqlite_engine(tracking_uri: str) -> Engine | None:
         return None
     key = (os.getpid(), tracking_uri)
     with _lock:
-        if key not in _engines:
+        engine = _engines.pop(key, None)
+        if engine is None:
             from sqlalchemy import create_engine
 
-            _engines[key] = create_engine(tracking_uri)
-        return _engines[key]
+            engine = create_engine(tracking_uri)
+            while len(_engines) >= _ENGINES_KEPT:
+                oldest = next(iter(_engines))
+                _engines.pop(oldest).dispose(close=oldest[0] == os.getpid())
+        _engines[key] = engine  # the newest used last
+        return engine

@@ -112,3 +112,12 @@ def test_a_store_the_query_cannot_read_is_asked_through_mlflow(store, monkeypatc
     assert [r.run_id for r in found] == [made["newer"], made["old"]]
     assert "through MLflow's API from now on" in caplog.text
     assert run_lookup._sqlite_engine(client.tracking_uri) is None  # not tried again in this process
+
+
+def test_a_process_keeps_the_connections_of_its_newest_stores_only(tmp_path):
+    uris = [f"sqlite:///{tmp_path / f's{i}.db'}" for i in range(run_lookup._ENGINES_KEPT + 3)]
+    engines = [run_lookup._sqlite_engine(uri) for uri in uris]
+    kept = {uri for _, uri in run_lookup._engines}
+    assert set(uris[-run_lookup._ENGINES_KEPT :]) <= kept and not kept & set(uris[:3])
+    assert run_lookup._sqlite_engine(uris[-1]) is engines[-1]  # reused, not made again
+    assert run_lookup._sqlite_engine("http://127.0.0.1:5000") is None  # a server: MLflow's API
