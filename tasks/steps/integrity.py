@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from tasks.steps.fluent import point_fluent_api
 from tasks.steps.tags import MANIFEST_TAG
 
 # Written by MLflow itself into the copy when a registered model is downloaded (its name and version,
@@ -154,10 +155,7 @@ def load_verified(model_uri: str, tracking_uri: str, registry_uri: str) -> Any:
     """`mlflow.pyfunc.load_model` of a verified private copy. An alias or version is resolved to its
     logged model first (so a moved alias loads the new champion), then each logged model is copied,
     verified and loaded once per process."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(registry_uri)
+    point_fluent_api(tracking_uri, registry_uri)
     if "@" in model_uri:  # an alias can move: asked each time
         model_id = logged_model_id(model_uri)
     else:  # a version or logged model never changes what it names: asked once per process

@@ -29,6 +29,7 @@ from uuid import UUID
 from infra.processes import pid_running
 from tasks.steps import summary
 from tasks.steps.errors import NotInRegistry
+from tasks.steps.fluent import point_fluent_api
 from tasks.steps.refs import DatasetRef
 from tasks.steps.settings import Settings
 from tasks.steps.tag_limits import settle_tag_limits
@@ -120,12 +121,8 @@ def note(label: str, value: str, link: str | None = None) -> None:
 
 
 def mlflow_client(settings: Settings) -> MlflowClient:
-    """A client for the configured store; also points MLflow's fluent API at it.
-
-    MLflow's setters also write `MLFLOW_TRACKING_URI` / `MLFLOW_REGISTRY_URI` into `os.environ`;
-    left there, they would read as the user's own settings in the next run of this process (and in
-    every child process), sending runs and registrations to another store. The fluent API keeps the
-    URIs in module state, so the environment is put back as the user had it.
+    """A client for the configured store; also points MLflow's fluent API at it (`point_fluent_api`:
+    the process's environment is left as the user had it).
     A new embedded store starts as a copy of the migrated template (`infra.mlflow_store`), if any;
     its connections write ahead (`infra.mlflow_store.write_ahead`).
     """
@@ -137,14 +134,7 @@ def mlflow_client(settings: Settings) -> MlflowClient:
         with contextlib.suppress(OSError):  # MLflow then creates the store and says what fails
             seed_new_store(settings.mlflow_database)
         write_ahead(settings.mlflow_database)
-    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.registry_uri)
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    point_fluent_api(settings.tracking_uri, settings.registry_uri)
     return mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
 
 

@@ -267,7 +267,11 @@ def test_the_baseline_predicted_file_by_file_equals_one_prediction_of_the_split(
     assert len(rows) > 1 and 0 in rows and sum(rows) == champion.profile.train.rows
     split = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     settings = get_settings()
+    before = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     model = load_verified(champion.model_uri, settings.tracking_uri, settings.registry_uri)
+    # Loading points MLflow's fluent API at the store, and leaves the process's settings alone (it
+    # left MLFLOW_REGISTRY_URI set, which sent the next test's registry lookups to this store).
+    assert {name: os.environ.get(name) for name in before} == before
     spec = champion.profile.features
     whole = worker.monitored_prediction(model.predict(split[spec.input_columns]), spec, split.index)
     expected = profile_column(whole, worker.PREDICTION, "numeric")
