@@ -54,7 +54,7 @@ def write_ahead(database: Path) -> None:
     """This process's connections to `database` (an embedded store) use SQLite's write-ahead log
     with `synchronous=NORMAL`, as Prefect sets up its own SQLite database: a commit then writes the
     log without waiting for the disk, and the disk is synced at checkpoints. A step's MLflow records
-    (about ten commits: the run, its inputs, the cache lookup, its parameters and tags, its end) cost
+    (a commit for each write: the run, its inputs, its parameters and tags, its end) cost
     less: B1's step took 53 ms against 76 ms side by side; readers (the MLflow UI, another run) no
     longer wait for a writer. What it
     trades, in SQLite's words: a transaction committed just before a power loss or an operating-system
