@@ -275,3 +275,12 @@ def scoring_env(scoring_store, dask_cluster, monkeypatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     return scoring_store
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Keep each phase's report on the test item (`item.report_call`): fixtures that add
+    diagnostics on failure read it in their teardown."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report

@@ -56,12 +56,15 @@ class WorkerKiller(threading.Thread):
         import mlflow
         from distributed import Client
 
+        # The pipeline creates its store (a copy of the template): opening the path first would
+        # create and migrate a store of our own under it, racing the pipeline for SQLite's lock.
+        database = Path(self.tracking_uri.removeprefix("sqlite:///"))
+        while not self.done.is_set() and not database.exists():
+            time.sleep(0.05)
         client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         with Client(self.address) as dask:
             for step, prefix in self.plan:
-                while not self.done.is_set() and not client.search_runs(
-                    ["1"], f"tags.`keel.step` = '{step}' and attributes.status = 'RUNNING'"
-                ):
+                while not self.done.is_set() and not self._running(client, step):
                     time.sleep(0.05)
                 while not self.done.is_set():
                     busy = {
@@ -76,6 +79,19 @@ class WorkerKiller(threading.Thread):
                         self.killed.append((step, keys[0]))
                         break
                     time.sleep(0.01)
+
+    @staticmethod
+    def _running(client, step: str) -> bool:
+        """Whether a run of `step` is running; a store busy with the pipeline's writes answers next time."""
+        from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            return bool(
+                client.search_runs(["1"], f"tags.`keel.step` = '{step}' and attributes.status = 'RUNNING'")
+            )
+        except (MlflowException, OperationalError):
+            return False
 
 
 def outputs(run_id: str) -> dict[str, str]:
