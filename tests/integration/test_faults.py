@@ -3,6 +3,7 @@ resumed, the MLflow server stopped and started again mid-run, two executions rac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -53,15 +54,9 @@ class WorkerKiller(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        import mlflow
         from distributed import Client
 
-        # The pipeline creates its store (a copy of the template): opening the path first would
-        # create and migrate a store of our own under it, racing the pipeline for SQLite's lock.
-        database = Path(self.tracking_uri.removeprefix("sqlite:///"))
-        while not self.done.is_set() and not database.exists():
-            time.sleep(0.05)
-        client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        client = self._store_client()
         with Client(self.address) as dask:
             for step, prefix in self.plan:
                 while not self.done.is_set() and not self._running(client, step):
@@ -79,6 +74,23 @@ class WorkerKiller(threading.Thread):
                         self.killed.append((step, keys[0]))
                         break
                     time.sleep(0.01)
+
+    def _store_client(self):
+        """A client of the pipeline's store once the pipeline has made it (a copy of the template):
+        opening the path first would create and migrate a store of our own under it, racing the
+        pipeline for SQLite's lock. Opening it also writes (MLflow's default experiment): a store
+        busy with the pipeline's writes is tried again."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import OperationalError
+
+        database = Path(self.tracking_uri.removeprefix("sqlite:///"))
+        while not self.done.is_set():
+            if database.exists():
+                with contextlib.suppress(MlflowException, OperationalError):
+                    return mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+            time.sleep(0.05)
+        return None
 
     @staticmethod
     def _running(client, step: str) -> bool:
