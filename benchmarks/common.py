@@ -149,7 +149,8 @@ def stack(home: Path, command: str, *extra: str) -> str:
 @contextmanager
 def local_stack() -> Iterator[tuple[dict[str, str], float]]:
     """The local stack up in a temporary folder on free ports, its settings in `os.environ`: its
-    environment and how long `up` took. Stopped afterwards."""
+    environment and how long `up` took. Stopped afterwards, and `os.environ` put back (what a
+    benchmark runs next must not meet a stopped stack's addresses and credentials)."""
     from infra.processes import free_port
     from infra.stack import Stack
 
@@ -164,8 +165,14 @@ def local_stack() -> Iterator[tuple[dict[str, str], float]]:
         stack(home, "up", *ports)
         up_seconds = time.perf_counter() - started
         env = Stack(home).recorded_env()
+        before = {name: os.environ.get(name) for name in env}
         try:
             os.environ.update(env)
             yield env, up_seconds
         finally:
             stack(home, "down")
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
