@@ -153,6 +153,7 @@ def local_stack() -> Iterator[tuple[dict[str, str], float]]:
     benchmark runs next must not meet a stopped stack's addresses and credentials)."""
     from infra.processes import free_port
     from infra.stack import Stack
+    from tasks.steps.environ import environment_restored
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "stack"
@@ -165,14 +166,9 @@ def local_stack() -> Iterator[tuple[dict[str, str], float]]:
         stack(home, "up", *ports)
         up_seconds = time.perf_counter() - started
         env = Stack(home).recorded_env()
-        before = {name: os.environ.get(name) for name in env}
-        try:
-            os.environ.update(env)
-            yield env, up_seconds
-        finally:
-            stack(home, "down")
-            for name, value in before.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        with environment_restored(env):
+            try:
+                os.environ.update(env)
+                yield env, up_seconds
+            finally:
+                stack(home, "down")

@@ -3,7 +3,7 @@ store without changing the process's settings."""
 
 from __future__ import annotations
 
-import os
+from tasks.steps.environ import environment_restored
 
 MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
@@ -16,13 +16,6 @@ def point_fluent_api(tracking_uri: str, registry_uri: str) -> None:
     as it was."""
     import mlflow
 
-    saved = {name: os.environ.get(name) for name in MLFLOW_URI_VARIABLES}
-    try:
+    with environment_restored(MLFLOW_URI_VARIABLES):
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(registry_uri)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

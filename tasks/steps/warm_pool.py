@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from infra.prefect_home import seed_new_home
+from tasks.steps.environ import environment_restored
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +91,19 @@ def using_servers(env: dict[str, str]) -> Iterator[None]:
         temporary_settings,
     )
 
-    before = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    dask.config.refresh()
-    updates = {
-        PREFECT_API_URL: env["PREFECT_API_URL"],
-        PREFECT_API_AUTH_STRING: env.get("PREFECT_API_AUTH_STRING"),
-    }
-    if "heartbeat_frequency" not in get_current_settings().flows.model_fields_set:
-        updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None
     try:
-        with temporary_settings(updates=updates):
-            yield
-    finally:  # the environment as it was (a run called in-process, e.g. from a test)
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        with environment_restored(env):  # as it was afterwards (a run called in-process, e.g. from a test)
+            os.environ.update(env)
+            dask.config.refresh()
+            updates = {
+                PREFECT_API_URL: env["PREFECT_API_URL"],
+                PREFECT_API_AUTH_STRING: env.get("PREFECT_API_AUTH_STRING"),
+            }
+            if "heartbeat_frequency" not in get_current_settings().flows.model_fields_set:
+                updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None
+            with temporary_settings(updates=updates):
+                yield
+    finally:
         dask.config.refresh()
 
 
