@@ -5,7 +5,8 @@ open an existing store, all of it on the critical path of a first run. The templ
 with its migrations done and MLflow's Default experiment removed: MLflow creates that experiment
 itself when it opens the copy, with the artifact location it would have given it, so a copy is
 what MLflow would have built. Runs copy it into a state directory that has no store yet
-(`tasks.steps.lineage.mlflow_client`); MLflow still checks the copy's schema when it opens it.
+(`tasks.steps.lineage.mlflow_client`), building it first if `make install` has not; MLflow still
+checks the copy's schema when it opens it.
 
 The store's connections write ahead (`write_ahead`), as Prefect runs its own SQLite database.
 """
@@ -17,6 +18,7 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
+from infra.processes import locked
 from infra.templates import cache_dir, copy_if_absent, keep_as_template
 
 DEFAULT_EXPERIMENT_ID = 0  # MLflow's own; created again by MLflow when it opens the copy
@@ -29,8 +31,19 @@ def template_path() -> Path:
 
 
 def seed_new_store(database: Path) -> bool:
-    """Copy the template to `database` if it does not exist; True if copied."""
-    return copy_if_absent(template_path(), database)
+    """Copy the template to `database` if it does not exist; True if copied. Without a template (no
+    `make install` yet) one is built first, under a lock: it costs what MLflow's own migration of
+    the new store would, and two first runs side by side then each open a migrated copy. Left to
+    MLflow, both migrated the same new database at once, and one failed ("database is locked")."""
+    if database.exists():
+        return False
+    template = template_path()
+    if not template.is_file():
+        template.parent.mkdir(parents=True, exist_ok=True)
+        with locked(template.with_name(f".{template.name}.lock")):
+            if not template.is_file():  # another process may have built it while this one waited
+                build_template()
+    return copy_if_absent(template, database)
 
 
 def build_template() -> Path:

@@ -25,8 +25,6 @@ removed when it ends; a lease whose process is gone does not count. The folder's
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import re
@@ -34,10 +32,10 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from infra.processes import free_port, http_ok, pid_running
+from infra.processes import free_port, http_ok, locked, pid_running
 from infra.runner import SOCKET_FILE, default_home
 from infra.secrets import StackSecrets, write_private
 from infra.stack import Stack, _dask_workers, _tcp_ok, answers
@@ -55,17 +53,6 @@ def idle_seconds(text: str) -> float:
     if not found:
         raise ValueError(f"not a duration: {text!r} (e.g. 10m, 90s, 1h)")
     return float(found.group(1)) * UNIT_SECONDS[found.group(2)]
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """One process at a time starts or stops the pool."""
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class Pool(Stack):
@@ -168,7 +155,7 @@ class Pool(Stack):
             if not self.state_file.exists():
                 self._stop_orphans(known)
                 return "its folder was removed"
-            with locked(self.home / LOCK):
+            with locked(self.home / LOCK):  # one process at a time starts or stops the pool
                 state = self.load()
                 if os.getpid() not in [p["pid"] for p in state.get("processes", [])]:
                     return "another pool replaced this one"

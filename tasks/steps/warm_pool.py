@@ -35,7 +35,8 @@ def join_warm_pool(pool_home: Path, idle: str) -> dict[str, str]:
     """The pool's variables (addresses, credentials) for this process, the pool started if it is not
     running; a lease on it is held until this process ends. The pool's folder is infra/pool.py's:
     its lock, variables and leases are read through `Pool`."""
-    from infra.pool import LOCK, Pool, locked
+    from infra.pool import LOCK, Pool
+    from infra.processes import locked
 
     pool = Pool(pool_home.resolve())
     pool.home.mkdir(parents=True, exist_ok=True)

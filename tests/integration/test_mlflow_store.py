@@ -4,7 +4,10 @@ would have built: its Default experiment, where it would have put it, and runs a
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,11 +57,7 @@ def test_a_copied_store_is_what_mlflow_would_have_built(tmp_path, monkeypatch):
     assert default_experiment(copied)[0][2] == default_experiment(built)[0][2]  # the Default experiment's
 
 
-def test_an_existing_store_is_never_replaced_and_without_a_template_nothing_is_copied(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
-    assert not mlflow_store.seed_new_store(tmp_path / "new" / "mlflow.db")
-    assert not (tmp_path / "new" / "mlflow.db").exists()
-
+def test_an_existing_store_is_never_replaced(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     mlflow_store.build_template()
     existing = tmp_path / "mine" / "mlflow.db"
@@ -66,6 +65,50 @@ def test_an_existing_store_is_never_replaced_and_without_a_template_nothing_is_c
     existing.write_bytes(b"a store of its own")
     assert not mlflow_store.seed_new_store(existing)
     assert existing.read_bytes() == b"a store of its own"
+
+
+FIRST_RUN = """
+import sys
+from pathlib import Path
+
+from tasks.steps.lineage import mlflow_client
+from tasks.steps.settings import Settings
+
+client = mlflow_client(Settings(state_dir=Path(sys.argv[1])))
+run = client.create_run(client.get_experiment_by_name("Default").experiment_id)
+client.set_terminated(run.info.run_id)
+print(run.info.run_id)
+"""
+
+
+def test_without_a_template_first_runs_side_by_side_build_one_and_each_opens_a_migrated_store(
+    tmp_path, monkeypatch
+):
+    """Without `make install`'s template, three first runs at once (two of them on one new state
+    directory): the template is built once, under its lock, and every run writes to a migrated
+    store. Left to MLflow, two processes migrated one new database at once and one failed."""
+    from mlflow import MlflowClient
+
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(XDG_CACHE_HOME=str(cache), PYTHONPATH=str(Path(__file__).parents[2]))
+    shared, other = tmp_path / "shared" / ".keel", tmp_path / "other" / ".keel"
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FIRST_RUN, str(state)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )
+        for state in (shared, shared, other)
+    ]  # fmt: skip
+    results = [run.communicate(timeout=300) for run in runs]
+    for run, (_, err) in zip(runs, results, strict=True):
+        assert run.returncode == 0, err[-3000:]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    assert [p.name for p in cache.glob("keel/mlflow-*")] == [mlflow_store.template_path().name]
+    for state, wanted in ((shared, results[:2]), (other, results[2:])):
+        uri = f"sqlite:///{state / 'mlflow.db'}"
+        found = {r.info.run_id for r in MlflowClient(uri).search_runs(["0"])}
+        assert found == {out.strip() for out, _ in wanted}
 
 
 def journal_mode(database: Path) -> str:
