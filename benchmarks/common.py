@@ -6,6 +6,7 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import tempfile
@@ -72,6 +73,12 @@ class Timed:
     seconds: float
     stdout: str
     peak_rss: int  # bytes: the highest resident set of the process itself (not its children)
+    cpu_seconds: float  # user + system time of the process and of the children it waited for
+
+
+def _children_cpu() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
 
 
 def peak_rss(pid: int) -> int | None:
@@ -86,9 +93,12 @@ def peak_rss(pid: int) -> int | None:
 
 
 def timed(cmd: list[str], env: dict[str, str], timeout: float = 3600) -> Timed:
-    """Run a command from the project root; its wall time, output and own peak memory. (Output goes
-    to files, not pipes: a chatty process would block on a full pipe while its memory is polled.)"""
+    """Run a command from the project root; its wall time, output, own peak memory and CPU time
+    (with its children's: a process started in the background and left running, such as a warm
+    pool, is not counted). Output goes to files, not pipes: a chatty process would block on a full
+    pipe while its memory is polled."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        cpu_before = _children_cpu()  # commands run one at a time: the difference is this one's
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
         peak = 0
@@ -103,12 +113,13 @@ def timed(cmd: list[str], env: dict[str, str], timeout: float = 3600) -> Timed:
                 proc.kill()
                 proc.wait()
         elapsed = time.perf_counter() - started
+        cpu = _children_cpu() - cpu_before
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return Timed(elapsed, stdout, peak)
+    return Timed(elapsed, stdout, peak, cpu)
 
 
 def write_results(name: str, result: dict, markdown: str) -> None:
