@@ -34,7 +34,8 @@ def seed_new_store(database: Path) -> bool:
     """Copy the template to `database` if it does not exist; True if copied. Without a template (no
     `make install` yet) one is built first, under a lock: it costs what MLflow's own migration of
     the new store would, and two first runs side by side then each open a migrated copy. Left to
-    MLflow, both migrated the same new database at once, and one failed ("database is locked")."""
+    MLflow, both migrated the same new database at once, and one failed ("table
+    _alembic_tmp_experiments already exists", or "database is locked")."""
     if database.exists():
         return False
     template = template_path()
