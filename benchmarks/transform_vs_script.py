@@ -171,7 +171,7 @@ def write(measured: dict[str, dict[str, list[float]]], args: argparse.Namespace)
         "command": f"python -m benchmarks.transform_vs_script --rows {args.rows} --repeats {args.repeats}",
         "machine": machine(),
         "rows": args.rows,
-        **{f"{path}": x for path, x in found.items()},
+        **found,
         "ratios": ratios,
         "summary": [
             target_row(

@@ -18,8 +18,7 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-from infra.processes import locked
-from infra.templates import cache_dir, copy_if_absent, keep_as_template
+from infra.templates import build_if_missing, cache_dir, copy_if_absent, keep_as_template
 
 DEFAULT_EXPERIMENT_ID = 0  # MLflow's own; created again by MLflow when it opens the copy
 
@@ -38,13 +37,8 @@ def seed_new_store(database: Path) -> bool:
     _alembic_tmp_experiments already exists", or "database is locked")."""
     if database.exists():
         return False
-    template = template_path()
-    if not template.is_file():
-        template.parent.mkdir(parents=True, exist_ok=True)
-        with locked(template.with_name(f".{template.name}.lock")):
-            if not template.is_file():  # another process may have built it while this one waited
-                build_template()
-    return copy_if_absent(template, database)
+    build_if_missing(template_path(), build_template)
+    return copy_if_absent(template_path(), database)
 
 
 def build_template() -> Path:

@@ -18,7 +18,10 @@ import shutil
 import sqlite3
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+from infra.processes import locked
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,20 @@ def copy_if_absent(template: Path, target: Path) -> bool:
     return True
 
 
+def build_if_missing(template: Path, build: Callable[[], Path]) -> bool:
+    """Build `template` with `build()` unless it exists, one process at a time (a file lock beside
+    it): `make install` and first runs that find no template, side by side, build it once. True if
+    this call built it."""
+    if template.is_file():
+        return False
+    template.parent.mkdir(parents=True, exist_ok=True)
+    with locked(template.with_name(f".{template.name}.lock")):
+        if template.is_file():  # built by another process while this one waited
+            return False
+        build()
+        return True
+
+
 def keep_as_template(database: Path, template: Path) -> None:
     """A consistent copy of the SQLite `database` (even with a write-ahead log left behind),
     moved into place as `template` at once."""
@@ -69,7 +86,7 @@ def main() -> int:
         target = template_path()
         if not target.is_file():  # `make install` runs this every time: silent when there is nothing to do
             print(f"Preparing a migrated {what} (once per version): {target}", flush=True)
-            build()
+            build_if_missing(target, build)
     return 0
 
 
