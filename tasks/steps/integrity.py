@@ -14,12 +14,10 @@ that is what authentication on the MLflow server is for.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import hashlib
 import json
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from tasks.steps.fluent import point_fluent_api
+from tasks.steps.process_folders import process_folder
 from tasks.steps.tags import MANIFEST_TAG
 
 # Written by MLflow itself into the copy when a registered model is downloaded (its name and version,
@@ -145,12 +144,6 @@ def verified_copy(model_id: str, into: Path) -> Path:
     return local
 
 
-def _private_folder() -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="keel-verified-model-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return folder
-
-
 def load_verified(model_uri: str, tracking_uri: str, registry_uri: str) -> Any:
     """`mlflow.pyfunc.load_model` of a verified private copy. An alias or version is resolved to its
     logged model first (so a moved alias loads the new champion), then each logged model is copied,
@@ -173,7 +166,7 @@ def _load_logged(model_id: str, tracking_uri: str, registry_uri: str) -> Any:
     """The copy stays for the process's life: a model from code may import its shipped code lazily."""
     import mlflow
 
-    return mlflow.pyfunc.load_model(str(verified_copy(model_id, _private_folder())))
+    return mlflow.pyfunc.load_model(str(verified_copy(model_id, process_folder("keel-verified-model"))))
 
 
 class ModelLocation(BaseModel):

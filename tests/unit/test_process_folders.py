@@ -1,0 +1,80 @@
+"""Process folders (verified model copies) are removed when their process ends, however it ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tasks.steps import process_folders
+from tasks.steps.process_folders import process_folder, sweep
+
+HOLD = """
+import sys, time
+from tasks.steps.process_folders import process_folder
+folder = process_folder("keel-test")
+(folder / "model.bin").write_bytes(b"x" * 1000)
+print(folder, flush=True)
+if sys.argv[1] == "wait":
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    return tmp_path
+
+
+def holder(how: str) -> tuple[subprocess.Popen, Path]:
+    child = subprocess.Popen([sys.executable, "-c", HOLD, how], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    return child, Path(child.stdout.readline().strip())
+
+
+def test_a_killed_process_leaves_its_folder_until_the_next_process_asks_for_one(private_tmp):
+    killed, left = holder("wait")
+    running, kept = holder("wait")
+    try:
+        os.kill(killed.pid, signal.SIGKILL)  # no exit handler runs
+        killed.wait(timeout=10)
+        assert (left / "model.bin").exists()
+
+        mine = process_folder("keel-test")
+
+        assert not left.exists() and not Path(f"{left}.lock").exists()
+        assert (kept / "model.bin").exists(), "a running process's folder was removed"
+        assert mine.is_dir() and oct(mine.stat().st_mode & 0o777) == oct(0o700)
+    finally:
+        running.kill()
+        running.wait(timeout=10)
+
+
+def test_a_process_that_exits_removes_its_folder(private_tmp):
+    child, folder = holder("exit")
+    assert child.wait(timeout=30) == 0
+    assert not folder.exists() and not Path(f"{folder}.lock").exists()
+
+
+def test_a_sweep_leaves_the_folders_of_this_process(private_tmp):
+    folder = process_folder("keel-test")
+    assert sweep(folder.parent) == []
+    assert folder.is_dir()
+
+
+def test_a_shared_root_that_others_can_write_is_refused(private_tmp):
+    root = private_tmp / f"keel-process-folders-{os.getuid()}"
+    root.mkdir(mode=0o777)
+    root.chmod(0o777)
+    with pytest.raises(PermissionError, match="mode 0700"):
+        process_folder("keel-test")
+    root.rmdir()
+    root.symlink_to(private_tmp)
+    with pytest.raises(PermissionError, match="mode 0700"):
+        process_folders.process_folder("keel-test")
