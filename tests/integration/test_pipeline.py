@@ -33,7 +33,7 @@ def children(client, run_id: str) -> list:
     return client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{run_id}'")
 
 
-def test_registers_a_champion_then_an_impossible_gate_fails_and_registers_nothing(on_cluster):
+def test_registers_a_champion_then_an_impossible_gate_fails_and_registers_nothing(on_cluster, tmp_path):
     params = PipelineParams(**FAST, model_name="bike-it", min_r2=0.3)
     result = training_pipeline(params)
 
@@ -77,7 +77,7 @@ def test_registers_a_champion_then_an_impossible_gate_fails_and_registers_nothin
     # the model card: what it is, how it did, its data, its approval; fewer tags, all read by code
     assert card.startswith("# bike-it v1: Approved, champion") and "## How it did" in card
     assert f"| r2 | {result.evaluation.metrics['r2']:.4g} |" in card
-    assert client.download_artifacts(parent_id, "model_card.md") and len(champion.tags) <= 14
+    assert client.download_artifacts(parent_id, "model_card.md", str(tmp_path)) and len(champion.tags) <= 14
     assert "The champion is **v1**" in client.get_registered_model("bike-it").description
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -105,7 +105,7 @@ def test_registers_a_champion_then_an_impossible_gate_fails_and_registers_nothin
     } <= prefixes
 
     # a plain MLflow client predicts on new raw rows
-    model = mlflow.pyfunc.load_model("models:/bike-it@champion")
+    model = mlflow.pyfunc.load_model("models:/bike-it@champion", dst_path=str(tmp_path))
     rows = pd.read_csv(BIKE_CSV).tail(24)
     rows["dteday"] = pd.to_datetime(rows["dteday"])
     predicted = model.predict(rows)
@@ -134,7 +134,7 @@ def test_a_binary_target_trains_a_classifier(on_cluster, tmp_path):
     result = training_pipeline(params)
     assert set(result.evaluation.metrics) == {"auc", "log_loss", "accuracy"}
     assert result.evaluation.metrics["auc"] > 0.8
-    model = mlflow.pyfunc.load_model("models:/busy@champion")
+    model = mlflow.pyfunc.load_model("models:/busy@champion", dst_path=str(tmp_path))
     sample = pd.read_parquet(path).tail(5)
     out = model.predict(sample)
     assert list(out.columns) == ["prediction", "probability_False", "probability_True"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
 
 import pandas as pd
 import pytest
@@ -61,7 +62,8 @@ def test_pipeline_records_to_real_mlflow_and_prefect_servers(servers, served):
     # the artifacts went through the server: a client that knows only its URL can load the model
     mlflow.set_tracking_uri(server)
     mlflow.set_registry_uri(server)
-    model = mlflow.pyfunc.load_model("models:/bike-served@champion")
+    with tempfile.TemporaryDirectory() as copy:  # MLflow keeps a download without dst_path
+        model = mlflow.pyfunc.load_model("models:/bike-served@champion", dst_path=copy)
     assert model.metadata.signature is not None
 
     from prefect.client.orchestration import SyncPrefectClient
@@ -109,7 +111,7 @@ def test_a_model_file_replaced_through_the_artifact_proxy_is_refused_and_never_r
 
     env = servers.env(KEEL_STATE_DIR=str(tmp_path / "state"))
     subprocess.run(
-        [sys.executable, "-c", "import mlflow; mlflow.pyfunc.load_model('models:/bike-served@champion')"],
+        [sys.executable, "-c", f"import mlflow; mlflow.pyfunc.load_model('models:/bike-served@champion', dst_path={str(tmp_path)!r})"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert marker.exists(), "the attack did not reach the model: this test proves nothing"
@@ -302,7 +304,7 @@ def test_readme_example_pipeline_runs_in_a_package_of_its_own(servers, tmp_path)
     assert version.run_id == parent.info.run_id and version.tags["approval_status"] == "Approved"
     mlflow.set_tracking_uri(servers.mlflow_uri)
     mlflow.set_registry_uri(servers.mlflow_uri)
-    model = mlflow.pyfunc.load_model("models:/churn-it@champion")
+    model = mlflow.pyfunc.load_model("models:/churn-it@champion", dst_path=str(tmp_path))
     sample = pd.DataFrame({"tenure": [2, 60], "monthly_charges": [110.0, 25.0]})
     sample["charges_per_tenure_month"] = sample.monthly_charges / sample.tenure
     assert len(model.predict(sample)) == 2

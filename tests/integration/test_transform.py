@@ -10,6 +10,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,8 +46,9 @@ def may(tmp_path: Path) -> tuple[pd.DataFrame, Path]:
 
 
 def pyfunc_predictions(version: str, rows: pd.DataFrame) -> pd.Series:
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}")
-    return model.predict(rows)["prediction"]
+    with tempfile.TemporaryDirectory() as copy:  # MLflow keeps a download without dst_path
+        model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}", dst_path=copy)
+        return model.predict(rows)["prediction"]
 
 
 def test_scores_every_row_as_pyfunc_does_with_ids_kept_columns_and_lineage(scoring_env, tmp_path):
