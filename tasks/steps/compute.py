@@ -11,6 +11,7 @@ starts one.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -190,3 +191,23 @@ def threads_per_task(client: distributed.Client, tasks_at_once: int) -> int:
 
 def _n_workers(client) -> int:
     return len(client.scheduler_info().get("workers", {}))
+
+
+def workers_on_loopback(addresses: Iterable[str]) -> bool:
+    """Whether every worker (`tcp://127.0.0.1:40123`, `inproc://…`) is reachable on this machine's
+    loopback only: then nothing a step opens needs to be reachable from the network."""
+    found = False
+    for address in addresses:
+        found = True
+        scheme, _, rest = address.partition("://")
+        if scheme == "inproc":
+            continue
+        host = rest.rsplit(":", 1)[0].strip("[]")
+        if host == "localhost":
+            continue
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return False
+        except ValueError:  # a host name: it may resolve to any interface
+            return False
+    return found

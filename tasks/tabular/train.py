@@ -20,7 +20,7 @@ from tasks.steps import (
     training_step,
     tuning_step,
 )
-from tasks.steps.compute import dask_client, threads_per_task
+from tasks.steps.compute import dask_client, threads_per_task, workers_on_loopback
 from tasks.steps.integrity import record_manifest
 from tasks.steps.refs import DatasetRef, ModelRef, file_urls
 from tasks.steps.tags import MODEL_DIGEST_TAG
@@ -54,7 +54,8 @@ class TrainingSpec(BaseModel):
         default="auto",
         description="single: one worker fits in memory; distributed: lightgbm.dask over all workers; "
         "auto: distributed only when the training data would take more than `distributed_share` of a worker's "
-        "memory limit.",
+        "memory limit and the workers are not all on loopback (lightgbm.dask opens unauthenticated ports on "
+        "every interface).",
     )
     distributed_share: float = Field(default=0.25, gt=0, le=1)
     threads: int = Field(
@@ -67,16 +68,27 @@ def training_bytes(rows: int, n_features: int) -> int:
     return rows * (n_features + 1) * 8
 
 
-def choose_mode(spec: TrainingSpec, rows: int, n_features: int, worker_memory: int) -> tuple[str, str]:
+EXPOSED_PORTS = (
+    "lightgbm.dask opens LightGBM's own training ports on every network interface of the workers, "
+    "without authentication, for the length of the fit"
+)
+
+
+def choose_mode(
+    spec: TrainingSpec, rows: int, n_features: int, worker_memory: int, on_loopback: bool = False
+) -> tuple[str, str]:
+    """single or distributed, and why. On a cluster whose workers are all on loopback (a LocalCluster,
+    the local stack) `auto` never picks distributed: its ports would be reachable from the network
+    though nothing there needs them (`--training-mode distributed` still can)."""
     need = training_bytes(rows, n_features)
     limit = int(worker_memory * spec.distributed_share)
     if spec.mode != "auto":
         return spec.mode, f"mode set to {spec.mode}"
     if worker_memory and need > limit:
-        return (
-            "distributed",
-            f"training matrix ~{need / 2**20:.0f} MiB > {spec.distributed_share:.0%} of a worker's {worker_memory / 2**20:.0f} MiB",
-        )
+        big = f"training matrix ~{need / 2**20:.0f} MiB > {spec.distributed_share:.0%} of a worker's {worker_memory / 2**20:.0f} MiB"
+        if on_loopback:
+            return "single", f"{big}, but the workers are on loopback and {EXPOSED_PORTS}"
+        return "distributed", big
     return (
         "single",
         f"training matrix ~{need / 2**20:.1f} MiB fits one worker (limit {limit / 2**20:.0f} MiB)",
@@ -123,9 +135,15 @@ def train(
     rows = sum(ref.rows or 0 for ref in refs)
     workers = client.scheduler_info().get("workers", {}).values()
     worker_memory = min((w.get("memory_limit") or 0 for w in workers), default=0)
-    mode, why = choose_mode(training, rows, len(features.feature_names), worker_memory)
+    on_loopback = workers_on_loopback(client.scheduler_info().get("workers", {}))
+    mode, why = choose_mode(training, rows, len(features.feature_names), worker_memory, on_loopback)
     rounds = int(tuning.best_metrics.get("best_iteration", training.num_boost_round))
-    get_run_logger().info("training on %s rows, %d trees, %s (%s)", f"{rows:,}", rounds, mode, why)
+    logger = get_run_logger()
+    logger.info("training on %s rows, %d trees, %s (%s)", f"{rows:,}", rounds, mode, why)
+    if mode == "distributed" and on_loopback:
+        logger.warning(
+            "%s, though these workers are all on loopback (use single to keep them closed)", EXPOSED_PORTS
+        )
     step.log_params({"mode": mode, "mode_reason": why, "num_boost_round": rounds, **tuning.best_params})
     if mode == "single":
         fitted = client.submit(

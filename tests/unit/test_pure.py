@@ -9,6 +9,7 @@ import pytest
 
 from flows.pipeline import PipelineParams, quality_checks
 from tasks.steps.cli import parse_params
+from tasks.steps.compute import workers_on_loopback
 from tasks.steps.params import flat_fields
 from tasks.steps.refs import content_digest, data_files
 from tasks.tabular.evaluate import Evaluation
@@ -87,6 +88,18 @@ def test_training_mode_follows_data_size():
     assert choose_mode(spec, rows=10_000, n_features=20, worker_memory=4 * 2**30)[0] == "single"
     assert choose_mode(spec, rows=10_000_000, n_features=20, worker_memory=4 * 2**30)[0] == "distributed"
     assert choose_mode(TrainingSpec(mode="distributed"), 10, 2, 4 * 2**30)[0] == "distributed"
+
+
+def test_auto_never_opens_lightgbm_ports_for_workers_on_loopback():
+    big = {"rows": 10_000_000, "n_features": 20, "worker_memory": 4 * 2**30}
+    mode, why = choose_mode(TrainingSpec(), **big, on_loopback=True)
+    assert mode == "single" and "every network interface" in why
+    assert choose_mode(TrainingSpec(mode="distributed"), **big, on_loopback=True)[0] == "distributed"
+    assert workers_on_loopback(["tcp://127.0.0.1:40123", "tcp://[::1]:40124", "inproc://10.0.0.1/1/2"])
+    assert workers_on_loopback(["tcp://localhost:1"])
+    assert not workers_on_loopback(["tcp://127.0.0.1:40123", "tcp://10.1.2.3:40124"])
+    assert not workers_on_loopback(["tls://worker-1.cluster.internal:8786"])
+    assert not workers_on_loopback([])
 
 
 def test_cli_lists_and_parses_every_parameter(capsys):
