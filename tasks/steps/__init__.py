@@ -5,7 +5,7 @@
 Step kinds (SageMaker's): Processing, Training, Tuning, Transform, Condition, Model and Fail steps; `@pipeline`
 makes a function of steps a Prefect flow with MLflow lineage, a Dask cluster, resume and a command
 line. Steps pass references (`DatasetRef`, `ModelRef`, ...), not data: a DataFrame a step returns is
-stored for it, and `log_model` logs a model and returns its reference.
+stored for it, `log_model` logs a model and returns its reference, and `load_model` gives it back.
 """
 
 from tasks.steps.base import Step, StepRun, current_step, results, step_kind
@@ -16,7 +16,7 @@ from tasks.steps.fail import fail
 from tasks.steps.kinds import StepKind
 from tasks.steps.lineage import current_pipeline
 from tasks.steps.model import ApprovalStatus, ModelName, RegisteredVersion, model_step, register_model
-from tasks.steps.models import log_model
+from tasks.steps.models import load_model, log_model
 from tasks.steps.params import ParamGroup, Params
 from tasks.steps.pipeline import ExecutionOptions, Pipeline, pipeline
 from tasks.steps.processing import processing_step
@@ -55,6 +55,7 @@ __all__ = [
     "current_step",
     "dask_client",
     "fail",
+    "load_model",
     "log_model",
     "model_step",
     "pipeline",

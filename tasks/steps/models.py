@@ -4,19 +4,23 @@
 too), with MLflow's flavour for it, and returns the `ModelRef` the next steps take. The model's pip
 requirements are the versions installed here (which the lock file pinned), not MLflow's inference
 (which loads the model again in a subprocess to see what it imports). The files' digests are
-recorded as the model's manifest, so it loads only as it was logged (`tasks.steps.integrity`).
+recorded as the model's manifest, so it loads only as it was logged (`tasks.steps.integrity`):
+`load_model(ref)` in a later step gives the model back from a checked copy.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import pickle
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 from tasks.steps.base import current_step
-from tasks.steps.integrity import record_manifest
+from tasks.steps.integrity import logged_model_id, record_manifest, verified_copy
+from tasks.steps.process_folders import process_folder
 from tasks.steps.refs import ModelRef
 from tasks.steps.tags import MODEL_DIGEST_TAG
 
@@ -125,3 +129,30 @@ def log_model(
         task=task or task_of(model),
         digest=digest,
     )
+
+
+def load_model(model: ModelRef) -> Any:
+    """The model `log_model` logged, as its library's own object (a LightGBM Booster, a scikit-learn
+    estimator), read from a private copy whose files match the manifest recorded at logging; a new
+    object on each call, the copy made once per process. (`mlflow.sklearn.load_model(model.uri)`
+    skips the check and, from a tracking server, leaves a new copy in the temporary directory on
+    every call.)"""
+    import mlflow
+
+    copy = _verified_folder(
+        model.model_id or logged_model_id(model.uri), mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    )
+    flavors = mlflow.models.Model.load(str(copy / "MLmodel")).flavors
+    if "lightgbm" in flavors:
+        return mlflow.lightgbm.load_model(str(copy))
+    if "sklearn" in flavors:
+        return mlflow.sklearn.load_model(str(copy))
+    raise ValueError(
+        f"{model.uri} is a model of the flavours {sorted(flavors)}: load_model loads what log_model logs "
+        "(LightGBM, scikit-learn); load others with mlflow.pyfunc"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _verified_folder(model_id: str, tracking_uri: str, registry_uri: str) -> Path:
+    return verified_copy(model_id, process_folder("keel-verified-model"))

@@ -246,7 +246,11 @@ def test_readme_example_pipeline_runs_in_a_package_of_its_own(servers, tmp_path)
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True
     ).stdout.strip()
-    env = servers.env(KEEL_STATE_DIR=str(project / ".keel"), MLFLOW_EXPERIMENT_NAME="churnlab-it")
+    scratch = tmp_path / "tmp"  # the runs' temporary directory
+    scratch.mkdir()
+    env = servers.env(
+        KEEL_STATE_DIR=str(project / ".keel"), MLFLOW_EXPERIMENT_NAME="churnlab-it", TMPDIR=str(scratch)
+    )
     name = module.with_suffix("").relative_to(project).as_posix().replace("/", ".")
 
     def run(*flags: str) -> subprocess.CompletedProcess:
@@ -276,6 +280,12 @@ def test_readme_example_pipeline_runs_in_a_package_of_its_own(servers, tmp_path)
     assert experiment is None  # nothing before the first run
     first = run()
     assert first.stdout.strip().endswith("models:/churn-it/1")
+    copies = [
+        m.parent
+        for m in scratch.rglob("MLmodel")
+        if not m.relative_to(scratch).parts[0].startswith("keel-process-")
+    ]
+    assert copies == [], "evaluate's load_model left a copy of the model behind"
     parent, steps = last_execution()
     assert parent.data.tags.get("mlflow.source.git.commit") == head, (
         parent.data.tags

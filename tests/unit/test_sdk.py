@@ -18,16 +18,21 @@ from tasks.steps import (
     Check,
     DatasetRef,
     ExecutionOptions,
+    ModelRef,
     condition,
     current_pipeline,
     fail,
     lineage,
+    load_model,
+    log_model,
     pipeline,
     processing_step,
     training_step,
 )
 from tasks.steps.cache import UnstorableOutput
 from tasks.steps.discover import steps_of
+from tasks.steps.integrity import ModelIntegrityError
+from tasks.steps.models import _verified_folder
 from tasks.steps.tags import STEP_TAG
 from tests.conftest import mlflow_client
 
@@ -243,3 +248,45 @@ def test_parameter_groups_are_nested_in_the_model_and_flat_everywhere_else(capsy
         class Ambiguous(Params):  # every field in two groups: --trees would mean either
             fit: Fit = Field(default_factory=Fit)
             other: Fit = Field(default_factory=Fit)
+
+
+@training_step
+def fit_two(table: DatasetRef) -> dict[str, ModelRef]:
+    import lightgbm as lgb
+    from sklearn.linear_model import LinearRegression
+
+    frame = pd.read_parquet(table.uri)
+    features = frame[["x"]].astype("float64")
+    booster = lgb.train({"verbose": -1, "min_data_in_leaf": 1}, lgb.Dataset(features, frame.y), 5)
+    return {
+        "sklearn": log_model(LinearRegression().fit(features, frame.y), input_example=features[:2]),
+        "lightgbm": log_model(booster, input_example=features[:2], task="regression"),
+    }
+
+
+@processing_step
+def predict_both(models: dict[str, ModelRef], table: DatasetRef) -> dict[str, list[float]]:
+    features = pd.read_parquet(table.uri)[["x"]].astype("float64")
+    return {name: [float(v) for v in load_model(ref).predict(features)] for name, ref in models.items()}
+
+
+@pipeline(name="sdk-models", params=TableParams)
+def models_pipeline(params: TableParams) -> dict[str, object]:
+    table = make_table(params.rows)
+    models = fit_two(table)
+    return {"models": models, "predictions": predict_both(models, table)}
+
+
+@pytest.mark.usefixtures("prefect_harness", "state")
+def test_a_logged_model_loads_in_a_later_step_and_only_as_it_was_logged():
+    result = models_pipeline(TableParams(rows=20))
+    predictions = result["predictions"]
+    assert predictions["sklearn"] == pytest.approx([2.0 * x for x in range(20)])
+    assert len(predictions["lightgbm"]) == 20
+
+    ref = result["models"]["sklearn"]
+    stored = mlflow_client().get_logged_model(ref.model_id).artifact_location.removeprefix("file://")
+    (Path(stored) / "model.skops").write_bytes(b"not the model")
+    _verified_folder.cache_clear()
+    with pytest.raises(ModelIntegrityError, match=r"changed: model\.skops"):
+        load_model(ref)
