@@ -10,7 +10,9 @@ in a command's `if __name__ == "__main__":` block before the command imports any
 The server process resolves Prefect's settings as the run does (same environment, same folder) and
 decides on its own: with an API URL or with temporary servers disallowed it says so and exits.
 Otherwise it copies the template database into a new home (`infra.prefect_home`; the copy has the
-block types registered already, so it does not register them again: 1-2 s of its start here), binds
+block types registered already, so it does not register them again: 1-2 s of its start here;
+without a template, servers starting side by side on a new home wait for the first to create its
+database), binds
 a port on 127.0.0.1, prints its API URL as one JSON line on stdout, and serves until SIGTERM. The run
 (`start_temporary_server`) reads that line, waits for the health check, and stops it when the
 process exits, after Prefect has sent its last logs and events, as Prefect stops its own. It runs in
@@ -34,6 +36,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from infra.processes import loopback_ok
 
@@ -189,6 +192,13 @@ def _stop_when_the_run_ends() -> None:
     os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own way out (or `_exit` before it runs)
 
 
+def _release_once_started(server: Any, lock: int) -> None:
+    """The database is migrated once uvicorn has run the app's start-up: let the next server in."""
+    while not server.started and not server.should_exit:
+        time.sleep(0.05)
+    os.close(lock)
+
+
 def serve() -> int:
     """The server process: Prefect's API app on a port of 127.0.0.1, as Prefect runs its own."""
     for stop in (signal.SIGTERM, signal.SIGINT):  # until uvicorn takes them: a half-done copy is removed
@@ -204,7 +214,7 @@ def serve() -> int:
         temporary_settings,
     )
 
-    from infra.prefect_home import seed_new_home
+    from infra.prefect_home import first_start, seed_new_home
 
     if PREFECT_API_URL.value():
         _announce(declined="PREFECT_API_URL is set")
@@ -212,9 +222,10 @@ def serve() -> int:
     if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         _announce(declined="temporary servers are disallowed (PREFECT_SERVER_ALLOW_EPHEMERAL_MODE)")
         return 0
-    seeded = False
+    seeded, creating = False, None
     with contextlib.suppress(OSError):
         seeded = seed_new_home()
+        creating = None if seeded else first_start()  # no template: one server at a time creates it
     sock = socket.socket()
     sock.bind((HOST, 0))
     _announce(api_url=f"http://{HOST}:{sock.getsockname()[1]}/api")
@@ -232,6 +243,8 @@ def serve() -> int:
         # every module of Prefect's server one by one (1.6 s here, which the run's exit waited for).
         for stop in (signal.SIGTERM, signal.SIGINT):
             signal.signal(stop, signal.SIG_DFL)
+        if creating is not None:
+            threading.Thread(target=_release_once_started, args=(server, creating), daemon=True).start()
         server.run(sockets=[sock])
     return 0 if server.started else STARTUP_FAILED
 

@@ -64,3 +64,35 @@ def test_without_a_template_nothing_is_copied(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
     assert not prefect_home.seed_new_home(tmp_path / "home" / "prefect.db")
     assert not (tmp_path / "home" / "prefect.db").exists()
+
+
+SERVER = """
+import os, sys
+from infra import temporary_server
+temporary_server._launch(dict(os.environ), early=True)
+try:
+    url = temporary_server._server.wait_until_ready(120)
+    import httpx
+    print(httpx.post(url + "/flows/", json={"name": f"side-by-side-{os.getpid()}"}, timeout=30).status_code)
+finally:
+    temporary_server._server.stop()
+"""
+
+
+def test_without_a_template_servers_side_by_side_on_a_new_home_wait_for_the_first(tmp_path):
+    """Four temporary servers start at once on one new home with no template: one creates and
+    migrates the database, the others wait for it and all answer. Left to Prefect, each migrated
+    the new database and one in nine failed ("Online migration expected to match one row")."""
+    env = clean_env(PREFECT_HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "empty-cache"))
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-c", SERVER], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]  # fmt: skip
+    for server in servers:
+        out, err = server.communicate(timeout=300)
+        assert server.returncode == 0 and out.strip() == "201", err[-3000:]
+    with sqlite3.connect(tmp_path / "home" / "prefect.db") as db:
+        assert db.execute("select count(*) from flow").fetchone()[0] == 4
+    db.close()
