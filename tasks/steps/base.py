@@ -72,7 +72,7 @@ class StepRun:
     closing_tags: dict[str, str] = field(default_factory=dict)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        lineage.log_params(self.client, self.run_id, params)
+        lineage.log_batch(self.client, self.run_id, params=params)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         lineage.log_metrics(self.client, self.run_id, metrics, step)

@@ -204,13 +204,6 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def log_params(
-    client: MlflowClient, run_id: str, params: Mapping[str, Any], tags: Mapping[str, Any] | None = None
-) -> None:
-    """Parameters (flattened) and tags in as few writes as MLflow's batch limits allow."""
-    log_batch(client, run_id, params=params, tags=tags)
-
-
 def log_batch(
     client: MlflowClient,
     run_id: str,
@@ -305,7 +298,7 @@ def pipeline_run(
             **(tags or {}),
         },
     )
-    log_params(client, run.info.run_id, params)
+    log_batch(client, run.info.run_id, params=params)
     client.log_text(run.info.run_id, json.dumps(params, indent=1, default=str), PARAMS_ARTIFACT)
     current = PipelineRun(
         run.info.run_id,
