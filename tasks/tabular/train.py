@@ -133,9 +133,9 @@ def train(
     client = dask_client()
     refs = [train, valid]
     rows = sum(ref.rows or 0 for ref in refs)
-    workers = client.scheduler_info().get("workers", {}).values()
-    worker_memory = min((w.get("memory_limit") or 0 for w in workers), default=0)
-    on_loopback = workers_on_loopback(client.scheduler_info().get("workers", {}))
+    workers = client.scheduler_info().get("workers", {})  # by address
+    worker_memory = min((w.get("memory_limit") or 0 for w in workers.values()), default=0)
+    on_loopback = workers_on_loopback(workers)
     mode, why = choose_mode(training, rows, len(features.feature_names), worker_memory, on_loopback)
     rounds = int(tuning.best_metrics.get("best_iteration", training.num_boost_round))
     logger = get_run_logger()
