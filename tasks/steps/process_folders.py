@@ -4,8 +4,8 @@ A folder removed at exit (`atexit`) stays behind when its process is stopped by 
 Dask worker of the local stack or of a warm pool is: each verified model copy (3 MiB) was left in the
 temporary directory, a thousand of them after a day of test runs. Here each folder has a lock file
 beside it that its process holds (`flock`) for its whole life; the kernel releases the lock when the
-process ends, however it ends, and the next process that asks for a folder removes every folder
-whose lock it can take.
+process ends, however it ends, and the next process that asks for a folder, or that made one and
+exits, removes every folder whose lock it can take.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def process_folder(prefix: str) -> Path:
             continue
         folder = root / name
         folder.mkdir(mode=0o700)
+        if not _held:  # at exit, also what processes that died meanwhile left (a test's killed workers)
+            atexit.register(_sweep_quietly, root)
         _held.append(descriptor)
         atexit.register(_remove_if_mine, os.getpid(), folder, lock)
         return folder
@@ -70,6 +72,11 @@ def sweep(root: Path) -> list[str]:
         finally:
             os.close(descriptor)
     return removed
+
+
+def _sweep_quietly(root: Path) -> None:
+    with contextlib.suppress(OSError):
+        sweep(root)
 
 
 def _remove_if_mine(owner: int, folder: Path, lock: Path) -> None:

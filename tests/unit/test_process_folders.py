@@ -22,6 +22,8 @@ folder = process_folder("keel-test")
 print(folder, flush=True)
 if sys.argv[1] == "wait":
     time.sleep(120)
+elif sys.argv[1] == "until-told":
+    sys.stdin.readline()
 """
 
 
@@ -33,7 +35,9 @@ def private_tmp(tmp_path, monkeypatch) -> Path:
 
 
 def holder(how: str) -> tuple[subprocess.Popen, Path]:
-    child = subprocess.Popen([sys.executable, "-c", HOLD, how], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD, how], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert child.stdout is not None
     return child, Path(child.stdout.readline().strip())
 
@@ -60,6 +64,17 @@ def test_a_process_that_exits_removes_its_folder(private_tmp):
     child, folder = holder("exit")
     assert child.wait(timeout=30) == 0
     assert not folder.exists() and not Path(f"{folder}.lock").exists()
+
+
+def test_a_process_that_exits_also_removes_what_processes_killed_meanwhile_left(private_tmp):
+    exiting, _ = holder("until-told")
+    killed, left = holder("wait")
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=10)
+    assert (left / "model.bin").exists()
+    exiting.communicate("done\n", timeout=30)
+    assert exiting.returncode == 0
+    assert not left.exists() and not Path(f"{left}.lock").exists()
 
 
 def test_a_sweep_leaves_the_folders_of_this_process(private_tmp):
