@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -89,15 +88,6 @@ def start_server(model: Path, port: int) -> subprocess.Popen:
         # MLflow starts `uvicorn` by name: this environment's, also when it is not on PATH
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
     )  # fmt: skip
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def start_gateway(upstream_port: int, host: str, port: int) -> subprocess.Popen:
@@ -212,6 +202,7 @@ class Served:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from tasks.steps.cli import configure_logging
+    from tasks.steps.compute import is_loopback
     from tasks.steps.lineage import mlflow_client
     from tasks.steps.model import checked_model_name
     from tasks.steps.settings import get_settings

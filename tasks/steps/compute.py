@@ -193,6 +193,16 @@ def _n_workers(client) -> int:
     return len(client.scheduler_info().get("workers", {}))
 
 
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address; any other name may resolve to any interface."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def workers_on_loopback(addresses: Iterable[str]) -> bool:
     """Whether every worker (`tcp://127.0.0.1:40123`, `inproc://…`) is reachable on this machine's
     loopback only: then nothing a step opens needs to be reachable from the network."""
@@ -200,14 +210,6 @@ def workers_on_loopback(addresses: Iterable[str]) -> bool:
     for address in addresses:
         found = True
         scheme, _, rest = address.partition("://")
-        if scheme == "inproc":
-            continue
-        host = rest.rsplit(":", 1)[0].strip("[]")
-        if host == "localhost":
-            continue
-        try:
-            if not ipaddress.ip_address(host).is_loopback:
-                return False
-        except ValueError:  # a host name: it may resolve to any interface
+        if scheme != "inproc" and not is_loopback(rest.rsplit(":", 1)[0].strip("[]")):
             return False
     return found
