@@ -163,10 +163,17 @@ def _fixed_model_id(model_uri: str, tracking_uri: str, registry_uri: str) -> str
 
 @functools.lru_cache(maxsize=4)
 def _load_logged(model_id: str, tracking_uri: str, registry_uri: str) -> Any:
-    """The copy stays for the process's life: a model from code may import its shipped code lazily."""
     import mlflow
 
-    return mlflow.pyfunc.load_model(str(verified_copy(model_id, process_folder("keel-verified-model"))))
+    return mlflow.pyfunc.load_model(str(verified_folder(model_id, tracking_uri, registry_uri)))
+
+
+@functools.lru_cache(maxsize=8)
+def verified_folder(model_id: str, tracking_uri: str, registry_uri: str) -> Path:
+    """A verified private copy of the logged model, made once per process and store (`load_verified`
+    and `models.load_model` share it). It stays for the process's life: a model from code may import
+    its shipped code lazily."""
+    return verified_copy(model_id, process_folder("keel-verified-model"))
 
 
 class ModelLocation(BaseModel):

@@ -10,17 +10,14 @@ recorded as the model's manifest, so it loads only as it was logged (`tasks.step
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.metadata
 import pickle
 import warnings
-from pathlib import Path
 from typing import Any, Literal
 
 from tasks.steps.base import current_step
-from tasks.steps.integrity import logged_model_id, record_manifest, verified_copy
-from tasks.steps.process_folders import process_folder
+from tasks.steps.integrity import logged_model_id, record_manifest, verified_folder
 from tasks.steps.refs import ModelRef
 from tasks.steps.tags import MODEL_DIGEST_TAG
 
@@ -139,7 +136,7 @@ def load_model(model: ModelRef) -> Any:
     every call.)"""
     import mlflow
 
-    copy = _verified_folder(
+    copy = verified_folder(
         model.model_id or logged_model_id(model.uri), mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     )
     flavors = mlflow.models.Model.load(str(copy / "MLmodel")).flavors
@@ -151,8 +148,3 @@ def load_model(model: ModelRef) -> Any:
         f"{model.uri} is a model of the flavours {sorted(flavors)}: load_model loads what log_model logs "
         "(LightGBM, scikit-learn); load others with mlflow.pyfunc"
     )
-
-
-@functools.lru_cache(maxsize=8)
-def _verified_folder(model_id: str, tracking_uri: str, registry_uri: str) -> Path:
-    return verified_copy(model_id, process_folder("keel-verified-model"))

@@ -31,8 +31,7 @@ from tasks.steps import (
 )
 from tasks.steps.cache import UnstorableOutput
 from tasks.steps.discover import steps_of
-from tasks.steps.integrity import ModelIntegrityError
-from tasks.steps.models import _verified_folder
+from tasks.steps.integrity import ModelIntegrityError, verified_folder
 from tasks.steps.tags import STEP_TAG
 from tests.conftest import mlflow_client
 
@@ -287,6 +286,6 @@ def test_a_logged_model_loads_in_a_later_step_and_only_as_it_was_logged():
     ref = result["models"]["sklearn"]
     stored = mlflow_client().get_logged_model(ref.model_id).artifact_location.removeprefix("file://")
     (Path(stored) / "model.skops").write_bytes(b"not the model")
-    _verified_folder.cache_clear()
+    verified_folder.cache_clear()
     with pytest.raises(ModelIntegrityError, match=r"changed: model\.skops"):
         load_model(ref)
