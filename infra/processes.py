@@ -91,13 +91,18 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def http_ok(url: str) -> bool:
-    """Whether `url` answers 200 (raises while nothing answers). A server on this machine is asked
-    directly: a proxy from the environment (`HTTP_PROXY` without `NO_PROXY`) would answer for it,
-    or not at all; other URLs go as the environment says."""
+def http_ok(url: str, json_body: str | None = None, timeout: float = 2) -> bool:
+    """Whether `url` answers 200 (raises while nothing answers); with `json_body`, to a POST of it.
+    A server on this machine is asked directly: a proxy from the environment (`HTTP_PROXY` without
+    `NO_PROXY`) would answer for it, or not at all; other URLs go as the environment says."""
     host = urllib.parse.urlsplit(url).hostname or ""
     opener = _DIRECT if host in _LOOPBACK else urllib.request.build_opener()
-    with opener.open(url, timeout=2) as response:
+    request = urllib.request.Request(url)
+    if json_body is not None:
+        request = urllib.request.Request(
+            url, data=json_body.encode(), headers={"Content-Type": "application/json"}, method="POST"
+        )
+    with opener.open(request, timeout=timeout) as response:
         return bool(response.status == HTTPStatus.OK)
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from infra import prefect_home
 from infra.processes import pid_running
+from infra.temporary_server import WARM_UP
 from tests.conftest import ROOT, clean_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -211,6 +212,26 @@ def test_a_process_that_did_not_start_it_early_starts_it_when_asked_and_stops_it
     url, early, code = done.stdout.split()
     assert url.startswith("http://127.0.0.1:") and url.endswith("/api") and early == "False"
     assert code != "None" and not answers(url)
+
+
+def test_the_server_asks_itself_what_a_run_asks_first_and_writes_nothing(tmp_path):
+    """`warm_up` asks each path of `WARM_UP` once the server is up: each must answer 200 on this
+    Prefect (a path it has dropped would be skipped quietly, and the run would pay again), and none
+    may leave a flow, a flow run or a task run in the user's database."""
+    code = (
+        "import time\n"
+        "from infra.processes import http_ok\n"
+        "from infra.temporary_server import WARM_UP, start_temporary_server as start\n"
+        "server = start(); url = server.wait_until_ready(120)\n"
+        "print([http_ok(url + path, json_body=body) for path, body in WARM_UP])\n"
+        "time.sleep(1); server.stop()\n"
+    )
+    done = server_process(tmp_path, code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[0] == str([True] * len(WARM_UP))
+    database = tmp_path / "prefect-home" / "prefect.db"
+    for table in ("flow", "flow_run", "task_run"):
+        assert rows(database, f"select count(*) from {table}") == [(0,)], table
 
 
 def test_where_prefect_names_a_server_or_forbids_temporary_ones_the_server_process_declines(tmp_path):
