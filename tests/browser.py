@@ -90,8 +90,10 @@ def wait_for(driver, condition: Callable[[], object], what: str, timeout: float 
             return found
         if time.monotonic() > deadline:
             body = driver.execute_script("return document.body ? document.body.innerText : ''")
+            if len(body) > 6000:  # a toast or an error is often at the end of the page
+                body = f"{body[:3000]}\n[... {len(body) - 6000} characters ...]\n{body[-3000:]}"
             pytest.fail(
-                f"{what} did not appear within {timeout:g}s at {driver.current_url}; the page says:\n{body[:3000]}"
+                f"{what} did not appear within {timeout:g}s at {driver.current_url}; the page says:\n{body}"
             )
         time.sleep(0.5)
 

@@ -617,7 +617,10 @@ def answer_in_the_browser(stack: RunningStack, flow_run_id: str, reason: str, na
         name_field.send_keys(name)
         screenshot(driver, shots, "prefect-approval-form")
         button("Submit").click()
-        wait_for(driver, lambda: "Decided By" not in page_text(driver), "the form to close")
+        try:
+            wait_for(driver, lambda: "Decided By" not in page_text(driver), "the form to close")
+        finally:  # what the page showed after the answer, closed or not
+            screenshot(driver, shots, "prefect-approval-submitted")
 
 
 def links(driver, prefix: str) -> list[str]:
