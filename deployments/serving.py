@@ -27,12 +27,10 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -157,13 +155,15 @@ class Served:
         died = self.server is not None and self.server.poll() is not None
         if wanted in self.refused or (wanted == self.version and not died):
             return
-        fresh = Path(tempfile.mkdtemp(prefix="keel-serving-"))
+        from tasks.steps.process_folders import process_folder, release
+
+        fresh = process_folder("keel-serving")  # removed even if this process is killed
         try:
             model = verified_model(self.args.model_name, wanted, fresh)
         except Exception as exc:
             self.log.error("%s v%s is not served: %s", self.args.model_name, wanted, exc)
             self.refused.add(wanted)
-            shutil.rmtree(fresh, ignore_errors=True)
+            release(fresh)
             return
         self.stop()
         self.copy, self.server = fresh, start_server(model, self.port)
@@ -195,7 +195,9 @@ class Served:
     def stop(self) -> None:
         stop_server(self.server, self.port)
         if self.copy is not None:
-            shutil.rmtree(self.copy, ignore_errors=True)
+            from tasks.steps.process_folders import release
+
+            release(self.copy)
         self.server = self.copy = None
 
 

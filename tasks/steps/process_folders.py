@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 _LOCK_SUFFIX = ".lock"
-_held: list[int] = []  # the lock files' descriptors: open for the process's life
+_held: dict[Path, int] = {}  # each folder's lock file descriptor: open while the folder is in use
 
 
 def process_folder(prefix: str) -> Path:
@@ -48,9 +48,19 @@ def process_folder(prefix: str) -> Path:
         folder.mkdir(mode=0o700)
         if not _held:  # at exit, also what processes that died meanwhile left (a test's killed workers)
             atexit.register(_sweep_quietly, root)
-        _held.append(descriptor)
+        _held[folder] = descriptor
         atexit.register(_remove_if_mine, os.getpid(), folder, lock)
         return folder
+
+
+def release(folder: Path) -> None:
+    """Remove a folder of this process now, before it exits (a served version replaced by the next),
+    and let go of its lock; ValueError if this process did not make it."""
+    descriptor = _held.pop(folder, None)
+    if descriptor is None:
+        raise ValueError(f"{folder} is not a process folder of this process")
+    _remove(folder, folder.with_name(f"{folder.name}{_LOCK_SUFFIX}"))
+    os.close(descriptor)
 
 
 def sweep(root: Path) -> list[str]:

@@ -292,11 +292,15 @@ def test_the_champion_served_over_http_answers_as_pyfunc_and_follows_the_champio
     rows, _ = may(tmp_path)
     rows = rows.iloc[:50]
     port, state = free_port(), tmp_path / "serving.json"
+    temporary = tmp_path / "serving-tmp"  # where the verified copies go: one at a time, none after
+    temporary.mkdir()
     server = subprocess.Popen(
         [sys.executable, "-m", "deployments.serving", "--model-name", MODEL, "--port", str(port),
          "--poll-seconds", "1", "--state-file", str(state)],
         cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(temporary)},
     )  # fmt: skip
+    copies = temporary / f"keel-process-folders-{os.getuid()}"
     url = f"http://127.0.0.1:{port}"
     client = mlflow_client()
 
@@ -334,10 +338,12 @@ def test_the_champion_served_over_http_answers_as_pyfunc_and_follows_the_champio
         client.set_registered_model_alias(MODEL, "champion", "1")  # as an approval moves it
         wait_until(lambda: serving("1"), 120)
         assert served(rows) == pytest.approx(pyfunc_predictions("1", rows).tolist())
+        assert len([f for f in copies.iterdir() if f.is_dir()]) == 1, sorted(copies.iterdir())
     finally:
         client.set_registered_model_alias(MODEL, "champion", "2")
         server.terminate()
         server.wait(60)
+    assert list(copies.iterdir()) == []
 
 
 def test_with_a_token_the_served_model_answers_only_its_holders(scoring_env, tmp_path):

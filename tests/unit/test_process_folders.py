@@ -93,3 +93,18 @@ def test_a_shared_root_that_others_can_write_is_refused(private_tmp):
     root.symlink_to(private_tmp)
     with pytest.raises(PermissionError, match="mode 0700"):
         process_folders.process_folder("keel-test")
+
+
+def test_a_released_folder_is_gone_at_once_with_its_lock_and_its_descriptor(private_tmp):
+    """A long-lived process (the serving loop) replaces its folder at each new version: the old one
+    goes now, not at exit, and leaves no open file behind."""
+    before = len(os.listdir("/proc/self/fd"))
+    folder = process_folder("keel-test")
+    (folder / "model.bin").write_bytes(b"x")
+
+    process_folders.release(folder)
+
+    assert not folder.exists() and not Path(f"{folder}.lock").exists()
+    assert len(os.listdir("/proc/self/fd")) == before
+    with pytest.raises(ValueError, match="not a process folder of this process"):
+        process_folders.release(folder)
