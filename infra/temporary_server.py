@@ -13,7 +13,8 @@ Otherwise it copies the template database into a new home (`infra.prefect_home`;
 block types registered already, so it does not register them again: 1-2 s of its start here;
 without a template, servers starting side by side on a new home wait for the first to create its
 database), binds
-a port on 127.0.0.1, prints its API URL as one JSON line on stdout, and serves until SIGTERM. The run
+a port on 127.0.0.1, prints its API URL as one JSON line on stdout, and serves until SIGTERM (once
+up, it asks itself what a run asks first: `WARM_UP`). The run
 (`start_temporary_server`) reads that line, waits for the health check, and stops it when the
 process exits, after Prefect has sent its last logs and events, as Prefect stops its own. It runs in
 a session of its own, so a Ctrl-C stops the run, not the server the run reports its end to; and it
