@@ -96,7 +96,11 @@ def trial_datasets(train: DatasetRef, valid: DatasetRef, spec: FeatureSpec, para
             x_train, y_train, params={**params, "feature_pre_filter": False}, free_raw_data=False
         )
         train_set.construct()
-        valid_set = lgb.Dataset(x_valid, y_valid, reference=train_set, free_raw_data=False).construct()
+        # Binned with the training set's bins and its parameters, given here as LightGBM would take
+        # them from the reference anyway (without them it warns "Overriding the parameters").
+        valid_set = lgb.Dataset(
+            x_valid, y_valid, reference=train_set, params=train_set.get_params(), free_raw_data=False
+        ).construct()
         if len(_trial_datasets) >= _KEPT:
             _trial_datasets.pop(next(iter(_trial_datasets)))
         _trial_datasets[key] = (train_set, valid_set, x_valid, y_valid)

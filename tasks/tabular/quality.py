@@ -258,7 +258,8 @@ def table_stats(data: DatasetRef, time_column: str, key: list[str]) -> tuple[dic
             if frame.npartitions > 1:
                 hashes = hashes.shuffle("key", npartitions=frame.npartitions)
             repeats = hashes["key"].map_partitions(duplicated_count, meta=("key", "int64")).sum()
-            per_part, duplicates = dask.compute(parts, repeats)
+            # One kind of collection in one compute (Dask warns when delayed and expressions mix).
+            per_part, duplicates = dask.compute(parts, repeats.to_delayed())
         else:
             (per_part,) = dask.compute(parts)
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
