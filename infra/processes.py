@@ -97,12 +97,9 @@ def http_ok(url: str, json_body: str | None = None, timeout: float = 2) -> bool:
     `NO_PROXY`) would answer for it, or not at all; other URLs go as the environment says."""
     host = urllib.parse.urlsplit(url).hostname or ""
     opener = _DIRECT if host in _LOOPBACK else urllib.request.build_opener()
-    request = urllib.request.Request(url)
-    if json_body is not None:
-        request = urllib.request.Request(
-            url, data=json_body.encode(), headers={"Content-Type": "application/json"}, method="POST"
-        )
-    with opener.open(request, timeout=timeout) as response:
+    data = None if json_body is None else json_body.encode()
+    headers = {} if data is None else {"Content-Type": "application/json"}
+    with opener.open(urllib.request.Request(url, data=data, headers=headers), timeout=timeout) as response:
         return bool(response.status == HTTPStatus.OK)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 _LOCK_SUFFIX = ".lock"
 _held: dict[Path, int] = {}  # each folder's lock file descriptor: open while the folder is in use
+_sweeps_at_exit: list[Path] = []  # the root, once this process has made a folder in it
 
 
 def process_folder(prefix: str) -> Path:
@@ -46,8 +47,9 @@ def process_folder(prefix: str) -> Path:
             continue
         folder = root / name
         folder.mkdir(mode=0o700)
-        if not _held:  # at exit, also what processes that died meanwhile left (a test's killed workers)
+        if not _sweeps_at_exit:  # also what processes that died meanwhile left (a test's killed workers)
             atexit.register(_sweep_quietly, root)
+            _sweeps_at_exit.append(root)
         _held[folder] = descriptor
         atexit.register(_remove_if_mine, os.getpid(), folder, lock)
         return folder
