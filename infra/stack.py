@@ -197,9 +197,9 @@ class Stack:
             state,
             "prefect",
             [
-                str(BIN / "prefect"),
-                "server",
-                "start",
+                str(BIN / "python"),
+                "-m",
+                "infra.prefect_sqlite",  # `prefect server start`, its SQLite transactions locked first
                 "--host",
                 "127.0.0.1",
                 "--port",

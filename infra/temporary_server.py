@@ -258,6 +258,10 @@ def serve() -> int:
     import uvicorn
     from prefect.server.api.server import create_app
 
+    from infra.prefect_sqlite import write_lock_first
+
+    write_lock_first()  # a run's writes beside its events and logs: no "database is locked"
+
     # A copied home has the block types registered: not again. Nor is their registry hashed to see
     # whether they changed (the memo), which imported every Prefect collection into the server first
     # (prefect-dask: 0.5 s of its start here) only to skip the registration.

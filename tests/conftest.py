@@ -132,9 +132,9 @@ class Servers:
         self.mlflow = None
         self.prefect = start(
             [
-                str(BIN / "prefect"),
-                "server",
-                "start",
+                str(BIN / "python"),
+                "-m",
+                "infra.prefect_sqlite",  # `prefect server start`, as the stack runs it
                 "--host",
                 "127.0.0.1",
                 "--port",
