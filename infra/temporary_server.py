@@ -193,13 +193,6 @@ def _stop_when_the_run_ends() -> None:
     os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own way out (or `_exit` before it runs)
 
 
-def _release_once_started(server: Any, lock: int) -> None:
-    """The database is migrated once uvicorn has run the app's start-up: let the next server in."""
-    while not server.started and not server.should_exit:
-        time.sleep(0.05)
-    os.close(lock)
-
-
 # What a run asks first, asked by the server itself once it is up, read-only: the first request to
 # the API builds FastAPI's routes (0.3 s here), the first read of each table SQLAlchemy's loaders
 # (0.2 s for flow runs). The run's imports take longer than the server's start, so this is done
@@ -212,11 +205,20 @@ WARM_UP = (
 )
 
 
-def warm_up(server: Any, api_url: str) -> None:
-    """Once uvicorn has started, ask the server what a run asks first (`WARM_UP`). A failure is left
-    for the run's own request to meet."""
+def _once_started(server: Any, creating: int | None, api_url: str) -> None:
+    """Once uvicorn has run the app's start-up (or given up): the database is migrated, so the next
+    server on this home may start (`creating`: the lock it waits for, if this server created the
+    database); then the warm-up."""
     while not server.started and not server.should_exit:
         time.sleep(0.05)
+    if creating is not None:
+        os.close(creating)
+    warm_up(server, api_url)
+
+
+def warm_up(server: Any, api_url: str) -> None:
+    """Ask the started server what a run asks first (`WARM_UP`). A failure is left for the run's own
+    request to meet."""
     for path, body in WARM_UP:
         if server.should_exit:
             return
@@ -273,9 +275,7 @@ def serve() -> int:
         # every module of Prefect's server one by one (1.6 s here, which the run's exit waited for).
         for stop in (signal.SIGTERM, signal.SIGINT):
             signal.signal(stop, signal.SIG_DFL)
-        if creating is not None:
-            threading.Thread(target=_release_once_started, args=(server, creating), daemon=True).start()
-        threading.Thread(target=warm_up, args=(server, api_url), daemon=True).start()
+        threading.Thread(target=_once_started, args=(server, creating, api_url), daemon=True).start()
         server.run(sockets=[sock])
     return 0 if server.started else STARTUP_FAILED
 
