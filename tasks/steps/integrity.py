@@ -165,6 +165,9 @@ def _fixed_model_id(model_uri: str, tracking_uri: str, registry_uri: str) -> str
 def _load_logged(model_id: str, tracking_uri: str, registry_uri: str) -> Any:
     import mlflow
 
+    from tasks.steps.requirements_check import check_requirements_quickly
+
+    check_requirements_quickly()
     return mlflow.pyfunc.load_model(str(verified_folder(model_id, tracking_uri, registry_uri)))
 
 

@@ -124,9 +124,12 @@ def mlflow_client(settings: Settings) -> MlflowClient:
     """A client for the configured store; also points MLflow's fluent API at it (`point_fluent_api`:
     the process's environment is left as the user had it).
     A new embedded store starts as a copy of the migrated template (`infra.mlflow_store`), if any;
-    its connections write ahead (`infra.mlflow_store.write_ahead`).
+    its connections write ahead (`infra.mlflow_store.write_ahead`). The models this process logs
+    and loads skip MLflow's scan of every installed package (`check_requirements_quickly`).
     """
     import mlflow
+
+    from tasks.steps.requirements_check import check_requirements_quickly
 
     if settings.embedded_mlflow:
         from infra.mlflow_store import seed_new_store, write_ahead
@@ -135,6 +138,7 @@ def mlflow_client(settings: Settings) -> MlflowClient:
             seed_new_store(settings.mlflow_database)
         write_ahead(settings.mlflow_database)
     point_fluent_api(settings.tracking_uri, settings.registry_uri)
+    check_requirements_quickly()
     return mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
 
 
