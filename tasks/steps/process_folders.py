@@ -22,7 +22,7 @@ from pathlib import Path
 
 _LOCK_SUFFIX = ".lock"
 _held: dict[Path, int] = {}  # each folder's lock file descriptor: open while the folder is in use
-_sweeps_at_exit: list[Path] = []  # the root, once this process has made a folder in it
+_cleans_at_exit: list[Path] = []  # the root, once this process has made a folder in it
 
 
 def process_folder(prefix: str) -> Path:
@@ -47,11 +47,10 @@ def process_folder(prefix: str) -> Path:
             continue
         folder = root / name
         folder.mkdir(mode=0o700)
-        if not _sweeps_at_exit:  # also what processes that died meanwhile left (a test's killed workers)
-            atexit.register(_sweep_quietly, root)
-            _sweeps_at_exit.append(root)
+        if not _cleans_at_exit:  # one exit handler, however many folders come and go
+            atexit.register(_clean_at_exit, root)
+            _cleans_at_exit.append(root)
         _held[folder] = descriptor
-        atexit.register(_remove_if_mine, os.getpid(), folder, lock)
         return folder
 
 
@@ -86,14 +85,14 @@ def sweep(root: Path) -> list[str]:
     return removed
 
 
-def _sweep_quietly(root: Path) -> None:
+def _clean_at_exit(root: Path) -> None:
+    """This process's folders, then what processes that died meanwhile left (a test's killed
+    workers). A child forked with this handler leaves its parent's folders: a name holds its pid."""
+    mine = str(os.getpid())
+    for folder in [f for f in _held if f.name.split("-")[-2] == mine]:
+        _remove(folder, folder.with_name(f"{folder.name}{_LOCK_SUFFIX}"))
     with contextlib.suppress(OSError):
         sweep(root)
-
-
-def _remove_if_mine(owner: int, folder: Path, lock: Path) -> None:
-    if os.getpid() == owner:  # a child forked with this exit handler leaves its parent's folder
-        _remove(folder, lock)
 
 
 def _remove(folder: Path, lock: Path) -> None:

@@ -108,3 +108,25 @@ def test_a_released_folder_is_gone_at_once_with_its_lock_and_its_descriptor(priv
     assert len(os.listdir("/proc/self/fd")) == before
     with pytest.raises(ValueError, match="not a process folder of this process"):
         process_folders.release(folder)
+
+
+CHURN = """
+import atexit
+from tasks.steps import process_folders
+first = process_folders.process_folder("keel-test")
+before = atexit._ncallbacks()
+for _ in range(20):  # a serving loop switching versions
+    process_folders.release(process_folders.process_folder("keel-test"))
+kept = process_folders.process_folder("keel-test")
+print(atexit._ncallbacks() - before, first, kept, flush=True)
+"""
+
+
+def test_folders_that_come_and_go_add_no_exit_handler_and_the_kept_ones_go_at_exit(private_tmp):
+    done = subprocess.run(
+        [sys.executable, "-c", CHURN], capture_output=True, text=True, check=True, timeout=60
+    )
+    added, first, kept = done.stdout.split()
+    assert added == "0"  # one handler, registered with the first folder
+    assert not Path(first).exists() and not Path(kept).exists()
+    assert not list(Path(kept).parent.glob("*.lock"))
