@@ -21,6 +21,9 @@ from tasks.steps.integrity import logged_model_id, record_manifest, verified_fol
 from tasks.steps.refs import ModelRef
 from tasks.steps.tags import MODEL_DIGEST_TAG
 
+# MLflow's hint, at every signature with an integer column, that such a column cannot hold a gap.
+MLFLOW_INTEGER_HINT = ".*Integer columns.*"
+
 Task = Literal["regression", "binary", "multiclass"]
 BINARY = 2  # classes of a binary classifier
 # What a model of each flavour needs to load and predict, beside MLflow itself.
@@ -110,7 +113,7 @@ def log_model(
     }
     serialized = None
     with mlflow.start_run(run_id=step.run_id, nested=True), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Integer columns.*")  # MLflow's hint on every int column
+        warnings.filterwarnings("ignore", message=MLFLOW_INTEGER_HINT)
         if flavour == "lightgbm":
             info = mlflow.lightgbm.log_model(model, **options)
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +23,7 @@ from tasks.steps import (
 )
 from tasks.steps.compute import dask_client, threads_per_task, workers_on_loopback
 from tasks.steps.integrity import record_manifest
+from tasks.steps.models import MLFLOW_INTEGER_HINT
 from tasks.steps.refs import DatasetRef, ModelRef, file_urls
 from tasks.steps.tags import MODEL_DIGEST_TAG
 from tasks.tabular import modeling
@@ -89,10 +91,8 @@ def choose_mode(
         if on_loopback:
             return "single", f"{big}, but the workers are on loopback and {EXPOSED_PORTS}"
         return "distributed", big
-    return (
-        "single",
-        f"training matrix ~{need / 2**20:.1f} MiB fits one worker (limit {limit / 2**20:.0f} MiB)",
-    )
+    bound = f"limit {limit / 2**20:.0f} MiB" if worker_memory else "the workers have no memory limit"
+    return "single", f"training matrix ~{need / 2**20:.1f} MiB fits one worker ({bound})"
 
 
 @tuning_step(name="tune", cache=CacheConfig(), retry=RetryPolicy(attempts=3), preload=("lightgbm", "optuna"))
@@ -195,7 +195,8 @@ def log_lightgbm_model(model_text: str, features: FeatureSpec, raw: DatasetRef) 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "model.txt").write_text(model_text, encoding="utf-8")
         (Path(tmp) / "feature_spec.json").write_text(features.model_dump_json(indent=2), encoding="utf-8")
-        with mlflow.start_run(run_id=step.run_id, nested=True):
+        with mlflow.start_run(run_id=step.run_id, nested=True), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=MLFLOW_INTEGER_HINT)  # said in one line below
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(SERVING_CODE),
@@ -210,6 +211,7 @@ def log_lightgbm_model(model_text: str, features: FeatureSpec, raw: DatasetRef) 
                     f"{p}=={md.version(p)}" for p in ("mlflow", "lightgbm", "pandas", "pydantic", "numpy")
                 ],
             )
+    _note_whole_number_columns(example)
     digest = hashlib.sha256(
         "\n".join([model_text, features.model_dump_json(), example.to_json(date_format="iso")]).encode()
     ).hexdigest()
@@ -222,3 +224,20 @@ def log_lightgbm_model(model_text: str, features: FeatureSpec, raw: DatasetRef) 
         task=features.task,
         digest=digest,
     )
+
+
+def _note_whole_number_columns(example) -> None:
+    """MLflow's signature declares the input columns that held only whole numbers as integers, so a
+    batch with a gap in one is refused when scored (README, batch transform); said once, in one line,
+    instead of MLflow's paragraph-long warning."""
+    import pandas as pd
+    from prefect import get_run_logger
+
+    whole = [c for c in example.columns if pd.api.types.is_integer_dtype(example[c])]
+    if whole:
+        get_run_logger().info(
+            "model signature: %d input column(s) of whole numbers (%s); a batch with a gap in one of them "
+            "is refused when scored",
+            len(whole),
+            ", ".join(whole),
+        )

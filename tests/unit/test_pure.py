@@ -90,6 +90,12 @@ def test_training_mode_follows_data_size():
     assert choose_mode(TrainingSpec(mode="distributed"), 10, 2, 4 * 2**30)[0] == "distributed"
 
 
+def test_the_reason_for_one_worker_names_its_limit_or_says_there_is_none():
+    assert choose_mode(TrainingSpec(), 10_000, 20, 4 * 2**30)[1].endswith("(limit 1024 MiB)")
+    mode, why = choose_mode(TrainingSpec(), 10_000, 20, worker_memory=0)  # in-process workers: no limit
+    assert mode == "single" and why.endswith("(the workers have no memory limit)")
+
+
 def test_auto_never_opens_lightgbm_ports_for_workers_on_loopback():
     big = {"rows": 10_000_000, "n_features": 20, "worker_memory": 4 * 2**30}
     mode, why = choose_mode(TrainingSpec(), **big, on_loopback=True)
