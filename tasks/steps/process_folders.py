@@ -32,7 +32,7 @@ def process_folder(prefix: str) -> Path:
     sweep(root)
     while True:
         name = f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
-        lock = root / f"{name}{_LOCK_SUFFIX}"
+        lock = _lock_of(root / name)
         try:
             descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         except FileExistsError:
@@ -60,7 +60,7 @@ def release(folder: Path) -> None:
     descriptor = _held.pop(folder, None)
     if descriptor is None:
         raise ValueError(f"{folder} is not a process folder of this process")
-    _remove(folder, folder.with_name(f"{folder.name}{_LOCK_SUFFIX}"))
+    _remove(folder, _lock_of(folder))
     os.close(descriptor)
 
 
@@ -90,9 +90,13 @@ def _clean_at_exit(root: Path) -> None:
     workers). A child forked with this handler leaves its parent's folders: a name holds its pid."""
     mine = str(os.getpid())
     for folder in [f for f in _held if f.name.split("-")[-2] == mine]:
-        _remove(folder, folder.with_name(f"{folder.name}{_LOCK_SUFFIX}"))
+        _remove(folder, _lock_of(folder))
     with contextlib.suppress(OSError):
         sweep(root)
+
+
+def _lock_of(folder: Path) -> Path:
+    return folder.with_name(f"{folder.name}{_LOCK_SUFFIX}")
 
 
 def _remove(folder: Path, lock: Path) -> None:

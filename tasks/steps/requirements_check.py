@@ -16,6 +16,7 @@ are MLflow's, word for word, and the scan only runs when one of them can follow.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.metadata
 from collections.abc import Callable
 
@@ -27,8 +28,6 @@ CHECK = "warn_dependency_requirement_mismatches"
 def check_requirements_quickly() -> None:
     """From now on in this process, requirements this environment satisfies by name skip MLflow's
     check (module docstring). Idempotent; a module that no longer has the check is left alone."""
-    import importlib
-
     for name in CHECKING_MODULES:
         module = importlib.import_module(name)
         check = getattr(module, CHECK, None)
