@@ -15,12 +15,10 @@ Keeping batches in the inbox is the user's choice: remove those that need no mor
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # with the warm pool, its runner runs this command: libraries already imported
-    from infra.runner import hand_off
-    from infra.temporary_server import start_early
+if __name__ == "__main__":  # before the imports: the collector paused, the warm pool or the Prefect server
+    from infra.command import begin_command
 
-    hand_off(__spec__)
-    start_early()  # the temporary Prefect server starts while this command imports
+    begin_command(__spec__)
 
 from collections.abc import Sequence
 from pathlib import Path

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from infra.collector import pause_collection, resume_collection
 from infra.processes import http_ok, loopback_ok
 
 log = logging.getLogger("prefect")  # Prefect logs its own temporary server here, in the same words
@@ -208,12 +209,13 @@ WARM_UP = (
 def _once_started(server: Any, creating: int | None, api_url: str) -> None:
     """Once uvicorn has run the app's start-up (or given up): the database is migrated, so the next
     server on this home may start (`creating`: the lock it waits for, if this server created the
-    database); then the warm-up."""
+    database); then the warm-up, and the garbage collector runs again."""
     while not server.started and not server.should_exit:
         time.sleep(0.05)
     if creating is not None:
         os.close(creating)
     warm_up(server, api_url)
+    resume_collection()  # paused by `serve` while it imported Prefect's server
 
 
 def warm_up(server: Any, api_url: str) -> None:
@@ -228,6 +230,7 @@ def warm_up(server: Any, api_url: str) -> None:
 
 def serve() -> int:
     """The server process: Prefect's API app on a port of 127.0.0.1, as Prefect runs its own."""
+    pause_collection()  # until it is up and warmed up (`infra.collector`)
     for stop in (signal.SIGTERM, signal.SIGINT):  # until uvicorn takes them: a half-done copy is removed
         signal.signal(stop, _exit)
     if stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode):  # started by a run (not by hand)

@@ -5,19 +5,19 @@
 Prints, as its summary, JSON: this process's PID, the PID of the process that ran its Dask task,
 the Prefect API it recorded to, its flow run's id, whether the pool's runner ran it, whether
 the module its step declares as `preload` was imported before the step began, whether its
-temporary Prefect server (if any) started before its imports, and its flow run's heartbeat interval. Its first lines are what a user's
-pipeline module adds to be taken by the pool's runner (infra/runner.py) and to start that server
-first (infra/temporary_server.py).
+temporary Prefect server (if any) started before its imports, its flow run's heartbeat interval, and
+whether the garbage collector runs in its step and how many objects it froze. Its first lines are
+what a user's pipeline module adds (infra/command.py): to be taken by the pool's runner
+(infra/runner.py), to start that server first (infra/temporary_server.py) and to pause the collector
+while it imports (infra/collector.py).
 """
 
 from __future__ import annotations
 
 if __name__ == "__main__":
-    from infra.runner import hand_off
-    from infra.temporary_server import start_early
+    from infra.command import begin_command
 
-    hand_off(__spec__)
-    start_early()  # the temporary Prefect server starts while this command imports
+    begin_command(__spec__)
 
 import json
 import os
@@ -43,6 +43,7 @@ PRELOADED = "wave"  # a standard module nothing else here imports
 
 @processing_step(name="where", preload=(PRELOADED,))
 def where(data: str) -> dict[str, str]:
+    import gc
     import sys
 
     from prefect.context import get_run_context
@@ -61,6 +62,8 @@ def where(data: str) -> dict[str, str]:
         "preloaded": str(PRELOADED in sys.modules),
         "server_started_early": str(getattr(running_server(), "early", None)),
         "heartbeat_seconds": str(get_current_settings().flows.heartbeat_frequency),
+        "collector_enabled": str(gc.isenabled()),
+        "collector_frozen": str(gc.get_freeze_count()),
     }
 
 

@@ -150,12 +150,14 @@ def services_opened_together(preload: Callable[[], Sequence[str]] = tuple) -> It
     by the command's `__main__` block already, else now; 4-5 s to start here on a database from
     `infra.prefect_home`) starts in the background while an embedded MLflow store opens (a new one
     creates its tables for about 2.5 s) and the libraries the run's steps will import in this process
-    (named by `preload()`) are imported; the run then uses that server.
+    (named by `preload()`) are imported; the run then uses that server. Then the garbage collector,
+    paused by the command's first line (`infra.command`), runs again.
     Failures of the store and of the imports are left to the flow, which reports them where it uses
     them."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_TIMEOUT
 
+    from infra.collector import resume_collection
     from infra.temporary_server import discard_early_server, start_temporary_server
     from tasks.steps.lineage import mlflow_client
     from tasks.steps.settings import get_settings
@@ -173,10 +175,12 @@ def services_opened_together(preload: Callable[[], Sequence[str]] = tuple) -> It
         if settings.embedded_mlflow:  # a server is up already (or the flow says it is not)
             mlflow_client(settings).search_experiments(max_results=1)
     if server is None or imports is None:
+        resume_collection()
         yield
         return
     url = server.wait_until_ready(STARTUP_TIMEOUT.value())
     imports.join()
+    resume_collection()  # the run's libraries are imported: the collector's pause ends
     with using_servers({"PREFECT_API_URL": url}):
         yield
 

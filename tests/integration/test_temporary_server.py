@@ -66,6 +66,9 @@ def test_the_run_records_to_its_own_server_which_is_gone_with_it(tmp_path):
     assert not answers(result["prefect_api_url"])  # stopped with the process
     assert result["preloaded"] == "True"  # the step's `preload` was imported while the server started
     assert result["server_started_early"] == "True"  # by the `__main__` block, before the imports
+    # The collector, paused while the command imported, runs again in the flow; the imports are frozen.
+    assert result["collector_enabled"] == "True"
+    assert int(result["collector_frozen"]) > 100_000
     database = home / "prefect.db"
     [(state,)] = rows(database, f"select state_type from flow_run where id = '{result['flow_run_id']}'")
     assert state == "COMPLETED"

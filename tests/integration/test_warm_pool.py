@@ -108,6 +108,8 @@ def test_runs_share_the_pool_which_shows_and_stops_when_idle(pool_env):
     assert (first["by_runner"], second["by_runner"]) == ("False", "True")
     # No flow-run heartbeats on the pool's server (nothing reads them; each cost up to 1 s at the end).
     assert (first["heartbeat_seconds"], second["heartbeat_seconds"]) == ("None", "None")
+    # In its own process and in the runner's child alike, the collector runs again once the run began.
+    assert (first["collector_enabled"], second["collector_enabled"]) == ("True", "True")
 
     status = subprocess.run(
         [sys.executable, "-m", "infra.stack", "status", "--home", str(home.parent / "stack")],
