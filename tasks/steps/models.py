@@ -10,10 +10,13 @@ recorded as the model's manifest, so it loads only as it was logged (`tasks.step
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import logging
 import pickle
 import warnings
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from tasks.steps.base import current_step
@@ -23,6 +26,9 @@ from tasks.steps.tags import MODEL_DIGEST_TAG
 
 # MLflow's hint, at every signature with an integer column, that such a column cannot hold a gap.
 MLFLOW_INTEGER_HINT = ".*Integer columns.*"
+# MLflow's warning, at every model logged where pip is not installed (a uv environment), that the
+# model's conda.yaml names pip without a version: true, and all the warning says.
+MLFLOW_PIP_VERSION_WARNING = "Failed to resolve installed pip version"
 
 Task = Literal["regression", "binary", "multiclass"]
 BINARY = 2  # classes of a binary classifier
@@ -31,6 +37,23 @@ REQUIREMENTS = {
     "lightgbm": ("lightgbm", "numpy", "pandas", "scikit-learn", "scipy"),
     "sklearn": ("scikit-learn", "numpy", "pandas", "scipy", "cloudpickle"),
 }
+
+
+@contextlib.contextmanager
+def quiet_model_logging() -> Iterator[None]:
+    """MLflow's model logging without two messages that are not news about the user's model: the
+    integer-columns hint (`MLFLOW_INTEGER_HINT`; the tabular pipeline says it in one line of its own)
+    and the pip-version warning (`MLFLOW_PIP_VERSION_WARNING`). Everything else MLflow says stays."""
+    environment_log = logging.getLogger("mlflow.utils.environment")
+    if _drop_pip_version_warning not in environment_log.filters:  # once per process, for every thread
+        environment_log.addFilter(_drop_pip_version_warning)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=MLFLOW_INTEGER_HINT)
+        yield
+
+
+def _drop_pip_version_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(MLFLOW_PIP_VERSION_WARNING)
 
 
 def pinned_requirements(distributions: tuple[str, ...]) -> list[str]:
@@ -112,8 +135,7 @@ def log_model(
         "pip_requirements": requirements,
     }
     serialized = None
-    with mlflow.start_run(run_id=step.run_id, nested=True), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=MLFLOW_INTEGER_HINT)
+    with mlflow.start_run(run_id=step.run_id, nested=True), quiet_model_logging():
         if flavour == "lightgbm":
             info = mlflow.lightgbm.log_model(model, **options)
         else:

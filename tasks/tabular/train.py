@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +22,7 @@ from tasks.steps import (
 )
 from tasks.steps.compute import dask_client, threads_per_task, workers_on_loopback
 from tasks.steps.integrity import record_manifest
-from tasks.steps.models import MLFLOW_INTEGER_HINT
+from tasks.steps.models import quiet_model_logging
 from tasks.steps.refs import DatasetRef, ModelRef, file_urls
 from tasks.steps.tags import MODEL_DIGEST_TAG
 from tasks.tabular import modeling
@@ -195,8 +194,7 @@ def log_lightgbm_model(model_text: str, features: FeatureSpec, raw: DatasetRef) 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "model.txt").write_text(model_text, encoding="utf-8")
         (Path(tmp) / "feature_spec.json").write_text(features.model_dump_json(indent=2), encoding="utf-8")
-        with mlflow.start_run(run_id=step.run_id, nested=True), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=MLFLOW_INTEGER_HINT)  # said in one line below
+        with mlflow.start_run(run_id=step.run_id, nested=True), quiet_model_logging():  # its hint: below
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(SERVING_CODE),

@@ -32,6 +32,7 @@ from tasks.steps import (
 from tasks.steps.cache import UnstorableOutput
 from tasks.steps.discover import steps_of
 from tasks.steps.integrity import ModelIntegrityError, verified_folder
+from tasks.steps.models import MLFLOW_PIP_VERSION_WARNING
 from tasks.steps.tags import STEP_TAG
 from tests.conftest import mlflow_client
 
@@ -277,8 +278,10 @@ def models_pipeline(params: TableParams) -> dict[str, object]:
 
 
 @pytest.mark.usefixtures("prefect_harness", "state")
-def test_a_logged_model_loads_in_a_later_step_and_only_as_it_was_logged():
+def test_a_logged_model_loads_in_a_later_step_and_only_as_it_was_logged(capfd):
     result = models_pipeline(TableParams(rows=20))
+    # Without pip installed (uv's environments), MLflow warned of pip's version at every model logged.
+    assert MLFLOW_PIP_VERSION_WARNING not in capfd.readouterr().err
     predictions = result["predictions"]
     assert predictions["sklearn"] == pytest.approx([2.0 * x for x in range(20)])
     assert len(predictions["lightgbm"]) == 20
