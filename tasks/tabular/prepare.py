@@ -25,6 +25,10 @@ from tasks.tabular.featurize import BINARY, TIME_PARTS, FeatureSpec, as_labels, 
 
 SPLITS = ("train", "valid", "test")
 MAX_CATEGORIES = 1000  # distinct values of a text column: more is an id, not a category
+# Distinct values are gathered by a tree reduction into one partition, not by Dask's default
+# shuffle: they are few, and come to this process whole anyway. The shuffle (P2P on a cluster, even
+# of one partition) wrote two WARNING lines into the run's log per text column and per class column.
+ONE_PARTITION = 1
 
 
 class SplitSpec(ParamGroup):
@@ -131,7 +135,7 @@ def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: st
         window[target].nunique_approx(),
     )
     if n_distinct <= BINARY + 1:  # nunique_approx is a sketch; make small counts exact
-        n_distinct = int(window[target].nunique().compute())
+        n_distinct = int(window[target].nunique(split_out=ONE_PARTITION).compute())
     counts = InputCounts(
         rows=total,
         bad_times=bad_times,
@@ -153,7 +157,10 @@ def _prepare(raw: DatasetRef, table: TableSpec, split: SplitSpec, output_uri: st
         "test": frame[frame[time_column] >= test_start],
     }
     later_labels = [
-        parts[s][target].dropna().map_partitions(as_labels, meta=(target, "string")).unique()
+        parts[s][target]
+        .dropna()
+        .map_partitions(as_labels, meta=(target, "string"))
+        .unique(split_out=ONE_PARTITION)
         for s in ("valid", "test")
         if task != "regression"
     ]
@@ -362,8 +369,13 @@ def _learn_features(
 
     candidates = [c for c in columns if c not in (table.target, table.time_column)]
     text = [c for c in candidates if not _numeric(train[c].dtype)]
-    lookups = [train[c].dropna().astype(str).unique() for c in text]
-    labels = train[table.target].dropna().map_partitions(as_labels, meta=(table.target, "string")).unique()
+    lookups = [train[c].dropna().astype(str).unique(split_out=ONE_PARTITION) for c in text]
+    labels = (
+        train[table.target]
+        .dropna()
+        .map_partitions(as_labels, meta=(table.target, "string"))
+        .unique(split_out=ONE_PARTITION)
+    )
     hour_varies = (train[table.time_column].dt.hour != 0).any()
     *found, label_values, hour_varies, computed_also = dask.compute(
         *lookups, labels if task != "regression" else None, hour_varies, also

@@ -1,13 +1,14 @@
-"""The garbage collector's pause while a command imports (`infra.collector`), in new interpreters:
-the collector's state is the process's."""
+"""What a command does before its imports (`infra.command`), in new interpreters: the garbage
+collector's pause (`infra.collector`; its state is the process's) and a new Prefect home made."""
 
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, clean_env
 
 
 def collector_after(code: str) -> dict[str, object]:
@@ -46,3 +47,21 @@ def test_a_collector_the_user_turned_off_stays_off():
         "import gc\ngc.disable()\nfrom infra.collector import pause_collection, resume_collection\n"
         "pause_collection()\nresume_collection()"
     ) == {"enabled": False, "frozen": 0}
+
+
+def test_a_new_prefect_home_is_made_with_its_parents_before_prefect_is_imported(tmp_path):
+    home = tmp_path / "new" / "project" / ".prefect"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from infra.command import begin_command\nbegin_command(None)\nimport prefect.context",
+        ],
+        cwd=ROOT,
+        env={**clean_env(PREFECT_HOME=str(home), PREFECT_API_URL="http://127.0.0.1:9/api")},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "Failed to create the Prefect home directory" not in done.stderr
+    assert home.is_dir() and stat.S_IMODE(home.stat().st_mode) == 0o700
