@@ -29,7 +29,11 @@ log = logging.getLogger(__name__)
 
 # Dask's workers wake every 10 ms to profile themselves and every 20 ms to check their event loop.
 # On a small machine that costs CPU-bound tasks dearly: a 2-thread LightGBM trial ran ~20% slower in
-# a worker than in a plain process on 2 cores, and as fast with these (README: Performance).
+# a worker than in a plain process on 2 cores, and as fast with these (README: Performance). The
+# workers in the run's own process get them too: there the profiling's `sys._current_frames()` also
+# deadlocked a run on CPython 3.11 before 3.11.9 (a garbage collection inside it let another thread
+# take the interpreter lock while it held the thread list's lock; python/cpython#106883), and its
+# profile is shown nowhere (no dashboard).
 QUIET_WORKERS = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "1s",
@@ -131,12 +135,14 @@ def _connect(settings: Settings) -> tuple[distributed.Client, distributed.LocalC
 def _in_process(settings: Settings, input_bytes: int) -> tuple[distributed.Client, distributed.LocalCluster]:
     """A scheduler and one worker on threads of this process, over Dask's in-process transport
     (nothing listens on a port): as many threads as the LocalCluster would have had."""
+    import dask
     import distributed
 
     threads = settings.dask_local_workers * settings.dask_threads_per_worker
-    cluster = distributed.LocalCluster(
-        n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=None, memory_limit=0
-    )
+    with dask.config.set(QUIET_WORKERS):
+        cluster = distributed.LocalCluster(
+            n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=None, memory_limit=0
+        )
     client = distributed.Client(cluster, set_as_default=True)
     log.info(
         "Dask: %d threads in this process (input %.1f MiB < %s; more, or DASK_SCHEDULER_ADDRESS: workers)",

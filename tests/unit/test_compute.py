@@ -16,6 +16,10 @@ def _pid() -> int:
     return os.getpid()
 
 
+def _profiles(dask_worker) -> bool:
+    return "profile" in dask_worker.periodic_callbacks
+
+
 def test_local_size_counts_files_and_folders_and_knows_nothing_of_urls(tmp_path):
     (tmp_path / "a.csv").write_bytes(b"x" * 100)
     (tmp_path / "parts").mkdir()
@@ -57,6 +61,8 @@ def test_small_input_runs_in_this_process_and_larger_on_worker_processes(monkeyp
         assert client.submit(_pid, pure=False).result() == os.getpid()
         threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
         assert threads == settings.dask_local_workers * settings.dask_threads_per_worker
+        # No self-profiling in the run's process (its sys._current_frames() could deadlock on 3.11 < 3.11.9).
+        assert client.run(_profiles) == {address: False for address in client.scheduler_info()["workers"]}
     with dask_cluster(settings, 2**20):
         client = dask_client()
         assert all(a.startswith("tcp://127.0.0.1:") for a in client.scheduler_info()["workers"])
