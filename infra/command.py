@@ -24,11 +24,11 @@ if TYPE_CHECKING:
 
 def begin_command(spec: ModuleSpec | None) -> None:
     """In this order: pause the garbage collector while the command imports (`infra.collector`;
-    the flow's command line resumes it once the run's imports are done); hand the command to the
-    warm pool's runner, which has the libraries imported already, if there is one (`infra.runner`;
-    this does not return then); start the temporary Prefect server, so it starts while the command
-    imports (`infra.temporary_server`). A `PREFECT_HOME` that does not exist yet is made first
-    (`make_prefect_home`)."""
+    the flow's command line resumes it once the run's imports are done); make a `PREFECT_HOME` that
+    does not exist yet (`make_prefect_home`); hand the command to the warm pool's runner, which has
+    the libraries imported already, if there is one (`infra.runner`; this does not return then);
+    start the temporary Prefect server, so it starts while the command imports
+    (`infra.temporary_server`)."""
     pause_collection()
     make_prefect_home()
     hand_off(spec)
