@@ -30,9 +30,8 @@ def test_a_pause_holds_through_the_imports_and_the_resume_freezes_them():
         "pause_collection()\nimport decimal\nresume_collection()\nresume_collection()"
     )
     assert after["enabled"] is True
-    assert (
-        isinstance(after["frozen"], int) and after["frozen"] > 1000
-    )  # the interpreter's and decimal's objects
+    # Frozen: the interpreter's and decimal's objects.
+    assert isinstance(after["frozen"], int) and after["frozen"] > 1000
 
 
 def test_without_a_pause_a_resume_changes_nothing():
@@ -58,7 +57,7 @@ def test_a_new_prefect_home_is_made_with_its_parents_before_prefect_is_imported(
             "from infra.command import begin_command\nbegin_command(None)\nimport prefect.context",
         ],
         cwd=ROOT,
-        env={**clean_env(PREFECT_HOME=str(home), PREFECT_API_URL="http://127.0.0.1:9/api")},
+        env=clean_env(PREFECT_HOME=str(home), PREFECT_API_URL="http://127.0.0.1:9/api"),
         capture_output=True,
         text=True,
         check=True,
