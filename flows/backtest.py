@@ -246,6 +246,7 @@ def backtest(params: BacktestParams) -> BacktestResult:
     replay = Replay(frame, table, task, batches, inside, delay, params, metric, params.champion_margin, train)
     runs = replay.run(policies, _progress(replay, len(batches)))
     summaries = summarise_runs(runs, batches, inside, params.change_points, set(DATA_DRIVEN))
+    _warn_blind(replay.model(batches[0].start), summaries)
     result = BacktestResult(
         metric=metric,
         batches=len(batches),
@@ -271,6 +272,22 @@ def backtest(params: BacktestParams) -> BacktestResult:
         f"backtest: {result.models_trained} models trained in {result.seconds:.0f} s; picture: {result.plot_link}"
     )
     return result
+
+
+def _warn_blind(first: ReplayModel, summaries: list[PolicySummary]) -> None:
+    """What the first champion could not calibrate, and each policy left unable to fire on batches."""
+    logger = get_run_logger()
+    for note in getattr(first.calibration, "notes", None) or []:
+        logger.warning("the first champion's baseline: %s", note)
+    for s in summaries:
+        if s.blind:
+            logger.warning(
+                "policy %s could not judge %d of %d batches, so it could not fire on them: %s",
+                s.policy,
+                s.blind,
+                len(s.scores),
+                s.blind_reason,
+            )
 
 
 def _progress(replay: Replay, batches: int) -> Callable[[int, int], None]:

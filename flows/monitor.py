@@ -136,6 +136,7 @@ def summarise(result: MonitorResult) -> str:
         f"Decision:        {'RETRAIN' if decision.retrain else 'no retrain'} (policy {decision.policy}) — "
         f"{check.model_name} v{check.version}, {check.rows:,} rows of {check.batch.location}",
         *(f"                 {reason}" for reason in decision.reasons),
+        *([f"                 {decision.blind_reason()}"] if decision.could_not_judge else []),
         "Signals:         "
         + "\n                 ".join(
             f"{s.name}: {_shown(s.value)}"

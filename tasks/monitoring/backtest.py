@@ -277,6 +277,11 @@ class PolicyRun(BaseModel):
         description="Batches inside the initial window the policy fired on (false alarms).",
     )
     reasons: dict[int, list[str]] = Field(default_factory=dict)
+    blind: list[int] = Field(
+        default_factory=list,
+        description="Batches the policy could not judge: a signal it needs had no threshold, so it could not fire.",
+    )
+    blind_reason: str = Field(default="", description="Why, on the first of them.")
     champions: list[str] = Field(default_factory=list, description="The champion's training end, per batch.")
 
     def mean(self) -> float:
@@ -444,39 +449,52 @@ class Replay:
                 for batch in self.inside:
                     if decide(policy, self.check(first, batch).signals, PolicyContext()).retrain:
                         runs[policy.text].inside_alarms.append(batch.index)
-        state = {
-            p.text: (first, 0, first.trained_until) for p in policies
-        }  # champion, batches, last training end
+        state = {p.text: _Service(champion=first, trained=first.trained_until) for p in policies}
         for batch in self.batches:
             for policy in policies:
-                champion, since, trained = state[policy.text]
-                run = runs[policy.text]
-                check = self.check(champion, batch)
-                run.scores.append(check.score)
-                run.champions.append(champion.key)
-                since += 1
-                days = (batch.end - trained).total_seconds() / 86400
-                decision = decide(
-                    policy,
-                    check.signals,
-                    PolicyContext(batches_since_training=since, days_since_training=days),
-                )
-                if decision.retrain:
-                    run.alarms.append(batch.index)
-                    run.reasons[batch.index] = decision.reasons
-                    until = self.label_horizon(batch)
-                    last = batch.index == len(self.batches) - 1  # no batch left to serve
-                    if not last and pd.Timestamp(until) > pd.Timestamp(trained):
-                        challenger = self.model(until)
-                        run.retrains.append(batch.index)
-                        since, trained = 0, until
-                        if self.beats(challenger, champion):
-                            champion = challenger
-                            run.promoted.append(batch.index)
-                state[policy.text] = (champion, since, trained)
+                self._serve(policy, batch, state[policy.text], runs[policy.text])
             if progress:
                 progress(batch.index + 1, len(self.batches))
         return [runs[p.text] for p in policies]
+
+    def _serve(self, policy: Policy, batch: Batch, service: _Service, run: PolicyRun) -> None:
+        """One batch under one policy: score the champion, decide, retrain and promote as it says."""
+        check = self.check(service.champion, batch)
+        run.scores.append(check.score)
+        run.champions.append(service.champion.key)
+        service.since += 1
+        days = (batch.end - service.trained).total_seconds() / 86400
+        decision = decide(
+            policy,
+            check.signals,
+            PolicyContext(batches_since_training=service.since, days_since_training=days),
+        )
+        if decision.could_not_judge:
+            run.blind.append(batch.index)
+            run.blind_reason = run.blind_reason or decision.unjudged()
+        if not decision.retrain:
+            return
+        run.alarms.append(batch.index)
+        run.reasons[batch.index] = decision.reasons
+        until = self.label_horizon(batch)
+        last = batch.index == len(self.batches) - 1  # no batch left to serve
+        if last or pd.Timestamp(until) <= pd.Timestamp(service.trained):
+            return
+        challenger = self.model(until)
+        run.retrains.append(batch.index)
+        service.since, service.trained = 0, until
+        if self.beats(challenger, service.champion):
+            service.champion = challenger
+            run.promoted.append(batch.index)
+
+
+class _Service(BaseModel):
+    """A policy's model in service: the champion, batches checked since the last retrain, and the end
+    of the last training window."""
+
+    champion: ReplayModel
+    since: int = 0
+    trained: datetime
 
 
 def detection_delays(run: PolicyRun, batches: list[Batch], change_points: list[datetime]) -> list[int | None]:

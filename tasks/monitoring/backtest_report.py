@@ -37,6 +37,10 @@ class PolicySummary(BaseModel):
         default_factory=dict, description="Why the policy fired, per batch."
     )
     inside_alarm_batches: list[int] = Field(default_factory=list)
+    blind: int = Field(
+        default=0, description="Batches it could not judge (a signal it needs had no threshold)."
+    )
+    blind_reason: str = ""
 
 
 def summarise_runs(
@@ -67,6 +71,8 @@ def summarise_runs(
                 alarm_batches=run.alarms,
                 reasons=run.reasons,
                 inside_alarm_batches=run.inside_alarms,
+                blind=len(run.blind),
+                blind_reason=run.blind_reason,
             )
         )
     return out
@@ -98,6 +104,9 @@ def results_table(summaries: list[PolicySummary], metric: str, change_points) ->
     ]
     if change_points:
         header.append("detection delay (batches)")
+    blind = any(s.blind for s in summaries)
+    if blind:
+        header.append("batches it could not judge")
     body = []
     for s in rows:
         row: list[object] = [
@@ -113,8 +122,16 @@ def results_table(summaries: list[PolicySummary], metric: str, change_points) ->
         ]
         if change_points:
             row.append(", ".join("not detected" if d is None else str(d) for d in s.detection_delays))
+        if blind:
+            row.append(markdown.Trusted(f"**{s.blind}**") if s.blind else 0)
         body.append(row)
-    return markdown.table(header, body)
+    notes = [
+        f"- {markdown.text(s.policy)} could not judge {s.blind} of {len(s.scores)} batches, so it could not "
+        f"fire on them ({markdown.text(s.blind_reason)})"
+        for s in rows
+        if s.blind
+    ]
+    return "\n".join([markdown.table(header, body), *(["", *notes] if notes else [])])
 
 
 def plot(

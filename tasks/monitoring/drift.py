@@ -310,6 +310,8 @@ def _log_decision(check: DriftCheck) -> None:
         sum(c.evidently_drift for c in verdict.features()),
         verdict.evidently_share,
     )
+    if decision.could_not_judge:
+        logger.warning("drift check: %s", decision.blind_reason())
     for note in check.notes:
         logger.warning("drift check: %s", note)
 
@@ -505,7 +507,8 @@ def drift_table(check: DriftCheck) -> str:
     heard = {s.name for s in decision.signals}
     lines = [
         f"**Policy {markdown.text(decision.policy)}: {'retrain' if decision.retrain else 'no retrain'}.**"
-        + (" " + "; ".join(markdown.text(r) for r in decision.reasons) if decision.reasons else ""),
+        + (" " + "; ".join(markdown.text(r) for r in decision.reasons) if decision.reasons else "")
+        + (f" **{markdown.text(decision.blind_reason())}.**" if decision.could_not_judge else ""),
         "",
         markdown.table(
             ["signal", "value", "threshold", "fired", "the policy listens", "what"],
@@ -586,6 +589,7 @@ def event_payload(check: DriftCheck, report: DriftReportRef, checked_at: str) ->
         "retrain": check.decision.retrain,
         "reasons": check.decision.reasons,
         "decided_on": [s.name for s in check.decision.signals],
+        "could_not_judge": [s.name for s in check.decision.could_not_judge],
         "signals": {name: s.model_dump(mode="json") for name, s in verdict.signals.items()},
         "drift_share": round(verdict.evidently_share, 4),
         "weighted_drift_share": round(verdict.weighted_share, 4),

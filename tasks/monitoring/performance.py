@@ -69,6 +69,8 @@ LOSS_MODEL_ROUNDS = 100
 # Which metric the performance signal watches, and whether higher is better.
 PRIMARY = {"regression": "rmse", "binary": "auc", "multiclass": "auc"}
 HIGHER_IS_BETTER = {"r2", "auc", "accuracy"}
+# Every metric a batch can be judged on (realized; the estimate has rmse, mae, auc and accuracy).
+METRICS = {"regression": ("rmse", "mae", "r2"), "classification": ("auc", "log_loss", "accuracy")}
 
 
 def direction_of(metric: str) -> Direction:
@@ -439,8 +441,9 @@ def calibrate_performance(
     )
     if len(blocks) < STRIDES:
         out.notes.append(
-            f"performance not calibrated: the test period holds {len(blocks)} blocks of {blocks_of(chunk).text} "
-            f"(at least {STRIDES}, one chunk of {chunk.describe()})"
+            f"performance not calibrated: the test period ({out.period or 'no labelled rows'}) holds {len(blocks)} "
+            f"blocks of {blocks_of(chunk).text}, fewer than the {STRIDES} of one batch of {chunk.describe()}: "
+            "lengthen it (--test-fraction, a longer training window) or check smaller batches"
         )
         blocks = [(0, len(rows))] if len(rows) else []  # the estimator is still fitted on what there is
     keep = np.concatenate([np.arange(lo, hi) for lo, hi in blocks]) if blocks else np.arange(0)

@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from tasks.monitoring.calibration import DRIFT_SD
+from tasks.monitoring.performance import METRICS
 
 PolicyName = Literal[
     "never", "always", "schedule", "drift", "calibrated-drift", "performance", "drift-and-performance"
@@ -103,6 +104,14 @@ class PerformanceSettings(BaseModel):
         default=None,
         description="Metric the performance signal watches; default rmse (regression), auc (classes).",
     )
+
+    @field_validator("performance_metric")
+    @classmethod
+    def _known_metric(cls, value: str | None) -> str | None:
+        if value is None or any(value in names for names in METRICS.values()):
+            return value
+        choices = "; ".join(f"{task}: {', '.join(names)}" for task, names in METRICS.items())
+        raise ValueError(f"unknown metric {value!r}; the metrics are {choices}")
 
 
 class SignalSettings(PerformanceSettings):
@@ -197,6 +206,23 @@ class Decision(BaseModel):
     retrain: bool
     reasons: list[str]
     signals: list[Signal] = Field(description="The signals this policy listens to.")
+    could_not_judge: list[Signal] = Field(
+        default_factory=list,
+        description="When not empty, the policy could not fire on this batch: the signals it needs had no "
+        "threshold (not calibrated, or nothing to measure), and why.",
+    )
+
+    def unjudged(self) -> str:
+        """The signals it could not judge on, and why ('' when it could judge the batch)."""
+        return "; ".join(f"{s.name}: {s.basis}" for s in self.could_not_judge)
+
+    def blind_reason(self) -> str:
+        """One line: why the policy could not judge the batch ('' when it could)."""
+        return (
+            f"policy {self.policy} could not judge this batch: {self.unjudged()}"
+            if self.could_not_judge
+            else ""
+        )
 
 
 def decide(policy: Policy, signals: dict[str, Signal], context: PolicyContext) -> Decision:
@@ -232,4 +258,23 @@ def decide(policy: Policy, signals: dict[str, Signal], context: PolicyContext) -
         reasons = [s.line() for s in drifted + performance] if retrain else []
     else:
         retrain, reasons = bool(fired), [s.line() for s in fired]
-    return Decision(policy=policy.text, retrain=retrain, reasons=reasons, signals=heard)
+    return Decision(
+        policy=policy.text,
+        retrain=retrain,
+        reasons=reasons,
+        signals=heard,
+        could_not_judge=_unjudged(policy, heard),
+    )
+
+
+def _unjudged(policy: Policy, heard: list[Signal]) -> list[Signal]:
+    """The signals that leave a data-driven policy unable to fire: for `drift-and-performance`, either
+    half without a judged signal; for the others, every signal it listens to without a threshold."""
+    if not LISTENS_TO[policy.name] or policy.name == "schedule":
+        return []
+    blind = [s for s in heard if s.threshold is None]
+    if policy.name == "drift-and-performance":
+        drift = [s for s in heard if s.name != PERFORMANCE]
+        halves = [[s for s in heard if s.name == PERFORMANCE], drift]
+        return [s for half in halves if half and all(s.threshold is None for s in half) for s in half]
+    return blind if len(blind) == len(heard) else []

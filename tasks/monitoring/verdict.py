@@ -197,7 +197,7 @@ def _drift_signals(
     signals[DATA_DRIFT] = Signal(
         name=DATA_DRIFT,
         value=weighted_share,
-        threshold=settings.weighted_drift_share,
+        threshold=settings.weighted_drift_share if calibration is not None else None,
         fired=calibration is not None and weighted_share >= settings.weighted_drift_share,
         basis=(
             "share of the model's importance on inputs beyond their calibrated thresholds"

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, model_validator
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
+    import pandas as pd
 
 from tasks.steps import CacheConfig, ParamGroup, RetryPolicy, current_step, processing_step
 from tasks.steps.access import DataAccess
@@ -369,7 +370,10 @@ def _learn_features(
 
     candidates = [c for c in columns if c not in (table.target, table.time_column)]
     text = [c for c in candidates if not _numeric(train[c].dtype)]
-    lookups = [train[c].dropna().astype(str).unique(split_out=ONE_PARTITION) for c in text]
+    lookups = [
+        train[c].map_partitions(_first_distinct, meta=(c, "object")).unique(split_out=ONE_PARTITION)
+        for c in text
+    ]
     labels = (
         train[table.target]
         .dropna()
@@ -390,6 +394,14 @@ def _learn_features(
         uri,
     )
     return spec, list(computed_also)
+
+
+def _first_distinct(part: pd.Series) -> pd.Series:
+    """A partition's distinct text values, at most MAX_CATEGORIES + 1 of them: enough to refuse an
+    id-like column, so what is gathered grows with the partitions, not with the rows."""
+    import pandas as pd
+
+    return pd.Series(part.dropna().astype(str).unique()[: MAX_CATEGORIES + 1], name=part.name, dtype="object")
 
 
 def learn_features(train, table: TableSpec, task: str, uri: str) -> FeatureSpec:
@@ -419,12 +431,13 @@ def feature_spec(
     """The feature spec from what the training split holds: text columns become categories (at most
     MAX_CATEGORIES each), numeric ones stay numbers, calendar parts come from the time column."""
     categorical = {c: sorted(map(str, values)) for c, values in text_values.items()}
-    too_many = {c: len(v) for c, v in categorical.items() if len(v) > MAX_CATEGORIES}
+    too_many = [c for c, v in categorical.items() if len(v) > MAX_CATEGORIES]
     if too_many:
         raise DataValidationError(
             uri,
-            f"text column has {too_many} distinct values (more than {MAX_CATEGORIES}): drop it or encode it",
-            next(iter(too_many)),
+            f"text column has more than {MAX_CATEGORIES} distinct values ({', '.join(too_many)}): it looks "
+            "like an id, not a category: drop it (--drop-columns) or encode it",
+            too_many[0],
         )
     return FeatureSpec(
         target=table.target,

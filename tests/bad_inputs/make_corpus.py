@@ -39,6 +39,7 @@ CASES: dict[str, tuple[str | None, str]] = {
     "too_many_columns.csv": (None, "2,011 columns, over the limit of 2,000 (--max-columns)"),
     "class_only_in_test.csv": ("level", "1 class(es) appear in the validation or test period but never"),
     "class_absent_from_test.csv": ("level", "1 of 3 classes never appear in the test period"),
+    "id_column.csv": ("booking_id", "more than 1000 distinct values (booking_id): it looks like an id"),
     # not a file of its own: a path that climbs out of the allowed data roots (the corpus folder)
     "../../data/bike_sharing_hourly.csv": (None, "outside the allowed data roots"),
 }
@@ -47,6 +48,7 @@ STEPS = {
     "constant_target.csv": "prepare",
     "class_only_in_test.csv": "prepare",
     "class_absent_from_test.csv": "prepare",
+    "id_column.csv": "prepare",
 }
 # file -> flags it is run with besides the corpus's own (a classification target for the class cases;
 # the champion's constraints are for another target, so its violations are only reported)
@@ -111,6 +113,8 @@ def main() -> None:
     rare = levels.copy()
     rare.loc[rare.index[:24], "level"] = "rare"  # the first day only: never in the test period
     write("class_absent_from_test.csv", rare)
+    ids = base.assign(booking_id=[f"B-{i:06d}" for i in range(len(base))])  # a text id on every row
+    write("id_column.csv", ids)
     (HERE / "cases.json").write_text(
         json.dumps(
             {

@@ -60,9 +60,35 @@ def test_a_stationary_stream_raises_no_alarm_under_the_calibrated_policies(on_cl
         assert policies[name].alarms == 0 and policies[name].false_alarms == 0, name
     assert policies["performance"].alarms <= 0.05 * batches and policies["performance"].false_alarms == 0
     assert policies["drift"].alarms > 0
+    assert all(p.blind == 0 for p in policies.values())  # every policy could judge every batch
     strict = replay(streams["stationary"], policies=list(CALIBRATED), performance_sd=3.0)
     for name in CALIBRATED:
         assert strict[name].alarms == 0 and strict[name].false_alarms == 0, name
+
+
+def test_a_policy_that_cannot_judge_says_so_instead_of_looking_quiet(on_cluster, streams):
+    """A test period of 3 days (5% of 60) holds no 7-day batch: no performance range can be
+    calibrated, so `performance` can never fire. The backtest counts the batches it could not judge
+    and says why, rather than showing it as quiet as `never`."""
+    result = backtest(
+        BacktestParams(
+            data=str(streams["concept"]),
+            target="y",
+            time_column="time",
+            drop_columns=[],
+            initial_days=60,
+            n_trials=1,
+            test_fraction=0.05,
+            policies=["never", "performance", "drift"],
+        )
+    )
+    policies = {s.policy: s for s in result.policies}
+    blind = policies["performance"]
+    assert blind.blind == len(blind.scores) and blind.alarms == 0
+    assert "not calibrated" in blind.blind_reason and "--test-fraction" in blind.blind_reason
+    assert policies["never"].blind == 0 and policies["drift"].blind == 0
+    assert "batches it could not judge" in result.table
+    assert f"performance could not judge {blind.blind} of {len(blind.scores)} batches" in result.table
 
 
 def test_drift_of_inputs_the_model_barely_uses_is_seen_but_retrains_nothing(on_cluster, streams):

@@ -205,6 +205,7 @@ def test_a_shifted_batch_drifts_and_is_linked_to_the_model_version(env, tmp_path
     payload = event["payload"]
     assert payload["policy"] == "calibrated-drift" and payload["retrain"] is True
     assert payload["decided_on"] == [DATA_DRIFT, PREDICTION_DRIFT, MUST_NOT_DRIFT]
+    assert payload["could_not_judge"] == []  # calibrated: the policy could fire
     assert payload["signals"][DATA_DRIFT]["value"] == pytest.approx(verdict.weighted_share)
     assert payload["signals"][DATA_DRIFT]["threshold"] == 0.3
     assert payload["signals"][PERFORMANCE]["fired"] is True

@@ -56,3 +56,36 @@ def test_categories_and_classes_are_learned_without_a_shuffle():
     assert spec.classes == ["no", "yes"]
     assert spec.numeric == ["units"]
     assert kept.messages == []  # no "Shuffle ... initialized by task" from the scheduler
+
+
+def test_an_id_like_text_column_is_refused_without_gathering_it_whole():
+    """Each partition hands on at most MAX_CATEGORIES + 1 distinct values, so a text column of ids is
+    refused (naming it and the flag that drops it) with a bounded amount gathered, not every row."""
+    import pytest
+
+    from tasks.steps.errors import DataValidationError
+    from tasks.tabular.prepare import MAX_CATEGORIES, _first_distinct
+
+    rows = 12_000
+    frame = pd.DataFrame(
+        {
+            "ts": pd.date_range("2025-01-01", periods=rows, freq="h"),
+            "order_id": [f"order-{i}" for i in range(rows)],
+            "units": range(rows),
+        }
+    )
+    part = _first_distinct(frame["order_id"])
+    assert len(part) == MAX_CATEGORIES + 1 and part.name == "order_id"
+    assert list(_first_distinct(pd.Series(["a", None, "b", "a"], name="x"))) == ["a", "b"]
+    table = TableSpec(path="orders.csv", target="units", time_column="ts")
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster,
+        Client(cluster),
+    ):
+        train = dd.from_pandas(frame, npartitions=4)
+        gathered = train["order_id"].map_partitions(_first_distinct, meta=("order_id", "object")).compute()
+        assert len(gathered) == 4 * (MAX_CATEGORIES + 1)  # not 12,000
+        with pytest.raises(
+            DataValidationError, match=r"more than 1000 distinct values \(order_id\).*--drop-columns"
+        ):
+            _learn_features(train, table, "regression", train.columns, table.path, also=[])

@@ -47,6 +47,13 @@ def test_unknown_policies_are_refused_naming_the_choices(text):
         PolicySettings(policy=text)
 
 
+def test_an_unknown_performance_metric_is_refused_naming_the_metrics():
+    """A typo would leave the performance signal with nothing to measure, and the policy blind."""
+    assert PolicySettings(performance_metric="mae").performance_metric == "mae"
+    with pytest.raises(ValidationError, match=r"unknown metric 'rsme'.*regression: rmse, mae, r2"):
+        PolicySettings(performance_metric="rsme")
+
+
 def signals(**fired: bool) -> dict[str, Signal]:
     names = (EVIDENTLY_SHARE, DATA_DRIFT, PREDICTION_DRIFT, PERFORMANCE)
     return {
@@ -184,6 +191,37 @@ def test_performance_is_realized_with_labels_else_estimated_against_its_range():
         uncalibrated.column("big").threshold is None
         and "not calibrated" in uncalibrated.signals[DATA_DRIFT].basis
     )
+
+
+def test_a_policy_says_when_it_could_not_judge_a_batch():
+    """A signal without a threshold can never fire: the decision names it, so the monitor and the
+    backtest can say the policy was blind there instead of reporting a quiet batch."""
+    settings, quiet = PolicySettings(), PolicyContext()
+    calibrated = verdict_for(batch_of(), settings, realized={"rmse": 1.0}).signals
+    uncalibrated = verdict_for(batch_of(), settings, realized={"rmse": 1.0}, calibrated=False).signals
+    unlabelled = verdict_for(batch_of(), settings).signals  # no labels, no estimate
+    for name in ("never", "always", "schedule:4", "drift", "calibrated-drift", "performance"):
+        assert decide(parse_policy(name), calibrated, quiet).could_not_judge == [], name
+    for name in ("never", "always", "schedule:4", "drift"):
+        assert decide(parse_policy(name), uncalibrated, quiet).could_not_judge == [], name
+    blind = decide(parse_policy("performance"), uncalibrated, quiet)
+    assert [s.name for s in blind.could_not_judge] == [PERFORMANCE] and not blind.retrain
+    assert blind.blind_reason().startswith("policy performance could not judge this batch: performance: ")
+    assert "not calibrated" in blind.unjudged()
+    assert {
+        s.name for s in decide(parse_policy("calibrated-drift"), uncalibrated, quiet).could_not_judge
+    } >= {
+        DATA_DRIFT,
+        PREDICTION_DRIFT,
+    }
+    both = decide(parse_policy("drift-and-performance"), uncalibrated, quiet).could_not_judge
+    assert PERFORMANCE in {s.name for s in both}
+    no_labels = decide(parse_policy("performance"), unlabelled, quiet)
+    assert "no labels and no estimate" in no_labels.unjudged()
+    # drift still judged, performance not: drift-and-performance cannot confirm, so it is blind
+    half = decide(parse_policy("drift-and-performance"), unlabelled, quiet).could_not_judge
+    assert [s.name for s in half] == [PERFORMANCE]
+    assert decide(parse_policy("calibrated-drift"), unlabelled, quiet).could_not_judge == []
 
 
 def test_the_columns_table_escapes_values_from_data():
