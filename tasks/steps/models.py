@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import logging
+import os
 import pickle
 import warnings
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ MLFLOW_INTEGER_HINT = ".*Integer columns.*"
 # MLflow's warning, at every model logged where pip is not installed (a uv environment), that the
 # model's conda.yaml names pip without a version: true, and all the warning says.
 MLFLOW_PIP_VERSION_WARNING = "Failed to resolve installed pip version"
+# MLflow's switch for copying the working directory's uv project files into each model it logs.
+MLFLOW_UV_FILES = "MLFLOW_LOG_UV_FILES"
 
 Task = Literal["regression", "binary", "multiclass"]
 BINARY = 2  # classes of a binary classifier
@@ -43,7 +46,13 @@ REQUIREMENTS = {
 def quiet_model_logging() -> Iterator[None]:
     """MLflow's model logging without two messages that are not news about the user's model: the
     integer-columns hint (`MLFLOW_INTEGER_HINT`; the tabular pipeline says it in one line of its own)
-    and the pip-version warning (`MLFLOW_PIP_VERSION_WARNING`). Everything else MLflow says stays."""
+    and the pip-version warning (`MLFLOW_PIP_VERSION_WARNING`). Everything else MLflow says stays.
+
+    Nor does MLflow copy the uv project it finds in the working directory (uv.lock and
+    pyproject.toml, 0.8 MB here) into every model: that is the lock of whatever project the command
+    ran in, not the model's environment, which its pinned requirements.txt states. Set
+    `MLFLOW_LOG_UV_FILES=true` to have them copied all the same."""
+    os.environ.setdefault(MLFLOW_UV_FILES, "false")  # for the process: threads log models side by side
     environment_log = logging.getLogger("mlflow.utils.environment")
     if _drop_pip_version_warning not in environment_log.filters:  # once per process, for every thread
         environment_log.addFilter(_drop_pip_version_warning)

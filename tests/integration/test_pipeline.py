@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -103,6 +104,12 @@ def test_registers_a_champion_then_an_impossible_gate_fails_and_registers_nothin
         "fit_single",
         "evaluate_model",
     } <= prefixes
+
+    # the model states its environment in requirements.txt; the uv project the run started in (this
+    # repository: uv.lock, 0.8 MB, and pyproject.toml) is not copied into it
+    files = {f.path for f in mlflow.artifacts.list_artifacts(artifact_uri="models:/bike-it@champion")}
+    assert "requirements.txt" in files and not files & {"uv.lock", "pyproject.toml"}, files
+    assert (Path.cwd() / "uv.lock").is_file()  # a uv project, which MLflow would otherwise copy
 
     # a plain MLflow client predicts on new raw rows
     model = mlflow.pyfunc.load_model("models:/bike-it@champion", dst_path=str(tmp_path))
