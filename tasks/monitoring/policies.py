@@ -272,9 +272,8 @@ def _unjudged(policy: Policy, heard: list[Signal]) -> list[Signal]:
     half without a judged signal; for the others, every signal it listens to without a threshold."""
     if not LISTENS_TO[policy.name] or policy.name == "schedule":
         return []
-    blind = [s for s in heard if s.threshold is None]
     if policy.name == "drift-and-performance":
-        drift = [s for s in heard if s.name != PERFORMANCE]
-        halves = [[s for s in heard if s.name == PERFORMANCE], drift]
-        return [s for half in halves if half and all(s.threshold is None for s in half) for s in half]
-    return blind if len(blind) == len(heard) else []
+        halves = [[s for s in heard if s.name == PERFORMANCE], [s for s in heard if s.name != PERFORMANCE]]
+    else:
+        halves = [heard]
+    return [s for half in halves if half and all(s.threshold is None for s in half) for s in half]
