@@ -310,10 +310,12 @@ def _log_decision(check: DriftCheck) -> None:
         sum(c.evidently_drift for c in verdict.features()),
         verdict.evidently_share,
     )
-    if decision.could_not_judge:
-        logger.warning("drift check: %s", decision.blind_reason())
+    blind = decision.blind_reason()
+    if blind:
+        logger.warning("drift check: %s", blind)
     for note in check.notes:
-        logger.warning("drift check: %s", note)
+        if note not in blind:  # a calibration note is often the reason the policy could not judge
+            logger.warning("drift check: %s", note)
 
 
 def _notes(champion: ChampionBaseline, rows: int) -> list[str]:

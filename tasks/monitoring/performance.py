@@ -441,9 +441,9 @@ def calibrate_performance(
     )
     if len(blocks) < STRIDES:
         out.notes.append(
-            f"performance not calibrated: the test period ({out.period or 'no labelled rows'}) holds {len(blocks)} "
-            f"blocks of {blocks_of(chunk).text}, fewer than the {STRIDES} of one batch of {chunk.describe()}: "
-            "lengthen it (--test-fraction, a longer training window) or check smaller batches"
+            f"performance not calibrated: the test period ({out.period or 'no labelled rows'}) is shorter than "
+            f"one batch of {chunk.describe()} ({len(blocks)} of its {STRIDES} blocks): lengthen it "
+            "(--test-fraction, a longer training window) or check smaller batches"
         )
         blocks = [(0, len(rows))] if len(rows) else []  # the estimator is still fitted on what there is
     keep = np.concatenate([np.arange(lo, hi) for lo, hi in blocks]) if blocks else np.arange(0)
