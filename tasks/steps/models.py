@@ -30,7 +30,9 @@ MLFLOW_INTEGER_HINT = ".*Integer columns.*"
 # MLflow's warning, at every model logged where pip is not installed (a uv environment), that the
 # model's conda.yaml names pip without a version: true, and all the warning says.
 MLFLOW_PIP_VERSION_WARNING = "Failed to resolve installed pip version"
-# MLflow's switch for copying the working directory's uv project files into each model it logs.
+# MLflow's switches for looking for a uv project in the working directory (to export requirements
+# from it) and for copying its files into each model it logs.
+MLFLOW_UV_AUTO_DETECT = "MLFLOW_UV_AUTO_DETECT"
 MLFLOW_UV_FILES = "MLFLOW_LOG_UV_FILES"
 
 Task = Literal["regression", "binary", "multiclass"]
@@ -50,9 +52,11 @@ def quiet_model_logging() -> Iterator[None]:
 
     Nor does MLflow copy the uv project it finds in the working directory (uv.lock and
     pyproject.toml, 0.8 MB here) into every model: that is the lock of whatever project the command
-    ran in, not the model's environment, which its pinned requirements.txt states. Set
-    `MLFLOW_LOG_UV_FILES=true` to have them copied all the same."""
-    os.environ.setdefault(MLFLOW_UV_FILES, "false")  # for the process: threads log models side by side
+    ran in, not the model's environment, which its pinned requirements.txt states (so MLflow need not
+    look for a uv project at all, and does not log that it found one). Set `MLFLOW_LOG_UV_FILES=true`
+    or `MLFLOW_UV_AUTO_DETECT=true` to have them copied all the same."""
+    if MLFLOW_UV_FILES not in os.environ:  # for the process: threads log models side by side
+        os.environ.setdefault(MLFLOW_UV_AUTO_DETECT, "false")
     environment_log = logging.getLogger("mlflow.utils.environment")
     if _drop_pip_version_warning not in environment_log.filters:  # once per process, for every thread
         environment_log.addFilter(_drop_pip_version_warning)
