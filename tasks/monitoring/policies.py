@@ -268,10 +268,9 @@ def decide(policy: Policy, signals: dict[str, Signal], context: PolicyContext) -
 
 
 def _unjudged(policy: Policy, heard: list[Signal]) -> list[Signal]:
-    """The signals that leave a data-driven policy unable to fire: for `drift-and-performance`, either
-    half without a judged signal; for the others, every signal it listens to without a threshold."""
-    if not LISTENS_TO[policy.name] or policy.name == "schedule":
-        return []
+    """The signals that leave a policy unable to fire: for `drift-and-performance`, either half without
+    a judged signal; for the others, every signal it listens to without a threshold (`never` and
+    `always` listen to none, a schedule's signal always has one)."""
     if policy.name == "drift-and-performance":
         halves = [[s for s in heard if s.name == PERFORMANCE], [s for s in heard if s.name != PERFORMANCE]]
     else:
