@@ -412,7 +412,7 @@ def learn_features(train, table: TableSpec, task: str, uri: str) -> FeatureSpec:
         table,
         task,
         candidates,
-        {c: train[c].dropna().astype(str).unique() for c in text},
+        {c: _first_distinct(train[c]) for c in text},
         as_labels(train[table.target].dropna()).unique() if task != "regression" else None,
         bool((train[table.time_column].dt.hour != 0).any()),
         uri,
